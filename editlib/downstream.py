@@ -1,0 +1,506 @@
+"""Downstream (general-ability) evaluation of an in-memory, possibly edited, model through
+lm-evaluation-harness 0.4.13.
+
+Three pieces:
+
+- local multiple-choice tasks: jsonl rows ``{"question": str, "choices": [str, ...], "answer": int}``
+  plus an lm-eval task YAML written by `write_mc_task` (indexed with
+  ``TaskManager(include_path=..., include_defaults=False)``, no hub access);
+- converters from the glue_eval benchmark files used by UME / AlphaEdit (SPEC 6.3) to that form,
+  with their prompts (`glue_eval_items`, `write_glue_eval_task`);
+- `evaluate_downstream`: wraps the live model in ``lm_eval.models.huggingface.HFLM`` (no save and
+  reload, so edits are seen as they are) and returns tidy rows ``{task, metric, value, stderr, n_items}``;
+  callers add method / model / n_edits columns.
+
+Scoring is lm-eval's multiple-choice log-likelihood: for each choice the continuation is
+``target_delimiter + choice`` (" A", " positive", ...), context and continuation are tokenized
+together and split at ``len(tok(context))``, so a tokenizer that prepends BOS (Llama-3) keeps BOS
+in the context only and it is never scored. ``acc`` is the argmax of the summed continuation
+log-probabilities, ``acc_norm`` the argmax after dividing by the choice's character length.
+
+Caveat for GRACE-style adaptors keyed on "the last token": lm-eval right-pads a batch and passes no
+attention mask, so in a batch the last position of a shorter row is padding; use ``batch_size=1``
+for such wrappers unless they locate the last real token themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from editlib.io import write_jsonl, write_text
+
+MC_METRICS = ("acc", "acc_norm")
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# ---------------------------------------------------------------------------- local MC tasks
+
+
+def read_mc_items(jsonl_path: str | Path) -> list[dict]:
+    """Read and validate multiple-choice rows {"question", "choices", "answer"}."""
+    rows = []
+    with open(jsonl_path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            where = f"{jsonl_path}:{line_no}"
+            if not isinstance(row.get("question"), str):
+                raise ValueError(f"{where}: 'question' must be a string")
+            choices = row.get("choices")
+            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+                raise ValueError(f"{where}: 'choices' must be a list of >= 2 non-empty strings")
+            answer = row.get("answer")
+            if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+                raise ValueError(f"{where}: 'answer' must be an int index into choices, got {answer!r}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{jsonl_path}: no items")
+    return rows
+
+
+def write_mc_task(
+    name: str,
+    jsonl_path: str | Path,
+    out_dir: str | Path,
+    *,
+    fewshot_jsonl_path: str | Path | None = None,
+    fewshot_sampler: str = "default",
+    target_delimiter: str = " ",
+    fewshot_delimiter: str = "\n\n",
+    description: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """Write ``out_dir/<name>.yaml``, an lm-eval multiple-choice task over a local MC jsonl file.
+
+    The continuation scored for choice c is ``target_delimiter + c``: store choices without a
+    leading space ("A", "positive") and keep the default " " delimiter.
+    Data files are recorded as absolute paths (lm-eval hands ``dataset_kwargs`` to
+    ``datasets.load_dataset("json", ...)``, which would resolve a relative path against the
+    working directory of the evaluating process, not against the YAML).
+    ``cache_dir`` is where `datasets` writes its Arrow copy of the file; it defaults to
+    ``out_dir/.hf_datasets_cache`` so that nothing lands in ``~/.cache/huggingface``.
+    Few-shot examples come from ``fewshot_jsonl_path`` when given, else from the test items
+    themselves (lm-eval then excludes the item being evaluated); ``fewshot_sampler`` is "default"
+    (seeded random draw) or "first_n" (the first k in file order, as UME does).
+    The YAML sets no ``num_fewshot``, so `evaluate_downstream(num_fewshot=...)` decides.
+    """
+    if not _TASK_NAME.match(name):
+        raise ValueError(f"task name {name!r} must match {_TASK_NAME.pattern}")
+    if fewshot_sampler not in ("default", "first_n"):
+        raise ValueError(f"fewshot_sampler must be 'default' or 'first_n', got {fewshot_sampler!r}")
+    out_dir = Path(out_dir).resolve()
+    data_files = {"test": str(Path(jsonl_path).resolve())}
+    read_mc_items(data_files["test"])
+    if fewshot_jsonl_path is not None:
+        data_files["fewshot"] = str(Path(fewshot_jsonl_path).resolve())
+        read_mc_items(data_files["fewshot"])
+    cache_dir = Path(cache_dir).resolve() if cache_dir is not None else out_dir / ".hf_datasets_cache"
+
+    config: dict[str, Any] = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": data_files, "cache_dir": str(cache_dir)},
+        "test_split": "test",
+        "fewshot_split": "fewshot" if fewshot_jsonl_path is not None else "test",
+        "fewshot_config": {"sampler": fewshot_sampler},
+        "output_type": "multiple_choice",
+        # Plain feature names: lm-eval returns doc[field] as is (no Jinja rendering, which
+        # would need escaping of braces in questions).
+        "doc_to_text": "question",
+        "doc_to_choice": "choices",
+        "doc_to_target": "answer",
+        "target_delimiter": target_delimiter,
+        "fewshot_delimiter": fewshot_delimiter,
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in MC_METRICS],
+        "metadata": {"version": 1.0},
+    }
+    if description is not None:
+        config["description"] = description
+    path = out_dir / f"{name}.yaml"
+    write_text(path, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    return path
+
+
+# ---------------------------------------------------------------------------- glue_eval converters
+# Prompts follow UME / AlphaEdit `glue_eval/*_eval.py` (SPEC 6.3): the context ends right before the
+# label word and the label word is scored with a leading space (target_delimiter " ").
+
+_LETTERS = ("A", "B", "C", "D")
+
+
+def _mmlu_item(row: dict) -> dict:
+    options = "".join(f"({letter}) {choice}\n" for letter, choice in zip(_LETTERS, row["choices"], strict=True))
+    question = f"Question: {row['question']}\n{options}Answer:"
+    return {"question": question, "choices": list(_LETTERS), "answer": int(row["answer"])}
+
+
+def _sst2_item(row: dict) -> dict:
+    # label 1 positive / 0 negative
+    question = f"Review : {row['sentence'].strip()}\nSentiment :"
+    return {"question": question, "choices": ["negative", "positive"], "answer": int(row["label"])}
+
+
+def _mrpc_item(row: dict) -> dict:
+    # label 1 paraphrase
+    question = (
+        "Are the sentences paraphrases of each other.\n"
+        f"Sentence 1: {row['sentence1'].strip()}\nSentence 2: {row['sentence2'].strip()}\nAnswer:"
+    )
+    return {"question": question, "choices": ["No", "Yes"], "answer": int(row["label"])}
+
+
+def _cola_item(row: dict) -> dict:
+    # label 1 acceptable
+    question = f"Is this sentence linguistically acceptable?\nSentence: {row['sentence'].strip()}\nAnswer:"
+    return {"question": question, "choices": ["No", "Yes"], "answer": int(row["label"])}
+
+
+def _rte_item(row: dict) -> dict:
+    # GLUE RTE: label 0 = entailment, 1 = not_entailment. UME's rte_eval.py scores label 1 as "True",
+    # i.e. with the labels inverted; here "True" is the entailment answer.
+    question = f"{row['sentence1'].strip()}\nquestion: {row['sentence2'].strip()} True or False?\nanswer:"
+    return {"question": question, "choices": ["True", "False"], "answer": int(row["label"])}
+
+
+def _nli_item(row: dict) -> dict:
+    question = f"{row['sentence1'].strip()} entails the {row['sentence2'].strip()} True or False? Answer:"
+    return {"question": question, "choices": ["True", "False"], "answer": 0 if row["label"] == "entailment" else 1}
+
+
+def _sentiment_analysis_item(row: dict) -> dict:
+    # label "1" positive / "0" negative
+    question = (
+        "For each snippet of text,label the sentiment of the text as positive or negative."
+        "The answer should be exact 'positive' or 'negative'. "
+        f"text: {row['sentence'].strip()} answer:"
+    )
+    return {"question": question, "choices": ["negative", "positive"], "answer": int(row["label"])}
+
+
+def _dialogue_item(row: dict) -> dict:
+    options = "".join(f"({letter}){option}\n" for letter, option in zip(_LETTERS, row["options"], strict=True))
+    question = f"Q: Given the following: {row['article']}\nWhich choice is correct?\n{options}Answer:"
+    return {"question": question, "choices": list(_LETTERS), "answer": _LETTERS.index(row["answers"])}
+
+
+GLUE_EVAL_CONVERTERS: dict[str, Callable[[dict], dict]] = {
+    "mmlu": _mmlu_item,
+    "sst2": _sst2_item,
+    "mrpc": _mrpc_item,
+    "cola": _cola_item,
+    "rte": _rte_item,
+    "nli": _nli_item,
+    "sentiment_analysis": _sentiment_analysis_item,
+    "dialogue": _dialogue_item,
+}
+# UME separates few-shot examples with "\n" (dialogue: a blank line).
+GLUE_EVAL_FEWSHOT_DELIMITER = {task: "\n" for task in GLUE_EVAL_CONVERTERS} | {"dialogue": "\n\n"}
+GLUE_EVAL_FEWSHOT_POOL = 10  # UME: the first 10 items are the few-shot pool, the rest are evaluated
+
+
+def _glue_eval_source(task: str, source: str | Path) -> Path:
+    source = Path(source)
+    return source / f"{task}.jsonl" if source.is_dir() else source
+
+
+def glue_eval_items(task: str, source: str | Path) -> list[dict]:
+    """Convert a glue_eval benchmark file (``source``: the jsonl file, or the glue_eval folder)
+    to multiple-choice rows, in file order."""
+    if task not in GLUE_EVAL_CONVERTERS:
+        raise ValueError(f"unknown glue_eval task {task!r}; known: {sorted(GLUE_EVAL_CONVERTERS)}")
+    convert = GLUE_EVAL_CONVERTERS[task]
+    with open(_glue_eval_source(task, source), encoding="utf-8") as handle:
+        return [convert(json.loads(line)) for line in handle if line.strip()]
+
+
+def write_glue_eval_task(
+    task: str,
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    name: str | None = None,
+    n_fewshot_pool: int = GLUE_EVAL_FEWSHOT_POOL,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """Convert one glue_eval file and write ``<name>.jsonl``, ``<name>_fewshot.jsonl`` and the task
+    YAML into ``out_dir``; return the YAML path. ``name`` defaults to ``glue_eval_<task>``.
+
+    As in UME, the first ``n_fewshot_pool`` items are the few-shot pool (taken in order,
+    sampler "first_n") and the remaining items are evaluated, so ``limit=100`` scores the same
+    100 items as UME's ``number_of_tests=100``.
+    """
+    name = name or f"glue_eval_{task}"
+    items = glue_eval_items(task, source)
+    if not 0 < n_fewshot_pool < len(items):
+        raise ValueError(f"n_fewshot_pool must be in (0, {len(items)}), got {n_fewshot_pool}")
+    out_dir = Path(out_dir)
+    test_path, fewshot_path = out_dir / f"{name}.jsonl", out_dir / f"{name}_fewshot.jsonl"
+    write_jsonl(fewshot_path, items[:n_fewshot_pool])
+    write_jsonl(test_path, items[n_fewshot_pool:])
+    return write_mc_task(
+        name,
+        test_path,
+        out_dir,
+        fewshot_jsonl_path=fewshot_path,
+        fewshot_sampler="first_n",
+        fewshot_delimiter=GLUE_EVAL_FEWSHOT_DELIMITER[task],
+        cache_dir=cache_dir,
+    )
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@contextlib.contextmanager
+def hub_offline(enabled: bool = True) -> Iterator[None]:
+    """Turn Hugging Face Hub / datasets network access off inside the block, and back after.
+
+    Both libraries read HF_HUB_OFFLINE / HF_DATASETS_OFFLINE once, at import, into module
+    constants (which their code then consults at call time). Setting only ``os.environ`` would be
+    ignored when they were imported earlier, and would leak into the rest of the process when
+    they are imported inside the block; so they are imported first and the constants patched
+    and restored, together with the environment.
+    """
+    if not enabled:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants
+
+    env_keys = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    saved_env = {key: os.environ.get(key) for key in env_keys}
+    targets = [
+        (huggingface_hub.constants, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_DATASETS_OFFLINE"),
+    ]
+    saved_attrs = [(module, attr, getattr(module, attr)) for module, attr in targets if hasattr(module, attr)]
+    try:
+        for key in env_keys:
+            os.environ[key] = "1"
+        for module, attr, _ in saved_attrs:
+            setattr(module, attr, True)
+        yield
+    finally:
+        for module, attr, value in saved_attrs:
+            setattr(module, attr, value)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _preserved_rng_and_mode(model: torch.nn.Module) -> Iterator[None]:
+    """lm-eval seeds python/numpy/torch globally and HFLM calls model.eval(); undo both afterwards."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    was_training = model.training
+    with torch.random.fork_rng():
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+            model.train(was_training)
+
+
+def make_task_manager(include_path: str | Path | Sequence[str | Path] | None = None, include_defaults: bool = False):
+    """An lm-eval TaskManager over ``include_path``; with ``include_defaults`` it also indexes the
+    ~15k bundled tasks (about 11 s, and their datasets need the hub)."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not isinstance(include_path, (str, Path)):
+        include_path = [str(p) for p in include_path]
+    elif include_path is not None:
+        include_path = str(include_path)
+    if include_path is None and not include_defaults:
+        raise ValueError("no tasks to index: give include_path or include_defaults=True")
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def lm_eval_results(
+    model: torch.nn.Module,
+    tokenizer,
+    tasks: Sequence[str],
+    *,
+    include_path: str | Path | Sequence[str | Path] | None = None,
+    include_defaults: bool = False,
+    task_manager=None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    num_fewshot: int = 0,
+    seed: int = 1234,
+    max_length: int | None = None,
+    add_bos_token: bool | None = None,
+    bootstrap_iters: int = 1000,
+    log_samples: bool = False,
+    offline: bool = True,
+) -> dict:
+    """Run ``lm_eval.simple_evaluate`` on the in-memory ``model`` and return lm-eval's raw result dict.
+
+    Nothing is written to disk by lm-eval itself (no output path, no request or response cache);
+    `datasets` writes its Arrow copy of each local task file under the task's ``cache_dir``.
+    ``seed`` seeds python, numpy, torch and the few-shot sampler inside lm-eval; the caller's RNG
+    states and the model's train/eval mode are restored afterwards. ``offline`` blocks hub
+    access for the duration of the call (see `hub_offline`); standard task names need
+    ``include_defaults=True`` and, for their datasets, ``offline=False``.
+    ``add_bos_token=None`` keeps the tokenizer's own behaviour (Llama-3 tokenizers prepend BOS).
+    """
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("no tasks given")
+    with hub_offline(offline):
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+
+        if task_manager is None:
+            task_manager = make_task_manager(include_path, include_defaults)
+        known = set(task_manager.all_tasks)
+        missing = [task for task in tasks if task not in known]
+        if missing:
+            hint = "" if include_defaults else " (standard lm-eval tasks need include_defaults=True)"
+            raise ValueError(f"tasks not found: {missing}; indexed from include_path={include_path!r}{hint}")
+        with _preserved_rng_and_mode(model):
+            lm = HFLM(
+                pretrained=model,
+                tokenizer=tokenizer,
+                batch_size=batch_size,
+                max_length=max_length,
+                add_bos_token=add_bos_token,
+            )
+            return lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                task_manager=task_manager,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                bootstrap_iters=bootstrap_iters,
+                log_samples=log_samples,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
+
+
+def _number_or_none(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def metric_rows(results: dict) -> list[dict]:
+    """Flatten lm-eval results into tidy rows {task, metric, value, stderr, n_items}.
+
+    lm-eval keys are "<metric>,<filter>" and "<metric>_stderr,<filter>"; the filter is dropped when
+    it is "none" and kept as "<metric>,<filter>" otherwise. stderr is None where lm-eval has none.
+    """
+    rows = []
+    n_samples = results.get("n-samples", {})
+    for task, entries in results["results"].items():
+        n_items = n_samples.get(task, {}).get("effective")
+        for key, value in entries.items():
+            if "," not in key or "_stderr," in key:
+                continue
+            metric, filter_name = key.split(",", 1)
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric if filter_name == "none" else key,
+                    "value": _number_or_none(value),
+                    "stderr": _number_or_none(entries.get(f"{metric}_stderr,{filter_name}")),
+                    "n_items": n_items,
+                }
+            )
+    return rows
+
+
+def item_rows(results: dict) -> list[dict]:
+    """Per-item rows {task, doc_id, answer, prediction, correct, loglikelihoods} of the
+    multiple-choice tasks in ``results`` (which must come from ``log_samples=True``)."""
+    if "samples" not in results:
+        raise ValueError("results carry no samples: run lm_eval_results(..., log_samples=True)")
+    rows = []
+    for task, samples in results["samples"].items():
+        for sample in samples:
+            loglikelihoods = [float(resp[0]) for resp in sample["filtered_resps"]]
+            prediction = int(np.argmax(loglikelihoods))
+            rows.append(
+                {
+                    "task": task,
+                    "doc_id": int(sample["doc_id"]),
+                    "answer": int(sample["target"]),
+                    "prediction": prediction,
+                    "correct": prediction == int(sample["target"]),
+                    "loglikelihoods": loglikelihoods,
+                }
+            )
+    return rows
+
+
+def evaluate_downstream(
+    model: torch.nn.Module,
+    tokenizer,
+    tasks: Sequence[str],
+    include_path: str | Path | Sequence[str | Path] | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    num_fewshot: int = 0,
+    seed: int = 1234,
+    *,
+    include_defaults: bool = False,
+    task_manager=None,
+    max_length: int | None = None,
+    add_bos_token: bool | None = None,
+    offline: bool = True,
+) -> list[dict]:
+    """Evaluate the in-memory ``model`` on lm-eval ``tasks``; tidy rows {task, metric, value, stderr, n_items}.
+
+    Local tasks (written by `write_mc_task` / `write_glue_eval_task`) are found under
+    ``include_path`` with the bundled task index off; see `lm_eval_results` for the other arguments.
+    """
+    results = lm_eval_results(
+        model,
+        tokenizer,
+        tasks,
+        include_path=include_path,
+        include_defaults=include_defaults,
+        task_manager=task_manager,
+        limit=limit,
+        batch_size=batch_size,
+        num_fewshot=num_fewshot,
+        seed=seed,
+        max_length=max_length,
+        add_bos_token=add_bos_token,
+        offline=offline,
+    )
+    return metric_rows(results)
+
+
+__all__ = [
+    "GLUE_EVAL_CONVERTERS",
+    "evaluate_downstream",
+    "glue_eval_items",
+    "hub_offline",
+    "item_rows",
+    "lm_eval_results",
+    "make_task_manager",
+    "metric_rows",
+    "read_mc_items",
+    "write_glue_eval_task",
+    "write_mc_task",
+]

@@ -1,0 +1,258 @@
+"""Downstream evaluation through lm-eval on an in-memory model: tiny Llama, local MC tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from editlib.downstream import (
+    evaluate_downstream,
+    glue_eval_items,
+    hub_offline,
+    item_rows,
+    lm_eval_results,
+    metric_rows,
+    write_glue_eval_task,
+    write_mc_task,
+)
+from editlib.io import write_jsonl
+from editlib.vocab import train_bpe_tokenizer
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+CORPUS = [
+    "Question: What colour is the sky on a clear day?\nAnswer: blue",
+    "The capital of France is Paris and the capital of Italy is Rome.",
+    "Review : a gripping story with thrilling performances\nSentiment : positive",
+    "Cats and dogs are animals; oak and pine are trees.",
+    "Two plus two is four, three plus three is six.",
+]
+
+MC_ITEMS = [
+    {"question": "Question: What colour is the sky on a clear day?\nAnswer:", "choices": ["blue", "green", "red"], "answer": 0},
+    {"question": "Question: What is the capital of France?\nAnswer:", "choices": ["Rome", "Paris", "Berlin", "Madrid"], "answer": 1},
+    {"question": "Question: What is two plus two?\nAnswer:", "choices": ["three", "five", "four"], "answer": 2},
+    {"question": "Question: Which one is a tree?\nAnswer:", "choices": ["oak", "cat"], "answer": 0},
+    {"question": "Question: Which one is an animal?\nAnswer:", "choices": ["pine", "dog", "stone"], "answer": 1},
+    {"question": "Review : a gripping story\nSentiment :", "choices": ["negative", "positive"], "answer": 1},
+    {"question": "Review : a dull and tired mess\nSentiment :", "choices": ["negative", "positive"], "answer": 0},
+    {"question": "Question: What is the capital of Italy?\nAnswer:", "choices": ["Paris", "Rome"], "answer": 1},
+    {"question": "Question: What is three plus three?\nAnswer:", "choices": ["six", "nine", "two"], "answer": 0},
+    {"question": "Question: Which colour is grass?\nAnswer:", "choices": ["red", "blue", "green"], "answer": 2},
+    {"question": "Question: (A) yes\n(B) no\nAnswer:", "choices": ["A", "B"], "answer": 1},
+    {"question": "Question: {braces} and 'quotes' survive?\nAnswer:", "choices": ["yes", "no", "maybe", "never"], "answer": 3},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe_tokenizer(CORPUS * 4, vocab_size=400, add_bos=True)
+
+
+def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture()
+def mc_task(tmp_path):
+    data = tmp_path / "data" / "tiny_mc.jsonl"
+    write_jsonl(data, MC_ITEMS)
+    yaml_path = write_mc_task("tiny_mc", data, tmp_path / "tasks")
+    return yaml_path.parent
+
+
+@torch.no_grad()
+def direct_loglikelihoods(model, tokenizer, question: str, choices: list[str], keep_bos: bool = True) -> list[float]:
+    """Sum of log p(continuation tokens | question) for " " + choice, computed without lm-eval.
+
+    The question is tokenized alone and with the continuation appended; the continuation is the
+    tail of the joint encoding. The tokenizer prepends BOS, which conditions but is never scored.
+    With keep_bos=False the BOS is dropped (what a BOS-unaware harness would compute).
+    """
+    context_ids = tokenizer(question)["input_ids"]
+    assert context_ids[0] == tokenizer.bos_token_id
+    scores = []
+    for choice in choices:
+        full_ids = tokenizer(question + " " + choice)["input_ids"]
+        assert full_ids[: len(context_ids)] == context_ids
+        n_context = len(context_ids)
+        if not keep_bos:
+            full_ids, n_context = full_ids[1:], n_context - 1
+        logprobs = torch.log_softmax(model(torch.tensor([full_ids])).logits[0].float(), dim=-1)  # (T, V)
+        scores.append(sum(logprobs[n_context - 1 + j, token].item() for j, token in enumerate(full_ids[n_context:])))
+    return scores
+
+
+def test_acc_matches_direct_loglikelihood_argmax(tokenizer, mc_task):
+    model = tiny_llama(tokenizer)
+    results = lm_eval_results(model, tokenizer, ["tiny_mc"], include_path=mc_task, batch_size=4, log_samples=True)
+    items = sorted(item_rows(results), key=lambda row: row["doc_id"])
+    rows = {row["metric"]: row for row in metric_rows(results)}
+    assert len(items) == len(MC_ITEMS)
+
+    direct = [direct_loglikelihoods(model, tokenizer, item["question"], item["choices"]) for item in MC_ITEMS]
+    for row, scores in zip(items, direct, strict=True):
+        np.testing.assert_allclose(row["loglikelihoods"], scores, rtol=0, atol=1e-4)
+    predictions = [int(np.argmax(scores)) for scores in direct]
+    norm_predictions = [  # acc_norm divides by the choice's length in characters
+        int(np.argmax(np.array(scores) / [len(c) for c in item["choices"]]))
+        for scores, item in zip(direct, MC_ITEMS, strict=True)
+    ]
+    answers = [item["answer"] for item in MC_ITEMS]
+    assert [row["prediction"] for row in items] == predictions
+    assert rows["acc"]["value"] == pytest.approx(np.mean(np.equal(predictions, answers)), abs=1e-12)
+    assert rows["acc_norm"]["value"] == pytest.approx(np.mean(np.equal(norm_predictions, answers)), abs=1e-12)
+    assert rows["acc"]["n_items"] == len(MC_ITEMS) and rows["acc"]["stderr"] > 0
+
+    # BOS is part of the scored context: dropping it gives different log-likelihoods.
+    no_bos = [direct_loglikelihoods(model, tokenizer, it["question"], it["choices"], keep_bos=False) for it in MC_ITEMS]
+    gaps = [abs(a - b) for row, scores in zip(items, no_bos, strict=True) for a, b in zip(row["loglikelihoods"], scores)]
+    assert max(gaps) > 1e-2
+
+
+def test_tidy_rows_limit_and_state_restored(tokenizer, mc_task):
+    model = tiny_llama(tokenizer).train()
+    torch.manual_seed(99)
+    expected_next = torch.rand(3)
+    torch.manual_seed(99)
+    rows = evaluate_downstream(model, tokenizer, ["tiny_mc"], include_path=mc_task, limit=5, batch_size=2)
+    assert sorted(row["metric"] for row in rows) == ["acc", "acc_norm"]
+    assert all(set(row) == {"task", "metric", "value", "stderr", "n_items"} for row in rows)
+    assert all(row["task"] == "tiny_mc" and row["n_items"] == 5 and 0 <= row["value"] <= 1 for row in rows)
+    assert model.training  # HFLM calls model.eval(); the caller's mode comes back
+    assert torch.equal(torch.rand(3), expected_next)  # lm-eval's global seeding does not leak
+    assert (mc_task / ".hf_datasets_cache").is_dir()  # datasets' Arrow copy stays beside the task
+
+
+def test_destructive_edit_changes_predictions_and_restore_is_exact(tokenizer, mc_task):
+    model = tiny_llama(tokenizer)
+    weight = model.model.layers[0].mlp.down_proj.weight
+
+    def run():
+        results = lm_eval_results(model, tokenizer, ["tiny_mc"], include_path=mc_task, batch_size=4, log_samples=True)
+        return sorted(item_rows(results), key=lambda row: row["doc_id"]), {r["metric"]: r["value"] for r in metric_rows(results)}
+
+    before_items, before_metrics = run()
+    original = weight.detach().clone()
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        weight.add_(100.0 * weight.norm() * torch.randn(weight.shape, generator=generator))
+    broken_items, _ = run()
+    with torch.no_grad():
+        weight.copy_(original)
+    restored_items, restored_metrics = run()
+
+    assert [r["prediction"] for r in broken_items] != [r["prediction"] for r in before_items]
+    assert restored_items == before_items  # bitwise-equal log-likelihoods
+    assert restored_metrics == before_metrics
+
+
+def test_write_mc_task_absolute_paths_and_validation(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(Path("rel.jsonl"), MC_ITEMS[:4])
+    yaml_path = write_mc_task("rel_mc", "rel.jsonl", "tasks", fewshot_jsonl_path="rel.jsonl", cache_dir="cache")
+    import yaml
+
+    config = yaml.safe_load(yaml_path.read_text())
+    assert Path(config["dataset_kwargs"]["data_files"]["test"]).is_absolute()
+    assert Path(config["dataset_kwargs"]["cache_dir"]) == tmp_path / "cache"
+    assert "num_fewshot" not in config
+
+    # evaluated from another working directory, the relative file is still found
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    rows = evaluate_downstream(tiny_llama(tokenizer), tokenizer, ["rel_mc"], include_path=tmp_path / "tasks", num_fewshot=1)
+    assert {row["n_items"] for row in rows} == {4}
+
+    write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 2}])
+    with pytest.raises(ValueError, match="answer"):
+        write_mc_task("bad_mc", tmp_path / "bad.jsonl", tmp_path / "tasks")
+    with pytest.raises(ValueError, match="tasks not found"):
+        evaluate_downstream(tiny_llama(tokenizer), tokenizer, ["no_such_task"], include_path=tmp_path / "tasks")
+
+
+def test_hub_offline_is_scoped():
+    import datasets.config
+    import huggingface_hub.constants
+
+    before = (os.environ.get("HF_HUB_OFFLINE"), huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
+    with hub_offline():
+        assert os.environ["HF_HUB_OFFLINE"] == "1"
+        assert huggingface_hub.constants.is_offline_mode() and datasets.config.HF_HUB_OFFLINE
+    assert (os.environ.get("HF_HUB_OFFLINE"), huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE) == before
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data folder ../shared/data is absent")
+def test_glue_eval_mmlu_sst2_through_local_tasks(tokenizer, tmp_path):
+    glue = SHARED_DATA / "glue_eval"
+    mmlu = glue_eval_items("mmlu", glue / "mmlu.jsonl")
+    first = json.loads((glue / "mmlu.jsonl").open().readline())
+    assert len(mmlu) == 1516
+    assert mmlu[0]["question"] == (
+        f"Question: {first['question']}\n(A) {first['choices'][0]}\n(B) {first['choices'][1]}\n"
+        f"(C) {first['choices'][2]}\n(D) {first['choices'][3]}\nAnswer:"
+    )
+    assert mmlu[0]["choices"] == ["A", "B", "C", "D"] and mmlu[0]["answer"] == first["answer"]
+    sst2 = glue_eval_items("sst2", glue)
+    assert sst2[0]["question"].startswith("Review : ") and sst2[0]["question"].endswith("\nSentiment :")
+    assert sum(item["answer"] for item in sst2) == 428  # 428 positive (label 1 -> "positive")
+
+    for task in ("mmlu", "sst2"):
+        write_glue_eval_task(task, glue / f"{task}.jsonl", tmp_path / "tasks")
+    assert sum(1 for _ in (tmp_path / "tasks" / "glue_eval_mmlu.jsonl").open()) == 1516 - 10
+
+    model = tiny_llama(tokenizer)
+    results = lm_eval_results(
+        model, tokenizer, ["glue_eval_mmlu", "glue_eval_sst2"], include_path=tmp_path / "tasks", limit=3, log_samples=True
+    )
+    rows = metric_rows(results)
+    assert {(row["task"], row["metric"]) for row in rows} == {
+        (task, metric) for task in ("glue_eval_mmlu", "glue_eval_sst2") for metric in ("acc", "acc_norm")
+    }
+    assert all(row["n_items"] == 3 for row in rows)
+    # the evaluated items are the ones after the 10-item few-shot pool, scored as " A".." D"
+    for sample, item in zip(results["samples"]["glue_eval_mmlu"], mmlu[10:13], strict=True):
+        assert sample["arguments"][0] == (item["question"], " A")
+        scores = direct_loglikelihoods(model, tokenizer, item["question"], item["choices"])
+        np.testing.assert_allclose([resp[0] for resp in sample["filtered_resps"]], scores, atol=1e-4)
+
+    # few-shot: UME takes the pool's first items in order, separated by "\n"
+    results = lm_eval_results(
+        model, tokenizer, ["glue_eval_sst2"], include_path=tmp_path / "tasks", limit=1, num_fewshot=2, log_samples=True
+    )
+    context = results["samples"]["glue_eval_sst2"][0]["arguments"][0][0]
+    shots = [f"{item['question']} {item['choices'][item['answer']]}\n" for item in sst2[:2]]
+    assert context == "".join(shots) + sst2[10]["question"]
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data folder ../shared/data is absent")
+def test_glue_eval_converters_cover_all_files():
+    sizes = {"mmlu": 1516, "sst2": 856, "mrpc": 258, "cola": 644, "rte": 262, "nli": 2489, "sentiment_analysis": 872, "dialogue": 886}
+    for task, size in sizes.items():
+        items = glue_eval_items(task, SHARED_DATA / "glue_eval")
+        assert len(items) == size, task
+        assert all(0 <= item["answer"] < len(item["choices"]) for item in items), task
+        assert all(item["question"].rstrip() == item["question"] for item in items), task  # delimiter adds the space
+    rte = glue_eval_items("rte", SHARED_DATA / "glue_eval")
+    assert rte[1]["question"].endswith("P. Prayong is a member of Theravada. True or False?\nanswer:")
+    assert rte[1]["choices"][rte[1]["answer"]] == "True"  # GLUE label 0 = entailment
