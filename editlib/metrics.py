@@ -1,0 +1,200 @@
+"""Edit metrics: CounterFact probability metrics, ZsRE token accuracy, generation entropy.
+
+Every (prompt, target) pair is scored as prompt ids (with BOS) + target ids (" " + target, never a
+BOS), so the first scored token is the target's first token on Llama-3 tokenizers too (the UME
+code scores the BOS there). Pairs from many records go through few right-padded passes, sorted
+by length; logits are computed only at target positions.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .models import final_hidden, lm_head
+from .records import EditRequest
+from .tokens import length_sorted_chunks, pad_id, pad_right, prompt_ids, target_ids
+
+
+@torch.no_grad()
+def score_continuations(
+    model, tokenizer, prompts: Sequence[str], targets: Sequence[str], max_rows: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair: mean NLL of the target tokens given the prompt, and whether every target token is
+    the argmax under teacher forcing (token accuracy is their mean; see `token_hits`)."""
+    device = next(model.parameters()).device
+    p_ids, t_ids = prompt_ids(tokenizer, prompts), target_ids(tokenizer, targets)
+    sequences = [p + t for p, t in zip(p_ids, t_ids)]
+    nll = np.zeros(len(sequences))
+    all_hit = np.zeros(len(sequences), dtype=bool)
+    head = lm_head(model)
+    for chunk in length_sorted_chunks([len(s) for s in sequences], max_rows=max_rows):
+        batch = pad_right([sequences[i] for i in chunk], pad_id(tokenizer)).to(device)
+        hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
+        lens = torch.tensor([len(t_ids[i]) for i in chunk], device=device)
+        starts = torch.tensor([len(p_ids[i]) - 1 for i in chunk], device=device)
+        row = torch.arange(len(chunk), device=device).repeat_interleave(lens)
+        offset = torch.arange(int(lens.sum()), device=device) - (torch.cumsum(lens, 0) - lens).repeat_interleave(lens)
+        pos = starts[row] + offset
+        labels = batch.input_ids[row, pos + 1]
+        logits = head(hidden[row, pos]).float()
+        token_nll = -torch.log_softmax(logits, -1).gather(1, labels[:, None]).squeeze(1)
+        hit = (logits.argmax(-1) == labels).float()
+        sums = torch.zeros(len(chunk), device=device).index_add(0, row, token_nll)
+        hits = torch.zeros(len(chunk), device=device).index_add(0, row, hit)
+        nll[chunk] = (sums / lens).cpu().numpy()
+        all_hit[chunk] = (hits == lens).cpu().numpy()
+    return nll, all_hit
+
+
+@torch.no_grad()
+def token_hits(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], max_rows: int = 64) -> list[np.ndarray]:
+    """Teacher-forced argmax correctness of each target token (ZsRE accuracy), per pair."""
+    device = next(model.parameters()).device
+    p_ids, t_ids = prompt_ids(tokenizer, prompts), target_ids(tokenizer, targets)
+    sequences = [p + t for p, t in zip(p_ids, t_ids)]
+    result: list[np.ndarray] = [np.zeros(0)] * len(sequences)
+    for chunk in length_sorted_chunks([len(s) for s in sequences], max_rows=max_rows):
+        batch = pad_right([sequences[i] for i in chunk], pad_id(tokenizer)).to(device)
+        hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
+        for row, i in enumerate(chunk):
+            start = len(p_ids[i]) - 1
+            logits = lm_head(model)(hidden[row, start : start + len(t_ids[i])])
+            result[i] = (logits.argmax(-1).cpu().numpy() == np.array(t_ids[i]))
+    return result
+
+
+PROMPT_KINDS = ("rewrite", "paraphrase", "neighborhood")
+
+
+def counterfact_scores(model, tokenizer, requests: Sequence[EditRequest], max_rows: int = 64) -> pd.DataFrame:
+    """Tidy per-prompt scores: case_id, kind, index, nll_new, nll_true (one row per prompt)."""
+    meta, prompts, news, trues = [], [], [], []
+    for request in requests:
+        if request.target_true is None:
+            raise ValueError(f"case_id={request.case_id}: CounterFact metrics need target_true")
+        texts = {
+            "rewrite": [request.text],
+            "paraphrase": list(request.paraphrase_prompts),
+            "neighborhood": list(request.neighborhood_prompts),
+        }
+        for kind in PROMPT_KINDS:
+            for index, text in enumerate(texts[kind]):
+                meta.append((request.case_id, kind, index))
+                prompts.append(text)
+                news.append(request.target_new)
+                trues.append(request.target_true)
+    nll, _ = score_continuations(model, tokenizer, prompts + prompts, news + trues, max_rows)
+    frame = pd.DataFrame(meta, columns=["case_id", "kind", "index"])
+    frame["nll_new"], frame["nll_true"] = nll[: len(prompts)], nll[len(prompts) :]
+    return frame
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """Harmonic mean, 0 if any value is 0 (scipy.stats.hmean convention for the S score)."""
+    values = [float(v) for v in values]
+    if any(math.isnan(v) for v in values):
+        return float("nan")
+    return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
+
+
+def counterfact_metrics(scores: pd.DataFrame) -> dict[str, float]:
+    """ES, PS, NS, EM, PM, NM (x100) averaged per record then over records, and S = hmean(ES, PS, NS)."""
+    frame = scores.assign(
+        new_wins=(scores.nll_true > scores.nll_new).astype(float),
+        true_wins=(scores.nll_true < scores.nll_new).astype(float),
+        prob_gap=np.exp(-scores.nll_new) - np.exp(-scores.nll_true),
+    )
+    per_record = frame.groupby(["kind", "case_id"])[["new_wins", "true_wins", "prob_gap"]].mean()
+
+    def average(kind: str, column: str, sign: float = 1.0) -> float:
+        if kind not in per_record.index.get_level_values(0):
+            return float("nan")
+        return 100.0 * sign * float(per_record.loc[kind][column].mean())
+
+    result = {
+        "ES": average("rewrite", "new_wins"),
+        "PS": average("paraphrase", "new_wins"),
+        "NS": average("neighborhood", "true_wins"),
+        "EM": average("rewrite", "prob_gap"),
+        "PM": average("paraphrase", "prob_gap"),
+        "NM": average("neighborhood", "prob_gap", -1.0),
+    }
+    result["S"] = harmonic_mean([result["ES"], result["PS"], result["NS"]])
+    return result
+
+
+def zsre_metrics(model, tokenizer, requests: Sequence[EditRequest], max_rows: int = 64) -> dict[str, float]:
+    """ZsRE teacher-forced token accuracy (x100): efficacy, paraphrase, specificity (vs the NQ answer)."""
+    groups = {"efficacy": [], "paraphrase": [], "specificity": []}
+    for request in requests:
+        groups["efficacy"].append((request.text, request.target_new, request.case_id))
+        groups["paraphrase"].extend((p, request.target_new, request.case_id) for p in request.paraphrase_prompts)
+        groups["specificity"].extend(
+            (p, a, request.case_id) for p, a in zip(request.neighborhood_prompts, request.neighborhood_answers))
+    result = {}
+    for name, items in groups.items():
+        if not items:
+            result[name] = float("nan")
+            continue
+        hits = token_hits(model, tokenizer, [i[0] for i in items], [i[1] for i in items], max_rows)
+        per_prompt = pd.DataFrame({"case_id": [i[2] for i in items], "acc": [h.mean() for h in hits]})
+        result[name] = 100.0 * float(per_prompt.groupby("case_id")["acc"].mean().mean())
+    return result
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """MEMIT's generation entropy: arithmetic mean of weights[i] * H_{ns[i]} (bits) of the text's n-grams.
+
+    Words are split on \\w+ / punctuation (nltk's word_tokenize in the reference).
+    """
+    words = _WORD.findall(text.lower())
+    entropies = []
+    for n in ns:
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        freqs = np.array(list(grams.values()), dtype=float) / max(total, 1)
+        entropies.append(float(-(freqs * np.log2(freqs)).sum()) if total else 0.0)
+    return float(np.mean(np.array(weights) * np.array(entropies)))
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100, top_k: int = 5,
+                   seed: int = 0, batch_size: int = 16) -> list[str]:
+    """Top-k sampled continuations (left-padded batches), returned with their prompts."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    config = GenerationConfig(do_sample=True, top_k=top_k, top_p=1.0, temperature=1.0, max_new_tokens=max_new_tokens,
+                              pad_token_id=pad_id(tokenizer))
+    texts = []
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for start in range(0, len(prompts), batch_size):
+                enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True).to(device)
+                out = model.generate(**enc, generation_config=config)
+                texts.extend(tokenizer.batch_decode(out, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return texts
+
+
+def generation_entropy(model, tokenizer, requests: Sequence[EditRequest], max_new_tokens: int = 100, seed: int = 0) -> float:
+    """GE (x100, as summarize.py reports it) over the records' generation prompts."""
+    prompts = [p for r in requests for p in r.generation_prompts]
+    if not prompts:
+        return float("nan")
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
+    return 100.0 * float(np.mean([ngram_entropy(t) for t in texts]))

@@ -1,0 +1,227 @@
+"""Model access: loading, per-architecture module layout, edited weights, and hooks.
+
+The edited matrix W is always exposed as (d_out, d_in) = (d, d_k), whatever the storage
+(GPT-2's Conv1D stores (in, out); we return a transposed view, so in-place updates land).
+Hooks accept blocks that return a tensor (transformers >= 4.56) or a tuple (older ones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# model_type -> (rewrite module, block, mlp, final norm)
+_LAYOUTS: dict[str, tuple[str, str, str, str]] = {
+    "llama": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm"),
+    "mistral": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm"),
+    "qwen2": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm"),
+    "qwen3": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm"),
+    "gemma": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm"),
+    "gemma2": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm"),
+    "gemma3_text": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm"),
+    "gpt2": ("transformer.h.{}.mlp.c_proj", "transformer.h.{}", "transformer.h.{}.mlp", "transformer.ln_f"),
+    "gptj": ("transformer.h.{}.mlp.fc_out", "transformer.h.{}", "transformer.h.{}.mlp", "transformer.ln_f"),
+    "gpt_neox": (
+        "gpt_neox.layers.{}.mlp.dense_4h_to_h",
+        "gpt_neox.layers.{}",
+        "gpt_neox.layers.{}.mlp",
+        "gpt_neox.final_layer_norm",
+    ),
+}
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (nothing after it is needed)."""
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Where the editable parts of a causal LM live (module-name templates take a layer index)."""
+
+    model_type: str
+    rewrite_module: str
+    block_module: str
+    mlp_module: str
+    final_norm: str
+    n_layers: int
+
+    def rewrite(self, layer: int) -> str:
+        return self.rewrite_module.format(self.check_layer(layer))
+
+    def block(self, layer: int) -> str:
+        return self.block_module.format(self.check_layer(layer))
+
+    def mlp(self, layer: int) -> str:
+        return self.mlp_module.format(self.check_layer(layer))
+
+    def check_layer(self, layer: int) -> int:
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer} out of range: this {self.model_type} model has layers 0..{self.n_layers - 1}")
+        return layer
+
+
+def model_layout(model: nn.Module) -> ModelLayout:
+    """Resolve the module layout of a HF causal LM from its config's model_type."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _LAYOUTS:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(_LAYOUTS)}")
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    return ModelLayout(model_type, *_LAYOUTS[model_type], n_layers=n_layers)
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+):
+    """Load a HF causal LM and its tokenizer (hub id or local folder), eval mode, right padding.
+
+    A missing pad token is set to EOS (all scoring uses explicit attention masks).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, revision=revision)
+    model.to(device).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A content hash of a model: its config plus a cheap digest of every parameter.
+
+    Two models with different weights (e.g. retrained, or edited) get different fingerprints,
+    so caches keyed on it are never reused for the wrong model.
+    """
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().reshape(-1)
+            head = flat[:64].float().cpu().numpy().tobytes()
+            stats = torch.stack([flat.float().sum(), flat.float().abs().sum()]).cpu().double().numpy().tobytes()
+            digest.update(name.encode() + head + stats)
+    return digest.hexdigest()[:16]
+
+
+def edited_weight(model: nn.Module, layout: ModelLayout, layer: int) -> torch.Tensor:
+    """The edited matrix of `layer` as a (d, d_k) view; in-place changes modify the model."""
+    module = model.get_submodule(layout.rewrite(layer))
+    if type(module).__name__ == "Conv1D":  # GPT-2 stores (in, out)
+        return module.weight.T
+    return module.weight
+
+
+def edited_bias(model: nn.Module, layout: ModelLayout, layer: int) -> torch.Tensor | None:
+    """The bias of the edited module, or None."""
+    return getattr(model.get_submodule(layout.rewrite(layer)), "bias", None)
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    """The output projection (tied or not)."""
+    return model.get_output_embeddings()
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final-norm hidden states (B, T, d) without computing logits for every position."""
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _tensor_of(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_tensor(output, tensor):
+    return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
+
+
+@contextlib.contextmanager
+def capture_inputs(model: nn.Module, module_names: Sequence[str], stop_after: str | None = None) -> Iterator[dict]:
+    """Record the (first positional) input of each named module on the next forward passes.
+
+    Yields a dict name -> tensor (the latest pass). With `stop_after`, the forward raises
+    StopForward once that module has run; callers wrap the call in `suppress(StopForward)`.
+    """
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in module_names:
+        module = model.get_submodule(name)
+
+        def pre_hook(mod, args, kwargs, name=name):
+            captured[name] = args[0] if args else next(iter(kwargs.values()))
+
+        handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+    try:
+        with stop_forward_after(model, stop_after):
+            yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def stop_forward_after(model: nn.Module, module_name: str | None) -> Iterator[None]:
+    """Make forward passes raise StopForward once `module_name` has run (None: no stop).
+
+    Enter it after any other hooks on the same module, so theirs run first.
+    """
+    if module_name is None:
+        yield
+        return
+
+    def stop_hook(mod, args, output):
+        raise StopForward
+
+    handle = model.get_submodule(module_name).register_forward_hook(stop_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def capture_outputs(model: nn.Module, module_names: Sequence[str]) -> Iterator[dict]:
+    """Record the output tensor of each named module on the next forward passes."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in module_names:
+        def hook(mod, args, output, name=name):
+            captured[name] = _tensor_of(output)
+
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def edit_output(model: nn.Module, module_name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace a module's output tensor by fn(output) during forward passes (tuple or tensor)."""
+
+    def hook(mod, args, output):
+        return _replace_tensor(output, fn(_tensor_of(output)))
+
+    handle = model.get_submodule(module_name).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def run_until(model: nn.Module, stop_after: str | None, **inputs) -> None:
+    """Forward pass that stops after module `stop_after` (use inside capture contexts)."""
+    with stop_forward_after(model, stop_after), contextlib.suppress(StopForward):
+        model(**inputs)

@@ -1,0 +1,168 @@
+"""Target values z (MEMIT/EMMET/AlphaEdit, at a block output) and v* (ROME, at an MLP output).
+
+Each fact i gets its own free vector delta_i (d,), added at its subject-last token in every one of
+its prompts. The reference optimises facts one at a time; here many facts share each forward and
+backward pass. The facts stay independent: the loss is a sum of per-fact losses, rows never mix,
+and Adam is applied per fact with its own early stop, so the result equals the per-fact loop.
+
+Per-fact loss (SPEC 1.5): NLL of the target over the T template prompts, + kl_factor *
+KL(P_cur || P_init) at the subject-last token of "{subject} is a", + weight_decay *
+||delta|| / ||h_init||^2. Stop when the loss < early_stop_loss; the last iteration takes no step;
+after each step delta is clamped to clamp_norm_factor * ||h_init||.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .keys import build_context_prompts
+from .models import edit_output, final_hidden, lm_head
+from .records import EditRequest
+from .tokens import pad_id, pad_right, target_ids
+
+
+@dataclass(frozen=True)
+class TargetHparams:
+    """Hyperparameters of the target optimisation (SPEC section 4 names)."""
+
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 5e-2
+    kl_prompt: str = "{} is a"
+    facts_per_chunk: int = 32
+
+
+@dataclass
+class TargetResult:
+    """values = h_init + delta, (d, N) fp32; per-fact final loss, NLL and number of Adam steps."""
+
+    values: torch.Tensor
+    h_init: torch.Tensor
+    loss: torch.Tensor
+    nll: torch.Tensor
+    steps: torch.Tensor
+
+
+class _PerFactAdam:
+    """torch.optim.Adam's update (default betas/eps), applied only to the rows marked active."""
+
+    def __init__(self, shape, lr: float, device, betas=(0.9, 0.999), eps=1e-8):
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.m = torch.zeros(shape, device=device)
+        self.v = torch.zeros(shape, device=device)
+        self.t = torch.zeros(shape[0], device=device)
+
+    @torch.no_grad()
+    def step(self, param: torch.Tensor, grad: torch.Tensor, active: torch.Tensor) -> None:
+        b1, b2 = self.betas
+        rows = active.nonzero().squeeze(1)
+        self.t[rows] += 1
+        self.m[rows] = b1 * self.m[rows] + (1 - b1) * grad[rows]
+        self.v[rows] = b2 * self.v[rows] + (1 - b2) * grad[rows] ** 2
+        t = self.t[rows, None]
+        step_size = self.lr / (1 - b1**t)
+        denom = self.v[rows].sqrt() / (1 - b2**t).sqrt() + self.eps
+        param[rows] -= step_size * self.m[rows] / denom
+
+
+def optimize_targets(
+    model,
+    tokenizer,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    hook_module: str,
+    hparams: TargetHparams = TargetHparams(),
+    progress: bool = True,
+) -> TargetResult:
+    """Optimise the target of every request at `hook_module`'s output; chunks of facts share passes."""
+    parts = []
+    size = max(1, hparams.facts_per_chunk)
+    chunks = [requests[s : s + size] for s in range(0, len(requests), size)]
+    for chunk in tqdm(chunks, desc=f"targets @ {hook_module}", disable=not progress or len(chunks) < 2):
+        parts.append(_optimize_chunk(model, tokenizer, chunk, templates, hook_module, hparams))
+    return TargetResult(*(torch.cat([getattr(p, f) for p in parts], dim=-1) for f in TargetResult.__dataclass_fields__))
+
+
+def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: TargetHparams) -> TargetResult:
+    device = next(model.parameters()).device
+    n_facts, n_templates = len(requests), len(templates)
+    targets = target_ids(tokenizer, [r.target_new for r in requests])
+    prompts = build_context_prompts(
+        tokenizer, requests, templates, suffixes=[t[:-1] for t in targets], extra_prompts=[hp.kl_prompt]
+    )
+    batch = pad_right(prompts.ids, pad_id(tokenizer)).to(device)
+    fact = prompts.fact.to(device)
+    subject_last = prompts.subject_last.to(device)
+    rows = torch.arange(len(prompts.ids), device=device)
+    is_kl = prompts.template.to(device) == n_templates
+
+    # Target-token positions of the rewriting rows: position p scores token p + 1.
+    target_len = torch.tensor([len(t) for t in targets], device=device)
+    rewrite_rows = rows[~is_kl]
+    lens = target_len[fact[rewrite_rows]]
+    tok_row = rewrite_rows.repeat_interleave(lens)
+    starts = torch.cumsum(lens, 0) - lens
+    offset = torch.arange(int(lens.sum()), device=device) - starts.repeat_interleave(lens)
+    tok_pos = prompts.prompt_lengths.to(device)[tok_row] - 1 + offset
+    tok_label = torch.tensor([tid for r in rewrite_rows.tolist() for tid in targets[prompts.fact[r]]], device=device)
+    tok_fact = fact[tok_row]
+    tok_weight = 1.0 / (n_templates * target_len[tok_fact].float())
+    kl_rows = rows[is_kl]  # one per fact, in fact order
+    plain_rows = rows[prompts.template.to(device) == 0]
+
+    hidden_size = model.config.hidden_size
+    delta = torch.zeros(n_facts, hidden_size, device=device, requires_grad=True)
+    h_init: torch.Tensor | None = None
+
+    def add_delta(out: torch.Tensor) -> torch.Tensor:
+        nonlocal h_init
+        if h_init is None:
+            h_init = out[plain_rows, subject_last[plain_rows]].detach().float().clone()
+        return out.index_put((rows, subject_last), delta[fact].to(out.dtype), accumulate=True)
+
+    head = lm_head(model)
+    adam = _PerFactAdam(delta.shape, hp.v_lr, device)
+    active = torch.ones(n_facts, dtype=torch.bool, device=device)
+    loss_f = nll_f = torch.zeros(n_facts, device=device)
+    kl_init = None
+    with edit_output(model, hook_module, add_delta):
+        for it in range(hp.v_num_grad_steps):
+            hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
+            token_logp = torch.log_softmax(head(hidden[tok_row, tok_pos]).float(), dim=-1)
+            token_nll = -token_logp.gather(1, tok_label[:, None]).squeeze(1)
+            nll = torch.zeros(n_facts, device=device).index_add(0, tok_fact, token_nll * tok_weight)
+            kl_logp = torch.log_softmax(head(hidden[kl_rows, subject_last[kl_rows]]).float(), dim=-1)
+            if kl_init is None:
+                kl_init = kl_logp.detach()
+            kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)
+            decay = hp.v_weight_decay * delta.norm(dim=1) / h_init.norm(dim=1) ** 2
+            loss = nll + hp.kl_factor * kl + decay
+            with torch.no_grad():
+                loss_f = torch.where(active, loss.detach(), loss_f)
+                nll_f = torch.where(active, nll.detach(), nll_f)
+                active &= loss.detach() >= hp.early_stop_loss
+            if it == hp.v_num_grad_steps - 1 or not active.any():
+                break
+            (grad,) = torch.autograd.grad((loss * active).sum(), delta)
+            adam.step(delta.data, grad, active)
+            with torch.no_grad():
+                max_norm = hp.clamp_norm_factor * h_init.norm(dim=1)
+                norm = delta.norm(dim=1)
+                scale = torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))
+                delta.mul_(scale[:, None])
+    delta = delta.detach()
+    return TargetResult(
+        values=(h_init + delta).T.contiguous(),
+        h_init=h_init.T.contiguous(),
+        loss=loss_f,
+        nll=nll_f,
+        steps=adam.t.clone(),
+    )
+
