@@ -1,0 +1,451 @@
+"""GRACE: a codebook adaptor on one module (Hartvigsen et al. 2023; SPEC 7.1).
+
+The adaptor watches one module (e.g. `model.layers.{l}.mlp.down_proj`). At one token per
+sequence it takes the module's *input* there as a query q and looks up the nearest codebook key:
+
+    d*, j* = min_j ||q - key_j||_2
+    if d* <= eps_{j*}:  output[token(s)] = value_{j*}        (else the output is left untouched)
+
+Base weights never change; an edit only adds or adjusts codebook entries and trains their
+values (Adam on the values only, the LM loss of the edit).
+
+Which token is the query (one per row, `query_positions`):
+- editing: the last prompt token (the position whose logits predict the first target token),
+  i.e. the reference's key_id = #(labels == -100) - 1, computed per row of the batch;
+- inference: the last non-pad token of each row, read from the attention mask given to the model
+  (right padding; generate's key_id = -1). With a KV cache (mask wider than the chunk) it is the
+  chunk's last token. Without a mask it is position T - 1.
+- scoring teacher-forced prompt+target batches: the default above would query the *last target*
+  token, which is not what the edit trained (the edit would be invisible). Wrap such scoring in
+  `editor.query_positions(prompt_lengths - 1)` (you built the batch), or in
+  `editor.prompt_queries(prompt_texts)` (someone else builds and reorders the batches, e.g.
+  metrics.score_continuations): a row starting with a registered prompt's ids queries that
+  prompt's last token. Rows may have different positions; each row is decided on its own.
+
+Replacement (per row, where that row's query hits): `replace_last` the query token only;
+`replace_prompt` positions 0..query (inclusive: the reference's `[:, :t]` leaves the query token
+itself out, which we read as an off-by-one); `replace_all` every position.
+
+The adaptor is attached as forward hooks (no module is swapped), so parameter names and the
+model's state_dict are unchanged, and `remove()` restores the original behaviour exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from editlib.io import atomic_path
+from editlib.models import StopForward, capture_inputs, capture_outputs
+from editlib.records import EditRequest
+from editlib.tokens import pad_id, pad_right, prompt_ids, target_ids
+
+REPLACEMENTS = ("replace_last", "replace_prompt", "replace_all")
+
+
+@dataclass(frozen=True)
+class GraceHparams:
+    """GRACE hyperparameters; defaults are SPEC 7.1 (EasyEdit's Llama-2 file: n_iter 50, replace_last)."""
+
+    eps: float = 1.0  # initial radius of a new key
+    edit_lr: float = 1.0  # Adam learning rate on the values
+    n_iter: int = 50  # Adam steps per edit
+    replacement: Literal["replace_last", "replace_prompt", "replace_all"] = "replace_last"
+    val_init: Literal["cold", "warm"] = "cold"  # cold: uniform [0, 1); warm: the module's current output
+    dist: Literal["euc"] = "euc"
+    eps_expand: Literal["coverage"] = "coverage"
+    seed: int = 0  # seeds the cold value initialisation
+
+    def __post_init__(self):
+        if self.replacement not in REPLACEMENTS:
+            raise ValueError(f"replacement must be one of {REPLACEMENTS}, got {self.replacement!r}")
+        if self.val_init not in ("cold", "warm"):
+            raise ValueError(f"val_init must be 'cold' or 'warm', got {self.val_init!r}")
+        if self.dist != "euc" or self.eps_expand != "coverage":
+            raise ValueError("only dist='euc' and eps_expand='coverage' are implemented")
+        if self.eps <= 0 or self.n_iter < 0 or self.edit_lr <= 0:
+            raise ValueError(f"need eps > 0, edit_lr > 0, n_iter >= 0; got {self}")
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher-forced prompt + target batches (shared with MEND)
+
+
+@dataclass
+class TargetBatch:
+    """Right-padded prompt+target sequences. labels[b, p] is the token that logits[b, p] must
+    predict (a target token), else -100. All tensors (B, T) except prompt_lengths (B,)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    prompt_lengths: torch.Tensor
+
+    @property
+    def last_prompt_positions(self) -> torch.Tensor:
+        """(B,) index of each row's last prompt token (predicts the first target token)."""
+        return self.prompt_lengths - 1
+
+    def to(self, device) -> "TargetBatch":
+        return TargetBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.prompt_lengths)))
+
+
+def target_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> TargetBatch:
+    """Tokenise prompt texts (with BOS) and " " + target (no specials) into one right-padded batch."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    prompts_ids = prompt_ids(tokenizer, prompts)
+    targets_ids = target_ids(tokenizer, targets)
+    batch = pad_right([p + t for p, t in zip(prompts_ids, targets_ids)], pad_id(tokenizer))
+    labels = torch.full_like(batch.input_ids, -100)
+    for row, (p, t) in enumerate(zip(prompts_ids, targets_ids)):
+        labels[row, len(p) - 1 : len(p) + len(t) - 1] = torch.as_tensor(t)
+    prompt_lengths = torch.tensor([len(p) for p in prompts_ids])
+    return TargetBatch(batch.input_ids, batch.attention_mask, labels, prompt_lengths)
+
+
+def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) mean negative log-likelihood of each row's target tokens. logits: (B, T, V)."""
+    token_nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T)
+    counts = (labels != -100).sum(1).clamp(min=1)
+    return token_nll.sum(1) / counts
+
+
+def target_argmax_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) True where every target token is the teacher-forced argmax (greedy decoding succeeds)."""
+    hit = (logits.argmax(-1) == labels) | (labels == -100)
+    return hit.all(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Codebook
+
+
+class GraceCodebook(nn.Module):
+    """Keys (N, d_in), radii epsilons (N,), trainable values (N, d_out), labels (N strings)."""
+
+    def __init__(self, key_dim: int, value_dim: int, init_eps: float):
+        super().__init__()
+        self.init_eps = init_eps
+        self.register_buffer("keys", torch.zeros(0, key_dim))
+        self.register_buffer("epsilons", torch.zeros(0))
+        self.values = nn.Parameter(torch.zeros(0, value_dim), requires_grad=False)
+        self.labels: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """(B, N) euclidean distances from queries (B, d_in) to every key (exact, no matmul trick)."""
+        return torch.cdist(queries.float(), self.keys, compute_mode="donot_use_mm_for_euclid_dist")
+
+    def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) distance to and index of each query's nearest key."""
+        return self.distances(queries).min(dim=1)
+
+    def add(self, key: torch.Tensor, value: torch.Tensor, label: str) -> int:
+        """Append one entry with radius init_eps; return its index."""
+        self.keys = torch.cat([self.keys, key.detach().float().reshape(1, -1)])
+        self.epsilons = torch.cat([self.epsilons, self.epsilons.new_tensor([self.init_eps])])
+        values = torch.cat([self.values.detach(), value.detach().float().reshape(1, -1).to(self.values.device)])
+        self.values = nn.Parameter(values, requires_grad=False)
+        self.labels.append(label)
+        return len(self.labels) - 1
+
+    def absorb(self, query: torch.Tensor, label: str, value: torch.Tensor) -> tuple[int, str]:
+        """Apply GRACE's codebook rule for one edit; return (index of the covering key, action).
+
+        - no key within init_eps + eps_nearest: add a key ("add");
+        - nearest key has another label: add a key, both radii become d*/2 ("split";
+          the old one minus 1e-5 so the two balls never overlap);
+        - same label: grow eps_nearest to d* if needed ("expand"), else nothing ("covered").
+        """
+        if len(self) == 0:
+            return self.add(query, value, label), "add"
+        distance, nearest = (t.item() for t in self.nearest(query.reshape(1, -1)))
+        if distance > self.init_eps + self.epsilons[nearest].item():
+            return self.add(query, value, label), "add"
+        if self.labels[nearest] != label:
+            index = self.add(query, value, label)
+            self.epsilons[nearest] = distance / 2 - 1e-5
+            self.epsilons[index] = distance / 2
+            return index, "split"
+        if distance > self.epsilons[nearest].item():
+            self.epsilons[nearest] = distance
+            return nearest, "expand"
+        return nearest, "covered"
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys.contiguous(), "epsilons": self.epsilons.contiguous(), "values": self.values.detach().contiguous()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], labels: list[str]) -> None:
+        if not len(tensors["keys"]) == len(tensors["epsilons"]) == len(tensors["values"]) == len(labels):
+            raise ValueError("codebook tensors and labels differ in length")
+        device = self.keys.device
+        self.keys = tensors["keys"].float().to(device)
+        self.epsilons = tensors["epsilons"].float().to(device)
+        self.values = nn.Parameter(tensors["values"].float().to(device), requires_grad=False)
+        self.labels = list(labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Editor
+
+
+def module_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a Linear or GPT-2 Conv1D."""
+    weight = module.weight
+    if type(module).__name__ == "Conv1D":  # stores (in, out)
+        return weight.shape[0], weight.shape[1]
+    return weight.shape[1], weight.shape[0]
+
+
+def last_token_positions(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
+    """(B,) default query position per row: last attended token (right padding), else T - 1.
+
+    A mask wider than the chunk (KV-cache decoding) means each row's newest token: T - 1.
+    """
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape != (batch, length):
+        return torch.full((batch,), length - 1, dtype=torch.long)
+    mask = attention_mask.bool().cpu()
+    last = length - 1 - mask.flip(1).int().argmax(1)
+    return torch.where(mask.any(1), last, torch.full_like(last, length - 1))
+
+
+def prompt_end_positions(
+    input_ids: torch.Tensor, prompts_by_length: dict[int, set[tuple[int, ...]]], default: torch.Tensor
+) -> torch.Tensor:
+    """(B,) per row, the last index of the longest registered prompt that prefixes it, else default."""
+    positions = default.clone()
+    rows = input_ids.tolist()
+    for row, ids in enumerate(rows):
+        for length in sorted(prompts_by_length, reverse=True):
+            if length <= len(ids) and tuple(ids[:length]) in prompts_by_length[length]:
+                positions[row] = length - 1
+                break
+    return positions
+
+
+def replacement_region(positions: torch.Tensor, length: int, replacement: str) -> torch.Tensor:
+    """(B, T) bool: which positions of each row take the value (if that row's query hits)."""
+    steps = torch.arange(length, device=positions.device)[None, :]  # (1, T)
+    if replacement == "replace_last":
+        return steps == positions[:, None]
+    if replacement == "replace_prompt":
+        return steps <= positions[:, None]
+    return torch.ones(len(positions), length, dtype=torch.bool, device=positions.device)
+
+
+class GraceEditor:
+    """GRACE on `module_name` of `model` (hooks attached on construction; `remove()` detaches).
+
+    Sequential editing is the natural mode: every `edit` call adds to the same codebook.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, module_name: str, hparams: GraceHparams | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.module_name = module_name
+        self.hparams = hparams or GraceHparams()
+        self.module = model.get_submodule(module_name)
+        key_dim, value_dim = module_dims(self.module)
+        device = self.module.weight.device
+        self.codebook = GraceCodebook(key_dim, value_dim, self.hparams.eps).to(device)
+        self.generator = torch.Generator(device="cpu").manual_seed(self.hparams.seed)
+        self.active = True
+        self._forced_positions: torch.Tensor | None = None
+        self._prompt_table: dict[int, set[tuple[int, ...]]] | None = None  # prompt length -> prompt ids
+        self._attention_mask: torch.Tensor | None = None
+        self._input_ids: torch.Tensor | None = None
+        self._handles = [
+            model.base_model.register_forward_pre_hook(self._remember_mask, with_kwargs=True),
+            self.module.register_forward_hook(self._adapt, with_kwargs=True),
+        ]
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    def _remember_mask(self, module, args, kwargs):
+        """Pre-hook on the base model: keep this pass's attention mask and input ids."""
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._attention_mask = mask if isinstance(mask, torch.Tensor) else None
+        self._input_ids = ids if isinstance(ids, torch.Tensor) else None
+
+    def _adapt(self, module, args, kwargs, output):
+        """Forward hook: replace the output where a row's query falls inside its nearest key's ball."""
+        if not self.active or len(self.codebook) == 0:
+            return None
+        hidden = args[0] if args else next(iter(kwargs.values()))  # (B, T, d_in)
+        out = output[0] if isinstance(output, tuple) else output  # (B, T, d_out)
+        batch, length = hidden.shape[:2]
+        positions = self._positions(batch, length).to(hidden.device)  # (B,)
+        queries = hidden[torch.arange(batch, device=hidden.device), positions]  # (B, d_in)
+        distance, nearest = self.codebook.nearest(queries)
+        hit = distance <= self.codebook.epsilons[nearest]  # (B,)
+        if not bool(hit.any()):
+            return None
+        region = replacement_region(positions, length, self.hparams.replacement) & hit[:, None]  # (B, T)
+        values = self.codebook.values[nearest].to(out.dtype)  # (B, d_out)
+        edited = torch.where(region[..., None], values[:, None, :], out)
+        return (edited, *output[1:]) if isinstance(output, tuple) else edited
+
+    def _positions(self, batch: int, length: int) -> torch.Tensor:
+        if self._forced_positions is not None:
+            if self._forced_positions.shape != (batch,):
+                raise ValueError(f"query_positions has shape {tuple(self._forced_positions.shape)}, batch is {batch}")
+            if int(self._forced_positions.max()) >= length or int(self._forced_positions.min()) < 0:
+                raise ValueError(f"query positions {self._forced_positions.tolist()} outside a sequence of length {length}")
+            return self._forced_positions
+        positions = last_token_positions(self._attention_mask, batch, length)
+        if self._prompt_table is not None and self._input_ids is not None and self._input_ids.shape == (batch, length):
+            positions = prompt_end_positions(self._input_ids.cpu(), self._prompt_table, positions)
+        return positions
+
+    # -- public API -------------------------------------------------------------------------
+
+    @property
+    def num_keys(self) -> int:
+        return len(self.codebook)
+
+    @contextlib.contextmanager
+    def query_positions(self, positions: torch.Tensor | Sequence[int]) -> Iterator[None]:
+        """Within the block, row b queries token positions[b] (e.g. prompt_lengths - 1 for scoring)."""
+        previous = self._forced_positions
+        self._forced_positions = torch.as_tensor(positions, dtype=torch.long).cpu()
+        try:
+            yield
+        finally:
+            self._forced_positions = previous
+
+    @contextlib.contextmanager
+    def prompt_queries(self, prompts: Sequence[str]) -> Iterator[None]:
+        """Within the block, a row that starts with the ids of one of `prompts` queries that
+        prompt's last token (the longest such prompt); other rows use the default (last token).
+
+        For scoring code that builds its own prompt+target batches (e.g. length-sorted chunks):
+        wrap the whole scoring call, no per-batch positions needed.
+        """
+        table: dict[int, set[tuple[int, ...]]] = {}
+        for ids in prompt_ids(self.tokenizer, list(prompts)):
+            table.setdefault(len(ids), set()).add(tuple(ids))
+        previous, self._prompt_table = self._prompt_table, table
+        try:
+            yield
+        finally:
+            self._prompt_table = previous
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Within the block the model behaves as if unedited."""
+        previous, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = previous
+
+    def remove(self) -> None:
+        """Detach the hooks: the model computes exactly what it did before GRACE was attached."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.active = False
+
+    def edit(self, requests: Sequence[EditRequest]) -> dict[str, list]:
+        """Add `requests` to the codebook and train their values.
+
+        Returns per-request lists: the codebook action ("add", "split", "expand", "covered"), and the
+        target NLL at the first training step (initial value in place) and after the last step.
+
+        Queries are read in one batched forward; the codebook rule is applied request by request
+        (in order, so later requests see earlier keys); then all touched values are trained
+        together for n_iter Adam steps on the sum of per-request mean target NLLs. Each row only
+        reaches its own key's value, so this equals editing one by one unless two requests share
+        a key (same label, overlapping balls), in which case that value is fitted to both.
+        """
+        if not self._handles:
+            raise RuntimeError("this GraceEditor was removed")
+        batch = target_batch(self.tokenizer, [r.text for r in requests], [r.target_new for r in requests])
+        batch = batch.to(self.module.weight.device)
+        queries, current_outputs = self.edit_token_activations(batch)
+        actions = []
+        for row, request in enumerate(requests):
+            value = self._initial_value(current_outputs[row])
+            _, action = self.codebook.absorb(queries[row], request.target_new.strip(), value)
+            actions.append(action)
+        losses = self._train_values(batch)
+        return {"action": actions, "nll_first_step": losses[0].tolist(), "nll_final": losses[-1].tolist()}
+
+    # -- edit internals ---------------------------------------------------------------------
+
+    def edit_token_activations(self, batch: TargetBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input (B, d_in) and unedited output (B, d_out) of the module at each row's last prompt token."""
+        rows = torch.arange(len(batch.input_ids))
+        positions = batch.last_prompt_positions
+        with torch.no_grad(), self.disabled(), capture_outputs(self.model, [self.module_name]) as outputs:
+            with capture_inputs(self.model, [self.module_name], stop_after=self.module_name) as inputs:
+                with contextlib.suppress(StopForward):
+                    self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        queries = inputs[self.module_name][rows, positions].float()
+        current = outputs[self.module_name][rows, positions].float()
+        return queries, current
+
+    def _initial_value(self, current_output: torch.Tensor) -> torch.Tensor:
+        if self.hparams.val_init == "warm":
+            return current_output.detach().clone()
+        return torch.rand(current_output.shape, generator=self.generator).to(current_output.device)
+
+    def _train_values(self, batch: TargetBatch) -> list[torch.Tensor]:
+        """n_iter Adam steps on the codebook values only; returns per-step (B,) target NLLs."""
+        values = self.codebook.values
+        values.requires_grad_(True)
+        optimizer = torch.optim.Adam([values], lr=self.hparams.edit_lr)
+        losses = []
+        try:
+            with self.query_positions(batch.last_prompt_positions):
+                for _ in range(self.hparams.n_iter):
+                    logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+                    nll = target_nll(logits, batch.labels)  # (B,)
+                    (grad,) = torch.autograd.grad(nll.sum(), [values])
+                    values.grad = grad
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(nll.detach())
+                with torch.no_grad():
+                    logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+                    losses.append(target_nll(logits, batch.labels))
+        finally:
+            values.requires_grad_(False)
+        return losses
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Write the codebook (keys, epsilons, values) and its labels/hparams to a safetensors file."""
+        metadata = {
+            "labels": json.dumps(self.codebook.labels),
+            "hparams": json.dumps(asdict(self.hparams)),
+            "module_name": self.module_name,
+        }
+        tensors = {name: t.cpu() for name, t in self.codebook.tensors().items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+
+    @classmethod
+    def load(cls, model: nn.Module, tokenizer, path: str | Path) -> "GraceEditor":
+        """Attach a GraceEditor to `model` with the codebook saved at `path`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        editor = cls(model, tokenizer, metadata["module_name"], GraceHparams(**json.loads(metadata["hparams"])))
+        editor.codebook.load_tensors(load_file(str(path)), json.loads(metadata["labels"]))
+        return editor

@@ -1,0 +1,160 @@
+"""MEND: a fresh hypernetwork is one plain gradient step, batched single edits equal one-by-one
+edits, training lowers the held-out edit loss, and the hypernetwork survives a save/load."""
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from editlib.grace import target_batch
+from editlib.mend import (
+    MendEditor,
+    MendHparams,
+    RunningMoments,
+    added_deltas,
+    batch_target_nll,
+    train_mend,
+)
+from editlib.records import EditRequest
+from editlib.vocab import train_bpe_tokenizer
+
+RELATIONS = [  # prompt, two paraphrases
+    ("The mother tongue of {} is", "{} speaks the language", "In daily life {} speaks"),
+    ("{} plays the", "The instrument of {} is the", "On stage {} plays the"),
+    ("{} was born in", "The birthplace of {} is", "{} grew up in"),
+    ("{} works for", "The employer of {} is", "Every day {} goes to work at"),
+]
+TARGETS = ["English", "French", "piano", "guitar", "Paris", "London", "Google", "Nokia", "Berlin", "violin", "Spanish", "Apple"]
+SUBJECTS = ["Ada", "Boris", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kofi", "Lena"]
+EDITED = ("model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [t.format(s) for s in SUBJECTS for relation in RELATIONS for t in relation]
+    return train_bpe_tokenizer(texts + [" ".join(TARGETS)] * 20, vocab_size=800)
+
+
+@pytest.fixture(scope="module")
+def requests():
+    """48 synthetic CounterFact-style requests (shuffled), with paraphrases and neighborhood prompts."""
+    rng = random.Random(0)
+    out = []
+    for i, subject in enumerate(SUBJECTS):
+        for j, (prompt, *paraphrases) in enumerate(RELATIONS):
+            new, true = rng.sample(TARGETS, 2)
+            others = rng.sample([s for s in SUBJECTS if s != subject], 2)
+            out.append(
+                EditRequest(
+                    case_id=f"{i}-{j}", prompt=prompt, subject=subject, target_new=new, target_true=true,
+                    paraphrase_prompts=tuple(p.format(subject) for p in paraphrases),
+                    neighborhood_prompts=tuple(prompt.format(s) for s in others),
+                )
+            )
+    rng.shuffle(out)
+    return out
+
+
+def tiny_llama(tokenizer, seed=0):
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+TINY = MendHparams(modules=EDITED, rank=32, lr=1e-3, lr_lr=1e-2, edit_lr=1e-3, batch_size=4, steps=10, log_every=10)
+
+
+def test_fresh_hypernetwork_is_one_plain_gradient_step(tokenizer, requests):
+    model = tiny_llama(tokenizer)
+    editor = MendEditor.fresh(model, tokenizer, MendHparams(modules=EDITED, rank=32, edit_lr=0.5))
+    edit = requests[:3]
+    deltas = editor.module_deltas(edit)
+    weights = [model.get_submodule(name).weight for name in EDITED]
+    batch = target_batch(tokenizer, [r.text for r in edit], [r.target_new for r in edit])
+    with torch.enable_grad():
+        loss = batch_target_nll(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels)
+        grads = torch.autograd.grad(loss, weights)
+    for name, grad in zip(EDITED, grads):
+        assert grad.abs().max() > 0
+        torch.testing.assert_close(deltas[name], -0.5 * grad, rtol=1e-4, atol=1e-7)
+
+
+def test_separate_deltas_equal_one_edit_at_a_time(tokenizer, requests):
+    # The batched evaluation path must be exactly the per-request edit.
+    model = tiny_llama(tokenizer)
+    editor = train_mend(model, tokenizer, requests[:8], MendHparams(**{**TINY.__dict__, "steps": 3, "log_every": 3}))
+    batched = editor.module_deltas(requests[8:11], separately=True)
+    for index, request in enumerate(requests[8:11]):
+        single = editor.module_deltas([request])
+        for name in EDITED:
+            torch.testing.assert_close(batched[name][index], single[name], rtol=1e-4, atol=1e-6)
+
+
+def test_added_deltas_equal_editing_the_weights(tokenizer, requests):
+    model = tiny_llama(tokenizer)
+    editor = MendEditor.fresh(model, tokenizer, MendHparams(modules=EDITED, rank=32, edit_lr=0.5))
+    batch = target_batch(tokenizer, [r.text for r in requests[:4]], [r.target_new for r in requests[:4]])
+    with torch.no_grad():
+        deltas = editor.module_deltas(requests[:2])
+        with added_deltas(model, deltas):
+            functional = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        original = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        with editor.applied(requests[:2]):
+            in_place = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        restored = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    torch.testing.assert_close(functional, in_place, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(functional, original)
+    assert torch.equal(restored, original)
+
+
+def test_edit_changes_only_the_edited_weights_and_returns_their_deltas(tokenizer, requests):
+    model = tiny_llama(tokenizer)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    editor = MendEditor.fresh(model, tokenizer, MendHparams(modules=EDITED, rank=32, edit_lr=0.5))
+    deltas = editor.edit(requests[:2])
+    assert set(deltas) == {f"{name}.weight" for name in EDITED}
+    for name, tensor in model.state_dict().items():
+        if name in deltas:
+            torch.testing.assert_close(tensor - before[name], deltas[name], rtol=1e-4, atol=1e-6)
+        else:
+            assert torch.equal(tensor, before[name])
+
+
+def test_training_lowers_the_held_out_edit_loss(tokenizer, requests):
+    model = tiny_llama(tokenizer)
+    weights = {name: model.get_submodule(name).weight.clone() for name in EDITED}
+    editor = train_mend(model, tokenizer, requests[:40], TINY, eval_requests=requests[40:])
+    first, last = editor.history[0], editor.history[-1]
+    assert (first["step"], last["step"]) == (0, TINY.steps)
+    assert first["edit_nll"] > 5.0  # step 0: alpha = 1e-3, the edit barely moves the model
+    assert last["edit_nll"] < first["edit_nll"] - 2.0
+    assert last["edit_success"] > first["edit_success"]
+    assert all(torch.equal(model.get_submodule(name).weight, weights[name]) for name in EDITED)
+
+
+def test_save_load_round_trip_gives_identical_deltas(tokenizer, requests, tmp_path):
+    model = tiny_llama(tokenizer)
+    editor = train_mend(model, tokenizer, requests[:8], MendHparams(**{**TINY.__dict__, "steps": 3, "log_every": 3}))
+    editor.save(tmp_path / "mend.safetensors")
+    loaded = MendEditor.load(model, tokenizer, tmp_path / "mend.safetensors")
+    assert loaded.hparams == editor.hparams and loaded.history == editor.history
+    with torch.no_grad():
+        expected, actual = editor.module_deltas(requests[8:10]), loaded.module_deltas(requests[8:10])
+    assert all(torch.equal(actual[name], expected[name]) for name in EDITED)
+
+
+def test_running_moments_match_the_pooled_mean_and_variance():
+    moments = RunningMoments(5)
+    chunks = [torch.randn(n, 5) * 3 + 1 for n in (1, 7, 30)]
+    for chunk in chunks:
+        moments.update(chunk)
+    pooled = torch.cat(chunks)
+    torch.testing.assert_close(moments.mean, pooled.mean(0))
+    expected = (pooled - pooled.mean(0)) / (pooled.std(0) + 1e-7)
+    torch.testing.assert_close(moments.normalise(pooled), expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(RunningMoments(5).normalise(pooled), pooled)  # identity before any data
