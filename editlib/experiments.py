@@ -1,0 +1,215 @@
+"""The studies' experiments: layer sweep, single edits, batched edits, sequential-batched edits.
+
+Each returns a tidy pandas frame with RESULT_COLUMNS (one observation per row). Sequential runs
+checkpoint after every batch into one safetensors file (edit state + rows so far) written
+atomically, and resume from it with bit-identical results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .editing import Editor
+from .hparams import EditHparams, make_hparams
+from .io import atomic_path, content_key
+from .metrics import counterfact_metrics, counterfact_scores, generation_entropy
+from .records import EditRequest, batches
+from .templates import sample_context_templates
+
+log = logging.getLogger(__name__)
+
+METRICS = ["ES", "PS", "NS", "S", "EM", "PM", "NM", "GE"]
+RESULT_COLUMNS = ["experiment", "model", "method", "layers", "batch_size", "n_edits", "step", "scope", *METRICS, "n_records"]
+DOWNSTREAM_COLUMNS = ["experiment", "model", "method", "batch_size", "n_edits", "task", "metric", "value", "stderr"]
+
+Downstream = Callable[[object, object], list[dict]]
+
+
+@dataclass
+class ExperimentContext:
+    """A loaded (unedited) model with its per-layer statistics C; experiments leave it unedited."""
+
+    model: object
+    tokenizer: object
+    model_name: str
+    second_moments: dict[int, torch.Tensor]
+    progress: bool = True
+    generation_entropy: bool = False
+    _templates: dict = field(default_factory=dict, repr=False)
+
+    def templates(self, hparams: EditHparams) -> list[str]:
+        """Context templates of the UNEDITED model, sampled once per (lengths, seed)."""
+        key = (hparams.context_lengths, hparams.template_seed)
+        if key not in self._templates:
+            self._templates[key] = sample_context_templates(self.model, self.tokenizer, *key)
+        return self._templates[key]
+
+    def editor(self, hparams: EditHparams) -> Editor:
+        return Editor(self.model, self.tokenizer, hparams, self.second_moments, self.templates(hparams), self.progress)
+
+
+def layers_label(layers: Sequence[int]) -> str:
+    return ",".join(str(layer) for layer in layers)
+
+
+def result_row(experiment: str, ctx: ExperimentContext, hparams: EditHparams, batch_size: int, n_edits: int,
+               step: int, scope: str, metrics: dict, n_records: int) -> dict:
+    row = {"experiment": experiment, "model": ctx.model_name, "method": hparams.method,
+           "layers": layers_label(hparams.layers), "batch_size": batch_size, "n_edits": n_edits, "step": step,
+           "scope": scope, "n_records": n_records}
+    row.update({name: metrics.get(name, float("nan")) for name in METRICS})
+    return row
+
+
+def evaluate_records(ctx: ExperimentContext, requests: Sequence[EditRequest]) -> dict:
+    """CounterFact metrics (and GE when enabled) of the current model on `requests`."""
+    metrics = counterfact_metrics(counterfact_scores(ctx.model, ctx.tokenizer, requests))
+    if ctx.generation_entropy:
+        metrics["GE"] = generation_entropy(ctx.model, ctx.tokenizer, requests)
+    return metrics
+
+
+def single_edit_scores(ctx: ExperimentContext, requests: Sequence[EditRequest], hparams: EditHparams) -> pd.DataFrame:
+    """Per-prompt scores of each request edited alone into the unedited model (then restored)."""
+    editor = ctx.editor(hparams)
+    edits = editor.single_edits(requests)
+    frames = []
+    for index, request in enumerate(tqdm(requests, desc=f"{hparams.method} single edits", disable=not ctx.progress)):
+        with editor.single_edit_applied(edits, index):
+            frames.append(counterfact_scores(ctx.model, ctx.tokenizer, [request]))
+    return pd.concat(frames, ignore_index=True)
+
+
+def single_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hparams: EditHparams,
+                 experiment: str = "single") -> pd.DataFrame:
+    """One fact at a time, the model restored between facts; one aggregated row."""
+    metrics = counterfact_metrics(single_edit_scores(ctx, requests, hparams))
+    return pd.DataFrame([result_row(experiment, ctx, hparams, 1, 1, len(requests), "single", metrics, len(requests))],
+                        columns=RESULT_COLUMNS)
+
+
+def layer_sweep(ctx: ExperimentContext, requests: Sequence[EditRequest], method: str, layers: Sequence[int],
+                overrides: dict | None = None) -> pd.DataFrame:
+    """Single edits at each layer in `layers` (one layer edited at a time); one row per layer."""
+    overrides = {k: v for k, v in (overrides or {}).items() if k != "layers"}
+    frames = [single_edits(ctx, requests, make_hparams(method, layers=(layer,), **overrides), "layer_sweep")
+              for layer in layers]
+    return pd.concat(frames, ignore_index=True)
+
+
+def best_layer(frame: pd.DataFrame, metric: str = "S") -> int:
+    """The layer with the highest mean `metric` in a layer-sweep frame (ties: the lowest layer)."""
+    scores = frame.assign(layer=frame["layers"].astype(int)).groupby("layer")[metric].mean()
+    return int(scores[scores == scores.max()].index.min())
+
+
+def batched_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hparams: EditHparams,
+                  batch_sizes: Sequence[int]) -> pd.DataFrame:
+    """For each batch size: consecutive batches, each edited into the UNEDITED model and scored on
+    its own records; one row per batch size (metrics over all batches' records)."""
+    rows = []
+    editor = ctx.editor(hparams)
+    for batch_size in batch_sizes:
+        if batch_size > len(requests):
+            raise ValueError(f"batch size {batch_size} exceeds the {len(requests)} available requests")
+        usable = requests[: len(requests) - len(requests) % batch_size]
+        frames = []
+        for batch in tqdm(list(batches(usable, batch_size)), desc=f"{hparams.method} batch {batch_size}",
+                          disable=not ctx.progress):
+            editor.restore()
+            editor.apply(batch)
+            frames.append(counterfact_scores(ctx.model, ctx.tokenizer, batch))
+        editor.restore()
+        metrics = counterfact_metrics(pd.concat(frames, ignore_index=True))
+        rows.append(result_row("batched", ctx, hparams, batch_size, batch_size, len(frames), "batch", metrics, len(usable)))
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def _checkpoint_key(ctx: ExperimentContext, requests, hparams: EditHparams, batch_size: int, total: int) -> str:
+    return content_key({"model": ctx.model_name, "hparams": hparams.to_dict(), "batch_size": batch_size,
+                        "total": total, "cases": [str(r.case_id) for r in requests]})
+
+
+def _save_checkpoint(path: Path, editor: Editor, key: str, step: int, rows: list, downstream_rows: list) -> None:
+    metadata = {"key": key, "step": str(step), "rows": json.dumps(rows), "downstream": json.dumps(downstream_rows)}
+    with atomic_path(path) as tmp:
+        save_file(editor.state_dict(), str(tmp), metadata=metadata)
+
+
+def _load_checkpoint(path: Path, key: str):
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("key") != key:
+            log.warning("checkpoint %s belongs to another run (key mismatch); starting over", path)
+            return None
+        return load_file(str(path)), int(metadata["step"]), json.loads(metadata["rows"]), json.loads(metadata["downstream"])
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        log.warning("unreadable checkpoint %s (%s); starting over", path, err)
+        return None
+
+
+def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hparams: EditHparams, batch_size: int,
+                     total_edits: int, checkpoint_path: str | Path | None = None, downstream: Downstream | None = None,
+                     downstream_at: Sequence[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Batches of `batch_size` applied one after another without reverting, up to `total_edits`.
+
+    After every batch: metrics on the current batch ("current_batch") and on every fact edited so
+    far ("edited_so_far"). `downstream(model, tokenizer)` runs before editing (n_edits 0) and after
+    the batches whose cumulative edit count is in `downstream_at` (default: every batch).
+    With `checkpoint_path`, state is saved after every batch and a rerun resumes from it.
+    """
+    if total_edits > len(requests):
+        raise ValueError(f"total_edits={total_edits} exceeds the {len(requests)} available requests")
+    requests = list(requests[:total_edits])
+    plan = list(batches(requests, batch_size))
+    editor = ctx.editor(hparams)
+    key = _checkpoint_key(ctx, requests, hparams, batch_size, total_edits)
+    path = Path(checkpoint_path) if checkpoint_path is not None else None
+    rows: list[dict] = []
+    downstream_rows: list[dict] = []
+    start = 0
+    resumed = _load_checkpoint(path, key) if path is not None else None
+    if resumed is not None:
+        state, start, rows, downstream_rows = resumed
+        editor.load_state_dict(state)
+        log.info("resuming %s from batch %d of %d", path, start, len(plan))
+    elif downstream is not None:
+        downstream_rows += _downstream_rows(ctx, hparams, batch_size, 0, downstream)
+    try:
+        for step in tqdm(range(start, len(plan)), desc=f"{hparams.method} sequential b={batch_size}",
+                         disable=not ctx.progress, initial=start, total=len(plan)):
+            batch = plan[step]
+            editor.apply(batch)
+            n_edits = editor.n_edits
+            edited = requests[:n_edits]
+            rows.append(result_row("sequential", ctx, hparams, batch_size, n_edits, step + 1, "current_batch",
+                                   evaluate_records(ctx, batch), len(batch)))
+            rows.append(result_row("sequential", ctx, hparams, batch_size, n_edits, step + 1, "edited_so_far",
+                                   evaluate_records(ctx, edited), len(edited)))
+            if downstream is not None and (downstream_at is None or n_edits in set(downstream_at)):
+                downstream_rows += _downstream_rows(ctx, hparams, batch_size, n_edits, downstream)
+            if path is not None:
+                _save_checkpoint(path, editor, key, step + 1, rows, downstream_rows)
+    finally:
+        editor.restore()
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS), pd.DataFrame(downstream_rows, columns=DOWNSTREAM_COLUMNS)
+
+
+def _downstream_rows(ctx, hparams, batch_size, n_edits, downstream: Downstream) -> list[dict]:
+    base = {"experiment": "sequential", "model": ctx.model_name, "method": hparams.method,
+            "batch_size": batch_size, "n_edits": n_edits}
+    return [{**base, **{k: row.get(k) for k in ("task", "metric", "value", "stderr")}}
+            for row in downstream(ctx.model, ctx.tokenizer)]

@@ -1,0 +1,157 @@
+"""Editing sessions end to end on tiny models: edits take, constraints hold, state round-trips."""
+
+import pytest
+import torch
+
+from conftest import NAMES, fact_object, make_llama, RELATIONS
+from editlib.editing import Editor
+from editlib.hparams import make_hparams
+from editlib.keys import build_context_prompts, compute_keys
+from editlib.metrics import counterfact_metrics, counterfact_scores
+from editlib.models import capture_outputs, edited_weight, model_layout
+from editlib.records import EditRequest
+from editlib.stats import collect_second_moments
+
+TARGETS = {"clamp_norm_factor": 20.0, "v_num_grad_steps": 40, "v_weight_decay": 1e-3, "v_lr": 0.5}
+TEMPLATES = ["{}", "Because of this. {}", "I think so. {}"]
+
+
+def subject_final_requests(n=3):
+    """Prompts ending with the subject, so the edited token is the predicting one in a 2-layer model."""
+    objects = ["guitar", "Berlin", "Dutch", "piano"]
+    return [EditRequest(case_id=i, prompt="{}", subject=NAMES[i], target_new=objects[i],
+                        target_true=fact_object(0, i), paraphrase_prompts=(f"Yes. {NAMES[i]}",),
+                        neighborhood_prompts=(NAMES[i + 5],)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def moments2(trained_llama2_state, llama_tokenizer, corpus):
+    model = make_llama(llama_tokenizer, layers=2)
+    model.load_state_dict(trained_llama2_state)
+    moments = collect_second_moments(model, llama_tokenizer, model_layout(model), [0, 1], corpus, progress=False)
+    return {layer: m.mean for layer, m in moments.items()}
+
+
+def hparams_for(method, moments, layers=(0,), **extra):
+    # AlphaEdit: null space = the 3/4 of C's spectrum with the least variance, ridge scaled to tiny keys
+    alpha = {"nullspace_threshold": float(torch.linalg.eigvalsh(moments[layers[0]].double())[96]), "l2": 1e-2}
+    mu = None if method in ("alphaedit", "rome", "r-rome") else 1.0
+    return make_hparams(method, layers=layers, targets=TARGETS, mom2_update_weight=mu,
+                        **(alpha if method == "alphaedit" else {}), **extra)
+
+
+@pytest.mark.parametrize("method", ["rome", "r-rome", "memit", "emmet", "alphaedit"])
+def test_edit_makes_target_new_win(method, trained_llama2, llama_tokenizer, moments2):
+    requests = subject_final_requests()
+    before = counterfact_scores(trained_llama2, llama_tokenizer, requests)
+    editor = Editor(trained_llama2, llama_tokenizer, hparams_for(method, moments2), moments2, TEMPLATES, progress=False)
+    editor.apply(requests)
+    after = counterfact_scores(trained_llama2, llama_tokenizer, requests)
+    rewrite = before.kind == "rewrite"
+    assert (after.nll_new[rewrite] < before.nll_new[rewrite] - 0.5).all(), (method, before, after)
+    assert counterfact_metrics(after)["ES"] == 100.0, (method, after)
+
+
+def test_rome_writes_v_star_at_the_key(trained_llama2, llama_tokenizer, moments2):
+    requests = subject_final_requests(1)
+    for method in ("rome", "r-rome"):
+        editor = Editor(trained_llama2, llama_tokenizer, hparams_for(method, moments2), moments2, TEMPLATES, progress=False)
+        residual, direction, _ = editor._rome_factors(requests)
+        layout = editor.layout
+        prompts = build_context_prompts(llama_tokenizer, requests, TEMPLATES)
+        keys, _ = compute_keys(trained_llama2, llama_tokenizer, layout, [0], prompts, "uniform")
+        k_den = keys[0] if method == "r-rome" else compute_keys(trained_llama2, llama_tokenizer, layout, [0],
+                                                                 build_context_prompts(llama_tokenizer, requests, ["{}"]))[0][0]
+        weight = edited_weight(trained_llama2, layout, 0).double()
+        v_star = weight @ k_den.double() + residual  # the target ROME must write
+        editor.apply(requests)
+        written = edited_weight(trained_llama2, layout, 0).double() @ k_den.double()
+        assert (written - v_star).norm() / v_star.norm() < 1e-4
+        editor.restore()
+
+
+def test_emmet_edited_keys_map_to_targets(trained_llama2, llama_tokenizer, moments2):
+    requests = subject_final_requests(3)
+    hp = hparams_for("emmet", moments2, emmet_lambda=1e-9)
+    editor = Editor(trained_llama2, llama_tokenizer, hp, moments2, TEMPLATES, progress=False)
+    layout = editor.layout
+    prompts = build_context_prompts(llama_tokenizer, requests, TEMPLATES)
+    keys, outputs = compute_keys(trained_llama2, llama_tokenizer, layout, [0], prompts, "memit", [layout.block(0)])
+    residuals, _, _ = editor._spread_updates(requests, independent=False)
+    delta = editor.total[0].double()
+    torch.testing.assert_close(delta @ keys[0].double(), residuals[0].double(), rtol=1e-4, atol=1e-4)
+
+
+def test_memit_spreads_residual_over_layers(trained_llama2, llama_tokenizer, moments2):
+    requests = subject_final_requests(2)
+    editor = Editor(trained_llama2, llama_tokenizer, hparams_for("memit", moments2, layers=(0, 1)), moments2,
+                    TEMPLATES, progress=False)
+    report = editor.apply(requests)
+    assert set(report["residual_norm"]) == {0, 1}
+    assert all(editor.total[layer].norm() > 0 for layer in (0, 1))
+
+
+def test_alphaedit_accumulates_edited_keys(trained_llama2, llama_tokenizer, moments2):
+    requests = subject_final_requests(4)
+    editor = Editor(trained_llama2, llama_tokenizer, hparams_for("alphaedit", moments2), moments2, TEMPLATES, progress=False)
+    editor.apply(requests[:2])
+    first = editor.key_products[0].clone()
+    editor.apply(requests[2:])
+    second = editor.key_products[0]
+    prompts = build_context_prompts(llama_tokenizer, requests[2:], TEMPLATES)
+    keys, _ = compute_keys(trained_llama2, llama_tokenizer, editor.layout, [0], prompts, "memit")
+    torch.testing.assert_close(second - first, keys[0].double() @ keys[0].double().T, rtol=1e-6, atol=1e-8)
+    assert torch.trace(second) > torch.trace(first) > 0
+
+
+def test_restore_save_and_reload_are_bit_exact(trained_llama2, llama_tokenizer, moments2, trained_llama2_state, tmp_path):
+    requests = subject_final_requests(2)
+    layout = model_layout(trained_llama2)
+    original = edited_weight(trained_llama2, layout, 0).clone()
+    editor = Editor(trained_llama2, llama_tokenizer, hparams_for("alphaedit", moments2), moments2, TEMPLATES, progress=False)
+    editor.apply(requests)
+    edited = edited_weight(trained_llama2, layout, 0).clone()
+    editor.save(tmp_path / "edit.safetensors")
+    editor.restore()
+    assert torch.equal(edited_weight(trained_llama2, layout, 0), original)
+
+    fresh = make_llama(llama_tokenizer, layers=2)
+    fresh.load_state_dict(trained_llama2_state)
+    other = Editor(fresh, llama_tokenizer, hparams_for("alphaedit", moments2), moments2, TEMPLATES, progress=False)
+    other.load(tmp_path / "edit.safetensors")
+    assert torch.equal(edited_weight(fresh, layout, 0), edited)
+    torch.testing.assert_close(other.key_products[0], editor.key_products[0] if editor.key_products[0] is not None
+                               else other.key_products[0])
+
+
+def test_single_edits_match_applying_each_alone(trained_llama2, llama_tokenizer, moments2):
+    requests = subject_final_requests(3)
+    for method, layers in (("memit", (0,)), ("rome", (0,)), ("memit", (0, 1))):
+        editor = Editor(trained_llama2, llama_tokenizer, hparams_for(method, moments2, layers=layers), moments2,
+                        TEMPLATES, progress=False)
+        edits = editor.single_edits(requests)
+        for i, request in enumerate(requests):
+            editor.apply([request])
+            for layer in layers:
+                torch.testing.assert_close(editor.total[layer].double(), edits.delta(layer, i), rtol=1e-4, atol=1e-5)
+            editor.restore()
+
+
+def test_gpt2_conv1d_edit(tiny_gpt2, gpt2_tokenizer, corpus):
+    layout = model_layout(tiny_gpt2)
+    moments = {1: collect_second_moments(tiny_gpt2, gpt2_tokenizer, layout, [1], corpus, progress=False)[1].mean}
+    hp = make_hparams("emmet", layers=(1,), targets={"v_num_grad_steps": 3}, mom2_update_weight=1.0, emmet_lambda=1e-9)
+    editor = Editor(tiny_gpt2, gpt2_tokenizer, hp, moments, TEMPLATES, progress=False)
+    requests = subject_final_requests(2)
+    residuals, _, _ = editor._spread_updates(requests, independent=False)
+    conv = tiny_gpt2.get_submodule(layout.rewrite(1))
+    assert conv.weight.shape == (256, 64)  # stored (in, out)
+    delta = editor.total[1].double()
+    assert delta.shape == (64, 256)
+    prompts = build_context_prompts(gpt2_tokenizer, requests, TEMPLATES)
+    keys, _ = compute_keys(tiny_gpt2, gpt2_tokenizer, layout, [1], prompts, "memit")
+    torch.testing.assert_close(delta @ keys[1].double(), residuals[1].double(), rtol=1e-4, atol=1e-4)
+    # the module really computes with the edited weight
+    with capture_outputs(tiny_gpt2, [layout.rewrite(1)]) as out:
+        tiny_gpt2(input_ids=torch.tensor([gpt2_tokenizer("Kotor")["input_ids"]]))
+    assert torch.isfinite(out[layout.rewrite(1)]).all()
