@@ -7,6 +7,8 @@ atomically, and resume from it with bit-identical results.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -20,7 +22,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .editing import Editor
+from .grace import GraceEditor, GraceHparams
 from .hparams import EditHparams, make_hparams
+from .mend import MendEditor
+from .models import model_layout
 from .io import atomic_path, content_key
 from .metrics import counterfact_metrics, counterfact_scores, generation_entropy
 from .records import EditRequest, batches
@@ -57,12 +62,118 @@ class ExperimentContext:
     def editor(self, hparams: EditHparams) -> Editor:
         return Editor(self.model, self.tokenizer, hparams, self.second_moments, self.templates(hparams), self.progress)
 
+    def session(self, spec: "EditHparams | GraceSpec | MendSpec"):
+        """An editing session for a locate-and-edit method, GRACE or MEND."""
+        if isinstance(spec, GraceSpec):
+            return GraceSession(self, spec)
+        if isinstance(spec, MendSpec):
+            return MendSession(self, spec)
+        return self.editor(spec)
+
+
+@dataclass(frozen=True)
+class GraceSpec:
+    """GRACE on the edited module of one layer."""
+
+    layers: tuple[int, ...]
+    hparams: GraceHparams = GraceHparams()
+    method: str = "grace"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class MendSpec:
+    """MEND with a trained hypernetwork saved at `checkpoint` (editlib.mend.train_mend + save)."""
+
+    checkpoint: str
+    layers: tuple[int, ...] = ()
+    method: str = "mend"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class GraceSession:
+    """Sequential GRACE edits; the base weights never change, the codebook is the state."""
+
+    def __init__(self, ctx: ExperimentContext, spec: GraceSpec):
+        self.ctx, self.spec = ctx, spec
+        self.module_name = model_layout(ctx.model).rewrite(spec.layers[0])
+        self.editor = GraceEditor(ctx.model, ctx.tokenizer, self.module_name, spec.hparams)
+        self.n_edits = 0
+
+    def apply(self, requests: Sequence[EditRequest]) -> dict:
+        self.n_edits += len(requests)
+        return self.editor.edit(requests)
+
+    def scoring(self, requests: Sequence[EditRequest]):
+        """GRACE must query each scored row at its prompt's last token, not the target's."""
+        prompts = [text for r in requests for text in (r.text, *r.paraphrase_prompts, *r.neighborhood_prompts)]
+        return self.editor.prompt_queries(prompts)
+
+    def restore(self) -> None:
+        self.editor.remove()
+        self.editor = GraceEditor(self.ctx.model, self.ctx.tokenizer, self.module_name, self.spec.hparams)
+        self.n_edits = 0
+
+    def close(self) -> None:
+        self.editor.remove()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"codebook.{k}": v.cpu().contiguous() for k, v in self.editor.codebook.tensors().items()}
+        state["n_edits"] = torch.tensor(self.n_edits)
+        state["labels"] = torch.tensor(list(json.dumps(self.editor.codebook.labels).encode()), dtype=torch.uint8)
+        state["generator"] = self.editor.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        labels = json.loads(bytes(state["labels"].tolist()).decode())
+        tensors = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("codebook.")}
+        self.editor.codebook.load_tensors(tensors, labels)
+        self.editor.generator.set_state(state["generator"])
+        self.n_edits = int(state["n_edits"])
+
+
+class MendSession:
+    """Sequential MEND edits with a trained hypernetwork; the edited weights are the state."""
+
+    def __init__(self, ctx: ExperimentContext, spec: MendSpec):
+        self.ctx = ctx
+        self.editor = MendEditor.load(ctx.model, ctx.tokenizer, spec.checkpoint)
+        self.names = [f"{name}.weight" for name in self.editor.hypernet.module_names]
+        self.original = {name: ctx.model.get_parameter(name).detach().clone() for name in self.names}
+        self.n_edits = 0
+
+    def apply(self, requests: Sequence[EditRequest]) -> dict:
+        self.n_edits += len(requests)
+        self.editor.edit(requests)
+        return {}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, weight in self.original.items():
+                self.ctx.model.get_parameter(name).copy_(weight)
+        self.n_edits = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"weight.{n}": self.ctx.model.get_parameter(n).detach().cpu().contiguous() for n in self.names}
+        state["n_edits"] = torch.tensor(self.n_edits)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name in self.names:
+                self.ctx.model.get_parameter(name).copy_(state[f"weight.{name}"])
+        self.n_edits = int(state["n_edits"])
+
 
 def layers_label(layers: Sequence[int]) -> str:
     return ",".join(str(layer) for layer in layers)
 
 
-def result_row(experiment: str, ctx: ExperimentContext, hparams: EditHparams, batch_size: int, n_edits: int,
+def result_row(experiment: str, ctx: ExperimentContext, hparams, batch_size: int, n_edits: int,
                step: int, scope: str, metrics: dict, n_records: int) -> dict:
     row = {"experiment": experiment, "model": ctx.model_name, "method": hparams.method,
            "layers": layers_label(hparams.layers), "batch_size": batch_size, "n_edits": n_edits, "step": step,
@@ -71,9 +182,11 @@ def result_row(experiment: str, ctx: ExperimentContext, hparams: EditHparams, ba
     return row
 
 
-def evaluate_records(ctx: ExperimentContext, requests: Sequence[EditRequest]) -> dict:
+def evaluate_records(ctx: ExperimentContext, requests: Sequence[EditRequest], session=None) -> dict:
     """CounterFact metrics (and GE when enabled) of the current model on `requests`."""
-    metrics = counterfact_metrics(counterfact_scores(ctx.model, ctx.tokenizer, requests))
+    scoring = session.scoring(requests) if hasattr(session, "scoring") else contextlib.nullcontext()
+    with scoring:
+        metrics = counterfact_metrics(counterfact_scores(ctx.model, ctx.tokenizer, requests))
     if ctx.generation_entropy:
         metrics["GE"] = generation_entropy(ctx.model, ctx.tokenizer, requests)
     return metrics
@@ -135,12 +248,12 @@ def batched_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hpara
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 
-def _checkpoint_key(ctx: ExperimentContext, requests, hparams: EditHparams, batch_size: int, total: int) -> str:
+def _checkpoint_key(ctx: ExperimentContext, requests, hparams, batch_size: int, total: int) -> str:
     return content_key({"model": ctx.model_name, "hparams": hparams.to_dict(), "batch_size": batch_size,
                         "total": total, "cases": [str(r.case_id) for r in requests]})
 
 
-def _save_checkpoint(path: Path, editor: Editor, key: str, step: int, rows: list, downstream_rows: list) -> None:
+def _save_checkpoint(path: Path, editor, key: str, step: int, rows: list, downstream_rows: list) -> None:
     metadata = {"key": key, "step": str(step), "rows": json.dumps(rows), "downstream": json.dumps(downstream_rows)}
     with atomic_path(path) as tmp:
         save_file(editor.state_dict(), str(tmp), metadata=metadata)
@@ -161,7 +274,7 @@ def _load_checkpoint(path: Path, key: str):
         return None
 
 
-def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hparams: EditHparams, batch_size: int,
+def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hparams, batch_size: int,
                      total_edits: int, checkpoint_path: str | Path | None = None, downstream: Downstream | None = None,
                      downstream_at: Sequence[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Batches of `batch_size` applied one after another without reverting, up to `total_edits`.
@@ -170,12 +283,13 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
     far ("edited_so_far"). `downstream(model, tokenizer)` runs before editing (n_edits 0) and after
     the batches whose cumulative edit count is in `downstream_at` (default: every batch).
     With `checkpoint_path`, state is saved after every batch and a rerun resumes from it.
+    `hparams` is an EditHparams (ROME ... AlphaEdit), a GraceSpec or a MendSpec.
     """
     if total_edits > len(requests):
         raise ValueError(f"total_edits={total_edits} exceeds the {len(requests)} available requests")
     requests = list(requests[:total_edits])
     plan = list(batches(requests, batch_size))
-    editor = ctx.editor(hparams)
+    editor = ctx.session(hparams)
     key = _checkpoint_key(ctx, requests, hparams, batch_size, total_edits)
     path = Path(checkpoint_path) if checkpoint_path is not None else None
     rows: list[dict] = []
@@ -196,15 +310,17 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
             n_edits = editor.n_edits
             edited = requests[:n_edits]
             rows.append(result_row("sequential", ctx, hparams, batch_size, n_edits, step + 1, "current_batch",
-                                   evaluate_records(ctx, batch), len(batch)))
+                                   evaluate_records(ctx, batch, editor), len(batch)))
             rows.append(result_row("sequential", ctx, hparams, batch_size, n_edits, step + 1, "edited_so_far",
-                                   evaluate_records(ctx, edited), len(edited)))
+                                   evaluate_records(ctx, edited, editor), len(edited)))
             if downstream is not None and (downstream_at is None or n_edits in set(downstream_at)):
                 downstream_rows += _downstream_rows(ctx, hparams, batch_size, n_edits, downstream)
             if path is not None:
                 _save_checkpoint(path, editor, key, step + 1, rows, downstream_rows)
     finally:
         editor.restore()
+        if hasattr(editor, "close"):
+            editor.close()
     return pd.DataFrame(rows, columns=RESULT_COLUMNS), pd.DataFrame(downstream_rows, columns=DOWNSTREAM_COLUMNS)
 
 

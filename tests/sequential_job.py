@@ -1,0 +1,40 @@
+"""A small sequential-editing job (run as a subprocess by test_resume.py).
+
+usage: sequential_job.py METHOD CHECKPOINT OUT_CSV
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(1)
+
+from conftest import corpus_sentences, make_llama, make_requests  # noqa: E402
+from editlib.experiments import ExperimentContext, GraceSpec, sequential_edits  # noqa: E402
+from editlib.grace import GraceHparams  # noqa: E402
+from editlib.hparams import make_hparams  # noqa: E402
+from editlib.models import model_layout  # noqa: E402
+from editlib.stats import collect_second_moments  # noqa: E402
+from editlib.vocab import train_bpe_tokenizer  # noqa: E402
+
+
+def main(method: str, checkpoint: str, out_csv: str) -> None:
+    corpus = corpus_sentences()
+    tokenizer = train_bpe_tokenizer(corpus, vocab_size=600, add_bos=True)
+    model = make_llama(tokenizer, layers=2)
+    moments = collect_second_moments(model, tokenizer, model_layout(model), [0, 1], corpus, progress=False)
+    ctx = ExperimentContext(model, tokenizer, "tiny", {l: m.mean for l, m in moments.items()}, progress=False)
+    if method == "grace":
+        spec = GraceSpec(layers=(1,), hparams=GraceHparams(n_iter=5))
+    else:
+        threshold = float(torch.linalg.eigvalsh(ctx.second_moments[0].double())[96])
+        spec = make_hparams(method, layers=(0, 1), targets={"v_num_grad_steps": 6}, mom2_update_weight=1.0,
+                            nullspace_threshold=threshold, l2=1e-2)
+    frame, _ = sequential_edits(ctx, make_requests(6), spec, batch_size=1, total_edits=6, checkpoint_path=checkpoint)
+    frame.to_csv(out_csv, index=False)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
