@@ -26,6 +26,7 @@ from .records import EditRequest
 from .templates import sample_context_templates
 from .updates import (
     Covariance,
+    UpdateError,
     alphaedit_directions,
     emmet_directions,
     memit_directions,
@@ -146,8 +147,13 @@ class Editor:
         raise ValueError(hp.method)
 
     def _targets(self, requests, hook_module: str):
-        return optimize_targets(self.model, self.tokenizer, requests, self.templates, hook_module,
-                                self.hparams.targets, self.progress)
+        targets = optimize_targets(self.model, self.tokenizer, requests, self.templates, hook_module,
+                                   self.hparams.targets, self.progress)
+        if not torch.isfinite(targets.values).all():
+            bad = [str(r.case_id) for r, ok in zip(requests, torch.isfinite(targets.values).all(0)) if not ok]
+            raise UpdateError(f"target values are NaN/Inf for case_id(s) {', '.join(bad)}; "
+                              "check the model dtype (fp16 overflow) and v_lr")
+        return targets
 
     def _spread_updates(self, requests, independent: bool, values: torch.Tensor | None = None,
                         loss: torch.Tensor | None = None) -> tuple[dict, dict, torch.Tensor]:

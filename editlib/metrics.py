@@ -23,16 +23,15 @@ from .tokens import length_sorted_chunks, pad_id, pad_right, prompt_ids, target_
 
 
 @torch.no_grad()
-def score_continuations(
-    model, tokenizer, prompts: Sequence[str], targets: Sequence[str], max_rows: int = 64
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per pair: mean NLL of the target tokens given the prompt, and whether every target token is
-    the argmax under teacher forcing (token accuracy is their mean; see `token_hits`)."""
+def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], max_rows: int = 64
+                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per pair: the NLL of each target token given the prompt and the earlier target tokens, and
+    whether that token is the argmax. One right-padded pass per length-sorted chunk."""
     device = next(model.parameters()).device
     p_ids, t_ids = prompt_ids(tokenizer, prompts), target_ids(tokenizer, targets)
     sequences = [p + t for p, t in zip(p_ids, t_ids)]
-    nll = np.zeros(len(sequences))
-    all_hit = np.zeros(len(sequences), dtype=bool)
+    nlls: list[np.ndarray] = [np.zeros(0)] * len(sequences)
+    hits: list[np.ndarray] = [np.zeros(0, dtype=bool)] * len(sequences)
     head = lm_head(model)
     for chunk in length_sorted_chunks([len(s) for s in sequences], max_rows=max_rows):
         batch = pad_right([sequences[i] for i in chunk], pad_id(tokenizer)).to(device)
@@ -41,33 +40,24 @@ def score_continuations(
         starts = torch.tensor([len(p_ids[i]) - 1 for i in chunk], device=device)
         row = torch.arange(len(chunk), device=device).repeat_interleave(lens)
         offset = torch.arange(int(lens.sum()), device=device) - (torch.cumsum(lens, 0) - lens).repeat_interleave(lens)
-        pos = starts[row] + offset
+        pos = starts[row] + offset  # position p scores token p + 1
         labels = batch.input_ids[row, pos + 1]
         logits = head(hidden[row, pos]).float()
         token_nll = -torch.log_softmax(logits, -1).gather(1, labels[:, None]).squeeze(1)
-        hit = (logits.argmax(-1) == labels).float()
-        sums = torch.zeros(len(chunk), device=device).index_add(0, row, token_nll)
-        hits = torch.zeros(len(chunk), device=device).index_add(0, row, hit)
-        nll[chunk] = (sums / lens).cpu().numpy()
-        all_hit[chunk] = (hits == lens).cpu().numpy()
-    return nll, all_hit
+        token_hit = logits.argmax(-1) == labels
+        splits = lens.tolist()
+        for i, nll, hit in zip(chunk, token_nll.cpu().split(splits), token_hit.cpu().split(splits)):
+            nlls[i], hits[i] = nll.numpy(), hit.numpy()
+    return nlls, hits
 
 
-@torch.no_grad()
-def token_hits(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], max_rows: int = 64) -> list[np.ndarray]:
-    """Teacher-forced argmax correctness of each target token (ZsRE accuracy), per pair."""
-    device = next(model.parameters()).device
-    p_ids, t_ids = prompt_ids(tokenizer, prompts), target_ids(tokenizer, targets)
-    sequences = [p + t for p, t in zip(p_ids, t_ids)]
-    result: list[np.ndarray] = [np.zeros(0)] * len(sequences)
-    for chunk in length_sorted_chunks([len(s) for s in sequences], max_rows=max_rows):
-        batch = pad_right([sequences[i] for i in chunk], pad_id(tokenizer)).to(device)
-        hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
-        for row, i in enumerate(chunk):
-            start = len(p_ids[i]) - 1
-            logits = lm_head(model)(hidden[row, start : start + len(t_ids[i])])
-            result[i] = (logits.argmax(-1).cpu().numpy() == np.array(t_ids[i]))
-    return result
+def score_continuations(
+    model, tokenizer, prompts: Sequence[str], targets: Sequence[str], max_rows: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair: mean NLL of the target tokens given the prompt, and whether every target token is
+    the argmax under teacher forcing."""
+    nlls, hits = teacher_forced(model, tokenizer, prompts, targets, max_rows)
+    return np.array([n.mean() for n in nlls]), np.array([bool(h.all()) for h in hits])
 
 
 PROMPT_KINDS = ("rewrite", "paraphrase", "neighborhood")
@@ -143,7 +133,7 @@ def zsre_metrics(model, tokenizer, requests: Sequence[EditRequest], max_rows: in
         if not items:
             result[name] = float("nan")
             continue
-        hits = token_hits(model, tokenizer, [i[0] for i in items], [i[1] for i in items], max_rows)
+        _, hits = teacher_forced(model, tokenizer, [i[0] for i in items], [i[1] for i in items], max_rows)
         per_prompt = pd.DataFrame({"case_id": [i[2] for i in items], "acc": [h.mean() for h in hits]})
         result[name] = 100.0 * float(per_prompt.groupby("case_id")["acc"].mean().mean())
     return result
