@@ -227,25 +227,33 @@ def best_layer(frame: pd.DataFrame, metric: str = "S") -> int:
 
 
 def batched_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hparams: EditHparams,
-                  batch_sizes: Sequence[int]) -> pd.DataFrame:
+                  batch_sizes: Sequence[int], downstream: Downstream | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """For each batch size: consecutive batches, each edited into the UNEDITED model and scored on
-    its own records; one row per batch size (metrics over all batches' records)."""
-    rows = []
+    its own records; one row per batch size (metrics over all batches' records).
+
+    `downstream(model, tokenizer)` runs on the unedited model (n_edits 0) and with the first batch
+    of every size applied. Returns (results, downstream rows).
+    """
+    rows, downstream_rows = [], []
     editor = ctx.editor(hparams)
+    if downstream is not None:
+        downstream_rows += _downstream_rows(ctx, hparams, 0, 0, downstream, "batched")
     for batch_size in batch_sizes:
         if batch_size > len(requests):
             raise ValueError(f"batch size {batch_size} exceeds the {len(requests)} available requests")
         usable = requests[: len(requests) - len(requests) % batch_size]
         frames = []
-        for batch in tqdm(list(batches(usable, batch_size)), desc=f"{hparams.method} batch {batch_size}",
-                          disable=not ctx.progress):
+        for index, batch in enumerate(tqdm(list(batches(usable, batch_size)), desc=f"{hparams.method} batch {batch_size}",
+                                           disable=not ctx.progress)):
             editor.restore()
             editor.apply(batch)
             frames.append(counterfact_scores(ctx.model, ctx.tokenizer, batch))
+            if downstream is not None and index == 0:
+                downstream_rows += _downstream_rows(ctx, hparams, batch_size, batch_size, downstream, "batched")
         editor.restore()
         metrics = counterfact_metrics(pd.concat(frames, ignore_index=True))
         rows.append(result_row("batched", ctx, hparams, batch_size, batch_size, len(frames), "batch", metrics, len(usable)))
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS), pd.DataFrame(downstream_rows, columns=DOWNSTREAM_COLUMNS)
 
 
 def _checkpoint_key(ctx: ExperimentContext, requests, hparams, batch_size: int, total: int) -> str:
@@ -324,8 +332,8 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
     return pd.DataFrame(rows, columns=RESULT_COLUMNS), pd.DataFrame(downstream_rows, columns=DOWNSTREAM_COLUMNS)
 
 
-def _downstream_rows(ctx, hparams, batch_size, n_edits, downstream: Downstream) -> list[dict]:
-    base = {"experiment": "sequential", "model": ctx.model_name, "method": hparams.method,
+def _downstream_rows(ctx, hparams, batch_size, n_edits, downstream: Downstream, experiment: str = "sequential") -> list[dict]:
+    base = {"experiment": experiment, "model": ctx.model_name, "method": hparams.method,
             "batch_size": batch_size, "n_edits": n_edits}
     return [{**base, **{k: row.get(k) for k in ("task", "metric", "value", "stderr")}}
             for row in downstream(ctx.model, ctx.tokenizer)]

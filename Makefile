@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make reproduce` (the embedded default, end to end) and
+# `make test`. Each creates .venv and installs what it needs on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= config.yaml
+CORES ?= all
+# Extra pip arguments, e.g. PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for a CPU torch.
+PIP_ARGS ?=
+RUN := $(shell sed -n 's/^run: *\([A-Za-z0-9_.-]*\).*/\1/p' $(CONFIG))
+SNAKEMAKE := $(BIN)/snakemake --configfile $(CONFIG) --profile workflow/profiles/default --cores $(CORES)
+
+.PHONY: install reproduce report dry-run test test-all clean-results
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install $(PIP_ARGS) torch==2.13.0
+	$(BIN)/python -m pip install $(PIP_ARGS) -e '.[dev]'
+	touch $@
+
+reproduce: install
+	$(SNAKEMAKE)
+	$(MAKE) report CONFIG=$(CONFIG)
+
+report: install
+	mkdir -p reports/$(RUN)
+	$(BIN)/snakemake --configfile $(CONFIG) --report reports/$(RUN)/report.html
+
+dry-run: install
+	$(SNAKEMAKE) -n
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m ''
+
+clean-results:
+	rm -rf results/$(RUN) reports/$(RUN) logs/$(RUN) benchmarks/$(RUN)

@@ -1,0 +1,221 @@
+"""Shared pieces of the speed benchmarks: the benchmark model, requests, interleaved timing, tables.
+
+The model is the toy-world Llama (editlib.toyworld + editlib.pretrain) with 6 layers, trained once
+and cached under a content-keyed folder (world config + train config); if those modules are not
+importable, a randomly initialised tiny Llama with a locally trained BPE tokenizer stands in.
+
+Timing: the variants being compared run alternately in the same process on the same model
+(A, B, A, B, ...), `repeats` times each, and ratios are ratios of medians. The machine is shared,
+so single timings are noisy; interleaving makes slow phases hit both variants alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from editlib.io import content_key
+from editlib.records import EditRequest
+
+DEFAULT_CACHE = Path(os.environ.get("EDITLIB_BENCH_CACHE", "/tmp/editlib-bench-cache"))
+
+# Toy world large enough for 1024 distinct CounterFact records (one per edit-pool subject fact).
+WORLD = {"seed": 0, "n_subjects": 1100}
+# 6 layers (for a 6-layer statistics sweep), hidden 128, intermediate 4x.
+TRAIN = {"layers": 6, "hidden": 128, "intermediate": 512, "heads": 4, "vocab_size": 2048, "steps": 1200}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, 2 repeats (a smoke run)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each variant (interleaved)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1 is fastest on a shared 2-core machine)")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="toy world + model cache")
+    parser.add_argument("--random-model", action="store_true",
+                        help="skip the toy world: random-weight tiny Llama + locally trained tokenizer")
+    return parser
+
+
+def setup(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(machine_line(args.threads))
+
+
+def machine_line(threads: int) -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    import transformers
+
+    return (f"# machine: nproc={os.cpu_count()} cpu={cpu!r} loadavg={load} | python {platform.python_version()} "
+            f"torch {torch.__version__} transformers {transformers.__version__} | torch threads={threads}")
+
+
+# ----------------------------------------------------------------------------- model and data
+
+
+@dataclasses.dataclass
+class Bench:
+    """The benchmark model, its tokenizer, edit requests and a statistics corpus."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    requests: list[EditRequest]
+    texts: list[str]
+    source: str
+
+
+def load_bench(args: argparse.Namespace) -> Bench:
+    """The toy-world model (trained and cached on first use), else the random-weight fallback."""
+    if not args.random_model:
+        try:
+            return _toy_world_bench(Path(args.cache_dir))
+        except ImportError as err:
+            print(f"# toy world unavailable ({err}); using a random-weight tiny Llama", file=sys.stderr)
+    return _random_bench()
+
+
+def _toy_world_bench(cache_dir: Path) -> Bench:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from editlib.pretrain import RecallError, TrainConfig, train_model
+    from editlib.records import load_requests
+    from editlib.toyworld import WORLD_FORMAT, build_world
+
+    key = content_key({"world": WORLD, "world_format": WORLD_FORMAT, "train": TRAIN})
+    root = cache_dir / f"toy-{key}"
+    world_dir, model_dir = root / "world", root / "model"
+    if not (world_dir / "world.json").exists():
+        print(f"# building toy world in {world_dir}", file=sys.stderr)
+        build_world(world_dir, **WORLD)
+    if not (model_dir / "recall.json").exists():
+        print(f"# training the toy-world model into {model_dir} (one-off, a few minutes)", file=sys.stderr)
+        try:
+            train_model(world_dir, model_dir, TrainConfig(**TRAIN))
+        except RecallError as err:  # saved anyway; speed does not depend on recall
+            print(f"# warning: {err}", file=sys.stderr)
+    recall = json.loads((model_dir / "recall.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "right"
+    requests = load_requests(world_dir / "counterfact.json")
+    texts = [json.loads(line)["text"] for line in (world_dir / "wiki.jsonl").read_text().splitlines() if line.strip()]
+    source = (f"toy world {key} ({len(requests)} CounterFact records, {len(texts)} wiki docs); "
+              f"model {TRAIN['layers']}L h{TRAIN['hidden']} ff{TRAIN['intermediate']} "
+              f"recall_edit={recall.get('recall_edit', float('nan')):.3f}")
+    return Bench(model, tokenizer, requests, texts, source)
+
+
+def _random_bench() -> Bench:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from editlib.vocab import train_bpe_tokenizer
+
+    names = [f"{a}{b}" for a in ("Ka", "Lo", "Mi", "Ne", "Su", "Ta", "Vo", "Ze") for b in ("ran", "del", "bis", "tor")]
+    relations = [("The mother tongue of {} is", ["French", "English", "Dutch", "Spanish"]),
+                 ("{} is a citizen of", ["France", "Spain", "Italy", "Japan"]),
+                 ("{} plays the", ["piano", "guitar", "violin", "drums"]),
+                 ("{} was born in", ["Paris", "Rome", "Berlin", "Tokyo"])]
+    rng = random.Random(0)
+    sentences = [f"{p.format(rng.choice(names))} {rng.choice(objs)}." for _ in range(3000)
+                 for p, objs in [rng.choice(relations)]]
+    texts = [" ".join(sentences[i : i + 6]) for i in range(0, len(sentences), 6)]
+    tokenizer = train_bpe_tokenizer(sentences, vocab_size=1024, add_bos=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=TRAIN["hidden"],
+                         intermediate_size=TRAIN["intermediate"], num_hidden_layers=TRAIN["layers"],
+                         num_attention_heads=TRAIN["heads"], num_key_value_heads=TRAIN["heads"],
+                         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    requests = []
+    for i in range(len(names) * len(relations)):
+        prompt, objects = relations[i % len(relations)]
+        subject = names[i // len(relations)]
+        true, new = rng.sample(objects, 2)
+        requests.append(EditRequest(case_id=i, prompt=prompt, subject=subject, target_new=new, target_true=true,
+                                    paraphrase_prompts=(f"Some say that {prompt.format(subject)}",),
+                                    neighborhood_prompts=(prompt.format(names[(i + 3) % len(names)]),)))
+    return Bench(model, tokenizer, requests, texts, f"random-weight Llama {TRAIN['layers']}L h{TRAIN['hidden']} "
+                 f"({len(requests)} synthetic requests)")
+
+
+def take_requests(bench: Bench, n: int) -> list[EditRequest]:
+    if n > len(bench.requests):
+        raise SystemExit(f"asked for {n} requests but the benchmark data has {len(bench.requests)}")
+    return bench.requests[:n]
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: bool = True) -> dict[str, list[float]]:
+    """Run each variant `repeats` times, alternating between variants; seconds per run.
+
+    With `warmup`, every variant runs once untimed first (allocator, first-call overheads).
+    """
+    if warmup:
+        for fn in variants.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def print_table(rows: list[dict], columns: Sequence[str] | None = None) -> None:
+    """A plain aligned table (markdown pipe syntax, so it pastes into docs)."""
+    if not rows:
+        return
+    columns = list(columns or rows[0].keys())
+
+    def fmt(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+        return str(value)
+
+    cells = [[fmt(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        print("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |")
+
+
+def runs(values: Sequence[float]) -> str:
+    return " ".join(f"{v:.2f}" for v in values)

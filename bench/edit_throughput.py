@@ -1,0 +1,58 @@
+"""End-to-end edits per second of MEMIT and EMMET (targets + keys + solve + update) at batch sizes N.
+
+    python bench/edit_throughput.py                       # N = 16, 256, 1024 on the toy-world model
+    python bench/edit_throughput.py --sizes 16,256 --quick
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from common import base_parser, load_bench, print_table, setup, take_requests
+from editlib.editing import Editor
+from editlib.hparams import make_hparams
+from editlib.templates import MEMIT_LENGTHS, sample_context_templates
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="16,256,1024")
+    parser.add_argument("--methods", default="memit,emmet")
+    parser.add_argument("--layers", default="1,2")
+    parser.add_argument("--steps", type=int, default=25)
+    args = parser.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
+    if args.quick:
+        sizes = [min(s, 64) for s in sizes]
+    setup(args)
+    bench = load_bench(args)
+    layers = tuple(int(x) for x in args.layers.split(","))
+    requests = take_requests(bench, max(sizes))
+    # C from the bench corpus for each edited layer (one pass)
+    from editlib.models import model_layout
+    from editlib.stats import StatsConfig, collect_second_moments
+
+    layout = model_layout(bench.model)
+    moments = collect_second_moments(bench.model, bench.tokenizer, layout, list(layers), bench.texts[:512],
+                                     StatsConfig(max_length=256), progress=False)
+    covariances = {layer: m.mean for layer, m in moments.items()}
+    templates = sample_context_templates(bench.model, bench.tokenizer, MEMIT_LENGTHS, 0)
+    print(f"# {bench.source}; layers {layers}")
+    rows = []
+    for method in args.methods.split(","):
+        hp = make_hparams(method, layers=layers, targets={"v_num_grad_steps": args.steps, "facts_per_chunk": 64})
+        editor = Editor(bench.model, bench.tokenizer, hp, covariances, templates, progress=False)
+        for n in sizes:
+            editor.restore()
+            start = time.perf_counter()
+            editor.apply(requests[:n])
+            seconds = time.perf_counter() - start
+            rows.append({"method": method, "N": n, "seconds": seconds, "edits/s": n / seconds})
+        editor.restore()
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

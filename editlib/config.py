@@ -1,0 +1,92 @@
+"""Workflow config: JSON-schema validation plus the cross-field checks a schema cannot express.
+
+Errors name the config file and the field path (e.g. ``config.yaml: experiments.sequential.methods[2]:
+'memitt' is not one of [...]``) so users see at once what to fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Keys of a method's config block that are not hyperparameters of the method itself.
+NON_HPARAM_KEYS = {"layers", "n_train", "n_eval", "hparams"}
+
+
+class ConfigError(ValueError):
+    """An invalid workflow config; the message names the file and field."""
+
+
+def _field(path) -> str:
+    parts = []
+    for part in path:
+        parts.append(f"[{part}]" if isinstance(part, int) else (f".{part}" if parts else str(part)))
+    return "".join(parts) or "<top level>"
+
+
+def validate_config(config: dict, schema_path: str | Path, source: str = "config") -> dict:
+    """Check `config` against the schema and cross-field rules; raises ConfigError on the first problem."""
+    import jsonschema
+
+    schema = yaml.safe_load(Path(schema_path).read_text(encoding="utf-8"))
+    validator_class = jsonschema.validators.validator_for(schema)
+    errors = sorted(validator_class(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        error = errors[0]
+        raise ConfigError(f"{source}: {_field(error.absolute_path)}: {error.message}")
+    _check_cross_fields(config, source)
+    return config
+
+
+def _check_cross_fields(config: dict, source: str) -> None:
+    methods = config["methods"]
+    experiments = config["experiments"]
+    for name, experiment in experiments.items():
+        for index, method in enumerate(experiment.get("methods", [])):
+            if method not in methods:
+                raise ConfigError(f"{source}: experiments.{name}.methods[{index}]: method {method!r} has no entry "
+                                  f"under 'methods' (configured: {sorted(methods)})")
+    sweep = experiments["layer_sweep"]
+    for method, block in methods.items():
+        if block.get("layers", "auto") == "auto" and method != "mend" and method not in sweep["methods"]:
+            used = [name for name, e in experiments.items() if method in e.get("methods", [])]
+            if used:
+                raise ConfigError(f"{source}: methods.{method}.layers: 'auto' takes the best layer of {method}'s own "
+                                  f"layer sweep, but {method} is not in experiments.layer_sweep.methods")
+    n_layers = config["model"].get("train", {}).get("layers") if config["model"]["source"] == "toyworld" else None
+    if n_layers is not None:
+        for index, layer in enumerate(sweep["layers"]):
+            if layer >= n_layers:
+                raise ConfigError(f"{source}: experiments.layer_sweep.layers[{index}]: layer {layer} out of range "
+                                  f"for a {n_layers}-layer model (model.train.layers)")
+        for method, block in methods.items():
+            for index, layer in enumerate(block.get("layers") if isinstance(block.get("layers"), list) else []):
+                if layer >= n_layers:
+                    raise ConfigError(f"{source}: methods.{method}.layers[{index}]: layer {layer} out of range "
+                                      f"for a {n_layers}-layer model (model.train.layers)")
+    sequential = experiments["sequential"]
+    for index, n in enumerate(sequential.get("downstream_at", [])):
+        if n > sequential["total_edits"]:
+            raise ConfigError(f"{source}: experiments.sequential.downstream_at[{index}]: {n} exceeds total_edits "
+                              f"{sequential['total_edits']}")
+    for index, size in enumerate(sequential["batch_sizes"]):
+        if size > sequential["total_edits"]:
+            raise ConfigError(f"{source}: experiments.sequential.batch_sizes[{index}]: {size} exceeds total_edits "
+                              f"{sequential['total_edits']}")
+
+
+def load_config(path: str | Path, schema_path: str | Path) -> dict:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    return validate_config(config, schema_path, str(path))
+
+
+def method_overrides(config: dict, method: str) -> dict[str, Any]:
+    """A method's hyperparameters from config (its block minus layers and training keys)."""
+    return {k: v for k, v in config["methods"][method].items() if k not in NON_HPARAM_KEYS}

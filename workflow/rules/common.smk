@@ -1,0 +1,66 @@
+# Paths and helpers shared by the rules. Everything of one run lives under results/<run>,
+# resources/<run>, reports/<run>, logs/<run> and benchmarks/<run>.
+
+RUN = config["run"]
+RES = f"resources/{RUN}"
+OUT = f"results/{RUN}"
+REPORT = f"reports/{RUN}"
+LOGS = f"logs/{RUN}"
+BENCH = f"benchmarks/{RUN}"
+SCRIPTS = Path(workflow.current_basedir).parent / "scripts"
+EXPERIMENTS = config["experiments"]
+TOY_WORLD = config["data"]["source"] == "toyworld"
+LOCATE_AND_EDIT = ["rome", "r-rome", "memit", "emmet", "alphaedit"]
+
+DATA = {
+    "records": f"{RES}/data/records.json",
+    "corpus": f"{RES}/data/corpus.jsonl",
+    "tasks": f"{RES}/data/tasks",
+    "summary": f"{RES}/data/summary.json",
+}
+MODEL = f"{RES}/model"
+MOMENTS = f"{RES}/stats/second_moments.safetensors"
+MEND_EDITOR = f"{RES}/mend/editor.safetensors"
+
+
+def method_config(wildcards):
+    """A method's config block: a rule's params, so editing it reruns that method's jobs only."""
+    return config["methods"][wildcards.method]
+
+
+def sweep_input(wildcards):
+    """The method's own layer-sweep table when its layers are 'auto', else nothing."""
+    if wildcards.method == "mend" or config["methods"][wildcards.method].get("layers", "auto") != "auto":
+        return []
+    return f"{OUT}/layer_sweep/{wildcards.method}.csv"
+
+
+def mend_input(wildcards):
+    return MEND_EDITOR if wildcards.method == "mend" else []
+
+
+def moments_input(wildcards):
+    return MOMENTS if wildcards.method in LOCATE_AND_EDIT else []
+
+
+def edit_tables():
+    tables = [f"{OUT}/single/{m}.csv" for m in EXPERIMENTS["single"]["methods"]]
+    tables += [f"{OUT}/batched/{m}.csv" for m in EXPERIMENTS["batched"]["methods"]]
+    tables += [f"{OUT}/sequential/{m}/b{b}.csv" for m in EXPERIMENTS["sequential"]["methods"]
+               for b in EXPERIMENTS["sequential"]["batch_sizes"]]
+    return tables
+
+
+def downstream_tables():
+    tables = [f"{OUT}/sequential/{m}/b{b}.downstream.csv" for m in EXPERIMENTS["sequential"]["methods"]
+              for b in EXPERIMENTS["sequential"]["batch_sizes"]]
+    tables += [f"{OUT}/batched/{m}.downstream.csv" for m in EXPERIMENTS["batched"]["methods"]]
+    return tables
+
+
+FIGURES = ["layer_sweep", "batch_size", "sequential", "downstream", "batch_vs_sequential"]
+
+
+def final_outputs():
+    return [f"{OUT}/edits.csv", f"{OUT}/layer_sweep.csv", f"{OUT}/downstream.csv",
+            *[f"{REPORT}/figures/{name}.png" for name in FIGURES]]

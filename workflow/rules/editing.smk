@@ -1,0 +1,112 @@
+# Editing experiments. A method's config block is each job's params, so changing one method's
+# hyperparameters reruns only that method's jobs (and the tables and figures built from them).
+
+wildcard_constraints:
+    method="[a-z-]+",
+    batch_size=r"\d+",
+
+
+rule layer_sweep:
+    input:
+        model=MODEL,
+        moments=MOMENTS,
+        records=DATA["records"],
+    output:
+        f"{OUT}/layer_sweep/{{method}}.csv",
+    params:
+        method=method_config,
+        sweep=EXPERIMENTS["layer_sweep"],
+    threads: config["threads"]
+    log:
+        f"{LOGS}/layer_sweep/{{method}}.log",
+    benchmark:
+        f"{BENCH}/layer_sweep/{{method}}.tsv"
+    script:
+        str(SCRIPTS / "layer_sweep.py")
+
+
+rule train_mend:
+    input:
+        model=MODEL,
+        records=DATA["records"],
+    output:
+        MEND_EDITOR,
+    params:
+        method=config["methods"].get("mend", {}),
+        experiments=EXPERIMENTS,
+    threads: config["threads"]
+    log:
+        f"{LOGS}/train_mend.log",
+    benchmark:
+        f"{BENCH}/train_mend.tsv"
+    script:
+        str(SCRIPTS / "train_mend.py")
+
+
+rule single_edits:
+    input:
+        model=MODEL,
+        moments=MOMENTS,
+        records=DATA["records"],
+        sweep=sweep_input,
+    output:
+        f"{OUT}/single/{{method}}.csv",
+    params:
+        method=method_config,
+        single=EXPERIMENTS["single"],
+    threads: config["threads"]
+    log:
+        f"{LOGS}/single/{{method}}.log",
+    benchmark:
+        f"{BENCH}/single/{{method}}.tsv"
+    script:
+        str(SCRIPTS / "single_edits.py")
+
+
+rule batched_edits:
+    input:
+        model=MODEL,
+        moments=MOMENTS,
+        records=DATA["records"],
+        tasks=DATA["tasks"],
+        sweep=sweep_input,
+    output:
+        results=f"{OUT}/batched/{{method}}.csv",
+        downstream=f"{OUT}/batched/{{method}}.downstream.csv",
+    params:
+        method=method_config,
+        batched=EXPERIMENTS["batched"],
+        downstream=config["downstream"],
+    threads: config["threads"]
+    log:
+        f"{LOGS}/batched/{{method}}.log",
+    benchmark:
+        f"{BENCH}/batched/{{method}}.tsv"
+    script:
+        str(SCRIPTS / "batched_edits.py")
+
+
+rule sequential_edits:
+    input:
+        model=MODEL,
+        moments=moments_input,
+        records=DATA["records"],
+        tasks=DATA["tasks"],
+        sweep=sweep_input,
+        mend=mend_input,
+    output:
+        results=f"{OUT}/sequential/{{method}}/b{{batch_size}}.csv",
+        downstream=f"{OUT}/sequential/{{method}}/b{{batch_size}}.downstream.csv",
+    params:
+        method=method_config,
+        sequential=EXPERIMENTS["sequential"],
+        downstream=config["downstream"],
+        # not an output: Snakemake deletes the outputs of failed jobs, the checkpoint must survive
+        checkpoint=f"{OUT}/checkpoints/sequential/{{method}}/b{{batch_size}}.safetensors",
+    threads: config["threads"]
+    log:
+        f"{LOGS}/sequential/{{method}}/b{{batch_size}}.log",
+    benchmark:
+        f"{BENCH}/sequential/{{method}}/b{{batch_size}}.tsv"
+    script:
+        str(SCRIPTS / "sequential_edits.py")

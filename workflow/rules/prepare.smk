@@ -1,0 +1,67 @@
+# Model and data preparation: the toy world (default) or the offline real assets.
+
+if TOY_WORLD:
+
+    rule prepare_data:
+        output:
+            records=DATA["records"],
+            corpus=DATA["corpus"],
+            tasks=directory(DATA["tasks"]),
+            summary=DATA["summary"],
+            train_corpus=f"{RES}/data/train_corpus.txt",
+        params:
+            data=config["data"],
+            seed=config["seed"],
+        log:
+            f"{LOGS}/prepare_data.log",
+        benchmark:
+            f"{BENCH}/prepare_data.tsv"
+        script:
+            str(SCRIPTS / "prepare_data.py")
+
+    rule prepare_model:
+        input:
+            train_corpus=f"{RES}/data/train_corpus.txt",
+        output:
+            directory(MODEL),
+        params:
+            model=config["model"],
+        threads: 1
+        log:
+            f"{LOGS}/prepare_model.log",
+        benchmark:
+            f"{BENCH}/prepare_model.tsv"
+        script:
+            str(SCRIPTS / "prepare_model.py")
+
+else:
+
+    rule prepare_model:
+        output:
+            directory(MODEL),
+        params:
+            model=config["model"],
+        log:
+            f"{LOGS}/prepare_model.log",
+        benchmark:
+            f"{BENCH}/prepare_model.tsv"
+        script:
+            str(SCRIPTS / "prepare_model.py")
+
+    rule prepare_data:
+        input:
+            model=MODEL,
+        output:
+            records=DATA["records"],
+            corpus=DATA["corpus"],
+            tasks=directory(DATA["tasks"]),
+            summary=DATA["summary"],
+        params:
+            data=config["data"],
+            seed=config["seed"],
+        log:
+            f"{LOGS}/prepare_data.log",
+        benchmark:
+            f"{BENCH}/prepare_data.tsv"
+        script:
+            str(SCRIPTS / "prepare_data.py")

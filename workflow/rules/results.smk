@@ -1,0 +1,31 @@
+# Tidy tables, figures (with captions for `snakemake --report`).
+
+rule tidy_results:
+    input:
+        edits=edit_tables(),
+        sweeps=[f"{OUT}/layer_sweep/{m}.csv" for m in EXPERIMENTS["layer_sweep"]["methods"]],
+        downstream=downstream_tables(),
+    output:
+        edits=f"{OUT}/edits.csv",
+        layer_sweep=f"{OUT}/layer_sweep.csv",
+        downstream=f"{OUT}/downstream.csv",
+    log:
+        f"{LOGS}/tidy_results.log",
+    script:
+        str(SCRIPTS / "tidy_results.py")
+
+
+rule figures:
+    input:
+        edits=f"{OUT}/edits.csv",
+        layer_sweep=f"{OUT}/layer_sweep.csv",
+        downstream=f"{OUT}/downstream.csv",
+    output:
+        **{name: report(f"{REPORT}/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures")
+           for name in FIGURES},
+    params:
+        run=RUN,
+    log:
+        f"{LOGS}/figures.log",
+    script:
+        str(SCRIPTS / "figures.py")

@@ -1,0 +1,7 @@
+"""Rule batched_edits: each batch size edited into the unedited model."""
+from editlib.pipeline import run_batched, stage_logging
+
+with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):
+    run_batched(snakemake.config, snakemake.wildcards.method, snakemake.input.model, snakemake.input.moments,
+                snakemake.input.records, snakemake.input.sweep or None, snakemake.output.results,
+                snakemake.output.downstream, snakemake.input.tasks)

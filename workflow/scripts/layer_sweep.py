@@ -1,0 +1,6 @@
+"""Rule layer_sweep: single edits at each configured layer for one method."""
+from editlib.pipeline import run_layer_sweep, stage_logging
+
+with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):
+    run_layer_sweep(snakemake.config, snakemake.wildcards.method, snakemake.input.model, snakemake.input.moments,
+                    snakemake.input.records, snakemake.output[0])

@@ -1,0 +1,8 @@
+"""Rule prepare_data: edit records, statistics corpus and local lm-eval tasks."""
+from pathlib import Path
+
+from editlib.pipeline import prepare_data, stage_logging
+
+with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):
+    prepare_data(snakemake.config, Path(snakemake.output.records).parent,
+                 model_dir=snakemake.input.get("model"))

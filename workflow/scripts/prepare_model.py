@@ -1,0 +1,8 @@
+"""Rule prepare_model: train the toy-world model, or convert SmolLM2, or save a hub model."""
+from pathlib import Path
+
+from editlib.pipeline import prepare_model, stage_logging
+
+with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):
+    corpus = snakemake.input.get("train_corpus")
+    prepare_model(snakemake.config, snakemake.output[0], data_dir=Path(corpus).parent if corpus else None)

@@ -1,0 +1,6 @@
+"""Rule single_edits: one fact at a time, the model restored between facts."""
+from editlib.pipeline import run_single, stage_logging
+
+with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):
+    run_single(snakemake.config, snakemake.wildcards.method, snakemake.input.model, snakemake.input.moments,
+               snakemake.input.records, snakemake.input.sweep or None, snakemake.output[0])

@@ -1,0 +1,8 @@
+"""Rule tidy_results: one table per kind of result under results/<run>/."""
+from editlib.experiments import DOWNSTREAM_COLUMNS, RESULT_COLUMNS
+from editlib.pipeline import stage_logging, tidy
+
+with stage_logging(snakemake.log[0]):
+    tidy(snakemake.input.edits, snakemake.output.edits, RESULT_COLUMNS)
+    tidy(snakemake.input.sweeps, snakemake.output.layer_sweep, RESULT_COLUMNS)
+    tidy(snakemake.input.downstream, snakemake.output.downstream, DOWNSTREAM_COLUMNS)

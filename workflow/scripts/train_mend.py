@@ -1,0 +1,5 @@
+"""Rule train_mend: train the MEND hypernetwork on records no experiment edits."""
+from editlib.pipeline import stage_logging, train_mend_editor
+
+with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):
+    train_mend_editor(snakemake.config, snakemake.input.model, snakemake.input.records, snakemake.output[0])
