@@ -34,7 +34,7 @@ from .updates import (
     rome_directions,
     weight_update,
 )
-from .values import optimize_targets
+from .values import TargetResult, optimize_targets
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class Editor:
         self.total = {l: torch.zeros(self.original[l].shape, dtype=torch.float32, device=device) for l in hparams.layers}
         self.key_products: dict[int, torch.Tensor | None] = {l: None for l in hparams.layers}
         self._projectors: dict[int, torch.Tensor] = {}
+        self._target_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.n_edits = 0
 
     # ---- weights -------------------------------------------------------------------------
@@ -146,14 +147,32 @@ class Editor:
             return alphaedit_directions(keys, self.projector(layer), self.key_products[layer], hp.l2, independent)
         raise ValueError(hp.method)
 
-    def _targets(self, requests, hook_module: str):
-        targets = optimize_targets(self.model, self.tokenizer, requests, self.templates, hook_module,
-                                   self.hparams.targets, self.progress)
-        if not torch.isfinite(targets.values).all():
-            bad = [str(r.case_id) for r, ok in zip(requests, torch.isfinite(targets.values).all(0)) if not ok]
-            raise UpdateError(f"target values are NaN/Inf for case_id(s) {', '.join(bad)}; "
-                              "check the model dtype (fp16 overflow) and v_lr")
-        return targets
+    def _unedited(self) -> bool:
+        return all(not total.any() for total in self.total.values())
+
+    def _targets(self, requests, hook_module: str) -> TargetResult:
+        """Target values z (d, N); on the unedited weights each fact's z is computed once per session
+        and reused (z of a fact does not depend on the other facts of its batch: independent deltas),
+        e.g. across the batch sizes of the batched experiment."""
+        cacheable = self._unedited()
+        keys = [(hook_module, r.case_id, r.prompt, r.subject, r.target_new) for r in requests]
+        missing = [r for r, key in zip(requests, keys) if not cacheable or key not in self._target_cache]
+        if missing:
+            fresh = optimize_targets(self.model, self.tokenizer, missing, self.templates, hook_module,
+                                     self.hparams.targets, self.progress)
+            if not torch.isfinite(fresh.values).all():
+                bad = [str(r.case_id) for r, ok in zip(missing, torch.isfinite(fresh.values).all(0)) if not ok]
+                raise UpdateError(f"target values are NaN/Inf for case_id(s) {', '.join(bad)}; "
+                                  "check the model dtype (fp16 overflow) and v_lr")
+            if not cacheable:
+                return fresh
+            for i, r in enumerate(missing):
+                key = (hook_module, r.case_id, r.prompt, r.subject, r.target_new)
+                self._target_cache[key] = (fresh.values[:, i].clone(), fresh.loss[i].clone())
+        values = torch.stack([self._target_cache[key][0] for key in keys], dim=1)
+        loss = torch.stack([self._target_cache[key][1] for key in keys])
+        return TargetResult(values=values, h_init=values.new_zeros(0), loss=loss, nll=loss.new_zeros(0),
+                            steps=loss.new_zeros(0))
 
     def _spread_updates(self, requests, independent: bool, values: torch.Tensor | None = None,
                         loss: torch.Tensor | None = None) -> tuple[dict, dict, torch.Tensor]:

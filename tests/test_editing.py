@@ -155,3 +155,25 @@ def test_gpt2_conv1d_edit(tiny_gpt2, gpt2_tokenizer, corpus):
     with capture_outputs(tiny_gpt2, [layout.rewrite(1)]) as out:
         tiny_gpt2(input_ids=torch.tensor([gpt2_tokenizer("Kotor")["input_ids"]]))
     assert torch.isfinite(out[layout.rewrite(1)]).all()
+
+
+def test_targets_reused_on_unedited_weights_only(trained_llama2, llama_tokenizer, moments2):
+    """A fact's z computed in one batch is reused in another batch on the unedited model (same
+    update as a fresh session), and never once the weights carry edits."""
+    requests = subject_final_requests(3)
+    hp = hparams_for("memit", moments2)
+    layer = hp.layers[0]
+    weight = lambda: edited_weight(trained_llama2, model_layout(trained_llama2), layer).detach().clone()  # noqa: E731
+    reusing = Editor(trained_llama2, llama_tokenizer, hp, moments2, TEMPLATES, progress=False)
+    reusing.apply(requests)  # computes and caches z of all three facts
+    reusing.restore()
+    reusing.apply(requests[:2])  # z from the cache
+    cached = weight()
+    reusing.restore()
+    fresh = Editor(trained_llama2, llama_tokenizer, hp, moments2, TEMPLATES, progress=False)
+    fresh.apply(requests[:2])
+    torch.testing.assert_close(cached, weight(), rtol=1e-4, atol=1e-5)
+    n_cached = len(fresh._target_cache)
+    fresh.apply(requests[2:])  # weights edited now: z must be recomputed, not cached
+    assert len(fresh._target_cache) == n_cached
+    fresh.restore()
