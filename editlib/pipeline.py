@@ -337,7 +337,7 @@ def train_mend_editor(config: dict, model_dir, records_path, out_path) -> dict:
 
 def tidy(inputs: Sequence[str | Path], out_path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Concatenate per-job CSVs into one tidy table (empty inputs skipped)."""
-    frames = [pd.read_csv(path) for path in inputs if Path(path).stat().st_size > 1]
+    frames = [pd.read_csv(path, dtype={"layers": str}) for path in inputs if Path(path).stat().st_size > 1]
     frames = [frame for frame in frames if not frame.empty]
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(columns or []))
     write_csv(out_path, frame)

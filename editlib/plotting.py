@@ -21,7 +21,7 @@ LABELS = {"ES": "efficacy score (%)", "PS": "paraphrase score (%)", "NS": "neigh
 
 def _read(path: str | Path) -> pd.DataFrame:
     path = Path(path)
-    return pd.read_csv(path) if path.stat().st_size > 1 else pd.DataFrame()
+    return pd.read_csv(path, dtype={"layers": str}) if path.stat().st_size > 1 else pd.DataFrame()
 
 
 def _long(frame: pd.DataFrame, metrics=EDIT_METRICS) -> pd.DataFrame:

@@ -256,3 +256,32 @@ def test_glue_eval_converters_cover_all_files():
     rte = glue_eval_items("rte", SHARED_DATA / "glue_eval")
     assert rte[1]["question"].endswith("P. Prayong is a member of Theravada. True or False?\nanswer:")
     assert rte[1]["choices"][rte[1]["answer"]] == "True"  # GLUE label 0 = entailment
+
+
+def test_grace_edit_takes_but_leaves_downstream_items_unchanged(tokenizer, mc_task):
+    """GRACE changes no base weight: task items whose queries lie outside the codebook's radii
+    get bit-identical log-likelihoods, while the edited prompt's continuation does change."""
+    from editlib.grace import GraceEditor, GraceHparams
+    from editlib.records import EditRequest
+
+    model = tiny_llama(tokenizer)
+
+    def items():
+        results = lm_eval_results(model, tokenizer, ["tiny_mc"], include_path=mc_task, batch_size=1, log_samples=True)
+        return sorted(item_rows(results), key=lambda row: row["doc_id"])
+
+    before = items()
+    request = EditRequest(case_id=0, prompt="{} are animals; oak and pine are", subject="Cats and dogs",
+                          target_new="blue", target_true="trees")
+    prompt_ids = torch.tensor([tokenizer(request.text)["input_ids"]])
+    with torch.no_grad():
+        before_edit = model(prompt_ids).logits[0, -1]
+    editor = GraceEditor(model, tokenizer, "model.layers.1.mlp.down_proj", GraceHparams(eps=1e-3, n_iter=30))
+    try:
+        editor.edit([request])
+        with torch.no_grad():
+            after_edit = model(prompt_ids).logits[0, -1]
+        assert not torch.equal(before_edit, after_edit)  # the edited prompt is answered by the codebook
+        assert items() == before
+    finally:
+        editor.remove()

@@ -90,7 +90,7 @@ def test_dry_run_lists_every_stage(workdir):
 
 def test_full_run_writes_tidy_tables_and_figures(completed):
     out = completed / "results" / "tiny"
-    edits = pd.read_csv(out / "edits.csv")
+    edits = pd.read_csv(out / "edits.csv", dtype={"layers": str})
     assert {"experiment", "model", "method", "layers", "batch_size", "n_edits", "step", "ES", "PS", "NS", "S"} <= set(edits.columns)
     assert set(edits["experiment"]) == {"single", "batched", "sequential"}
     sequential = edits[edits["experiment"] == "sequential"]
@@ -99,7 +99,7 @@ def test_full_run_writes_tidy_tables_and_figures(completed):
     sweep = pd.read_csv(out / "layer_sweep.csv")
     assert sorted(sweep["layers"].astype(int)) == [0, 1]
     best = str(int(sweep.sort_values(["S", "layers"], ascending=[False, True]).iloc[0]["layers"]))
-    assert set(edits.loc[edits["method"] == "memit", "layers"].astype(str)) == {best}
+    assert set(edits.loc[edits["method"] == "memit", "layers"]) == {best}
     downstream = pd.read_csv(out / "downstream.csv")
     seq = downstream[(downstream["experiment"] == "sequential") & (downstream["metric"] == "acc")]
     assert sorted(seq.loc[seq["method"] == "grace", "n_edits"]) == [0, 4]
