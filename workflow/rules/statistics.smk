@@ -1,3 +1,5 @@
+from editlib.pipeline import statistics_layers
+
 # Second-moment statistics C of every edited layer, in ONE pass over the corpus (cached per layer).
 
 rule statistics:
@@ -8,9 +10,7 @@ rule statistics:
         MOMENTS,
     params:
         stats=config["stats"],
-        layers=lambda wildcards: sorted(set(EXPERIMENTS["layer_sweep"]["layers"]) | {
-            layer for block in config["methods"].values()
-            if isinstance(block.get("layers"), list) for layer in block["layers"]}),
+        layers=statistics_layers(config),
     threads: config["threads"]
     log:
         f"{LOGS}/statistics.log",
