@@ -101,7 +101,8 @@ def prepare_data(config: dict, out_dir: str | Path, model_dir: str | Path | None
         requests = load_requests(records_path)
         if data.get("known_filter", True):
             model, tokenizer = load_model(str(model_dir), config["model"].get("dtype", "float32"), config["model"].get("device", "cpu"))
-            requests = assets.known_facts(model, tokenizer, requests[: data.get("filter_pool", 4000)])
+            requests = assets.known_facts(model, tokenizer, requests[: data.get("filter_pool", 4000)],
+                                          criterion=data.get("known_criterion", "greedy"))
         from .records import counterfact_record
 
         write_json(out_dir / "records.json", [counterfact_record(r) for r in requests])
