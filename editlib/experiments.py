@@ -169,6 +169,13 @@ class MendSession:
         self.n_edits = int(state["n_edits"])
 
 
+def read_results(path: str | Path) -> pd.DataFrame:
+    """A results or downstream CSV written by the workflow (layer labels kept as strings); an
+    empty file (no rows, no header) reads as an empty frame."""
+    path = Path(path)
+    return pd.read_csv(path, dtype={"layers": str}) if path.stat().st_size > 1 else pd.DataFrame()
+
+
 def layers_label(layers: Sequence[int]) -> str:
     return ",".join(str(layer) for layer in layers)
 

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from . import assets
-from .config import method_overrides
+from .config import method_overrides, statistics_layers
 from .corpus import load_corpus
 from .downstream import evaluate_downstream, write_mc_task
 from .experiments import (
@@ -31,12 +31,13 @@ from .experiments import (
     batched_edits,
     best_layer,
     layer_sweep,
+    read_results,
     sequential_edits,
     single_edits,
 )
 from .grace import GraceHparams
 from .hparams import METHODS, make_hparams
-from .io import write_csv, write_json
+from .io import atomic_dir, atomic_path, write_csv, write_json
 from .models import load_model, model_layout
 from .records import load_requests
 from .stats import StatsConfig, layer_second_moments, load_moments, save_moments
@@ -100,7 +101,7 @@ def prepare_data(config: dict, out_dir: str | Path, model_dir: str | Path | None
         records_path = assets.prepare_qa_wikidata(cache, out_dir / "all_records.json", seed=config["seed"])
         requests = load_requests(records_path)
         if data.get("known_filter", True):
-            model, tokenizer = load_model(str(model_dir), config["model"].get("dtype", "float32"), config["model"].get("device", "cpu"))
+            model, tokenizer = load_configured_model(config, model_dir)
             requests = assets.known_facts(model, tokenizer, requests[: data.get("filter_pool", 4000)],
                                           criterion=data.get("known_criterion", "greedy"))
         from .records import counterfact_record
@@ -134,8 +135,6 @@ def _download(source: str, out_path: Path) -> Path:
     """Copy a local file or download a URL (users with network) to `out_path` and validate it as
     CounterFact records before it lands: a malformed file raises RecordError (file, record and
     field named) and leaves nothing behind."""
-    from .io import atomic_path
-
     with atomic_path(out_path) as tmp:
         if source.startswith(("http://", "https://")):
             import urllib.request
@@ -147,6 +146,12 @@ def _download(source: str, out_path: Path) -> Path:
             load_requests(source)  # errors name the user's file, not the temporary copy
             shutil.copyfile(source, tmp)
     return out_path
+
+
+def load_configured_model(config: dict, model_dir: str | Path):
+    """The prepared model and tokenizer with the config's dtype and device."""
+    model_cfg = config["model"]
+    return load_model(str(model_dir), model_cfg.get("dtype", "float32"), model_cfg.get("device", "cpu"))
 
 
 def asset_cache(config: dict) -> Path:
@@ -166,31 +171,18 @@ def prepare_model(config: dict, out_dir: str | Path, data_dir: str | Path | None
         assets.prepare_smollm2(asset_cache(config), out_dir)
         return {"source": "smollm2"}
     model, tokenizer = load_model(model_cfg["path"], model_cfg.get("dtype", "float32"))
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    with atomic_dir(out_dir) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return {"source": model_cfg["path"]}
 
 
 # ---------------------------------------------------------------------------- statistics
 
 
-def statistics_layers(config: dict) -> list[int]:
-    """Every layer any experiment may edit: the sweep's layers plus explicit method layers."""
-    layers = set(config["experiments"]["layer_sweep"]["layers"])
-    for method in config["methods"]:
-        explicit = config["methods"][method].get("layers")
-        if isinstance(explicit, list):
-            layers.update(explicit)
-    return sorted(layers)
-
-
 def compute_statistics(config: dict, model_dir: str | Path, corpus_path: str | Path, out_path: str | Path) -> dict:
     """C for every layer in `statistics_layers` in ONE pass over the corpus (cached per layer)."""
-    model, tokenizer = load_model(str(model_dir), config["model"].get("dtype", "float32"), config["model"].get("device", "cpu"))
+    model, tokenizer = load_configured_model(config, model_dir)
     stats = config["stats"]
     layout = model_layout(model)
     layers = [layout.check_layer(layer) for layer in statistics_layers(config)]
@@ -206,19 +198,18 @@ def compute_statistics(config: dict, model_dir: str | Path, corpus_path: str | P
 
 
 def load_context(config: dict, model_dir: str | Path, moments_path: str | Path | None) -> ExperimentContext:
-    model_cfg = config["model"]
-    model, tokenizer = load_model(str(model_dir), model_cfg.get("dtype", "float32"), model_cfg.get("device", "cpu"))
+    model, tokenizer = load_configured_model(config, model_dir)
     moments = load_moments(moments_path) if moments_path else {}
-    return ExperimentContext(model, tokenizer, model_cfg["name"], moments, progress=True,
+    return ExperimentContext(model, tokenizer, config["model"]["name"], moments, progress=True,
                              generation_entropy=config["metrics"].get("generation_entropy", False))
 
 
-def edit_requests(config: dict, records_path: str | Path, n: int, offset: int = 0):
-    """The first `offset + n` records (validated), minus the first `offset`."""
-    requests = load_requests(records_path, limit=offset + n)
-    if len(requests) < offset + n:
-        raise ValueError(f"{records_path}: experiment needs {offset + n} records, the file has {len(requests)}")
-    return requests[offset:]
+def edit_requests(records_path: str | Path, n: int):
+    """The first `n` records (validated); fewer in the file is an error."""
+    requests = load_requests(records_path, limit=n)
+    if len(requests) < n:
+        raise ValueError(f"{records_path}: experiment needs {n} records, the file has {len(requests)}")
+    return requests
 
 
 def resolve_layers(config: dict, method: str, sweep_path: str | Path | None) -> tuple[int, ...]:
@@ -244,7 +235,7 @@ def edit_spec(config: dict, method: str, layers: Sequence[int], mend_path: str |
 def run_layer_sweep(config: dict, method: str, model_dir, moments_path, records_path, out_path) -> pd.DataFrame:
     sweep = config["experiments"]["layer_sweep"]
     ctx = load_context(config, model_dir, moments_path)
-    requests = edit_requests(config, records_path, sweep["n_records"])
+    requests = edit_requests(records_path, sweep["n_records"])
     frame = layer_sweep(ctx, requests, method, sweep["layers"], method_overrides(config, method))
     write_csv(out_path, frame)
     return frame
@@ -252,7 +243,7 @@ def run_layer_sweep(config: dict, method: str, model_dir, moments_path, records_
 
 def run_single(config: dict, method: str, model_dir, moments_path, records_path, sweep_path, out_path) -> pd.DataFrame:
     ctx = load_context(config, model_dir, moments_path)
-    requests = edit_requests(config, records_path, config["experiments"]["single"]["n_records"])
+    requests = edit_requests(records_path, config["experiments"]["single"]["n_records"])
     hparams = edit_spec(config, method, resolve_layers(config, method, sweep_path))
     frame = single_edits(ctx, requests, hparams)
     write_csv(out_path, frame)
@@ -283,7 +274,7 @@ def run_batched(config: dict, method: str, model_dir, moments_path, records_path
     settings = config["experiments"]["batched"]
     ctx = load_context(config, model_dir, moments_path)
     sizes = settings["batch_sizes"]
-    requests = edit_requests(config, records_path, settings.get("n_records", max(sizes)))
+    requests = edit_requests(records_path, settings.get("n_records", max(sizes)))
     hparams = edit_spec(config, method, resolve_layers(config, method, sweep_path))
     downstream = downstream_function(config, tasks_dir, method) if settings.get("downstream") else None
     frame, downstream_frame = batched_edits(ctx, requests, hparams, sizes, downstream=downstream)
@@ -297,7 +288,7 @@ def run_sequential(config: dict, method: str, batch_size: int, model_dir, moment
     settings = config["experiments"]["sequential"]
     ctx = load_context(config, model_dir, moments_path)
     total = settings["total_edits"]
-    requests = edit_requests(config, records_path, total)
+    requests = edit_requests(records_path, total)
     layers = () if method == MEND else resolve_layers(config, method, sweep_path)
     spec = edit_spec(config, method, layers, mend_path)
     downstream = downstream_function(config, tasks_dir, method)
@@ -338,8 +329,7 @@ def train_mend_editor(config: dict, model_dir, records_path, out_path) -> dict:
 
 def tidy(inputs: Sequence[str | Path], out_path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Concatenate per-job CSVs into one tidy table (empty inputs skipped)."""
-    frames = [pd.read_csv(path, dtype={"layers": str}) for path in inputs if Path(path).stat().st_size > 1]
-    frames = [frame for frame in frames if not frame.empty]
+    frames = [frame for frame in map(read_results, inputs) if not frame.empty]
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(columns or []))
     write_csv(out_path, frame)
     return frame

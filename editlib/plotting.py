@@ -12,16 +12,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from .experiments import read_results  # noqa: E402
 from .io import atomic_path  # noqa: E402
 
 EDIT_METRICS = ["ES", "PS", "NS", "S"]
 LABELS = {"ES": "efficacy score (%)", "PS": "paraphrase score (%)", "NS": "neighbourhood score (%)",
           "S": "overall score S (%)", "n_edits": "number of edits", "batch_size": "batch size", "layer": "edited layer"}
-
-
-def _read(path: str | Path) -> pd.DataFrame:
-    path = Path(path)
-    return pd.read_csv(path, dtype={"layers": str}) if path.stat().st_size > 1 else pd.DataFrame()
 
 
 def _long(frame: pd.DataFrame, metrics=EDIT_METRICS) -> pd.DataFrame:
@@ -122,7 +118,7 @@ def batch_vs_sequential_figure(downstream: pd.DataFrame, path: str | Path, title
 def write_figures(edits_csv, sweep_csv, downstream_csv, outputs: dict[str, str | Path], title: str = "") -> None:
     """Write every figure named in `outputs` (name -> png path)."""
     sns.set_theme(style="whitegrid", context="paper")
-    edits, sweep, downstream = _read(edits_csv), _read(sweep_csv), _read(downstream_csv)
+    edits, sweep, downstream = read_results(edits_csv), read_results(sweep_csv), read_results(downstream_csv)
     makers = {
         "layer_sweep": lambda p: layer_sweep_figure(sweep, p, title),
         "batch_size": lambda p: batch_size_figure(edits, p, title),

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -23,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from editlib.io import write_json
+from editlib.io import atomic_dir, write_json
 from editlib.tokens import pad_right, prompt_ids, target_ids
 from editlib.vocab import train_bpe_tokenizer
 
@@ -239,18 +236,10 @@ def single_token_objects(tokenizer, world_dir: str | Path) -> float:
 def save_model_dir(model, tokenizer, report: dict, out_dir: Path) -> None:
     """Write model (safetensors), tokenizer and recall.json into a temporary sibling folder,
     then move it onto out_dir, so a crash never leaves a half-written model folder."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         write_json(staging / "recall.json", report)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 def train_model(world_dir: str | Path, out_dir: str | Path, config: TrainConfig | None = None) -> dict:

@@ -50,16 +50,17 @@ def gpt2_tokenizer(corpus):
     return train_bpe_tokenizer(corpus, vocab_size=600, add_bos=False)
 
 
-def make_llama(tokenizer, layers: int = 3, hidden: int = 64, seed: int = 0):
+def make_llama(tokenizer, layers: int = 3, hidden: int = 64, seed: int = 0, frozen: bool = True, **overrides):
+    """A seeded random LlamaForCausalLM sized for `tokenizer` (eval mode); `overrides` set LlamaConfig fields."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
+    fields = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  tie_word_embeddings=False)
+    model = LlamaForCausalLM(LlamaConfig(**{**fields, **overrides})).eval()
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(not frozen)
     return model
 
 

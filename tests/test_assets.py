@@ -40,6 +40,7 @@ from editlib.assets import (
     qa_wikidata_records,
     score_target_tokens,
 )
+from editlib.io import atomic_dir
 from editlib.records import EditRequest, load_requests, parse_records
 from editlib.vocab import train_bpe_tokenizer
 
@@ -238,10 +239,10 @@ def test_failed_conversion_leaves_no_output(tmp_path):
 
 def test_atomic_dir_keeps_old_folder_on_crash(tmp_path):
     target = tmp_path / "model"
-    with assets._atomic_dir(target) as tmp:
+    with atomic_dir(target) as tmp:
         (tmp / "weights").write_text("v1")
     with pytest.raises(RuntimeError):
-        with assets._atomic_dir(target) as tmp:
+        with atomic_dir(target) as tmp:
             (tmp / "weights").write_text("v2-partial")
             raise RuntimeError("crash")
     assert (target / "weights").read_text() == "v1"

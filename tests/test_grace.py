@@ -3,7 +3,7 @@ removal is exact, and the codebook's split / coverage rules behave as SPEC 7.1 s
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import make_llama
 
 from editlib.grace import (
     GraceCodebook,
@@ -41,13 +41,8 @@ def requests():
 
 def tiny_llama(tokenizer, seed=0):
     """2-layer random Llama; initializer_range 0.1 puts distinct prompts ~5 apart at the MLP input."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, initializer_range=0.1,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return make_llama(tokenizer, layers=2, seed=seed, frozen=False, num_key_value_heads=4,
+                      max_position_embeddings=64, initializer_range=0.1)
 
 
 def edit_success(model, editor, tokenizer, requests):

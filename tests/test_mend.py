@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import make_llama
 
 from editlib.grace import target_batch
 from editlib.mend import (
@@ -57,13 +57,8 @@ def requests():
 
 
 def tiny_llama(tokenizer, seed=0):
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, initializer_range=0.1,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return make_llama(tokenizer, layers=3, seed=seed, frozen=False, num_key_value_heads=4,
+                      max_position_embeddings=64, initializer_range=0.1)
 
 
 TINY = MendHparams(modules=EDITED, rank=32, lr=1e-3, lr_lr=1e-2, edit_lr=1e-3, batch_size=4, steps=10, log_every=10)

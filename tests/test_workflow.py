@@ -83,9 +83,10 @@ def completed(workdir) -> Path:
     return workdir
 
 
-def test_dry_run_lists_every_stage(workdir):
-    jobs = planned_jobs(snakemake(workdir, SMALL, "-n"))
-    assert STAGES <= set(jobs) or not jobs  # after the full run nothing is left to do
+def test_dry_run_lists_every_stage(tmp_path):
+    jobs = planned_jobs(snakemake(tmp_path, SMALL, "-n"))
+    assert set(jobs) == STAGES, jobs
+    assert jobs["sequential_edits"] == 3 and jobs["layer_sweep"] == 1, jobs  # 3 methods x 1 batch size
 
 
 def test_full_run_writes_tidy_tables_and_figures(completed):

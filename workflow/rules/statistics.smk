@@ -1,4 +1,4 @@
-from editlib.pipeline import statistics_layers
+from editlib.config import statistics_layers
 
 # Second-moment statistics C of every edited layer, in ONE pass over the corpus (cached per layer).
 
