@@ -189,11 +189,17 @@ def result_row(experiment: str, ctx: ExperimentContext, hparams, batch_size: int
     return row
 
 
-def evaluate_records(ctx: ExperimentContext, requests: Sequence[EditRequest], session=None) -> dict:
-    """CounterFact metrics (and GE when enabled) of the current model on `requests`."""
+def score_records(ctx: ExperimentContext, requests: Sequence[EditRequest], session=None) -> pd.DataFrame:
+    """Per-prompt CounterFact scores of the current model on `requests` (GRACE queried at prompt ends)."""
     scoring = session.scoring(requests) if hasattr(session, "scoring") else contextlib.nullcontext()
     with scoring:
-        metrics = counterfact_metrics(counterfact_scores(ctx.model, ctx.tokenizer, requests))
+        return counterfact_scores(ctx.model, ctx.tokenizer, requests)
+
+
+def records_metrics(ctx: ExperimentContext, scores: pd.DataFrame, requests: Sequence[EditRequest]) -> dict:
+    """CounterFact metrics of `requests`' rows of `scores` (and GE of the current model when enabled)."""
+    cases = {request.case_id for request in requests}
+    metrics = counterfact_metrics(scores[scores["case_id"].isin(cases)])
     if ctx.generation_entropy:
         metrics["GE"] = generation_entropy(ctx.model, ctx.tokenizer, requests)
     return metrics
@@ -324,10 +330,11 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
             editor.apply(batch)
             n_edits = editor.n_edits
             edited = requests[:n_edits]
+            scores = score_records(ctx, edited, editor)  # the current batch is part of it: one scoring pass
             rows.append(result_row("sequential", ctx, hparams, batch_size, n_edits, step + 1, "current_batch",
-                                   evaluate_records(ctx, batch, editor), len(batch)))
+                                   records_metrics(ctx, scores, batch), len(batch)))
             rows.append(result_row("sequential", ctx, hparams, batch_size, n_edits, step + 1, "edited_so_far",
-                                   evaluate_records(ctx, edited, editor), len(edited)))
+                                   records_metrics(ctx, scores, edited), len(edited)))
             if downstream is not None and (downstream_at is None or n_edits in set(downstream_at)):
                 downstream_rows += _downstream_rows(ctx, hparams, batch_size, n_edits, downstream)
             if path is not None:

@@ -177,3 +177,21 @@ def test_targets_reused_on_unedited_weights_only(trained_llama2, llama_tokenizer
     fresh.apply(requests[2:])  # weights edited now: z must be recomputed, not cached
     assert len(fresh._target_cache) == n_cached
     fresh.restore()
+
+
+def test_subset_metrics_from_one_scoring_pass_equal_scoring_the_subset(trained_llama2, llama_tokenizer, moments2):
+    """Sequential runs score all edited facts once and take the current batch's rows from it."""
+    from editlib.experiments import ExperimentContext, records_metrics, score_records
+
+    requests = subject_final_requests(3)
+    ctx = ExperimentContext(trained_llama2, llama_tokenizer, "tiny", moments2, progress=False)
+    editor = Editor(trained_llama2, llama_tokenizer, hparams_for("memit", moments2), moments2, TEMPLATES, progress=False)
+    editor.apply(requests)
+    try:
+        from_all = records_metrics(ctx, score_records(ctx, requests), requests[1:])
+        alone = counterfact_metrics(counterfact_scores(trained_llama2, llama_tokenizer, requests[1:]))
+        assert from_all.keys() == alone.keys()
+        for name in alone:
+            assert from_all[name] == pytest.approx(alone[name], abs=1e-6), name
+    finally:
+        editor.restore()
