@@ -549,51 +549,6 @@ def prepare_qa_wikidata(
 # ---------------------------------------------------------------------------- known facts
 
 
-def score_target_tokens(
-    model,
-    prompt_ids: Sequence[Sequence[int]],
-    target_ids: Sequence[Sequence[int]],
-    pad_token_id: int = 0,
-    batch_size: int = 16,
-):
-    """Teacher-forced scores of target token sequences after prompt token sequences.
-
-    Each row is prompt + target, right-padded; one forward pass per batch. Returns
-    ``(nll, greedy)``: nll (N,) the mean token NLL of the target (SPEC 5.2), greedy (N,) True where
-    every target token is the argmax given everything before it, i.e. where greedy decoding from
-    the prompt reproduces the target.
-    """
-    import torch
-
-    if len(prompt_ids) != len(target_ids):
-        raise ValueError("prompt_ids and target_ids differ in length")
-    if any(len(p) == 0 for p in prompt_ids) or any(len(t) == 0 for t in target_ids):
-        raise ValueError("every prompt and every target needs at least one token")
-    device = next(model.parameters()).device
-    nll_parts, greedy_parts = [], []
-    for start in range(0, len(prompt_ids), batch_size):
-        prompts, targets = prompt_ids[start : start + batch_size], target_ids[start : start + batch_size]
-        rows = [list(p) + list(t) for p, t in zip(prompts, targets)]
-        width = max(map(len, rows))
-        input_ids = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows], device=device)  # (B, T)
-        attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-        prompt_len = torch.tensor([len(p) for p in prompts], device=device)[:, None]  # (B, 1)
-        target_len = torch.tensor([len(t) for t in targets], device=device)[:, None]  # (B, 1)
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
-        labels = input_ids[:, 1:]  # position i predicts token i+1
-        position = torch.arange(width - 1, device=device)[None, :]  # (1, T-1)
-        is_target = (position >= prompt_len - 1) & (position < prompt_len + target_len - 1)  # (B, T-1)
-        token_logp = logits.gather(-1, labels[..., None])[..., 0] - logits.logsumexp(-1)  # (B, T-1)
-        nll_parts.append(-(token_logp * is_target).sum(1) / target_len[:, 0])
-        greedy_parts.append(((logits.argmax(-1) == labels) | ~is_target).all(1))
-    return torch.cat(nll_parts).cpu(), torch.cat(greedy_parts).cpu()
-
-
-def _target_ids(tokenizer, target: str) -> list[int]:
-    return tokenizer(" " + target, add_special_tokens=False)["input_ids"]
-
-
 def known_fact_mask(
     model,
     tokenizer,
@@ -607,8 +562,7 @@ def known_fact_mask(
     prompt reproduces every token of " " + target_true (checked by teacher forcing, one forward pass
     per batch). ``"probability"``: target_true has the lower mean token NLL than target_new on the
     edit prompt (the CounterFact efficacy comparison, SPEC 5.2; pre-edit ES = 0).
-    Targets are tokenized as ``tok(" " + target, add_special_tokens=False)`` after ``tok(prompt)``
-    (a sentencepiece tokenizer that turns " Paris" into ["▁", "Paris"] would need its own handling).
+    Scored by `editlib.metrics.score_continuations` (the CounterFact metrics' own teacher forcing).
     """
     if criterion not in ("greedy", "probability"):
         raise ValueError(f"criterion must be 'greedy' or 'probability', got {criterion!r}")
@@ -616,16 +570,16 @@ def known_fact_mask(
         raise ValueError("known-fact filtering needs target_true on every request (CounterFact-style records)")
     if not requests:
         return []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    prompts = [tokenizer(request.text)["input_ids"] for request in requests]
-    true_ids = [_target_ids(tokenizer, request.target_true) for request in requests]
+    from editlib.metrics import score_continuations
+
+    prompts = [request.text for request in requests]
+    trues = [request.target_true for request in requests]
     if criterion == "greedy":
-        _, greedy = score_target_tokens(model, prompts, true_ids, pad, batch_size)
+        _, greedy = score_continuations(model, tokenizer, prompts, trues, max_rows=batch_size)
         return greedy.tolist()
-    new_ids = [_target_ids(tokenizer, request.target_new) for request in requests]
-    nll, _ = score_target_tokens(model, prompts + prompts, true_ids + new_ids, pad, batch_size)
-    nll_true, nll_new = nll[: len(requests)], nll[len(requests) :]
-    return (nll_true < nll_new).tolist()
+    news = [request.target_new for request in requests]
+    nll, _ = score_continuations(model, tokenizer, prompts + prompts, trues + news, max_rows=batch_size)
+    return (nll[: len(requests)] < nll[len(requests) :]).tolist()
 
 
 def known_facts(
@@ -731,6 +685,6 @@ __all__ = [
     "verify_sha256", "fetch_archive", "extract_members", "read_json_members",
     "prepare_smollm2", "wiki_corpus_rows", "prepare_wiki_corpus",
     "parse_qa_wikidata_input", "qa_wikidata_records", "prepare_qa_wikidata",
-    "score_target_tokens", "known_fact_mask", "known_facts",
+    "known_fact_mask", "known_facts",
     "bigbench_mc_rows", "bigbench_task_member", "bigbench_mc_filename", "prepare_bigbench_mc",
 ]

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from editlib.io import atomic_dir, write_json
+from editlib.metrics import score_continuations
 from editlib.tokens import pad_right, prompt_ids, target_ids
 from editlib.vocab import train_bpe_tokenizer
 
@@ -148,24 +149,13 @@ def train_steps(model, sequences: list[list[int]], pad: int, config: TrainConfig
     return losses
 
 
-@torch.no_grad()
 def greedy_hits(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 256) -> list[bool]:
     """Per prompt: does greedy decoding start with every token of " " + answer?
 
     Teacher forcing on the answer is exact here: greedy decoding follows the answer for as long
-    as each argmax equals the next answer token.
+    as each argmax equals the next answer token (`editlib.metrics.score_continuations`).
     """
-    heads = prompt_ids(tokenizer, list(prompts))
-    tails = target_ids(tokenizer, list(answers))
-    hits = []
-    for start in range(0, len(heads), batch_size):
-        rows = [h + t for h, t in zip(heads[start : start + batch_size], tails[start : start + batch_size])]
-        batch = pad_right(rows, tokenizer.pad_token_id)
-        predicted = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.argmax(-1)  # (B, T)
-        for row, (head, tail) in enumerate(zip(heads[start : start + batch_size], tails[start : start + batch_size])):
-            positions = torch.arange(len(head) - 1, len(head) - 1 + len(tail))
-            hits.append(bool((predicted[row, positions] == torch.tensor(tail)).all()))
-    return hits
+    return score_continuations(model, tokenizer, prompts, answers, max_rows=batch_size)[1].tolist()
 
 
 def _fraction(hits: Sequence[bool]) -> float | None:

@@ -16,6 +16,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -38,7 +39,6 @@ from editlib.assets import (
     prepare_qa_wikidata,
     prepare_wiki_corpus,
     qa_wikidata_records,
-    score_target_tokens,
 )
 from editlib.io import atomic_dir
 from editlib.records import EditRequest, load_requests, parse_records
@@ -370,15 +370,18 @@ def direct_nll(model, prompt: list[int], target: list[int]) -> float:
     return -sum(float(logp[len(prompt) + j - 1, t]) for j, t in enumerate(target)) / len(target)
 
 
-def test_score_target_tokens_batched_equals_unbatched(model, tokenizer):
-    prompts = [tokenizer(text)["input_ids"] for text in ["The capital of France is", "Cats", "The mother tongue of Danielle Darrieux is"]]
-    greedy = [greedy_tokens(model, p, n) for p, n in zip(prompts, [1, 3, 2])]
-    wrong = [[(g[0] + 7) % len(tokenizer)] + g[1:] for g in greedy]
-    all_prompts, targets = prompts + prompts, greedy + wrong
-    nll, is_greedy = score_target_tokens(model, all_prompts, targets, tokenizer.pad_token_id, batch_size=4)
-    expected = torch.tensor([direct_nll(model, p, t) for p, t in zip(all_prompts, targets)])
-    torch.testing.assert_close(nll, expected, rtol=1e-4, atol=1e-5)
-    assert is_greedy.tolist() == [True] * 3 + [False] * 3
+def test_known_fact_scoring_batched_equals_direct(model, tokenizer):
+    """known_fact_mask scores with metrics.score_continuations: batched NLL and greedy flags equal a
+    direct, one-pair-at-a-time computation (targets of 1-3 tokens, prompts of different lengths)."""
+    from editlib.metrics import score_continuations
+
+    texts = ["The capital of France is", "Cats", "The mother tongue of Danielle Darrieux is"] * 2
+    targets = ["Paris", "and dogs are animals", "French", "Rome", "oak", "English"]
+    nll, is_greedy = score_continuations(model, tokenizer, texts, targets, max_rows=4)
+    pairs = [(tokenizer(t)["input_ids"], tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for t, a in zip(texts, targets)]
+    assert sorted({len(ids) for _, ids in pairs}) != [1]  # multi-token targets are covered
+    np.testing.assert_allclose(nll, [direct_nll(model, p, t) for p, t in pairs], rtol=1e-4, atol=1e-5)
+    assert is_greedy.tolist() == [greedy_tokens(model, p, len(t)) == t for p, t in pairs]
 
 
 def test_known_fact_mask_criteria(model, tokenizer):

@@ -1,9 +1,11 @@
 """Metrics against hand computations."""
 
+import copy
 import math
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from editlib.metrics import counterfact_metrics, ngram_entropy, score_continuations, zsre_metrics
@@ -44,20 +46,43 @@ def test_score_continuations_scores_target_not_bos(tiny_llama, llama_tokenizer):
     assert hit[0] == (predicted == t_ids)
 
 
-def test_zsre_token_accuracy_by_hand(tiny_llama, llama_tokenizer):
-    # choose as target the model's own greedy 2-token continuation: accuracy 100; a random one: 0 or 50
-    prompt = "Where does Kotor work"
-    ids = llama_tokenizer(prompt)["input_ids"]
+def hand_accuracy(model, tokenizer, prompt: str, answer: str) -> float:
+    """100 x the fraction of " " + answer's tokens that are the teacher-forced argmax."""
+    p_ids = tokenizer(prompt)["input_ids"]
+    t_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        first = int(tiny_llama(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
-    greedy = llama_tokenizer.decode([first])
-    if not greedy.startswith(" ") or not greedy.strip():
-        return  # the random model's top token is not a word-initial token; nothing to check
-    request = EditRequest(case_id=0, prompt="Where does {} work", subject="Kotor", target_new=greedy.strip(),
-                          paraphrase_prompts=(prompt,), neighborhood_prompts=(prompt,), neighborhood_answers=(greedy.strip(),))
-    metrics = zsre_metrics(tiny_llama, llama_tokenizer, [request])
-    if len(llama_tokenizer(" " + greedy.strip(), add_special_tokens=False)["input_ids"]) == 1:
-        assert metrics == {"efficacy": 100.0, "paraphrase": 100.0, "specificity": 100.0}
+        logits = model(input_ids=torch.tensor([p_ids + t_ids])).logits[0]
+    return 100.0 * float(np.mean([int(logits[len(p_ids) - 1 + j].argmax()) == t for j, t in enumerate(t_ids)]))
+
+
+def test_zsre_token_accuracy_by_hand(tiny_llama, llama_tokenizer):
+    # make the model predict one word after the known record's prompt (the only non-zero output row
+    # is that word's, aligned with the prompt's final hidden state): its efficacy is 100; every
+    # value is also computed by hand; prompts are averaged per record, then over records
+    words = [w for w in ("is", "of", "the", "and", "in") if len(llama_tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+    assert words, "no single-token word in the test vocabulary"
+    word = words[0]
+    known = EditRequest(case_id=0, prompt="Where does {} work", subject="Kotor", target_new=word,
+                        paraphrase_prompts=("Kotor works in", "Kotor is"), neighborhood_prompts=("The capital is",),
+                        neighborhood_answers=("Paris",))
+    other = EditRequest(case_id=1, prompt="{} speaks", subject="Lena", target_new="English Paris",
+                        paraphrase_prompts=("Lena talks",), neighborhood_prompts=("Where is Rome",),
+                        neighborhood_answers=("Italy",))
+    model = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        hidden = model.model(**llama_tokenizer(known.text, return_tensors="pt")).last_hidden_state[0, -1]
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[llama_tokenizer(" " + word, add_special_tokens=False)["input_ids"][0]] = hidden
+    metrics = zsre_metrics(model, llama_tokenizer, [known, other], max_rows=2)
+    hand = lambda prompt, answer: hand_accuracy(model, llama_tokenizer, prompt, answer)  # noqa: E731
+    assert hand(known.text, known.target_new) == 100.0
+    expected = {
+        "efficacy": np.mean([hand(r.text, r.target_new) for r in (known, other)]),
+        "paraphrase": np.mean([np.mean([hand(p, r.target_new) for p in r.paraphrase_prompts]) for r in (known, other)]),
+        "specificity": np.mean([hand(r.neighborhood_prompts[0], r.neighborhood_answers[0]) for r in (known, other)]),
+    }
+    assert metrics == pytest.approx(expected)
+    assert metrics["efficacy"] >= 50.0
 
 
 def test_ngram_entropy_by_hand():
