@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 # model_type -> (rewrite module, block, mlp, final norm)
 _LAYOUTS: dict[str, tuple[str, str, str, str]] = {
@@ -136,6 +137,41 @@ def lm_head(model: nn.Module) -> nn.Module:
 def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final-norm hidden states (B, T, d) without computing logits for every position."""
     return model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+@torch.no_grad()
+def prefix_key_values(model: nn.Module, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, ...]] | None:
+    """Per-layer (keys, values) of right-padded prefixes, for `final_hidden_after`; None if empty.
+
+    No padding mask: with causal attention and pads at the end, valid positions never see a pad,
+    and pad positions stay finite (they are masked out when the continuation reads the cache).
+    """
+    if input_ids.shape[1] == 0:
+        return None
+    cache = model.base_model(input_ids=input_ids, use_cache=True).past_key_values
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def final_hidden_after(
+    model: nn.Module,
+    prefix: list[tuple[torch.Tensor, ...]] | None,
+    prefix_mask: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Final hidden states (B, T, d) of continuations of cached prefixes (see `prefix_key_values`).
+
+    `prefix_mask` (B, P) marks each row's real prefix tokens; `position_ids` (B, T) continue them.
+    The cache is rebuilt from the prefix tensors on every call, so they are never modified.
+    """
+    if prefix is None:
+        return model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids).last_hidden_state
+    cache = DynamicCache(ddp_cache_data=prefix, config=model.config)
+    mask = torch.cat([prefix_mask, attention_mask], dim=1)
+    return model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                            past_key_values=cache, use_cache=True).last_hidden_state
 
 
 def _tensor_of(output):

@@ -9,6 +9,10 @@ Per-fact loss (SPEC 1.5): NLL of the target over the T template prompts, + kl_fa
 KL(P_cur || P_init) at the subject-last token of "{subject} is a", + weight_decay *
 ||delta|| / ||h_init||^2. Stop when the loss < early_stop_loss; the last iteration takes no step;
 after each step delta is clamped to clamp_norm_factor * ||h_init||.
+
+Tokens before a prompt's subject-last token do not depend on delta (causal attention), so with
+`cache_prefix` they run once, into a key/value cache, and every Adam step runs only the rest of
+each prompt: the subject-last token, the relation and the target tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .keys import build_context_prompts
-from .models import edit_output, final_hidden, lm_head
+from .models import edit_output, final_hidden_after, lm_head, prefix_key_values
 from .records import EditRequest
 from .tokens import pad_id, pad_right, target_ids
 
@@ -37,6 +41,7 @@ class TargetHparams:
     early_stop_loss: float = 5e-2
     kl_prompt: str = "{} is a"
     facts_per_chunk: int = 32
+    cache_prefix: bool = True
 
 
 @dataclass
@@ -90,6 +95,19 @@ def optimize_targets(
     return TargetResult(*(torch.cat([getattr(p, f) for p in parts], dim=-1) for f in TargetResult.__dataclass_fields__))
 
 
+def _split_points(model, prompts, cache_prefix: bool) -> torch.Tensor:
+    """Where each row is split: its subject-last token (the prefix before it runs once), or 0.
+
+    Sliding-window layers mask by cache index, which padded prefixes shift, so rows are split
+    only when the padded prefix + rest fits within the window (then the window masks nothing).
+    """
+    split = prompts.subject_last.clone()
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    if window and int(split.max()) + max(len(ids) - s for ids, s in zip(prompts.ids, split.tolist())) > window:
+        cache_prefix = False
+    return split if cache_prefix else torch.zeros_like(split)
+
+
 def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: TargetHparams) -> TargetResult:
     device = next(model.parameters()).device
     n_facts, n_templates = len(requests), len(templates)
@@ -97,9 +115,14 @@ def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: Targ
     prompts = build_context_prompts(
         tokenizer, requests, templates, suffixes=[t[:-1] for t in targets], extra_prompts=[hp.kl_prompt]
     )
-    batch = pad_right(prompts.ids, pad_id(tokenizer)).to(device)
+    split = _split_points(model, prompts, hp.cache_prefix)
+    prefix = pad_right([ids[:s] for ids, s in zip(prompts.ids, split.tolist())], pad_id(tokenizer)).to(device)
+    batch = pad_right([ids[s:] for ids, s in zip(prompts.ids, split.tolist())], pad_id(tokenizer)).to(device)
+    prefix_cache = prefix_key_values(model, prefix.input_ids)
+    split = split.to(device)
+    position_ids = split[:, None] + torch.arange(batch.input_ids.shape[1], device=device)
     fact = prompts.fact.to(device)
-    subject_last = prompts.subject_last.to(device)
+    subject_last = prompts.subject_last.to(device) - split  # in the re-run part
     rows = torch.arange(len(prompts.ids), device=device)
     is_kl = prompts.template.to(device) == n_templates
 
@@ -110,7 +133,7 @@ def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: Targ
     tok_row = rewrite_rows.repeat_interleave(lens)
     starts = torch.cumsum(lens, 0) - lens
     offset = torch.arange(int(lens.sum()), device=device) - starts.repeat_interleave(lens)
-    tok_pos = prompts.prompt_lengths.to(device)[tok_row] - 1 + offset
+    tok_pos = prompts.prompt_lengths.to(device)[tok_row] - 1 + offset - split[tok_row]
     tok_label = torch.tensor([tid for r in rewrite_rows.tolist() for tid in targets[prompts.fact[r]]], device=device)
     tok_fact = fact[tok_row]
     tok_weight = 1.0 / (n_templates * target_len[tok_fact].float())
@@ -134,7 +157,8 @@ def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: Targ
     kl_init = None
     with edit_output(model, hook_module, add_delta):
         for it in range(hp.v_num_grad_steps):
-            hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
+            hidden = final_hidden_after(model, prefix_cache, prefix.attention_mask, batch.input_ids,
+                                        batch.attention_mask, position_ids)
             token_logp = torch.log_softmax(head(hidden[tok_row, tok_pos]).float(), dim=-1)
             token_nll = -token_logp.gather(1, tok_label[:, None]).squeeze(1)
             nll = torch.zeros(n_facts, device=device).index_add(0, tok_fact, token_nll * tok_weight)

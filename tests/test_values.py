@@ -2,8 +2,11 @@
 
 import dataclasses
 
+import pytest
 import torch
 
+from conftest import make_gpt2, make_llama
+from editlib.keys import build_context_prompts
 from editlib.models import model_layout
 from editlib.values import TargetHparams, optimize_targets
 from reference_z import reference_z
@@ -31,3 +34,43 @@ def test_chunking_and_early_stop_keep_facts_independent(trained_llama2, llama_to
     torch.testing.assert_close(together.values, one_by_one.values, rtol=1e-4, atol=1e-4)
     assert torch.equal(together.steps, one_by_one.steps)
     assert len(set(together.steps.tolist())) > 1  # facts stopped early at different steps
+
+
+def _gemma3(tokenizer, sliding_window):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=sliding_window,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                              max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id)
+    model = Gemma3ForCausalLM(config).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-eager", "gpt2", "gemma3-window-512", "gemma3-window-4"])
+def test_cached_prefix_equals_full_rerun(arch, llama_tokenizer, gpt2_tokenizer, requests_):
+    """Running the tokens before the subject once (key/value cache) gives the z of re-running whole prompts."""
+    tokenizer = gpt2_tokenizer if arch == "gpt2" else llama_tokenizer
+    model = {
+        "llama": lambda: make_llama(tokenizer),
+        "llama-eager": lambda: make_llama(tokenizer, attn_implementation="eager"),
+        "gpt2": lambda: make_gpt2(tokenizer),
+        "gemma3-window-512": lambda: _gemma3(tokenizer, 512),
+        "gemma3-window-4": lambda: _gemma3(tokenizer, 4),  # prompts longer than the window: no split
+    }[arch]()
+    layout = model_layout(model)
+    templates = ["{}", "Some words here. {}", "Because of that, {}"]
+    prompts = build_context_prompts(tokenizer, requests_, templates)
+    assert int(prompts.subject_last.min()) >= 1 and len(set(prompts.subject_last.tolist())) > 2  # real splits
+    hp = TargetHparams(v_num_grad_steps=6, clamp_norm_factor=4.0, early_stop_loss=0.0)
+    for module in (layout.block(1), layout.mlp(0)):
+        cached = optimize_targets(model, tokenizer, requests_, templates, module, hp, progress=False)
+        full = optimize_targets(model, tokenizer, requests_, templates, module,
+                                dataclasses.replace(hp, cache_prefix=False), progress=False)
+        torch.testing.assert_close(cached.h_init, full.h_init, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cached.values, full.values, rtol=2e-4, atol=2e-4)
+        torch.testing.assert_close(cached.loss, full.loss, rtol=1e-4, atol=1e-4)
+        assert (cached.values - cached.h_init).norm(dim=0).min() > 0  # the optimisation moved every fact
