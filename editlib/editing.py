@@ -23,6 +23,7 @@ from .io import atomic_path
 from .keys import average_over_templates, build_context_prompts, compute_keys, plain_rows, read_at_subject, template_weights
 from .models import edited_bias, edited_weight, model_layout
 from .records import EditRequest
+from .target_store import TargetStore, fact_key
 from .templates import sample_context_templates
 from .updates import (
     Covariance,
@@ -55,12 +56,15 @@ class Editor:
     """An editing session over one model with one method's hyperparameters.
 
     `second_moments` maps each edited layer to C = E[k k^T] of the UNEDITED model (never
-    recomputed during sequential editing, as in the reference).
+    recomputed during sequential editing, as in the reference). `target_store` shares the z of
+    the unedited model across sessions and jobs (on disk).
     """
 
     def __init__(self, model, tokenizer, hparams: EditHparams, second_moments: dict[int, torch.Tensor] | None = None,
-                 templates: Sequence[str] | None = None, progress: bool = True):
+                 templates: Sequence[str] | None = None, progress: bool = True,
+                 target_store: TargetStore | None = None):
         self.model, self.tokenizer, self.hparams, self.progress = model, tokenizer, hparams, progress
+        self.target_store = target_store
         self.layout = model_layout(model)
         for layer in hparams.layers:
             self.layout.check_layer(layer)
@@ -150,29 +154,46 @@ class Editor:
     def _unedited(self) -> bool:
         return all(not total.any() for total in self.total.values())
 
+    def _optimize(self, requests, hook_module: str) -> TargetResult:
+        result = optimize_targets(self.model, self.tokenizer, requests, self.templates, hook_module,
+                                  self.hparams.targets, self.progress)
+        finite = torch.isfinite(result.values).all(0)
+        if not finite.all():
+            bad = [str(r.case_id) for r, ok in zip(requests, finite) if not ok]
+            raise UpdateError(f"target values are NaN/Inf for case_id(s) {', '.join(bad)}; "
+                              "check the model dtype (fp16 overflow) and v_lr")
+        return result
+
     def _targets(self, requests, hook_module: str) -> TargetResult:
-        """Target values z (d, N); on the unedited weights each fact's z is computed once per session
-        and reused (z of a fact does not depend on the other facts of its batch: independent deltas),
-        e.g. across the batch sizes of the batched experiment."""
-        cacheable = self._unedited()
-        keys = [(hook_module, r.case_id, r.prompt, r.subject, r.target_new) for r in requests]
-        missing = [r for r, key in zip(requests, keys) if not cacheable or key not in self._target_cache]
-        if missing:
-            fresh = optimize_targets(self.model, self.tokenizer, missing, self.templates, hook_module,
-                                     self.hparams.targets, self.progress)
-            if not torch.isfinite(fresh.values).all():
-                bad = [str(r.case_id) for r, ok in zip(missing, torch.isfinite(fresh.values).all(0)) if not ok]
-                raise UpdateError(f"target values are NaN/Inf for case_id(s) {', '.join(bad)}; "
-                                  "check the model dtype (fp16 overflow) and v_lr")
-            if not cacheable:
-                return fresh
-            for i, r in enumerate(missing):
-                key = (hook_module, r.case_id, r.prompt, r.subject, r.target_new)
-                self._target_cache[key] = (fresh.values[:, i].clone(), fresh.loss[i].clone())
-        values = torch.stack([self._target_cache[key][0] for key in keys], dim=1)
-        loss = torch.stack([self._target_cache[key][1] for key in keys])
+        """Target values z (d, N). On the unedited weights a fact's z does not depend on the other
+        facts of its batch (independent deltas), so it is computed once per session (e.g. across
+        the batch sizes of the batched experiment) and, with a target store, once per model."""
+        if not self._unedited():
+            return self._optimize(requests, hook_module)
+        keys = [(hook_module, *fact_key(r)) for r in requests]
+        missing = list({key: r for r, key in zip(requests, keys) if key not in self._target_cache}.values())
+        store = self.target_store
+        stored = [r for r in missing if store is not None and store.covers(r)]
+        fresh = [r for r in missing if store is None or not store.covers(r)]
+        if stored:
+            def optimize(block):
+                result = self._optimize(block, hook_module)
+                return result.values, result.loss
+
+            values, loss = store.targets(stored, hook_module, self.hparams.targets, self.templates, optimize)
+            self._remember(stored, hook_module, values, loss)
+        if fresh:
+            result = self._optimize(fresh, hook_module)
+            self._remember(fresh, hook_module, result.values, result.loss)
+        device = next(self.model.parameters()).device
+        values = torch.stack([self._target_cache[key][0] for key in keys], dim=1).to(device)
+        loss = torch.stack([self._target_cache[key][1] for key in keys]).to(device)
         return TargetResult(values=values, h_init=values.new_zeros(0), loss=loss, nll=loss.new_zeros(0),
                             steps=loss.new_zeros(0))
+
+    def _remember(self, requests, hook_module: str, values: torch.Tensor, loss: torch.Tensor) -> None:
+        for i, r in enumerate(requests):
+            self._target_cache[(hook_module, *fact_key(r))] = (values[:, i].clone(), loss[i].clone())
 
     def _spread_updates(self, requests, independent: bool, values: torch.Tensor | None = None,
                         loss: torch.Tensor | None = None) -> tuple[dict, dict, torch.Tensor]:

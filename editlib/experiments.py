@@ -29,6 +29,7 @@ from .models import model_layout
 from .io import atomic_path, content_key
 from .metrics import counterfact_metrics, counterfact_scores, generation_entropy
 from .records import EditRequest, batches
+from .target_store import TargetStore
 from .templates import sample_context_templates
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class ExperimentContext:
     second_moments: dict[int, torch.Tensor]
     progress: bool = True
     generation_entropy: bool = False
+    target_store: TargetStore | None = None
     _templates: dict = field(default_factory=dict, repr=False)
 
     def templates(self, hparams: EditHparams) -> list[str]:
@@ -60,7 +62,8 @@ class ExperimentContext:
         return self._templates[key]
 
     def editor(self, hparams: EditHparams) -> Editor:
-        return Editor(self.model, self.tokenizer, hparams, self.second_moments, self.templates(hparams), self.progress)
+        return Editor(self.model, self.tokenizer, hparams, self.second_moments, self.templates(hparams), self.progress,
+                      self.target_store)
 
     def session(self, spec: "EditHparams | GraceSpec | MendSpec"):
         """An editing session for a locate-and-edit method, GRACE or MEND."""

@@ -38,9 +38,10 @@ from .experiments import (
 from .grace import GraceHparams
 from .hparams import METHODS, make_hparams
 from .io import atomic_dir, atomic_path, write_csv, write_json
-from .models import load_model, model_layout
+from .models import load_model, model_fingerprint, model_layout
 from .records import load_requests
 from .stats import StatsConfig, layer_second_moments, load_moments, save_moments
+from .target_store import TargetStore
 
 log = logging.getLogger("editlib.pipeline")
 
@@ -197,11 +198,19 @@ def compute_statistics(config: dict, model_dir: str | Path, corpus_path: str | P
 # ---------------------------------------------------------------------------- experiments
 
 
-def load_context(config: dict, model_dir: str | Path, moments_path: str | Path | None) -> ExperimentContext:
+def load_context(config: dict, model_dir: str | Path, moments_path: str | Path | None,
+                 records_path: str | Path | None = None) -> ExperimentContext:
+    """The unedited model, its statistics, and (with `records_path`) the on-disk store of z for
+    the facts of that records file, under config `target_cache` (null: no store)."""
     model, tokenizer = load_configured_model(config, model_dir)
     moments = load_moments(moments_path) if moments_path else {}
+    root = config.get("target_cache", ".cache/targets")
+    store = None
+    if records_path is not None and root:
+        store = TargetStore(root, load_requests(records_path), model_fingerprint(model))
     return ExperimentContext(model, tokenizer, config["model"]["name"], moments, progress=True,
-                             generation_entropy=config["metrics"].get("generation_entropy", False))
+                             generation_entropy=config["metrics"].get("generation_entropy", False),
+                             target_store=store)
 
 
 def edit_requests(records_path: str | Path, n: int):
@@ -234,7 +243,7 @@ def edit_spec(config: dict, method: str, layers: Sequence[int], mend_path: str |
 
 def run_layer_sweep(config: dict, method: str, model_dir, moments_path, records_path, out_path) -> pd.DataFrame:
     sweep = config["experiments"]["layer_sweep"]
-    ctx = load_context(config, model_dir, moments_path)
+    ctx = load_context(config, model_dir, moments_path, records_path)
     requests = edit_requests(records_path, sweep["n_records"])
     frame = layer_sweep(ctx, requests, method, sweep["layers"], method_overrides(config, method))
     write_csv(out_path, frame)
@@ -242,7 +251,7 @@ def run_layer_sweep(config: dict, method: str, model_dir, moments_path, records_
 
 
 def run_single(config: dict, method: str, model_dir, moments_path, records_path, sweep_path, out_path) -> pd.DataFrame:
-    ctx = load_context(config, model_dir, moments_path)
+    ctx = load_context(config, model_dir, moments_path, records_path)
     requests = edit_requests(records_path, config["experiments"]["single"]["n_records"])
     hparams = edit_spec(config, method, resolve_layers(config, method, sweep_path))
     frame = single_edits(ctx, requests, hparams)
@@ -272,7 +281,7 @@ def downstream_function(config: dict, tasks_dir: str | Path, method: str):
 def run_batched(config: dict, method: str, model_dir, moments_path, records_path, sweep_path, out_path,
                 downstream_path, tasks_dir) -> pd.DataFrame:
     settings = config["experiments"]["batched"]
-    ctx = load_context(config, model_dir, moments_path)
+    ctx = load_context(config, model_dir, moments_path, records_path)
     sizes = settings["batch_sizes"]
     requests = edit_requests(records_path, settings.get("n_records", max(sizes)))
     hparams = edit_spec(config, method, resolve_layers(config, method, sweep_path))
@@ -286,7 +295,7 @@ def run_batched(config: dict, method: str, model_dir, moments_path, records_path
 def run_sequential(config: dict, method: str, batch_size: int, model_dir, moments_path, records_path, sweep_path,
                    mend_path, tasks_dir, out_path, downstream_path, checkpoint_path) -> pd.DataFrame:
     settings = config["experiments"]["sequential"]
-    ctx = load_context(config, model_dir, moments_path)
+    ctx = load_context(config, model_dir, moments_path, records_path)
     total = settings["total_edits"]
     requests = edit_requests(records_path, total)
     layers = () if method == MEND else resolve_layers(config, method, sweep_path)

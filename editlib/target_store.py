@@ -1,0 +1,78 @@
+"""Target values z of the unedited model, cached on disk and shared by every experiment.
+
+A fact's z depends on the model state, the hooked module, the target hyperparameters, the context
+templates and the fact, not on the other facts it is optimised with (independent deltas), so
+MEMIT, EMMET and AlphaEdit with the same target hyperparameters, or the layer sweep and the
+single-edit run at the same layer, need the same numbers. Up to float rounding (~1e-4) they
+do depend on which facts share a padded batch, so that results never depend on which job fills
+the cache first, facts are always optimised in the same blocks: block b holds records
+[b*B, (b+1)*B) of the record pool (the records file) with B = facts_per_chunk, and a block is
+computed and stored whole. Files are named by a content key of all of the above.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .io import atomic_path, content_key
+from .records import EditRequest
+from .values import TargetHparams
+
+log = logging.getLogger(__name__)
+
+Optimize = Callable[[list[EditRequest]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def fact_key(request: EditRequest) -> tuple:
+    """What a fact's z depends on from its record."""
+    return (request.case_id, request.prompt, request.subject, request.target_new)
+
+
+class TargetStore:
+    """Blocks of z (d, B) and final losses (B,) under `root`, for facts of the record `pool`."""
+
+    def __init__(self, root: str | Path, pool: Sequence[EditRequest], model_fingerprint: str):
+        self.root = Path(root)
+        self.pool = list(pool)
+        self.fingerprint = model_fingerprint
+        self.index = {fact_key(r): i for i, r in enumerate(self.pool)}
+        self.hits = self.misses = 0
+
+    def covers(self, request: EditRequest) -> bool:
+        return fact_key(request) in self.index
+
+    def block_path(self, block: int, size: int, hook_module: str, hparams: TargetHparams,
+                   templates: Sequence[str]) -> Path:
+        facts = [fact_key(r) for r in self.pool[block * size : (block + 1) * size]]
+        key = content_key({"model": self.fingerprint, "module": hook_module, "hparams": dataclasses.asdict(hparams),
+                           "templates": list(templates), "facts": facts})
+        return self.root / f"z-{key}.safetensors"
+
+    def targets(self, requests: Sequence[EditRequest], hook_module: str, hparams: TargetHparams,
+                templates: Sequence[str], optimize: Optimize) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (d, N) and loss (N,) of `requests` (all in the pool), loading or computing whole blocks."""
+        size = max(1, hparams.facts_per_chunk)
+        positions = [self.index[fact_key(r)] for r in requests]
+        blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for block in sorted({p // size for p in positions}):
+            path = self.block_path(block, size, hook_module, hparams, templates)
+            if path.exists():
+                data = load_file(str(path))
+                self.hits += 1
+            else:
+                log.info("z block %d (%d facts) at %s: computing", block, size, hook_module)
+                values, loss = optimize(self.pool[block * size : (block + 1) * size])
+                data = {"values": values.detach().cpu().contiguous(), "loss": loss.detach().cpu().contiguous()}
+                with atomic_path(path) as tmp:
+                    save_file(data, str(tmp), metadata={"module": hook_module, "block": str(block), "size": str(size)})
+                self.misses += 1
+            blocks[block] = data["values"], data["loss"]
+        values = torch.stack([blocks[p // size][0][:, p % size] for p in positions], dim=1)
+        loss = torch.stack([blocks[p // size][1][p % size] for p in positions])
+        return values, loss

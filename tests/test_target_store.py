@@ -1,0 +1,90 @@
+"""The on-disk store of z: shared across sessions and methods, independent of who computes first."""
+
+import dataclasses
+
+import torch
+
+from conftest import make_requests
+from editlib.editing import Editor
+from editlib.hparams import make_hparams
+from editlib.models import model_fingerprint, model_layout
+from editlib.records import EditRequest
+from editlib.target_store import TargetStore
+from editlib.values import optimize_targets
+
+TARGETS = {"v_num_grad_steps": 6, "clamp_norm_factor": 4.0, "facts_per_chunk": 2}
+TEMPLATES = ["{}", "Some words here. {}"]
+
+
+def _moments(model):
+    d_k = model.config.intermediate_size
+    return {layer: torch.eye(d_k) for layer in range(model.config.num_hidden_layers)}
+
+
+def _editor(model, tokenizer, store, method="memit", layers=(1,), **targets):
+    hparams = make_hparams(method, layers=layers, targets={**TARGETS, **targets})
+    return Editor(model, tokenizer, hparams, _moments(model), TEMPLATES, progress=False, target_store=store)
+
+
+def test_store_is_shared_and_independent_of_request_order(tiny_llama, llama_tokenizer, tmp_path):
+    pool = make_requests(6)
+    fingerprint = model_fingerprint(tiny_llama)
+    module = model_layout(tiny_llama).block(1)
+    first = TargetStore(tmp_path, pool, fingerprint)
+    z_first = _editor(tiny_llama, llama_tokenizer, first)._targets([pool[5], pool[1]], module).values
+    assert (first.hits, first.misses) == (0, 2)  # blocks {4,5} and {0,1}, each computed whole
+    assert len(list(tmp_path.glob("z-*.safetensors"))) == 2
+
+    # another job (new store object, new session), another method, other facts in another order
+    second = TargetStore(tmp_path, pool, fingerprint)
+    z_all = _editor(tiny_llama, llama_tokenizer, second, method="emmet")._targets(pool, module).values
+    assert (second.hits, second.misses) == (2, 1)  # only block {2,3} was new
+    assert torch.equal(z_all[:, [5, 1]], z_first)
+
+    # what the store holds equals a direct optimisation of the same blocks
+    hparams = make_hparams("memit", layers=(1,), targets=TARGETS).targets
+    for block in range(3):
+        direct = optimize_targets(tiny_llama, llama_tokenizer, pool[2 * block : 2 * block + 2], TEMPLATES, module,
+                                  hparams, progress=False)
+        assert torch.equal(z_all[:, 2 * block : 2 * block + 2], direct.values)
+
+
+def test_store_keys_follow_what_z_depends_on(tiny_llama, llama_tokenizer, tmp_path):
+    pool = make_requests(4)
+    module = model_layout(tiny_llama).block(1)
+    store = TargetStore(tmp_path, pool, model_fingerprint(tiny_llama))
+    _editor(tiny_llama, llama_tokenizer, store)._targets(pool[:2], module)
+    _editor(tiny_llama, llama_tokenizer, store, v_lr=0.25)._targets(pool[:2], module)  # other hyperparameters
+    _editor(tiny_llama, llama_tokenizer, store)._targets(pool[:2], model_layout(tiny_llama).block(0))  # other layer
+    assert store.misses == 3
+    # another model state gets other files
+    other = TargetStore(tmp_path, pool, "another-model")
+    _editor(tiny_llama, llama_tokenizer, other)._targets(pool[:2], module)
+    assert other.misses == 1
+    # a changed record changes its block's key
+    changed = [dataclasses.replace(pool[0], target_new="Swedish"), *pool[1:]]
+    hparams = make_hparams("memit", layers=(1,), targets=TARGETS).targets
+    assert store.block_path(0, 2, module, hparams, TEMPLATES) != \
+        TargetStore(tmp_path, changed, store.fingerprint).block_path(0, 2, module, hparams, TEMPLATES)
+    assert store.block_path(1, 2, module, hparams, TEMPLATES) == \
+        TargetStore(tmp_path, changed, store.fingerprint).block_path(1, 2, module, hparams, TEMPLATES)
+
+
+def test_edited_weights_and_foreign_facts_bypass_the_store(tiny_llama, llama_tokenizer, tmp_path):
+    pool = make_requests(4)
+    store = TargetStore(tmp_path, pool, model_fingerprint(tiny_llama))
+    editor = _editor(tiny_llama, llama_tokenizer, store)
+    try:
+        editor.apply(pool[:2])
+        assert store.misses == 1  # the first batch, on unedited weights
+        editor.apply(pool[2:])  # weights are edited now: z is optimised on them, not stored
+        assert (store.hits, store.misses) == (0, 1)
+        assert len(list(tmp_path.glob("z-*.safetensors"))) == 1
+    finally:
+        editor.restore()
+    foreign = EditRequest(case_id=99, prompt="{} lives in", subject="Marcel Proust", target_new="Rome",
+                          target_true="Paris")
+    module = model_layout(tiny_llama).block(1)
+    z = _editor(tiny_llama, llama_tokenizer, store)._targets([foreign, pool[0]], module).values  # a new session
+    assert (store.hits, store.misses) == (1, 1) and torch.isfinite(z).all()
+    assert len(list(tmp_path.glob("z-*.safetensors"))) == 1
