@@ -34,6 +34,15 @@ DEFAULT_CACHE = Path(os.environ.get("EDITLIB_BENCH_CACHE", "/tmp/editlib-bench-c
 WORLD = {"seed": 0, "n_subjects": 1100}
 # 6 layers (for a 6-layer statistics sweep), hidden 128, intermediate 4x.
 TRAIN = {"layers": 6, "hidden": 128, "intermediate": 512, "heads": 4, "vocab_size": 2048, "steps": 1200}
+# Random-weight models of these shapes (`--shapes`); "bench" is the toy model's width and depth.
+SHAPES = {
+    "bench": {"hidden_size": TRAIN["hidden"], "intermediate_size": TRAIN["intermediate"],
+              "num_hidden_layers": TRAIN["layers"], "num_attention_heads": TRAIN["heads"],
+              "num_key_value_heads": TRAIN["heads"]},
+    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                  "rope_theta": 500000.0},
+}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -44,11 +53,15 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, 2 repeats (a smoke run)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each variant (interleaved)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1 is fastest on a shared 2-core machine)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="toy world + model cache")
     parser.add_argument("--random-model", action="store_true",
-                        help="skip the toy world: random-weight tiny Llama + locally trained tokenizer")
+                        help="skip the toy world: random-weight Llama + locally trained tokenizer")
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="bench",
+                        help="shapes of the random-weight model (llama3-8b implies --random-model; needs a GPU)")
+    parser.add_argument("--model-layers", type=int, default=None, help="depth of the random-weight model")
+    parser.add_argument("--device", default="cpu", help="e.g. cuda")
+    parser.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     return parser
 
 
@@ -89,13 +102,22 @@ class Bench:
 
 
 def load_bench(args: argparse.Namespace) -> Bench:
-    """The toy-world model (trained and cached on first use), else the random-weight fallback."""
-    if not args.random_model:
+    """The toy-world model (trained and cached on first use), else a random-weight Llama, on
+    `args.device` in `args.model_dtype`."""
+    bench = None
+    if not args.random_model and args.shapes == "bench":
         try:
-            return _toy_world_bench(Path(args.cache_dir))
+            bench = _toy_world_bench(Path(args.cache_dir))
         except ImportError as err:
             print(f"# toy world unavailable ({err}); using a random-weight tiny Llama", file=sys.stderr)
-    return _random_bench()
+    if bench is None:
+        shapes = dict(SHAPES[args.shapes])
+        if args.model_layers:
+            shapes["num_hidden_layers"] = args.model_layers
+        bench = _random_bench(shapes, args.shapes, args.device)
+    bench.model.to(device=args.device, dtype=getattr(torch, args.model_dtype))
+    bench.source += f"; {args.model_dtype} on {args.device}"
+    return bench
 
 
 def _toy_world_bench(cache_dir: Path) -> Bench:
@@ -131,12 +153,13 @@ def _toy_world_bench(cache_dir: Path) -> Bench:
     return Bench(model, tokenizer, requests, texts, source)
 
 
-def _random_bench() -> Bench:
+def _random_bench(shapes: dict, label: str, device: str = "cpu") -> Bench:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from editlib.vocab import train_bpe_tokenizer
 
-    names = [f"{a}{b}" for a in ("Ka", "Lo", "Mi", "Ne", "Su", "Ta", "Vo", "Ze") for b in ("ran", "del", "bis", "tor")]
+    names = [f"{a}{b}{c}" for a in ("Ka", "Lo", "Mi", "Ne", "Su", "Ta", "Vo", "Ze") for b in ("ran", "del", "bis", "tor")
+             for c in ("", "us", "an", "el", "is", "or", "im", "ax")]  # 256 names x 4 relations = 1024 requests
     relations = [("The mother tongue of {} is", ["French", "English", "Dutch", "Spanish"]),
                  ("{} is a citizen of", ["France", "Spain", "Italy", "Japan"]),
                  ("{} plays the", ["piano", "guitar", "violin", "drums"]),
@@ -147,13 +170,13 @@ def _random_bench() -> Bench:
     texts = [" ".join(sentences[i : i + 6]) for i in range(0, len(sentences), 6)]
     tokenizer = train_bpe_tokenizer(sentences, vocab_size=1024, add_bos=True)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=TRAIN["hidden"],
-                         intermediate_size=TRAIN["intermediate"], num_hidden_layers=TRAIN["layers"],
-                         num_attention_heads=TRAIN["heads"], num_key_value_heads=TRAIN["heads"],
-                         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
+    # token ids stay below the tokenizer's size; a larger vocab_size (llama3-8b) only widens the head
+    fields = {"vocab_size": len(tokenizer), "max_position_embeddings": 512, "bos_token_id": tokenizer.bos_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+              "tie_word_embeddings": False, **shapes}
+    config = LlamaConfig(**fields)
+    with torch.device(device):  # initialised where it runs (8B parameters do not fit a CI machine)
+        model = LlamaForCausalLM(config).eval()
     for param in model.parameters():
         param.requires_grad_(False)
     requests = []
@@ -164,7 +187,8 @@ def _random_bench() -> Bench:
         requests.append(EditRequest(case_id=i, prompt=prompt, subject=subject, target_new=new, target_true=true,
                                     paraphrase_prompts=(f"Some say that {prompt.format(subject)}",),
                                     neighborhood_prompts=(prompt.format(names[(i + 3) % len(names)]),)))
-    return Bench(model, tokenizer, requests, texts, f"random-weight Llama {TRAIN['layers']}L h{TRAIN['hidden']} "
+    return Bench(model, tokenizer, requests, texts, f"random-weight Llama, {label} shapes: {config.num_hidden_layers}L "
+                 f"h{config.hidden_size} ff{config.intermediate_size} vocab {config.vocab_size} "
                  f"({len(requests)} synthetic requests)")
 
 
@@ -190,8 +214,15 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup:
         for name, fn in variants.items():
             start = time.perf_counter()
             fn()
+            synchronize()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so wall-clock times cover it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def median(values: Sequence[float]) -> float:

@@ -2,6 +2,7 @@
 
     python bench/edit_throughput.py                       # N = 16, 256, 1024 on the toy-world model
     python bench/edit_throughput.py --sizes 16,256 --quick
+    python bench/edit_throughput.py --shapes llama3-8b --device cuda --model-dtype bfloat16 --layers 4,5,6,7,8
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import time
 
 import torch
 
-from common import base_parser, load_bench, print_table, setup, take_requests
+from common import base_parser, load_bench, print_table, setup, synchronize, take_requests
 from editlib.editing import Editor
 from editlib.hparams import make_hparams
 from editlib.templates import MEMIT_LENGTHS, sample_context_templates
@@ -43,14 +44,15 @@ def main() -> None:
     rows = []
     for method in args.methods.split(","):
         hp = make_hparams(method, layers=layers, targets={"v_num_grad_steps": args.steps, "facts_per_chunk": 64})
-        editor = Editor(bench.model, bench.tokenizer, hp, covariances, templates, progress=False)
         for n in sizes:
-            editor.restore()
+            # a new session per size: no z reused from a smaller N (and no on-disk target store)
+            editor = Editor(bench.model, bench.tokenizer, hp, covariances, templates, progress=False)
             start = time.perf_counter()
             editor.apply(requests[:n])
+            synchronize()
             seconds = time.perf_counter() - start
+            editor.restore()
             rows.append({"method": method, "N": n, "seconds": seconds, "edits/s": n / seconds})
-        editor.restore()
     print_table(rows)
 
 

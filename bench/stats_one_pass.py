@@ -9,6 +9,7 @@ corpus tokens per second, and the largest difference between the two results.
     python bench/stats_one_pass.py                 # 6-layer sweep (layers 0-5), 1024 wiki documents
     python bench/stats_one_pass.py --quick
     python bench/stats_one_pass.py --profile       # also: where the time goes, per variant
+    python bench/stats_one_pass.py --random-model --model-layers 32 --layers 0-31 --docs 128   # paper-depth sweep
 """
 
 from __future__ import annotations

@@ -207,7 +207,9 @@ def load_context(config: dict, model_dir: str | Path, moments_path: str | Path |
     root = config.get("target_cache", ".cache/targets")
     store = None
     if records_path is not None and root:
-        store = TargetStore(root, load_requests(records_path), model_fingerprint(model))
+        # z computed on another device type differs in float rounding: keep them apart
+        device = next(model.parameters()).device.type
+        store = TargetStore(root, load_requests(records_path), f"{model_fingerprint(model)}-{device}")
     return ExperimentContext(model, tokenizer, config["model"]["name"], moments, progress=True,
                              generation_entropy=config["metrics"].get("generation_entropy", False),
                              target_store=store)

@@ -22,16 +22,18 @@ def reference_z(model, tokenizer, request, templates, hook_module, hp):
     for i, r in enumerate(all_rows):
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
-    delta = torch.zeros(model.config.hidden_size, requires_grad=True)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    delta = torch.zeros(model.config.hidden_size, device=device, requires_grad=True)
     state = {}
 
     def hook(module, args, output):
         out = output[0] if isinstance(output, tuple) else output
         if "init" not in state:
-            state["init"] = out[0, lookup[0]].detach().clone()
+            state["init"] = out[0, lookup[0]].detach().float().clone()
         out = out.clone()
         for i, idx in enumerate(lookup):
-            out[i, idx] = out[i, idx] + delta
+            out[i, idx] = out[i, idx] + delta.to(out.dtype)
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
     handle = model.get_submodule(hook_module).register_forward_hook(hook)
