@@ -110,6 +110,9 @@ def test_full_run_writes_tidy_tables_and_figures(completed):
     assert (completed / "logs" / "tiny" / "statistics.log").exists()
     assert (completed / "benchmarks" / "tiny" / "statistics.tsv").exists()
     assert not list((completed / "results" / "tiny").rglob("*.safetensors")), "checkpoints left behind"
+    # z of the unedited model was optimised once per (module, block) and shared by the sweep, the
+    # batched run and the first sequential batch: MEMIT at blocks 0 and 1 (sweep), ROME at MLP 0
+    assert len(list((completed / ".cache" / "targets").glob("z-*.safetensors"))) == 3
 
 
 def test_rerun_after_success_does_nothing(completed):
