@@ -9,10 +9,12 @@ from editlib.models import model_layout
 from editlib.stats import (
     StatisticsError,
     StatsConfig,
+    accumulate_upper_gram,
     collect_second_moments,
     layer_second_moments,
     load_moments,
     save_moments,
+    symmetric_from_upper,
 )
 
 
@@ -104,3 +106,14 @@ def test_moments_file_round_trip(tiny_llama, llama_tokenizer, corpus, tmp_path):
     loaded = load_moments(tmp_path / "m.safetensors")
     assert sorted(loaded) == [0, 2]
     torch.testing.assert_close(loaded[2], moments[2].mean)
+
+
+@pytest.mark.parametrize("width", [100, 300, 1030])
+def test_upper_triangle_accumulation_equals_full_gram(width):
+    torch.manual_seed(0)
+    total = torch.zeros(width, width, dtype=torch.float64)
+    parts = [torch.randn(n, width, dtype=torch.float64) for n in (7, 50, 1)]
+    for feats in parts:
+        accumulate_upper_gram(total, feats)
+    everything = torch.cat(parts)
+    torch.testing.assert_close(symmetric_from_upper(total), everything.T @ everything, rtol=1e-12, atol=1e-10)
