@@ -460,3 +460,41 @@ def test_real_qa_wikidata_records(tmp_path):
     hope = cases[("P27", "A. D. Hope")]
     assert hope.target_true == "Australia" and hope.target_new != "Australia" and len(hope.neighborhood_prompts) == 10
     assert all(r.target_true != r.target_new and len(r.paraphrase_prompts) == 2 for r in requests)
+
+
+@pytest.mark.slow
+def test_real_smollm2_cached_prefix_z_equals_whole_prompts(tmp_path):
+    """On a real Llama-architecture model and tokenizer, z with the prefix cache = z re-running whole prompts."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from editlib.models import model_layout
+    from editlib.values import TargetHparams, optimize_targets
+
+    out = assets.prepare_smollm2(ASSET_CACHE, tmp_path / "smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    requests = [
+        EditRequest(case_id=0, prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome"),
+        EditRequest(case_id=1, prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English"),
+        EditRequest(case_id=2, prompt="{} plays the", subject="Marcel Proust", target_new="guitar"),
+    ]
+    templates = ["{}", "The weather is nice today. {}", "Here is a fact. {}"]
+    hp = TargetHparams(v_num_grad_steps=5, early_stop_loss=0.0)
+    module = model_layout(model).block(8)
+    times = {}
+    results = {}
+    for cache in (True, False):
+        start = time.perf_counter()
+        results[cache] = optimize_targets(model, tokenizer, requests, templates, module,
+                                          dataclasses.replace(hp, cache_prefix=cache), progress=False)
+        times[cache] = time.perf_counter() - start
+    print(f"\nsmollm2 z, 3 facts x 5 steps: cached prefix {times[True]:.2f}s, whole prompts {times[False]:.2f}s")
+    torch.testing.assert_close(results[True].h_init, results[False].h_init, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results[True].values, results[False].values, rtol=1e-3, atol=1e-3)
+    assert (results[True].nll < results[True].nll.new_tensor(20)).all()
+    assert (results[True].values - results[True].h_init).norm(dim=0).min() > 0
