@@ -39,7 +39,7 @@ from .grace import GraceHparams
 from .hparams import METHODS, make_hparams
 from .io import atomic_dir, atomic_path, write_csv, write_json
 from .models import load_model, model_fingerprint, model_layout
-from .records import load_requests
+from .records import EditRequest, load_requests
 from .stats import StatsConfig, layer_second_moments, load_moments, save_moments
 from .target_store import TargetStore
 
@@ -199,28 +199,27 @@ def compute_statistics(config: dict, model_dir: str | Path, corpus_path: str | P
 
 
 def load_context(config: dict, model_dir: str | Path, moments_path: str | Path | None,
-                 records_path: str | Path | None = None) -> ExperimentContext:
-    """The unedited model, its statistics, and (with `records_path`) the on-disk store of z for
-    the facts of that records file, under config `target_cache` (null: no store)."""
+                 records: Sequence[EditRequest] | None = None) -> ExperimentContext:
+    """The unedited model, its statistics, and (with `records`, all of the records file) the
+    on-disk store of z for those facts, under config `target_cache` (null: no store)."""
     model, tokenizer = load_configured_model(config, model_dir)
     moments = load_moments(moments_path) if moments_path else {}
     root = config.get("target_cache", ".cache/targets")
     store = None
-    if records_path is not None and root:
+    if records is not None and root:
         # z computed on another device type differs in float rounding: keep them apart
         device = next(model.parameters()).device.type
-        store = TargetStore(root, load_requests(records_path), f"{model_fingerprint(model)}-{device}")
+        store = TargetStore(root, records, f"{model_fingerprint(model)}-{device}")
     return ExperimentContext(model, tokenizer, config["model"]["name"], moments, progress=True,
                              generation_entropy=config["metrics"].get("generation_entropy", False),
                              target_store=store)
 
 
-def edit_requests(records_path: str | Path, n: int):
-    """The first `n` records (validated); fewer in the file is an error."""
-    requests = load_requests(records_path, limit=n)
-    if len(requests) < n:
-        raise ValueError(f"{records_path}: experiment needs {n} records, the file has {len(requests)}")
-    return requests
+def edit_requests(records: Sequence[EditRequest], n: int, records_path: str | Path) -> list[EditRequest]:
+    """The first `n` of the records loaded from `records_path`; fewer is an error."""
+    if len(records) < n:
+        raise ValueError(f"{records_path}: experiment needs {n} records, the file has {len(records)}")
+    return list(records[:n])
 
 
 def resolve_layers(config: dict, method: str, sweep_path: str | Path | None) -> tuple[int, ...]:
@@ -245,16 +244,18 @@ def edit_spec(config: dict, method: str, layers: Sequence[int], mend_path: str |
 
 def run_layer_sweep(config: dict, method: str, model_dir, moments_path, records_path, out_path) -> pd.DataFrame:
     sweep = config["experiments"]["layer_sweep"]
-    ctx = load_context(config, model_dir, moments_path, records_path)
-    requests = edit_requests(records_path, sweep["n_records"])
+    records = load_requests(records_path)
+    ctx = load_context(config, model_dir, moments_path, records)
+    requests = edit_requests(records, sweep["n_records"], records_path)
     frame = layer_sweep(ctx, requests, method, sweep["layers"], method_overrides(config, method))
     write_csv(out_path, frame)
     return frame
 
 
 def run_single(config: dict, method: str, model_dir, moments_path, records_path, sweep_path, out_path) -> pd.DataFrame:
-    ctx = load_context(config, model_dir, moments_path, records_path)
-    requests = edit_requests(records_path, config["experiments"]["single"]["n_records"])
+    records = load_requests(records_path)
+    ctx = load_context(config, model_dir, moments_path, records)
+    requests = edit_requests(records, config["experiments"]["single"]["n_records"], records_path)
     hparams = edit_spec(config, method, resolve_layers(config, method, sweep_path))
     frame = single_edits(ctx, requests, hparams)
     write_csv(out_path, frame)
@@ -283,9 +284,10 @@ def downstream_function(config: dict, tasks_dir: str | Path, method: str):
 def run_batched(config: dict, method: str, model_dir, moments_path, records_path, sweep_path, out_path,
                 downstream_path, tasks_dir) -> pd.DataFrame:
     settings = config["experiments"]["batched"]
-    ctx = load_context(config, model_dir, moments_path, records_path)
+    records = load_requests(records_path)
+    ctx = load_context(config, model_dir, moments_path, records)
     sizes = settings["batch_sizes"]
-    requests = edit_requests(records_path, settings.get("n_records", max(sizes)))
+    requests = edit_requests(records, settings.get("n_records", max(sizes)), records_path)
     hparams = edit_spec(config, method, resolve_layers(config, method, sweep_path))
     downstream = downstream_function(config, tasks_dir, method) if settings.get("downstream") else None
     frame, downstream_frame = batched_edits(ctx, requests, hparams, sizes, downstream=downstream)
@@ -297,9 +299,10 @@ def run_batched(config: dict, method: str, model_dir, moments_path, records_path
 def run_sequential(config: dict, method: str, batch_size: int, model_dir, moments_path, records_path, sweep_path,
                    mend_path, tasks_dir, out_path, downstream_path, checkpoint_path) -> pd.DataFrame:
     settings = config["experiments"]["sequential"]
-    ctx = load_context(config, model_dir, moments_path, records_path)
+    records = load_requests(records_path)
+    ctx = load_context(config, model_dir, moments_path, records)
     total = settings["total_edits"]
-    requests = edit_requests(records_path, total)
+    requests = edit_requests(records, total, records_path)
     layers = () if method == MEND else resolve_layers(config, method, sweep_path)
     spec = edit_spec(config, method, layers, mend_path)
     downstream = downstream_function(config, tasks_dir, method)
