@@ -1,13 +1,10 @@
-"""Editing hyperparameters as typed dataclasses, loadable from YAML (SPEC section 4 defaults)."""
+"""Editing hyperparameters as typed dataclasses: method defaults (SPEC section 4) plus overrides."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from .templates import MEMIT_LENGTHS, ROME_LENGTHS
 from .values import TargetHparams
@@ -93,10 +90,3 @@ def make_hparams(method: str, **overrides: Any) -> EditHparams:
         values["context_lengths"] = tuple(tuple(x) for x in values["context_lengths"])
     return EditHparams(method=method, targets=TargetHparams(**targets), **values)
 
-
-def load_hparams(path: str | Path, method: str, **overrides: Any) -> EditHparams:
-    """Hyperparameters for `method` from a YAML file mapping method -> fields, plus overrides."""
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    if method not in data:
-        raise ValueError(f"{path}: no entry for method {method!r} (found {sorted(data)})")
-    return make_hparams(method, **_merge(data[method], overrides))
