@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from .models import final_hidden, lm_head
-from .records import EditRequest
+from .records import EditRequest, batches
 from .tokens import length_sorted_chunks, pad_id, pad_right, prompt_ids, target_ids
 
 
@@ -172,8 +172,8 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for start in range(0, len(prompts), batch_size):
-                enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True).to(device)
+            for batch in batches(prompts, batch_size):
+                enc = tokenizer(list(batch), return_tensors="pt", padding=True).to(device)
                 out = model.generate(**enc, generation_config=config)
                 texts.extend(tokenizer.batch_decode(out, skip_special_tokens=True))
     finally:

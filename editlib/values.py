@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .keys import build_context_prompts
 from .models import edit_output, final_hidden_after, lm_head, prefix_key_values
-from .records import EditRequest
+from .records import EditRequest, batches
 from .tokens import pad_id, pad_right, target_ids
 
 
@@ -88,8 +88,7 @@ def optimize_targets(
 ) -> TargetResult:
     """Optimise the target of every request at `hook_module`'s output; chunks of facts share passes."""
     parts = []
-    size = max(1, hparams.facts_per_chunk)
-    chunks = [requests[s : s + size] for s in range(0, len(requests), size)]
+    chunks = list(batches(requests, max(1, hparams.facts_per_chunk)))
     for chunk in tqdm(chunks, desc=f"targets @ {hook_module}", disable=not progress or len(chunks) < 2):
         parts.append(_optimize_chunk(model, tokenizer, chunk, templates, hook_module, hparams))
     return TargetResult(*(torch.cat([getattr(p, f) for p in parts], dim=-1) for f in TargetResult.__dataclass_fields__))
