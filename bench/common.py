@@ -121,7 +121,9 @@ def load_bench(args: argparse.Namespace) -> Bench:
 
 
 def _toy_world_bench(cache_dir: Path) -> Bench:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from editlib.models import load_tokenizer
 
     from editlib.pretrain import RecallError, TrainConfig, train_model
     from editlib.records import load_requests
@@ -143,7 +145,7 @@ def _toy_world_bench(cache_dir: Path) -> Bench:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(str(model_dir))
     tokenizer.padding_side = "right"
     requests = load_requests(world_dir / "counterfact.json")
     texts = [json.loads(line)["text"] for line in (world_dir / "wiki.jsonl").read_text().splitlines() if line.strip()]

@@ -9,29 +9,32 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
-# model_type -> (rewrite module, block, mlp, final norm)
-_LAYOUTS: dict[str, tuple[str, str, str, str]] = {
-    "llama": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm"),
-    "mistral": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm"),
-    "qwen2": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm"),
-    "qwen3": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm"),
-    "gemma": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm"),
-    "gemma2": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm"),
-    "gemma3_text": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm"),
-    "gpt2": ("transformer.h.{}.mlp.c_proj", "transformer.h.{}", "transformer.h.{}.mlp", "transformer.ln_f"),
-    "gptj": ("transformer.h.{}.mlp.fc_out", "transformer.h.{}", "transformer.h.{}.mlp", "transformer.ln_f"),
+# model_type -> (rewrite module, block, mlp, final norm, attention)
+_LAYOUTS: dict[str, tuple[str, str, str, str, str]] = {
+    "llama": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm", "model.layers.{}.self_attn"),
+    "mistral": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm", "model.layers.{}.self_attn"),
+    "qwen2": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm", "model.layers.{}.self_attn"),
+    "qwen3": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm", "model.layers.{}.self_attn"),
+    "gemma": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm", "model.layers.{}.self_attn"),
+    "gemma2": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm", "model.layers.{}.self_attn"),
+    "gemma3_text": ("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.layers.{}.mlp", "model.norm", "model.layers.{}.self_attn"),
+    "gpt2": ("transformer.h.{}.mlp.c_proj", "transformer.h.{}", "transformer.h.{}.mlp", "transformer.ln_f", "transformer.h.{}.attn"),
+    "gptj": ("transformer.h.{}.mlp.fc_out", "transformer.h.{}", "transformer.h.{}.mlp", "transformer.ln_f", "transformer.h.{}.attn"),
     "gpt_neox": (
         "gpt_neox.layers.{}.mlp.dense_4h_to_h",
         "gpt_neox.layers.{}",
         "gpt_neox.layers.{}.mlp",
         "gpt_neox.final_layer_norm",
+        "gpt_neox.layers.{}.attention",
     ),
 }
 
@@ -49,6 +52,7 @@ class ModelLayout:
     block_module: str
     mlp_module: str
     final_norm: str
+    attn_module: str
     n_layers: int
 
     def rewrite(self, layer: int) -> str:
@@ -59,6 +63,9 @@ class ModelLayout:
 
     def mlp(self, layer: int) -> str:
         return self.mlp_module.format(self.check_layer(layer))
+
+    def attn(self, layer: int) -> str:
+        return self.attn_module.format(self.check_layer(layer))
 
     def check_layer(self, layer: int) -> int:
         if not 0 <= layer < self.n_layers:
@@ -93,11 +100,31 @@ def load_model(
     model.to(device).eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    tokenizer = load_tokenizer(name_or_path, revision)
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None):
+    """The tokenizer of a model folder or hub id.
+
+    A folder whose tokenizer is the generic one (its tokenizer.json is the whole tokenizer, as for
+    the toy models built here) is loaded exactly as saved: `AutoTokenizer` would otherwise build
+    the model type's own tokenizer class around the vocabulary (e.g. Qwen2's pre-tokenizer for a
+    qwen2 model), which splits text differently from the tokenizer the model was trained with.
+    """
+    from transformers import AutoTokenizer
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    config = Path(name_or_path) / "tokenizer_config.json"
+    if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") in GENERIC_TOKENIZERS:
+        return TokenizersBackend.from_pretrained(name_or_path)
+    return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -148,7 +175,9 @@ def prefix_key_values(model: nn.Module, input_ids: torch.Tensor) -> list[tuple[t
     """
     if input_ids.shape[1] == 0:
         return None
-    cache = model.base_model(input_ids=input_ids, use_cache=True).past_key_values
+    # a plain cache keeps every position in every layer (a sliding-window layer's own cache would
+    # drop the oldest ones); sliding masks are applied from positions when the cache is read back
+    cache = model.base_model(input_ids=input_ids, past_key_values=DynamicCache(), use_cache=True).past_key_values
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -168,7 +197,7 @@ def final_hidden_after(
     if prefix is None:
         return model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                 position_ids=position_ids).last_hidden_state
-    cache = DynamicCache(ddp_cache_data=prefix, config=model.config)
+    cache = DynamicCache(ddp_cache_data=prefix)
     mask = torch.cat([prefix_mask, attention_mask], dim=1)
     return model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                             past_key_values=cache, use_cache=True).last_hidden_state

@@ -98,11 +98,13 @@ def _split_points(model, prompts, cache_prefix: bool) -> torch.Tensor:
     """Where each row is split: its subject-last token (the prefix before it runs once), or 0.
 
     Sliding-window layers mask by cache index, which padded prefixes shift, so rows are split
-    only when the padded prefix + rest fits within the window (then the window masks nothing).
+    only when the padded prefix + rest fits within the window (then the window masks nothing) or
+    the window is one token (each token sees only itself, wherever the prefix ends).
     """
     split = prompts.subject_last.clone()
     window = getattr(model.config.get_text_config(), "sliding_window", None)
-    if window and int(split.max()) + max(len(ids) - s for ids, s in zip(prompts.ids, split.tolist())) > window:
+    longest = int(split.max()) + max(len(ids) - s for ids, s in zip(prompts.ids, split.tolist()))
+    if window and window > 1 and longest > window:
         cache_prefix = False
     return split if cache_prefix else torch.zeros_like(split)
 

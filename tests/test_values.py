@@ -50,7 +50,18 @@ def _gemma3(tokenizer, sliding_window):
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-eager", "gpt2", "gemma3-window-512", "gemma3-window-4"])
+def _toy_local(tokenizer):
+    """The toy-world architecture: self-only (window 1) layers with MLPs, then attention-only layers."""
+    from editlib.pretrain import TrainConfig, build_model
+
+    model = build_model(TrainConfig(layers=3, hidden=64, intermediate=128, heads=4, local_layers=2, local_window=1,
+                                    mlp_layers=2), tokenizer).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-eager", "gpt2", "gemma3-window-512", "gemma3-window-4", "toy-local"])
 def test_cached_prefix_equals_full_rerun(arch, llama_tokenizer, gpt2_tokenizer, requests_):
     """Running the tokens before the subject once (key/value cache) gives the z of re-running whole prompts."""
     tokenizer = gpt2_tokenizer if arch == "gpt2" else llama_tokenizer
@@ -60,6 +71,7 @@ def test_cached_prefix_equals_full_rerun(arch, llama_tokenizer, gpt2_tokenizer, 
         "gpt2": lambda: make_gpt2(tokenizer),
         "gemma3-window-512": lambda: _gemma3(tokenizer, 512),
         "gemma3-window-4": lambda: _gemma3(tokenizer, 4),  # prompts longer than the window: no split
+        "toy-local": lambda: _toy_local(tokenizer),  # window 1: split, and the cache is exact
     }[arch]()
     layout = model_layout(model)
     templates = ["{}", "Some words here. {}", "Because of that, {}"]
