@@ -35,7 +35,10 @@ from .templates import sample_context_templates
 log = logging.getLogger(__name__)
 
 METRICS = ["ES", "PS", "NS", "S", "EM", "PM", "NM", "GE"]
-RESULT_COLUMNS = ["experiment", "model", "method", "layers", "batch_size", "n_edits", "step", "scope", *METRICS, "n_records"]
+# 95% bootstrap interval over facts of every metric but GE (editlib.metrics.bootstrap_intervals)
+INTERVALS = [f"{name}_{bound}" for name in METRICS if name != "GE" for bound in ("lo", "hi")]
+RESULT_COLUMNS = ["experiment", "model", "method", "layers", "batch_size", "n_edits", "step", "scope", *METRICS,
+                  *INTERVALS, "n_records"]
 DOWNSTREAM_COLUMNS = ["experiment", "model", "method", "batch_size", "n_edits", "task", "metric", "value", "stderr"]
 
 Downstream = Callable[[object, object], list[dict]]
@@ -188,7 +191,7 @@ def result_row(experiment: str, ctx: ExperimentContext, hparams, batch_size: int
     row = {"experiment": experiment, "model": ctx.model_name, "method": hparams.method,
            "layers": layers_label(hparams.layers), "batch_size": batch_size, "n_edits": n_edits, "step": step,
            "scope": scope, "n_records": n_records}
-    row.update({name: metrics.get(name, float("nan")) for name in METRICS})
+    row.update({name: metrics.get(name, float("nan")) for name in (*METRICS, *INTERVALS)})
     return row
 
 
@@ -259,11 +262,16 @@ def batched_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hpara
             raise ValueError(f"batch size {batch_size} exceeds the {len(requests)} available requests")
         usable = requests[: len(requests) - len(requests) % batch_size]
         frames = []
+        if batch_size == 1:  # batches of one fact are single edits: all computed in batched passes
+            frames.append(single_edit_scores(ctx, usable, hparams))
         for index, batch in enumerate(tqdm(list(batches(usable, batch_size)), desc=f"{hparams.method} batch {batch_size}",
                                            disable=not ctx.progress)):
+            if batch_size == 1 and (downstream is None or index > 0):
+                break
             editor.restore()
             editor.apply(batch)
-            frames.append(counterfact_scores(ctx.model, ctx.tokenizer, batch))
+            if batch_size > 1:
+                frames.append(counterfact_scores(ctx.model, ctx.tokenizer, batch))
             if downstream is not None and index == 0:
                 downstream_rows += _downstream_rows(ctx, hparams, batch_size, batch_size, downstream, "batched")
         editor.restore()
@@ -300,12 +308,14 @@ def _load_checkpoint(path: Path, key: str):
 
 def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hparams, batch_size: int,
                      total_edits: int, checkpoint_path: str | Path | None = None, downstream: Downstream | None = None,
-                     downstream_at: Sequence[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                     downstream_at: Sequence[int] | None = None,
+                     eval_at: Sequence[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Batches of `batch_size` applied one after another without reverting, up to `total_edits`.
 
-    After every batch: metrics on the current batch ("current_batch") and on every fact edited so
-    far ("edited_so_far"). `downstream(model, tokenizer)` runs before editing (n_edits 0) and after
-    the batches whose cumulative edit count is in `downstream_at` (default: every batch).
+    After every batch: metrics on the current batch ("current_batch"); on every fact edited so far
+    ("edited_so_far") after the batches whose cumulative edit count is in `eval_at` and after the
+    last one (default: every batch). `downstream(model, tokenizer)` runs before editing (n_edits 0)
+    and after the batches whose cumulative edit count is in `downstream_at` (default: every batch).
     With `checkpoint_path`, state is saved after every batch and a rerun resumes from it.
     `hparams` is an EditHparams (ROME ... AlphaEdit), a GraceSpec or a MendSpec.
     """
@@ -333,11 +343,13 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
             editor.apply(batch)
             n_edits = editor.n_edits
             edited = requests[:n_edits]
-            scores = score_records(ctx, edited, editor)  # the current batch is part of it: one scoring pass
+            whole = eval_at is None or n_edits in set(eval_at) or step == len(plan) - 1
+            scores = score_records(ctx, edited if whole else batch, editor)  # one pass; the batch is part of it
             rows.append(result_row("sequential", ctx, hparams, batch_size, n_edits, step + 1, "current_batch",
                                    records_metrics(ctx, scores, batch), len(batch)))
-            rows.append(result_row("sequential", ctx, hparams, batch_size, n_edits, step + 1, "edited_so_far",
-                                   records_metrics(ctx, scores, edited), len(edited)))
+            if whole:
+                rows.append(result_row("sequential", ctx, hparams, batch_size, n_edits, step + 1, "edited_so_far",
+                                       records_metrics(ctx, scores, edited), len(edited)))
             if downstream is not None and (downstream_at is None or n_edits in set(downstream_at)):
                 downstream_rows += _downstream_rows(ctx, hparams, batch_size, n_edits, downstream)
             if path is not None:

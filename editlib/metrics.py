@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 
@@ -94,29 +95,71 @@ def harmonic_mean(values: Sequence[float]) -> float:
     return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
 
 
-def counterfact_metrics(scores: pd.DataFrame) -> dict[str, float]:
-    """ES, PS, NS, EM, PM, NM (x100) averaged per record then over records, and S = hmean(ES, PS, NS)."""
+CF_METRICS = ("ES", "PS", "NS", "EM", "PM", "NM")
+
+
+def per_record_metrics(scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per case_id: ES, PS, NS, EM, PM, NM (x100) of that record's prompts (NaN where a
+    record has no prompt of a kind)."""
     frame = scores.assign(
         new_wins=(scores.nll_true > scores.nll_new).astype(float),
         true_wins=(scores.nll_true < scores.nll_new).astype(float),
         prob_gap=np.exp(-scores.nll_new) - np.exp(-scores.nll_true),
     )
-    per_record = frame.groupby(["kind", "case_id"])[["new_wins", "true_wins", "prob_gap"]].mean()
+    per_kind = frame.groupby(["case_id", "kind"])[["new_wins", "true_wins", "prob_gap"]].mean().unstack("kind")
+    columns = {"ES": ("new_wins", "rewrite", 1.0), "PS": ("new_wins", "paraphrase", 1.0),
+               "NS": ("true_wins", "neighborhood", 1.0), "EM": ("prob_gap", "rewrite", 1.0),
+               "PM": ("prob_gap", "paraphrase", 1.0), "NM": ("prob_gap", "neighborhood", -1.0)}
+    result = pd.DataFrame(index=per_kind.index)
+    for name, (column, kind, sign) in columns.items():
+        result[name] = 100.0 * sign * per_kind[(column, kind)] if (column, kind) in per_kind.columns else np.nan
+    return result
 
-    def average(kind: str, column: str, sign: float = 1.0) -> float:
-        if kind not in per_record.index.get_level_values(0):
-            return float("nan")
-        return 100.0 * sign * float(per_record.loc[kind][column].mean())
 
-    result = {
-        "ES": average("rewrite", "new_wins"),
-        "PS": average("paraphrase", "new_wins"),
-        "NS": average("neighborhood", "true_wins"),
-        "EM": average("rewrite", "prob_gap"),
-        "PM": average("paraphrase", "prob_gap"),
-        "NM": average("neighborhood", "prob_gap", -1.0),
-    }
+def _hmean_rows(values: np.ndarray) -> np.ndarray:
+    """Harmonic mean along the last axis (0 where any value is <= 0, NaN where any is NaN)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        result = values.shape[-1] / (1.0 / values).sum(-1)
+    result = np.where((values <= 0).any(-1), 0.0, result)
+    return np.where(np.isnan(values).any(-1), np.nan, result)
+
+
+def bootstrap_intervals(per_record: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of each column's mean over records, resampling records with
+    replacement (seeded), and of S = hmean(ES, PS, NS) on the same resamples."""
+    values = per_record[list(CF_METRICS)].to_numpy(dtype=float)  # (n, 6)
+    n = len(values)
+    if n == 0 or n_boot < 1:
+        return {name: (np.nan, np.nan) for name in (*CF_METRICS, "S")}
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(n_boot, n))
+    with warnings.catch_warnings():  # an all-NaN column (no paraphrases) stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(values[draws], axis=1)  # (B, 6)
+    s_values = _hmean_rows(means[:, :3])
+    tail = 100 * (1 - level) / 2
+    result = {}
+    for j, name in enumerate(CF_METRICS):
+        column = means[:, j]
+        column = column[~np.isnan(column)]
+        result[name] = tuple(np.percentile(column, [tail, 100 - tail])) if len(column) else (np.nan, np.nan)
+    s_values = s_values[~np.isnan(s_values)]
+    result["S"] = tuple(np.percentile(s_values, [tail, 100 - tail])) if len(s_values) else (np.nan, np.nan)
+    return {k: (float(lo), float(hi)) for k, (lo, hi) in result.items()}
+
+
+def counterfact_metrics(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+    """ES, PS, NS, EM, PM, NM (x100) averaged per record then over records, S = hmean(ES, PS, NS),
+    and a 95% bootstrap interval over records for each (`<metric>_lo`, `<metric>_hi`)."""
+    per_record = per_record_metrics(scores)
+    result = {}
+    for name in CF_METRICS:
+        column = per_record[name].dropna()
+        result[name] = float(column.mean()) if len(column) else float("nan")
     result["S"] = harmonic_mean([result["ES"], result["PS"], result["NS"]])
+    for name, (lo, hi) in bootstrap_intervals(per_record, n_boot, seed).items():
+        result[f"{name}_lo"], result[f"{name}_hi"] = lo, hi
     return result
 
 

@@ -90,3 +90,36 @@ def test_ngram_entropy_by_hand():
     h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
     assert math.isclose(ngram_entropy("a b a b"), (2 / 3 * h2 + 4 / 3 * 1.0) / 2)
     assert ngram_entropy("same same same same same") == 0.0
+
+
+def _random_scores(n_records: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for case in range(n_records):
+        for kind, count in (("rewrite", 1), ("paraphrase", 2), ("neighborhood", 3)):
+            for index in range(count):
+                rows.append((case, kind, index, rng.exponential(), rng.exponential()))
+    return pd.DataFrame(rows, columns=["case_id", "kind", "index", "nll_new", "nll_true"])
+
+
+def test_bootstrap_intervals_match_a_direct_resampling():
+    from editlib.metrics import bootstrap_intervals, harmonic_mean, per_record_metrics
+
+    scores = _random_scores(40, seed=1)
+    per_record = per_record_metrics(scores)
+    m = counterfact_metrics(scores, n_boot=500, seed=7)
+    # the same resamples drawn by hand, one record index vector per draw
+    draws = np.random.default_rng(7).integers(0, 40, size=(500, 40))
+    es = [per_record["ES"].to_numpy()[d].mean() for d in draws]
+    s = [harmonic_mean([per_record[c].to_numpy()[d].mean() for c in ("ES", "PS", "NS")]) for d in draws]
+    assert np.allclose((m["ES_lo"], m["ES_hi"]), np.percentile(es, [2.5, 97.5]))
+    assert np.allclose((m["S_lo"], m["S_hi"]), np.percentile(s, [2.5, 97.5]))
+    for name in ("ES", "PS", "NS", "EM", "PM", "NM", "S"):
+        assert m[f"{name}_lo"] <= m[name] <= m[f"{name}_hi"], name
+    assert bootstrap_intervals(per_record, n_boot=500, seed=7) == bootstrap_intervals(per_record, n_boot=500, seed=7)
+
+
+def test_bootstrap_interval_narrows_with_more_records():
+    few = counterfact_metrics(_random_scores(20, seed=2))
+    many = counterfact_metrics(_random_scores(500, seed=2))
+    assert many["NS_hi"] - many["NS_lo"] < few["NS_hi"] - few["NS_lo"]
