@@ -12,9 +12,11 @@ computed and stored whole. Files are named by a content key of all of the above.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -56,23 +58,63 @@ class TargetStore:
 
     def targets(self, requests: Sequence[EditRequest], hook_module: str, hparams: TargetHparams,
                 templates: Sequence[str], optimize: Optimize) -> tuple[torch.Tensor, torch.Tensor]:
-        """z (d, N) and loss (N,) of `requests` (all in the pool), loading or computing whole blocks."""
+        """z (d, N) and loss (N,) of `requests` (all in the pool), loading or computing whole blocks.
+
+        Jobs running at the same time share the work: a block another job is computing (its lock
+        is held) is left for later, and then read once that job has written it.
+        """
         size = max(1, hparams.facts_per_chunk)
         positions = [self.index[fact_key(r)] for r in requests]
         blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for block in sorted({p // size for p in positions}):
-            path = self.block_path(block, size, hook_module, hparams, templates)
-            if path.exists():
-                data = load_file(str(path))
-                self.hits += 1
-            else:
-                log.info("z block %d (%d facts) at %s: computing", block, size, hook_module)
-                values, loss = optimize(self.pool[block * size : (block + 1) * size])
-                data = {"values": values.detach().cpu().contiguous(), "loss": loss.detach().cpu().contiguous()}
-                with atomic_path(path) as tmp:
-                    save_file(data, str(tmp), metadata={"module": hook_module, "block": str(block), "size": str(size)})
-                self.misses += 1
-            blocks[block] = data["values"], data["loss"]
+        pending = sorted({p // size for p in positions})
+        for wait in (False, True):  # first pass: blocks nobody is computing; second: wait for the rest
+            deferred = []
+            for block in pending:
+                path = self.block_path(block, size, hook_module, hparams, templates)
+                data = self._load(path)
+                if data is None:
+                    with _block_lock(path, wait) as locked:
+                        if not locked:
+                            deferred.append(block)
+                            continue
+                        data = self._load(path) or self._compute(path, block, size, hook_module, optimize)
+                blocks[block] = data["values"], data["loss"]
+            pending = deferred
         values = torch.stack([blocks[p // size][0][:, p % size] for p in positions], dim=1)
         loss = torch.stack([blocks[p // size][1][p % size] for p in positions])
         return values, loss
+
+    def _load(self, path: Path) -> dict[str, torch.Tensor] | None:
+        if not path.exists():
+            return None
+        self.hits += 1
+        return load_file(str(path))
+
+    def _compute(self, path: Path, block: int, size: int, hook_module: str, optimize: Optimize) -> dict:
+        log.info("z block %d (%d facts) at %s: computing", block, size, hook_module)
+        values, loss = optimize(self.pool[block * size : (block + 1) * size])
+        data = {"values": values.detach().cpu().contiguous(), "loss": loss.detach().cpu().contiguous()}
+        with atomic_path(path) as tmp:
+            save_file(data, str(tmp), metadata={"module": hook_module, "block": str(block), "size": str(size)})
+        self.misses += 1
+        return data
+
+
+@contextlib.contextmanager
+def _block_lock(path: Path, wait: bool) -> Iterator[bool]:
+    """An exclusive lock on `path`'s lock file; yields False when `wait` is off and another
+    process holds it. Where the file system cannot lock, every job computes for itself."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        except OSError:
+            yield True
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

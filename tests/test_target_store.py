@@ -88,3 +88,36 @@ def test_edited_weights_and_foreign_facts_bypass_the_store(tiny_llama, llama_tok
     z = _editor(tiny_llama, llama_tokenizer, store)._targets([foreign, pool[0]], module).values  # a new session
     assert (store.hits, store.misses) == (1, 1) and torch.isfinite(z).all()
     assert len(list(tmp_path.glob("z-*.safetensors"))) == 1
+
+
+def test_a_block_another_job_computes_is_read_not_recomputed(tmp_path):
+    """While another job holds a block's lock, the store computes its other blocks first, then
+    waits and reads the block the other job wrote."""
+    import fcntl
+    import threading
+
+    from safetensors.torch import save_file
+
+    pool = make_requests(4)
+    store = TargetStore(tmp_path, pool, "fingerprint")
+    hparams = make_hparams("memit", layers=(1,), targets=TARGETS).targets
+    busy = store.block_path(0, 2, "m", hparams, TEMPLATES)
+    computed = []
+
+    def optimize(block):
+        computed.append([r.case_id for r in block])
+        return torch.full((3, len(block)), float(block[0].case_id)), torch.zeros(len(block))
+
+    result = {}
+    with open(busy.with_suffix(".lock"), "a+b") as other_job:
+        fcntl.flock(other_job, fcntl.LOCK_EX)
+        worker = threading.Thread(target=lambda: result.update(
+            z=store.targets(pool, "m", hparams, TEMPLATES, optimize)[0]))
+        worker.start()
+        worker.join(timeout=2)
+        assert worker.is_alive() and computed == [[2, 3]]  # block 1 done, waiting for block 0
+        save_file({"values": torch.full((3, 2), 7.0), "loss": torch.zeros(2)}, str(busy))
+        fcntl.flock(other_job, fcntl.LOCK_UN)
+    worker.join(timeout=10)
+    assert computed == [[2, 3]]
+    assert torch.equal(result["z"][:, :2], torch.full((3, 2), 7.0)) and torch.equal(result["z"][:, 2:], torch.full((3, 2), 2.0))
