@@ -14,9 +14,13 @@ if not workflow.overwrite_configfiles:
 validate_config(config, Path(workflow.current_basedir) / "workflow" / "schemas" / "config.schema.yaml",
                 source="config (config.yaml + --configfile/--config overrides)")
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/prepare.smk"
 include: "workflow/rules/statistics.smk"
+include: "workflow/rules/tracing.smk"
 include: "workflow/rules/editing.smk"
 include: "workflow/rules/results.smk"
 

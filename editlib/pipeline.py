@@ -189,10 +189,34 @@ def compute_statistics(config: dict, model_dir: str | Path, corpus_path: str | P
     layers = [layout.check_layer(layer) for layer in statistics_layers(config)]
     spec = stats.get("corpus") or str(corpus_path)
     corpus = load_corpus(spec if spec != "data" else str(corpus_path), n_samples=stats["n_samples"], seed=config["seed"])
-    stats_config = StatsConfig(max_length=stats["max_length"], batch_tokens=stats.get("batch_tokens", 8192))
+    stats_config = StatsConfig(max_length=stats["max_length"], batch_tokens=stats.get("batch_tokens", 8192),
+                               dtype=stats.get("dtype", "float32"))
     moments = layer_second_moments(model, tokenizer, layout, layers, corpus, stats.get("cache_dir", ".cache/stats"), stats_config)
     save_moments(out_path, moments, {"corpus": corpus.name, "fingerprint": corpus.fingerprint})
     return {"layers": layers, "tokens": {layer: m.count for layer, m in moments.items()}}
+
+
+# ---------------------------------------------------------------------------- causal tracing
+
+
+def run_causal_trace(config: dict, model_dir, records_path, out_path) -> pd.DataFrame:
+    """Causal tracing of the first `tracing.n_facts` records whose true object the model predicts."""
+    from .tracing import TracingConfig, known_facts, trace_facts
+
+    settings = dict(config["tracing"])
+    n_facts = settings.pop("n_facts")
+    model, tokenizer = load_configured_model(config, model_dir)
+    requests = load_requests(records_path)
+    known = known_facts(model, tokenizer, requests)
+    if not known:
+        log.warning("%s: the model predicts the true object of none of the %d records; nothing to trace",
+                    records_path, len(requests))
+    log.info("causal tracing: the model knows %d of %d records; tracing %d", len(known), len(requests),
+             min(n_facts, len(known)))
+    config_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+    traces = trace_facts(model, tokenizer, known[:n_facts], TracingConfig(seed=config["seed"], **config_fields))
+    write_csv(out_path, traces)
+    return traces
 
 
 # ---------------------------------------------------------------------------- experiments
@@ -308,7 +332,7 @@ def run_sequential(config: dict, method: str, batch_size: int, model_dir, moment
     downstream = downstream_function(config, tasks_dir, method)
     at = [n for n in settings.get("downstream_at", []) if n > 0]
     frame, downstream_frame = sequential_edits(ctx, requests, spec, batch_size, total, checkpoint_path,
-                                               downstream=downstream, downstream_at=at)
+                                               downstream=downstream, downstream_at=at, eval_at=settings.get("eval_at"))
     write_csv(downstream_path, downstream_frame)
     write_csv(out_path, frame)
     Path(checkpoint_path).unlink(missing_ok=True)  # the results are final; the checkpoint served resumption

@@ -1,0 +1,5 @@
+"""Rule causal_trace: indirect effects of restoring states of corrupted runs, per fact and layer."""
+from editlib.pipeline import run_causal_trace, stage_logging
+
+with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):
+    run_causal_trace(snakemake.config, snakemake.input.model, snakemake.input.records, snakemake.output[0])
