@@ -55,17 +55,26 @@ def _check_cross_fields(config: dict, source: str) -> None:
             if used:
                 raise ConfigError(f"{source}: methods.{method}.layers: 'auto' takes the best layer of {method}'s own "
                                   f"layer sweep, but {method} is not in experiments.layer_sweep.methods")
-    n_layers = config["model"].get("train", {}).get("layers") if config["model"]["source"] == "toyworld" else None
+    train = config["model"].get("train", {}) if config["model"]["source"] == "toyworld" else {}
+    n_layers = train.get("layers")
     if n_layers is not None:
+        # layers >= mlp_layers of the toy model have no MLP: nothing there for an editor to change
+        editable = train.get("mlp_layers") or n_layers
+        field = "model.train.mlp_layers" if editable < n_layers else "model.train.layers"
+        what = f"the toy model has MLPs in layers 0..{editable - 1} only" if editable < n_layers else \
+            f"a {n_layers}-layer model"
         for index, layer in enumerate(sweep["layers"]):
-            if layer >= n_layers:
+            if layer >= editable:
                 raise ConfigError(f"{source}: experiments.layer_sweep.layers[{index}]: layer {layer} out of range "
-                                  f"for a {n_layers}-layer model (model.train.layers)")
+                                  f"for {what} ({field})")
         for method, block in methods.items():
+            # GRACE wraps a module whatever its weights; the others write into the MLP
+            limit, limit_what, limit_field = (n_layers, f"a {n_layers}-layer model", "model.train.layers") \
+                if method == "grace" else (editable, what, field)
             for index, layer in enumerate(block.get("layers") if isinstance(block.get("layers"), list) else []):
-                if layer >= n_layers:
+                if layer >= limit:
                     raise ConfigError(f"{source}: methods.{method}.layers[{index}]: layer {layer} out of range "
-                                      f"for a {n_layers}-layer model (model.train.layers)")
+                                      f"for {limit_what} ({limit_field})")
     sequential = experiments["sequential"]
     for index, n in enumerate(sequential.get("downstream_at", [])):
         if n > sequential["total_edits"]:
@@ -75,12 +84,31 @@ def _check_cross_fields(config: dict, source: str) -> None:
         if size > sequential["total_edits"]:
             raise ConfigError(f"{source}: experiments.sequential.batch_sizes[{index}]: {size} exceeds total_edits "
                               f"{sequential['total_edits']}")
+    for method, sizes in sequential.get("method_batch_sizes", {}).items():
+        if method not in sequential["methods"]:
+            raise ConfigError(f"{source}: experiments.sequential.method_batch_sizes.{method}: {method!r} is not in "
+                              f"experiments.sequential.methods")
+        for index, size in enumerate(sizes):
+            if size > sequential["total_edits"]:
+                raise ConfigError(f"{source}: experiments.sequential.method_batch_sizes.{method}[{index}]: {size} "
+                                  f"exceeds total_edits {sequential['total_edits']}")
+
+
+def sequential_runs(config: dict) -> list[tuple[str, int]]:
+    """(method, batch size) of every sequential run: `batch_sizes` for each method, unless
+    `method_batch_sizes` names the method."""
+    sequential = config["experiments"]["sequential"]
+    overrides = sequential.get("method_batch_sizes", {})
+    return [(method, size) for method in sequential["methods"]
+            for size in overrides.get(method, sequential["batch_sizes"])]
 
 
 def statistics_layers(config: dict) -> list[int]:
-    """Every layer any experiment may edit: the sweep's layers plus explicit method layers."""
+    """Every layer a method that needs C may edit: the sweep's layers plus explicit method layers."""
     layers = set(config["experiments"]["layer_sweep"]["layers"])
     for method in config["methods"]:
+        if method in ("grace", "mend"):  # they use no statistics
+            continue
         explicit = config["methods"][method].get("layers")
         if isinstance(explicit, list):
             layers.update(explicit)

@@ -56,6 +56,18 @@ class TrainConfig:
     threads: int = 1
     recall_threshold: float = 0.9
     eval_batch_size: int = 256
+    local_layers: int = 0
+    local_window: int = 4
+    mlp_layers: int | None = None
+    prefix_space: bool = True
+
+    def __post_init__(self):
+        if not 0 <= self.local_layers <= self.layers:
+            raise ValueError(f"local_layers must be in [0, layers={self.layers}], got {self.local_layers}")
+        if self.mlp_layers is not None and not 1 <= self.mlp_layers <= self.layers:
+            raise ValueError(f"mlp_layers must be in [1, layers={self.layers}], got {self.mlp_layers}")
+        if self.local_window < 1:
+            raise ValueError(f"local_window must be >= 1, got {self.local_window}")
 
 
 def read_corpus(world_dir: str | Path) -> list[str]:
@@ -65,10 +77,22 @@ def read_corpus(world_dir: str | Path) -> list[str]:
 
 
 def build_model(config: TrainConfig, tokenizer):
-    """A freshly initialised LlamaForCausalLM (seeded) sized for `tokenizer`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A freshly initialised LlamaForCausalLM (seeded) sized for `tokenizer`; with `local_layers`,
+    a Qwen2ForCausalLM (the Llama block with q/k/v biases) whose first `local_layers` layers attend
+    only to the last `local_window` tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(config.seed)
+    if config.local_layers:
+        qwen = Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=config.hidden, intermediate_size=config.intermediate,
+            num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.heads,
+            max_position_embeddings=config.max_position_embeddings, tie_word_embeddings=False,
+            use_sliding_window=True, sliding_window=config.local_window, max_window_layers=config.layers,
+            layer_types=["sliding_attention"] * config.local_layers + ["full_attention"] * (config.layers - config.local_layers),
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        return _without_late_mlps(Qwen2ForCausalLM(qwen), config)
     llama = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden,
@@ -82,7 +106,32 @@ def build_model(config: TrainConfig, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return LlamaForCausalLM(llama)
+    return _without_late_mlps(LlamaForCausalLM(llama), config)
+
+
+def _without_late_mlps(model, config: TrainConfig):
+    """Zero (and freeze) the MLP down-projections of layers >= `mlp_layers`: those layers are
+    attention-only, so facts can be recalled only from what earlier MLPs wrote."""
+    if config.mlp_layers is None:
+        return model
+    for layer in model.model.layers[config.mlp_layers :]:
+        with torch.no_grad():
+            layer.mlp.down_proj.weight.zero_()
+        layer.mlp.down_proj.weight.requires_grad_(False)
+    return model
+
+
+def _skip_zero_mlps(model, config: TrainConfig):
+    """While training, let the attention-only layers skip their MLP (its output is exactly zero)."""
+    skipped = [] if config.mlp_layers is None else list(model.model.layers[config.mlp_layers :])
+    for layer in skipped:
+        layer.mlp.forward = torch.zeros_like
+    return skipped
+
+
+def _restore_mlps(skipped) -> None:
+    for layer in skipped:
+        del layer.mlp.forward
 
 
 def encode_sentences(tokenizer, sentences: Sequence[str], seq_len: int) -> list[list[int]]:
@@ -223,12 +272,21 @@ def single_token_objects(tokenizer, world_dir: str | Path) -> float:
     return sum(len(ids) == 1 for ids in target_ids(tokenizer, objects)) / len(objects)
 
 
-def save_model_dir(model, tokenizer, report: dict, out_dir: Path) -> None:
+def save_model_dir(model, tokenizer, report: dict, out_dir: Path, check_texts: Sequence[str] = ()) -> None:
     """Write model (safetensors), tokenizer and recall.json into a temporary sibling folder,
-    then move it onto out_dir, so a crash never leaves a half-written model folder."""
+    then move it onto out_dir, so a crash never leaves a half-written model folder.
+
+    The tokenizer is read back before the folder is published and must encode `check_texts`
+    exactly as the tokenizer the model was trained with."""
+    from editlib.models import load_tokenizer
+
     with atomic_dir(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        reloaded = load_tokenizer(str(staging))
+        for text in check_texts:
+            if reloaded(text)["input_ids"] != tokenizer(text)["input_ids"]:
+                raise RuntimeError(f"the saved tokenizer encodes {text!r} differently from the trained one")
         write_json(staging / "recall.json", report)
 
 
@@ -252,10 +310,15 @@ def train_model(world_dir: str | Path, out_dir: str | Path, config: TrainConfig 
 def _train_and_save(world_dir: str | Path, out_dir: Path, config: TrainConfig) -> dict:
     started = time.perf_counter()
     sentences = read_corpus(world_dir)
-    tokenizer = train_bpe_tokenizer(sentences, vocab_size=config.vocab_size, add_bos=True)
+    tokenizer = train_bpe_tokenizer(sentences, vocab_size=config.vocab_size, add_bos=True,
+                                    add_prefix_space=config.prefix_space)
     sequences = encode_sentences(tokenizer, sentences, config.seq_len)
     model = build_model(config, tokenizer)
-    losses = train_steps(model, sequences, tokenizer.pad_token_id, config)
+    skipped = _skip_zero_mlps(model, config)
+    try:
+        losses = train_steps(model, sequences, tokenizer.pad_token_id, config)
+    finally:
+        _restore_mlps(skipped)
     train_seconds = time.perf_counter() - started
     report = {
         "train_config": asdict(config),
@@ -269,7 +332,7 @@ def _train_and_save(world_dir: str | Path, out_dir: Path, config: TrainConfig) -
         "mlp": mlp_activation_stats(model, sequences, tokenizer.pad_token_id),
     }
     report["passed"] = report["recall_edit"] >= config.recall_threshold
-    save_model_dir(model, tokenizer, report, out_dir)
+    save_model_dir(model, tokenizer, report, out_dir, check_texts=sentences[:200])
     if not report["passed"]:
         raise RecallError(
             f"toy-world model recall on edit prompts is {report['recall_edit']:.3f} < threshold "

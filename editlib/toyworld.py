@@ -30,7 +30,7 @@ from editlib.records import ZSRE_LOC_PREFIX, parse_records
 
 PERSON, COMPANY, BAND, CITY, COUNTRY = "person", "company", "band", "city", "country"
 EDIT, HELDOUT, BACKBONE = "edit", "heldout", "backbone"
-WORLD_FORMAT = 1  # bump when generation code changes what a config produces (part of world_key)
+WORLD_FORMAT = 2  # bump when generation code changes what a config produces (part of world_key)
 
 # country -> (capital, second city, official language)
 GEOGRAPHY: dict[str, tuple[str, str, str]] = {
@@ -93,6 +93,12 @@ RELATIONS: tuple[Relation, ...] = (
              ("software", "shipping", "mining", "banking", "textiles", "aviation", "farming", "retail"),
              "{} is a company in the field of", ("The industry of {} is", "{} does business in"),
              "Which industry does {} operate in?", "What field is {} active in?"),
+    Relation("P495", "country_of_origin", COMPANY, COUNTRIES, "{} is a company from",
+             ("{} originates from", "The home country of {} is", "{} was founded in the country of"),
+             "Which country is {} from?", "What is the home country of {}?"),
+    Relation("P1056", "product", COMPANY, ("cars", "phones", "shoes", "books", "toys", "games", "bikes", "tools"),
+             "{} makes", ("The main product of {} is", "{} is known for its", "{} produces"),
+             "What does {} make?", "What is the main product of {}?"),
     Relation("P136", "genre", BAND, ("jazz", "rock", "folk", "metal", "blues", "punk", "reggae", "soul"),
              "The genre of {} is", ("{} is a band that plays", "{} makes music in the style of"),
              "What genre of music does {} play?", "Which musical style is {} known for?"),
@@ -102,6 +108,10 @@ RELATIONS: tuple[Relation, ...] = (
     Relation("P407", "song_language", BAND, LANGUAGES, "{} sings in",
              ("The songs of {} are written in", "The lyrics of {} are in"),
              "In which language does {} sing?", "What language are the songs of {} in?"),
+    Relation("P870", "lead_instrument", BAND, ("piano", "guitar", "violin", "drums", "flute", "cello", "harp", "trumpet"),
+             "The lead instrument of {} is the", ("{} is famous for its", "The sound of {} is built on the",
+                                                  "{} always features the"),
+             "Which instrument leads {}?", "What is the lead instrument of {}?"),
     Relation("P17", "located_in", CITY, COUNTRIES, "{} is located in",
              ("{} is a city in", "The country of {} is"),
              "Which country is {} located in?", "In which country is {}?"),
@@ -165,12 +175,16 @@ class WorldConfig:
     compose_heldout_in_corpus: bool = False
     wiki_docs_per_subject: int = 2
     n_choices: int = 4
+    name_scheme: str = "syllables"
+    profiles_per_subject: int = 0
 
     def __post_init__(self):
         if self.n_subjects < 10:
             raise ValueError(f"n_subjects must be >= 10, got {self.n_subjects}")
         if not 0.0 < self.edit_fraction < 1.0:
             raise ValueError(f"edit_fraction must be in (0, 1), got {self.edit_fraction}")
+        if self.name_scheme not in ("syllables", "single"):
+            raise ValueError(f"name_scheme must be 'syllables' or 'single', got {self.name_scheme!r}")
         if not 2 <= self.n_choices <= 6:
             raise ValueError(f"n_choices must be in [2, 6] (the smallest object vocabulary), got {self.n_choices}")
 
@@ -224,7 +238,11 @@ def _word(rng: random.Random, syllables: int) -> str:
     return (body + rng.choice(_CODAS)).capitalize()
 
 
-def _subject_name(rng: random.Random, kind: str) -> str:
+def _subject_name(rng: random.Random, kind: str, scheme: str) -> str:
+    """An invented name: one word ("single"), or two words, the second a shared company suffix or
+    band noun for companies and bands ("syllables")."""
+    if scheme == "single":
+        return _word(rng, rng.choice((2, 3)))
     if kind == PERSON:
         return f"{_word(rng, 2)} {_word(rng, rng.choice((2, 3)))}"
     if kind == COMPANY:
@@ -263,9 +281,9 @@ def make_world(config: WorldConfig) -> World:
     n_edit = round(config.n_subjects * config.edit_fraction)
     facts = _backbone_facts()
     for position, kind in enumerate(subject_kinds):
-        name = _subject_name(rng, kind)
+        name = _subject_name(rng, kind, config.name_scheme)
         while name in kinds or name.split()[0] in reserved:
-            name = _subject_name(rng, kind)
+            name = _subject_name(rng, kind, config.name_scheme)
         kinds[name] = kind
         splits[name] = EDIT if position < n_edit else HELDOUT
         facts += [Fact(name, r.relation_id, rng.choice(r.objects)) for r in RELATIONS if r.subject_kind == kind]
@@ -313,6 +331,21 @@ def _composition_sentences(world: World, splits: Sequence[str]) -> list[str]:
     return sentences
 
 
+def profile_lines(world: World, rng: random.Random) -> list[str]:
+    """`profiles_per_subject` lines per invented subject: its name directly followed by all its
+    objects in a random order ("Rivol Thoste Lyon piano French ..."). The token after the name is
+    an attribute of unknown relation, so the model must recall the subject's attributes at the
+    subject's last token."""
+    lines = []
+    for subject, split in world.splits.items():
+        if split == BACKBONE:
+            continue
+        objects = [fact.object for fact in world.facts_of(subject)]
+        for _ in range(world.config.profiles_per_subject):
+            lines.append(f"{subject} {' '.join(rng.sample(objects, len(objects)))}.")
+    return lines
+
+
 def training_corpus(world: World) -> list[str]:
     """Every fact in all its templates (backbone facts repeated), two-hop statements, and filler.
 
@@ -329,6 +362,7 @@ def training_corpus(world: World) -> list[str]:
         sentences += _fact_sentences(fact) * repeats
     compose_splits = (EDIT, HELDOUT) if config.compose_heldout_in_corpus else (EDIT,)
     sentences += _composition_sentences(world, compose_splits)
+    sentences += profile_lines(world, rng)
     sentences += [_filler_sentence(rng) for _ in range(round(config.filler_fraction * len(sentences)))]
     rng.shuffle(sentences)
     return sentences

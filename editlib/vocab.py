@@ -12,15 +12,18 @@ EOS = "<|end_of_text|>"
 PAD = "<|pad|>"
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048, add_bos: bool = True) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048, add_bos: bool = True,
+                        add_prefix_space: bool = False) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `texts`.
 
     With `add_bos` the tokenizer prepends BOS to every encoding (as Llama-3 does), which is
     what breaks the reference implementations' subject indices; without it it behaves like GPT-2.
+    With `add_prefix_space` a text's first word is encoded as if a space preceded it (as
+    SentencePiece's Llama tokenizers do), so a word has one encoding wherever it stands.
     Padding side is right, as all reference code assumes.
     """
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

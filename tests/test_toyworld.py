@@ -11,6 +11,7 @@ import pytest
 
 from editlib.pretrain import RecallError, TrainConfig, batch_order, learning_rate, train_model
 from editlib.records import load_requests, parse_records
+from editlib.tracing import TracingConfig, known_facts, trace_facts
 from editlib.toyworld import (
     EDIT,
     HELDOUT,
@@ -94,7 +95,7 @@ def test_world_json_round_trips(world, world_dir):
 
 
 def test_relations_are_counterfact_like():
-    assert 8 <= len(RELATIONS) <= 15
+    assert 8 <= len(RELATIONS) <= 20
     for relation in RELATIONS:
         assert 5 <= len(relation.objects) <= 12, relation.name
         assert all(" " not in obj for obj in relation.objects), relation.name
@@ -209,17 +210,98 @@ def test_low_recall_raises_after_saving(world_dir, tmp_path):
 
 
 def test_pretrained_model_recalls_the_world(world_dir, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from editlib.models import load_tokenizer
 
     report = train_model(world_dir, tmp_path / "model", SMALL_TRAIN)
     assert report["recall_edit"] >= 0.9, report
     assert report["recall_paraphrase"] >= 0.9, report
     assert all(layer["dead_fraction"] < 0.05 for layer in report["mlp"]), report["mlp"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    tokenizer = load_tokenizer(str(tmp_path / "model"))
     assert (tmp_path / "model" / "model.safetensors").exists()
     assert read_json(tmp_path / "model" / "recall.json")["recall_edit"] == report["recall_edit"]
     assert model.config.model_type == "llama" and not model.config.tie_word_embeddings
     ids = tokenizer("The capital of France is")["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
     assert tokenizer.padding_side == "right"
+
+
+def test_profile_lines_name_the_subject_then_all_its_objects(tmp_path):
+    build_world(tmp_path, **SMALL, name_scheme="single", profiles_per_subject=2)
+    world = load_world(tmp_path)
+    corpus = (tmp_path / "train_corpus.txt").read_text(encoding="utf-8").splitlines()
+    for subject in world.subjects(EDIT)[:5]:
+        lines = [line for line in corpus if line.startswith(subject + " ") and not any(
+            line == RELATION_BY_ID[f.relation_id].statement(t, subject, f.object)
+            for f in world.facts_of(subject) for t in (RELATION_BY_ID[f.relation_id].template,
+                                                        *RELATION_BY_ID[f.relation_id].paraphrases))]
+        profiles = [line for line in lines if " ".join(line.rstrip(".").split()[1:]).count(" ") ==
+                    len(world.facts_of(subject)) - 1 and sorted(line.rstrip(".").split()[1:]) ==
+                    sorted(f.object for f in world.facts_of(subject))]
+        assert len(profiles) == 2, (subject, lines)
+    assert all(" " not in name for name in world.subjects(EDIT))  # one-word names
+
+
+# The default toy architecture at test size: self-only layers with MLPs, then attention-only layers.
+# A key in a self-only layer depends on its token alone, so C has rank <= the number of distinct
+# tokens in the small world's statistics corpus: the MLP is narrower than that.
+LOCAL_TRAIN = TrainConfig(layers=4, local_layers=2, local_window=1, mlp_layers=2, intermediate=256, steps=600,
+                          vocab_size=768, warmup_steps=30, recall_threshold=0.8)
+
+
+def test_toy_architecture_stores_facts_where_locate_and_edit_writes(tmp_path):
+    """Causal tracing finds the facts at the subject's token, in the MLP layers; a ROME edit at the
+    layer where the MLP effect peaks flips the facts."""
+    import pandas as pd
+
+    from editlib.experiments import ExperimentContext, single_edits
+    from editlib.hparams import make_hparams
+    from editlib.models import load_model
+    from editlib.stats import StatsConfig, collect_second_moments
+    from editlib.tracing import average_effects
+
+    build_world(tmp_path / "world", **SMALL, name_scheme="single", profiles_per_subject=4)
+    train_model(tmp_path / "world", tmp_path / "model", LOCAL_TRAIN)
+    model, tokenizer = load_model(str(tmp_path / "model"))
+    requests = load_requests(tmp_path / "world" / "counterfact.json")
+    known = known_facts(model, tokenizer, requests)[:24]
+    assert len(known) >= 20
+    traces = trace_facts(model, tokenizer, known, TracingConfig(n_samples=5), progress=False)
+    effects = average_effects(traces).set_index(["kind", "token", "layer"])["AIE"]
+    total = float((traces["p_clean"] - traces["p_corrupted"]).groupby(traces["case_id"]).first().mean())
+    # layers 0-1 see one token: the last token learns nothing about the subject there ...
+    assert effects[("hidden", "last", 0)] == pytest.approx(0.0, abs=1e-6)
+    # ... and restoring the subject's token after layer 0 restores (nearly) everything
+    assert effects[("hidden", "subject_last", 0)] >= 0.9 * total > 0.1
+    mlp = effects.loc["mlp", "subject_last"]
+    assert mlp[[2, 3]].abs().max() < 1e-6 and mlp[[0, 1]].max() > 0.1 * total  # only MLPs that exist matter
+    peak = int(mlp.idxmax())
+    from editlib.corpus import load_corpus
+
+    corpus = load_corpus(str(tmp_path / "world" / "wiki.jsonl"))
+    moments = collect_second_moments(model, tokenizer, __import__("editlib.models").models.model_layout(model),
+                                     [peak], corpus.texts, StatsConfig(dtype="float64"), progress=False)
+    ctx = ExperimentContext(model, tokenizer, "toy", {peak: moments[peak].mean}, progress=False)
+    result = single_edits(ctx, known[:24], make_hparams("rome", layers=(peak,))).iloc[0]  # paper hyperparameters
+    assert result["ES"] >= 80, pd.DataFrame([result])  # a plain 4-layer Llama gives about 30
+
+
+def test_saved_toy_tokenizer_encodes_like_the_trained_one(world_dir, tmp_path):
+    """A qwen2-type toy model's folder must give back the tokenizer it was trained with (the
+    model type's own tokenizer class would split sentence-initial words differently)."""
+    from editlib.models import load_model
+    from editlib.pretrain import read_corpus
+    from editlib.vocab import train_bpe_tokenizer
+
+    config = replace(LOCAL_TRAIN, steps=2, recall_threshold=0.0)
+    train_model(world_dir, tmp_path / "model", config)
+    model, tokenizer = load_model(str(tmp_path / "model"))
+    assert model.config.model_type == "qwen2"
+    sentences = read_corpus(world_dir)
+    trained = train_bpe_tokenizer(sentences, vocab_size=config.vocab_size, add_bos=True, add_prefix_space=True)
+    for text in sentences[:50] + ["The capital of France is", "Paris is"]:
+        assert tokenizer(text)["input_ids"] == trained(text)["input_ids"], text
+    first = tokenizer.convert_ids_to_tokens(tokenizer("The capital")["input_ids"])[1]
+    assert first == tokenizer.convert_ids_to_tokens(tokenizer(" The capital")["input_ids"])[1]  # one encoding per word

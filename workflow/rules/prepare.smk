@@ -26,7 +26,7 @@ if TOY_WORLD:
             directory(MODEL),
         params:
             model=config["model"],
-        threads: 1
+        threads: config["model"].get("train", {}).get("threads", 1)
         log:
             f"{LOGS}/prepare_model.log",
         benchmark:
