@@ -1,14 +1,22 @@
-"""The papers' figures from the tidy tables (seaborn): metric vs layer, vs batch size, vs number
-of sequential edits, and downstream score vs number of edits."""
+"""The papers' figures from the tidy tables (seaborn/matplotlib), every estimate with its interval.
+
+Edit metrics are drawn with their 95% bootstrap intervals over facts (the `<metric>_lo/_hi`
+columns of the tables) as bands or error bars; downstream accuracies with +-1.96 lm-eval standard
+errors; causal-tracing effects with 95% bootstrap intervals over facts (seaborn, seeded).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -16,13 +24,9 @@ from .experiments import read_results  # noqa: E402
 from .io import atomic_path  # noqa: E402
 
 EDIT_METRICS = ["ES", "PS", "NS", "S"]
-LABELS = {"ES": "efficacy score (%)", "PS": "paraphrase score (%)", "NS": "neighbourhood score (%)",
-          "S": "overall score S (%)", "n_edits": "number of edits", "batch_size": "batch size", "layer": "edited layer"}
-
-
-def _long(frame: pd.DataFrame, metrics=EDIT_METRICS) -> pd.DataFrame:
-    return frame.melt(id_vars=[c for c in frame.columns if c not in metrics], value_vars=metrics,
-                      var_name="metric", value_name="score")
+LABELS = {"ES": "efficacy ES (%)", "PS": "paraphrase PS (%)", "NS": "neighbourhood NS (%)",
+          "S": "score S (%)", "n_edits": "number of edits", "batch_size": "batch size", "layer": "edited layer"}
+Z95 = 1.959964
 
 
 def _save(figure, path: str | Path) -> None:
@@ -38,30 +42,86 @@ def _empty(path: str | Path, message: str) -> None:
     _save(figure, path)
 
 
+def _palette(levels: Sequence) -> dict:
+    return dict(zip(levels, sns.color_palette(n_colors=max(1, len(levels)))))
+
+
+def interval_lines(data: pd.DataFrame, x: str, metrics: Sequence[str], hue: str, row: str | None = None,
+                   log_x: bool = False, title: str = "", band: bool = True, xlabel: str | None = None):
+    """A grid of panels (rows: `row` values, columns: metrics), one line per `hue` level with its
+    interval from the `<metric>_lo` / `<metric>_hi` columns (band, or error bars)."""
+    rows = list(dict.fromkeys(data[row])) if row else [None]
+    levels = list(dict.fromkeys(data[hue]))
+    colours = _palette(levels)
+    figure, axes = plt.subplots(len(rows), len(metrics), figsize=(3.1 * len(metrics), 2.6 * len(rows)),
+                                squeeze=False, sharex=True)
+    for i, row_value in enumerate(rows):
+        part = data if row is None else data[data[row] == row_value]
+        for j, metric in enumerate(metrics):
+            axis = axes[i][j]
+            for level in levels:
+                line = part[part[hue] == level].sort_values(x)
+                if line.empty:
+                    continue
+                xs, ys = line[x].to_numpy(float), line[metric].to_numpy(float)
+                lo, hi = line[f"{metric}_lo"].to_numpy(float), line[f"{metric}_hi"].to_numpy(float)
+                axis.plot(xs, ys, marker="o", markersize=3, color=colours[level], label=str(level))
+                if band and len(xs) > 1:
+                    axis.fill_between(xs, lo, hi, color=colours[level], alpha=0.2, linewidth=0)
+                else:
+                    axis.errorbar(xs, ys, yerr=[ys - lo, hi - ys], fmt="none", color=colours[level], capsize=2)
+            if log_x:
+                axis.set_xscale("log", base=2)
+            else:
+                axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axis.set_title(metric if row is None else f"{row_value} | {metric}", fontsize=9)
+            axis.set_xlabel(xlabel or LABELS.get(x, x))
+            axis.set_ylabel(LABELS.get(metric, metric))
+    handles = [Line2D([], [], color=colours[level], marker="o", markersize=3, label=str(level)) for level in levels]
+    if handles:
+        figure.legend(handles=handles, title=hue.replace("_", " "), loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure.suptitle(title, y=1.02)
+    figure.tight_layout()
+    return figure
+
+
 def layer_sweep_figure(sweep: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """ES/PS/NS/S against the edited layer, one line per method."""
+    """ES/PS/NS/S against the edited layer, one line per method, 95% bands over facts."""
     if sweep.empty:
         return _empty(path, "no layer sweep configured")
-    data = _long(sweep.assign(layer=sweep["layers"].astype(int)))
-    grid = sns.relplot(data=data, x="layer", y="score", hue="method", col="metric", kind="line", marker="o",
-                       col_wrap=4, height=2.8, facet_kws={"sharey": False})
-    grid.set_axis_labels(LABELS["layer"], "score (%)").set_titles("{col_name}")
-    grid.figure.suptitle(f"Layer sweep: single edits per layer ({title})", y=1.04)
-    _save(grid.figure, path)
+    data = sweep.assign(layer=sweep["layers"].astype(int))
+    _save(interval_lines(data, "layer", EDIT_METRICS, "method",
+                         title=f"Layer sweep: single edits at each layer, 95% intervals over facts ({title})"), path)
+
+
+def single_edits_figure(edits: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """ES/PS/NS/S of single edits per method at its chosen layer, with 95% error bars."""
+    data = edits[edits["experiment"] == "single"] if not edits.empty else edits
+    if data.empty:
+        return _empty(path, "no single-edit experiment configured")
+    data = data.assign(label=data["method"] + " (layer " + data["layers"].astype(str) + ")")
+    figure, axes = plt.subplots(1, len(EDIT_METRICS), figsize=(3.1 * len(EDIT_METRICS), 0.45 * len(data) + 1.2),
+                                sharey=True, squeeze=False)
+    positions = np.arange(len(data))
+    for axis, metric in zip(axes[0], EDIT_METRICS):
+        values = data[metric].to_numpy(float)
+        err = [values - data[f"{metric}_lo"].to_numpy(float), data[f"{metric}_hi"].to_numpy(float) - values]
+        axis.errorbar(values, positions, xerr=err, fmt="o", capsize=3)
+        axis.set_xlim(-2, 102)
+        axis.set_xlabel(LABELS[metric])
+        axis.set_yticks(positions, data["label"])
+    figure.suptitle(f"Single edits (model restored after each fact), 95% intervals over facts ({title})", y=1.02)
+    figure.tight_layout()
+    _save(figure, path)
 
 
 def batch_size_figure(edits: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """Metrics against batch size (log scale) for the batched experiment (MEMIT vs EMMET ...)."""
+    """Metrics against batch size (log scale), each batch edited into the unedited model."""
     data = edits[edits["experiment"] == "batched"] if not edits.empty else edits
     if data.empty:
         return _empty(path, "no batched experiment configured")
-    grid = sns.relplot(data=_long(data), x="batch_size", y="score", hue="method", col="metric", kind="line",
-                       marker="o", col_wrap=4, height=2.8, facet_kws={"sharey": False})
-    for axis in grid.axes.flat:
-        axis.set_xscale("log", base=2)
-    grid.set_axis_labels(LABELS["batch_size"], "score (%)").set_titles("{col_name}")
-    grid.figure.suptitle(f"Batched editing: metrics vs batch size ({title})", y=1.04)
-    _save(grid.figure, path)
+    _save(interval_lines(data, "batch_size", EDIT_METRICS, "method", log_x=True,
+                         title=f"Batched editing: metrics vs batch size, 95% intervals over facts ({title})"), path)
 
 
 def sequential_figure(edits: pd.DataFrame, path: str | Path, title: str = "") -> None:
@@ -69,12 +129,27 @@ def sequential_figure(edits: pd.DataFrame, path: str | Path, title: str = "") ->
     data = edits[(edits["experiment"] == "sequential") & (edits["scope"] == "edited_so_far")] if not edits.empty else edits
     if data.empty:
         return _empty(path, "no sequential experiment configured")
-    data = _long(data).assign(batch=lambda f: "b=" + f["batch_size"].astype(int).astype(str))
-    grid = sns.relplot(data=data, x="n_edits", y="score", hue="batch", row="method", col="metric", kind="line",
-                       marker="o", height=2.3, aspect=1.2, facet_kws={"sharey": False})
-    grid.set_axis_labels(LABELS["n_edits"], "score (%)").set_titles("{row_name} | {col_name}")
-    grid.figure.suptitle(f"Sequential-batched editing: metrics on all facts edited so far ({title})", y=1.02)
-    _save(grid.figure, path)
+    data = data.assign(batch=lambda f: "b=" + f["batch_size"].astype(int).astype(str))
+    _save(interval_lines(data, "n_edits", EDIT_METRICS, "batch", row="method", log_x=True,
+                         title=f"Sequential-batched editing: metrics on all facts edited so far ({title})"), path)
+
+
+def batch_vs_sequential_figure(edits: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """After the same number N of edits: N/b sequential batches of b against batch size b
+    (b = N is one batch of N), metrics on all N facts (Yoon et al.'s comparison)."""
+    data = edits[(edits["experiment"] == "sequential") & (edits["scope"] == "edited_so_far")] if not edits.empty else edits
+    if data.empty:
+        return _empty(path, "no sequential experiment configured")
+    total = data["n_edits"].max()
+    data = data[data["n_edits"] == total]
+    compared = data.groupby("method")["batch_size"].nunique()
+    data = data[data["method"].isin(compared[compared > 1].index)]
+    if data.empty:
+        return _empty(path, "needs a method run sequentially at several batch sizes")
+    _save(interval_lines(data, "batch_size", EDIT_METRICS, "method", log_x=True, band=False,
+                         xlabel=f"batch size b ({int(total)}/b batches)",
+                         title=f"{int(total)} edits as {int(total)}/b sequential batches of b (b = {int(total)}: one batch); "
+                               f"metrics on all {int(total)} facts, 95% intervals ({title})"), path)
 
 
 def _primary_metric(downstream: pd.DataFrame) -> pd.DataFrame:
@@ -88,43 +163,64 @@ def _primary_metric(downstream: pd.DataFrame) -> pd.DataFrame:
 
 
 def downstream_figure(downstream: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """Downstream score against the number of sequential edits, one line per method, per task."""
+    """Downstream accuracy against the number of sequential edits, +-1.96 standard errors."""
     data = downstream[downstream["experiment"] == "sequential"] if not downstream.empty else downstream
     if data.empty:
         return _empty(path, "no downstream evaluation configured")
-    data = _primary_metric(data).assign(batch=lambda f: "b=" + f["batch_size"].astype(int).astype(str))
-    grid = sns.relplot(data=data, x="n_edits", y="value", hue="method", style="batch", col="task", kind="line",
-                       marker="o", height=3, facet_kws={"sharey": False})
-    grid.set_axis_labels(LABELS["n_edits"], "downstream score").set_titles("{col_name}")
-    grid.figure.suptitle(f"General abilities under sequential editing ({title})", y=1.04)
-    _save(grid.figure, path)
+    data = _primary_metric(data)
+    smallest = data.groupby("method")["batch_size"].transform("min")
+    data = data[data["batch_size"] == smallest]  # one edit at a time where run so (Lin et al.)
+    data = data.assign(run=data["method"] + " b=" + data["batch_size"].astype(int).astype(str),
+                       accuracy=data["value"], accuracy_lo=data["value"] - Z95 * data["stderr"].fillna(0),
+                       accuracy_hi=data["value"] + Z95 * data["stderr"].fillna(0))
+    tasks = list(dict.fromkeys(data["task"]))
+    figure = interval_lines(data, "n_edits", ["accuracy"], "run", row="task",
+                            title=f"General abilities under sequential editing, +-1.96 SE ({title})")
+    checkpoints = sorted(data["n_edits"].unique())
+    for axis, task in zip(figure.axes, tasks):
+        axis.set_title(task, fontsize=9)
+        axis.set_xscale("symlog", linthresh=1)
+        axis.set_xlim(-0.3, max(checkpoints) * 1.3)
+        axis.set_xticks(checkpoints, [str(int(c)) for c in checkpoints])
+    _save(figure, path)
 
 
-def batch_vs_sequential_figure(downstream: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """Downstream score after N edits: one batch of N (batched) vs sequential batches."""
-    if downstream.empty or "batched" not in set(downstream["experiment"]):
-        return _empty(path, "needs downstream evaluation in the batched experiment")
-    data = _primary_metric(downstream)
-    label = data["experiment"] + data["batch_size"].map(lambda b: "" if b == 0 else f" b={int(b)}")
-    data = data.assign(run=label.where(data["experiment"] == "sequential", "one batch of N"))
-    data = data[data["method"].isin(set(downstream.loc[downstream["experiment"] == "batched", "method"]))]
-    grid = sns.relplot(data=data, x="n_edits", y="value", hue="run", row="method", col="task", kind="line",
-                       marker="o", height=2.6, facet_kws={"sharey": False})
-    grid.set_axis_labels(LABELS["n_edits"], "downstream score").set_titles("{row_name} | {col_name}")
-    grid.figure.suptitle(f"Bigger batch vs sequential batches: downstream score ({title})", y=1.02)
-    _save(grid.figure, path)
+def causal_trace_figure(traces: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """Average indirect effect per layer of restoring hidden / MLP / attention states at the
+    subject's last token and at the last token, 95% bootstrap intervals over facts."""
+    if traces.empty:
+        return _empty(path, "no fact to trace: the model predicts none of the records' true objects")
+    tokens = list(dict.fromkeys(traces["token"]))
+    figure, axes = plt.subplots(1, len(tokens), figsize=(4.2 * len(tokens), 3), sharey=True, squeeze=False)
+    for axis, token in zip(axes[0], tokens):
+        sns.lineplot(data=traces[traces["token"] == token], x="layer", y="effect", hue="kind", marker="o",
+                     errorbar=("ci", 95), n_boot=1000, seed=0, ax=axis)
+        axis.set_title(f"restored at the {token.replace('_', ' ')} token", fontsize=9)
+        axis.set_xlabel("layer")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_ylabel("indirect effect on P(true object)")
+        axis.axhline(0, color="grey", linewidth=0.5)
+    n_facts = traces["case_id"].nunique()
+    figure.suptitle(f"Causal tracing over {n_facts} facts the model knows ({title})", y=1.02)
+    figure.tight_layout()
+    _save(figure, path)
 
 
-def write_figures(edits_csv, sweep_csv, downstream_csv, outputs: dict[str, str | Path], title: str = "") -> None:
-    """Write every figure named in `outputs` (name -> png path)."""
+FIGURES = {
+    "causal_trace": lambda t, p, title: causal_trace_figure(t["traces"], p, title),
+    "layer_sweep": lambda t, p, title: layer_sweep_figure(t["layer_sweep"], p, title),
+    "single_edits": lambda t, p, title: single_edits_figure(t["edits"], p, title),
+    "batch_size": lambda t, p, title: batch_size_figure(t["edits"], p, title),
+    "sequential": lambda t, p, title: sequential_figure(t["edits"], p, title),
+    "batch_vs_sequential": lambda t, p, title: batch_vs_sequential_figure(t["edits"], p, title),
+    "downstream": lambda t, p, title: downstream_figure(t["downstream"], p, title),
+}
+
+
+def write_figures(tables: dict[str, str | Path], outputs: dict[str, str | Path], title: str = "") -> None:
+    """Write every figure named in `outputs` (name -> png path) from the tidy tables
+    (name -> csv path: edits, layer_sweep, downstream, traces)."""
     sns.set_theme(style="whitegrid", context="paper")
-    edits, sweep, downstream = read_results(edits_csv), read_results(sweep_csv), read_results(downstream_csv)
-    makers = {
-        "layer_sweep": lambda p: layer_sweep_figure(sweep, p, title),
-        "batch_size": lambda p: batch_size_figure(edits, p, title),
-        "sequential": lambda p: sequential_figure(edits, p, title),
-        "downstream": lambda p: downstream_figure(downstream, p, title),
-        "batch_vs_sequential": lambda p: batch_vs_sequential_figure(downstream, p, title),
-    }
+    frames = {name: read_results(path) for name, path in tables.items()}
     for name, path in outputs.items():
-        makers[name](path)
+        FIGURES[name](frames, path, title)

@@ -27,6 +27,7 @@ SMALL = {
                         "steps": 150, "warmup_steps": 20, "batch_size": 32, "threads": 1, "recall_threshold": 0.0}},
     "data": {"source": "toyworld", "world": {"seed": 0, "n_subjects": 40}},
     "stats": {"corpus": "data", "n_samples": 40, "max_length": 64},
+    "tracing": {"n_facts": 4, "n_samples": 2},
     "metrics": {"generation_entropy": False},
     "downstream": {"tasks": ["toy_facts"], "limit": 8, "batch_size": 8, "num_fewshot": 0},
     "methods": {
@@ -44,8 +45,8 @@ SMALL = {
                        "downstream_at": [0, 4]},
     },
 }
-STAGES = {"prepare_data", "prepare_model", "statistics", "layer_sweep", "single_edits", "batched_edits",
-          "sequential_edits", "train_mend", "tidy_results", "figures", "all"}
+STAGES = {"prepare_data", "prepare_model", "statistics", "causal_trace", "layer_sweep", "single_edits",
+          "batched_edits", "sequential_edits", "train_mend", "tidy_results", "figures", "findings", "all"}
 
 
 def snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -105,7 +106,8 @@ def test_full_run_writes_tidy_tables_and_figures(completed):
     seq = downstream[(downstream["experiment"] == "sequential") & (downstream["metric"] == "acc")]
     assert sorted(seq.loc[seq["method"] == "grace", "n_edits"]) == [0, 4]
     assert seq["value"].between(0, 1).all()
-    for name in ("layer_sweep", "batch_size", "sequential", "downstream", "batch_vs_sequential"):
+    for name in ("causal_trace", "layer_sweep", "single_edits", "batch_size", "sequential", "downstream",
+                 "batch_vs_sequential"):
         assert (completed / "reports" / "tiny" / "figures" / f"{name}.png").stat().st_size > 1000
     assert (completed / "logs" / "tiny" / "statistics.log").exists()
     assert (completed / "benchmarks" / "tiny" / "statistics.tsv").exists()
@@ -121,14 +123,14 @@ def test_rerun_after_success_does_nothing(completed):
 
 def test_forcerun_reruns_the_stage_and_its_dependents_only(completed):
     jobs = planned_jobs(snakemake(completed, SMALL, "-n", "--forcerun", "single_edits"))
-    assert set(jobs) == {"single_edits", "tidy_results", "figures", "all"}, jobs
+    assert set(jobs) == {"single_edits", "tidy_results", "figures", "findings", "all"}, jobs
 
 
 def test_hyperparameter_change_reruns_only_that_method(completed):
     changed = copy.deepcopy(SMALL)
     changed["methods"]["grace"]["n_iter"] = 6
     jobs = planned_jobs(snakemake(completed, changed, "-n"))
-    assert jobs == {"sequential_edits": 1, "tidy_results": 1, "figures": 1, "all": 1}, jobs
+    assert jobs == {"sequential_edits": 1, "tidy_results": 1, "figures": 1, "findings": 1, "all": 1}, jobs
 
 
 def test_report_is_written(completed):

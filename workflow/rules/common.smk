@@ -1,6 +1,8 @@
 # Paths and helpers shared by the rules. Everything of one run lives under results/<run>,
 # resources/<run>, reports/<run>, logs/<run> and benchmarks/<run>.
 
+from editlib.config import sequential_runs
+
 RUN = config["run"]
 RES = f"resources/{RUN}"
 OUT = f"results/{RUN}"
@@ -46,21 +48,20 @@ def moments_input(wildcards):
 def edit_tables():
     tables = [f"{OUT}/single/{m}.csv" for m in EXPERIMENTS["single"]["methods"]]
     tables += [f"{OUT}/batched/{m}.csv" for m in EXPERIMENTS["batched"]["methods"]]
-    tables += [f"{OUT}/sequential/{m}/b{b}.csv" for m in EXPERIMENTS["sequential"]["methods"]
-               for b in EXPERIMENTS["sequential"]["batch_sizes"]]
+    tables += [f"{OUT}/sequential/{m}/b{b}.csv" for m, b in sequential_runs(config)]
     return tables
 
 
 def downstream_tables():
-    tables = [f"{OUT}/sequential/{m}/b{b}.downstream.csv" for m in EXPERIMENTS["sequential"]["methods"]
-              for b in EXPERIMENTS["sequential"]["batch_sizes"]]
+    tables = [f"{OUT}/sequential/{m}/b{b}.downstream.csv" for m, b in sequential_runs(config)]
     tables += [f"{OUT}/batched/{m}.downstream.csv" for m in EXPERIMENTS["batched"]["methods"]]
     return tables
 
 
-FIGURES = ["layer_sweep", "batch_size", "sequential", "downstream", "batch_vs_sequential"]
+FIGURES = ["causal_trace", "layer_sweep", "single_edits", "batch_size", "sequential", "batch_vs_sequential",
+           "downstream"]
 
 
 def final_outputs():
-    return [f"{OUT}/edits.csv", f"{OUT}/layer_sweep.csv", f"{OUT}/downstream.csv",
-            *[f"{REPORT}/figures/{name}.png" for name in FIGURES]]
+    return [f"{OUT}/edits.csv", f"{OUT}/layer_sweep.csv", f"{OUT}/downstream.csv", f"{OUT}/causal_trace.csv",
+            f"{OUT}/findings.csv", f"{REPORT}/findings.html", *[f"{REPORT}/figures/{name}.png" for name in FIGURES]]

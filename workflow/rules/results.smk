@@ -20,6 +20,7 @@ rule figures:
         edits=f"{OUT}/edits.csv",
         layer_sweep=f"{OUT}/layer_sweep.csv",
         downstream=f"{OUT}/downstream.csv",
+        traces=f"{OUT}/causal_trace.csv",
     output:
         **{name: report(f"{REPORT}/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures")
            for name in FIGURES},
@@ -29,3 +30,20 @@ rule figures:
         f"{LOGS}/figures.log",
     script:
         str(SCRIPTS / "figures.py")
+
+
+rule findings:
+    input:
+        edits=f"{OUT}/edits.csv",
+        layer_sweep=f"{OUT}/layer_sweep.csv",
+        downstream=f"{OUT}/downstream.csv",
+        traces=f"{OUT}/causal_trace.csv",
+    output:
+        table=f"{OUT}/findings.csv",
+        page=report(f"{REPORT}/findings.html", caption="../report/findings.rst", category="1. Findings"),
+    params:
+        run=RUN,
+    log:
+        f"{LOGS}/findings.log",
+    script:
+        str(SCRIPTS / "findings.py")

@@ -1,0 +1,189 @@
+"""The papers' findings checked against a run's tidy tables, each with its numbers and a verdict.
+
+Every check compares estimates with their 95% intervals (bootstrap over facts for edit metrics,
++-1.96 lm-eval standard errors for downstream accuracies) and says "reproduced" only when the
+difference the paper reports is larger than the intervals: overlapping intervals give
+"inconclusive", a difference the other way "not reproduced". A finding whose experiment is not
+in the run is left out.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Callable
+
+import pandas as pd
+
+from .io import atomic_path
+
+FINDING_COLUMNS = ["study", "finding", "method", "evidence", "verdict"]
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+Z95 = 1.959964
+KEEP_MARGIN = 0.05  # accuracy drop (mean over tasks) within which general abilities count as kept
+
+
+def _interval(row, metric: str) -> str:
+    return f"{row[metric]:.1f} [{row[f'{metric}_lo']:.1f}, {row[f'{metric}_hi']:.1f}]"
+
+
+def _compare(higher, lower, metric: str) -> str:
+    """Verdict for "higher[metric] > lower[metric]" from their 95% intervals."""
+    if higher[f"{metric}_lo"] > lower[f"{metric}_hi"]:
+        return REPRODUCED
+    if higher[f"{metric}_hi"] < lower[f"{metric}_lo"]:
+        return NOT_REPRODUCED
+    return INCONCLUSIVE
+
+
+def tracing_matches_sweep(traces: pd.DataFrame, sweep: pd.DataFrame, criterion: str = "S") -> list[dict]:
+    """Meng et al.: the layers where restoring the subject's last-token MLP output recovers the
+    fact are the layers where editing that token works best (the sweep's best layer within one
+    layer of the tracing peak)."""
+    if traces.empty or sweep.empty:
+        return []
+    effects = traces[(traces["kind"] == "mlp") & (traces["token"] == "subject_last")]
+    means = effects.groupby("layer")["effect"].mean()
+    peak = int(means.idxmax())
+    rows = []
+    for method, part in sweep.groupby("method", sort=False):
+        part = part.assign(layer=part["layers"].astype(int)).sort_values("layer")
+        best = part.loc[part[criterion].idxmax()]
+        agree = abs(int(best["layer"]) - peak) <= 1
+        evidence = (f"tracing: subject-last MLP effect peaks at layer {peak} (AIE {means.max():.3f} over "
+                    f"{effects['case_id'].nunique()} facts); sweep: best {criterion} at layer {int(best['layer'])} "
+                    f"({_interval(best, criterion)})")
+        rows.append({"study": "Meng et al. 2022", "finding": "causal tracing locates the layers where editing works",
+                     "method": method, "evidence": evidence, "verdict": REPRODUCED if agree else NOT_REPRODUCED})
+    return rows
+
+
+def ns_falls_with_batch_size(edits: pd.DataFrame) -> list[dict]:
+    """Yoon et al.: neighbourhood score falls as the batch size grows (smallest vs largest batch)."""
+    if edits.empty:
+        return []
+    data = edits[edits["experiment"] == "batched"]
+    rows = []
+    for method, part in data.groupby("method", sort=False):
+        part = part.sort_values("batch_size")
+        if len(part) < 2:
+            continue
+        small, large = part.iloc[0], part.iloc[-1]
+        trend = " -> ".join(f"{row['NS']:.1f}" for _, row in part.iterrows())
+        evidence = (f"NS at batch {int(small['batch_size'])}: {_interval(small, 'NS')}; at batch "
+                    f"{int(large['batch_size'])}: {_interval(large, 'NS')} (sizes {', '.join(map(str, part['batch_size'].astype(int)))}: {trend})")
+        rows.append({"study": "Yoon et al. 2024", "finding": "NS falls as the batch size grows", "method": method,
+                     "evidence": evidence, "verdict": _compare(small, large, "NS")})
+    return rows
+
+
+def sequential_beats_one_batch(edits: pd.DataFrame, metric: str = "S") -> list[dict]:
+    """Yoon et al.: after the same number of edits, sequential smaller batches score better than
+    one batch of all of them (best smaller batch vs the single batch)."""
+    if edits.empty:
+        return []
+    data = edits[(edits["experiment"] == "sequential") & (edits["scope"] == "edited_so_far")]
+    rows = []
+    for method, part in data.groupby("method", sort=False):
+        total = part["n_edits"].max()
+        final = part[part["n_edits"] == total].sort_values("batch_size")
+        one_batch = final[final["batch_size"] == total]
+        smaller = final[final["batch_size"] < total]
+        if one_batch.empty or smaller.empty:
+            continue
+        one = one_batch.iloc[0]
+        best = smaller.loc[smaller[metric].idxmax()]
+        listing = ", ".join(f"b={int(r['batch_size'])}: {r[metric]:.1f}" for _, r in final.iterrows())
+        evidence = (f"{metric} on all {int(total)} edited facts: one batch {_interval(one, metric)}; best sequential "
+                    f"b={int(best['batch_size'])} {_interval(best, metric)} ({listing})")
+        rows.append({"study": "Yoon et al. 2024", "finding": f"{int(total)} edits in sequential smaller batches beat one batch",
+                     "method": method, "evidence": evidence, "verdict": _compare(best, one, metric)})
+    return rows
+
+
+def _primary(downstream: pd.DataFrame) -> pd.DataFrame:
+    keep = [group[group["metric"] == ("acc" if "acc" in set(group["metric"]) else group["metric"].iloc[0])]
+            for _, group in downstream.groupby("task")]
+    return pd.concat(keep, ignore_index=True) if keep else downstream
+
+
+def downstream_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = ("grace",)) -> list[dict]:
+    """Lin et al.: parameter-modifying editors erode general abilities under sequential editing,
+    the parameter-preserving GRACE does not. Per method and batch size, mean accuracy over tasks
+    before editing vs after the last checkpoint; the difference's interval is +-1.96 SE."""
+    if downstream.empty:
+        return []
+    data = downstream[downstream["experiment"] == "sequential"]
+    if data.empty:
+        return []
+    data = _primary(data)
+    rows = []
+    for (method, batch), part in data.groupby(["method", "batch_size"], sort=False):
+        last = part["n_edits"].max()
+        before, after = part[part["n_edits"] == 0], part[part["n_edits"] == last]
+        if before.empty or last == 0:
+            continue
+        merged = before.merge(after, on="task", suffixes=("_0", "_n"))
+        drop = float((merged["value_0"] - merged["value_n"]).mean())
+        se = math.sqrt(float((merged["stderr_0"].fillna(0) ** 2 + merged["stderr_n"].fillna(0) ** 2).sum())) / len(merged)
+        lo, hi = drop - Z95 * se, drop + Z95 * se
+        erodes = lo > 0
+        if method in preserving:  # equivalence within a margin: the drop's whole interval below it
+            verdict = REPRODUCED if hi < KEEP_MARGIN else (NOT_REPRODUCED if lo > KEEP_MARGIN else INCONCLUSIVE)
+            finding = f"the parameter-preserving editor keeps general abilities (drop < {KEEP_MARGIN:.2f})"
+        else:
+            verdict = REPRODUCED if erodes else (NOT_REPRODUCED if hi < 0 else INCONCLUSIVE)
+            finding = "sequential edits erode general abilities"
+        tasks = ", ".join(f"{r['task']} {r['value_0']:.2f}->{r['value_n']:.2f}" for _, r in merged.iterrows())
+        evidence = f"mean accuracy drop after {int(last)} edits (b={int(batch)}): {drop:+.3f} [{lo:+.3f}, {hi:+.3f}] ({tasks})"
+        rows.append({"study": "Lin et al. 2024", "finding": finding, "method": f"{method} b={int(batch)}",
+                     "evidence": evidence, "verdict": verdict})
+    return rows
+
+
+def grace_generalises_poorly(edits: pd.DataFrame) -> list[dict]:
+    """Lin et al.: GRACE makes its edits (high ES) but generalises poorly to rephrasings (low PS)."""
+    if edits.empty:
+        return []
+    data = edits[(edits["method"] == "grace") & (edits["scope"] == "edited_so_far")]
+    if data.empty:
+        return []
+    row = data.sort_values(["n_edits", "batch_size"]).iloc[-1]
+    evidence = f"after {int(row['n_edits'])} edits (b={int(row['batch_size'])}): ES {_interval(row, 'ES')}, PS {_interval(row, 'PS')}"
+    verdict = REPRODUCED if row["ES_lo"] > row["PS_hi"] else (NOT_REPRODUCED if row["ES_hi"] < row["PS_lo"] else INCONCLUSIVE)
+    return [{"study": "Lin et al. 2024", "finding": "GRACE edits but generalises poorly to paraphrases",
+             "method": "grace", "evidence": evidence, "verdict": verdict}]
+
+
+CHECKS: dict[str, Callable[..., list[dict]]] = {
+    "tracing": lambda t: tracing_matches_sweep(t["traces"], t["layer_sweep"]),
+    "batch_size": lambda t: ns_falls_with_batch_size(t["edits"]),
+    "sequential": lambda t: sequential_beats_one_batch(t["edits"]),
+    "downstream": lambda t: downstream_erosion(t["downstream"]),
+    "grace": lambda t: grace_generalises_poorly(t["edits"]),
+}
+
+
+def assess(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Every finding that the tables (edits, layer_sweep, downstream, traces) can test."""
+    rows = [row for check in CHECKS.values() for row in check(tables)]
+    return pd.DataFrame(rows, columns=FINDING_COLUMNS)
+
+
+def write_findings_html(findings: pd.DataFrame, path, title: str = "") -> None:
+    """A small self-contained HTML table of the findings, for the Snakemake report."""
+    colours = {REPRODUCED: "#d9f2d9", NOT_REPRODUCED: "#f8d7d7", INCONCLUSIVE: "#fff3cd"}
+    body = "".join(
+        f"<tr style='background:{colours.get(r.verdict, '#fff')}'>"
+        + "".join(f"<td>{html.escape(str(getattr(r, c)))}</td>" for c in FINDING_COLUMNS) + "</tr>"
+        for r in findings.itertuples())
+    head = "".join(f"<th>{c}</th>" for c in FINDING_COLUMNS)
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Findings {html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse}"
+            "td,th{border:1px solid #bbb;padding:4px 6px;vertical-align:top;text-align:left}</style></head><body>"
+            f"<h2>What this run reproduced ({html.escape(title)})</h2>"
+            "<p>Verdicts compare 95% intervals: bootstrap over facts for edit metrics, +-1.96 standard errors for "
+            "downstream accuracies; overlapping intervals are inconclusive.</p>"
+            f"<table><tr>{head}</tr>{body}</table></body></html>")
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")

@@ -1,0 +1,78 @@
+"""The findings checks: verdicts follow the intervals in the tables, computed by hand here."""
+
+import pandas as pd
+import pytest
+
+from editlib.findings import (
+    INCONCLUSIVE,
+    NOT_REPRODUCED,
+    REPRODUCED,
+    assess,
+    downstream_erosion,
+    ns_falls_with_batch_size,
+    sequential_beats_one_batch,
+    tracing_matches_sweep,
+)
+
+
+def _row(**values):
+    """An edits-table row with intervals value +- 1 for every metric not given with its own."""
+    row = {"experiment": "batched", "method": "memit", "layers": "0", "batch_size": 1, "n_edits": 1, "scope": "batch"}
+    for metric in ("ES", "PS", "NS", "S"):
+        value = values.pop(metric, 50.0)
+        row.update({metric: value, f"{metric}_lo": value - 1, f"{metric}_hi": value + 1})
+    row.update(values)
+    return row
+
+
+def test_ns_falls_verdicts_follow_interval_overlap():
+    edits = pd.DataFrame([_row(batch_size=1, NS=90.0), _row(batch_size=16, NS=85.0), _row(batch_size=256, NS=80.0),
+                          _row(method="emmet", batch_size=1, NS=80.5), _row(method="emmet", batch_size=256, NS=80.0),
+                          _row(method="alphaedit", batch_size=1, NS=70.0), _row(method="alphaedit", batch_size=256, NS=80.0)])
+    verdicts = {row["method"]: row["verdict"] for row in ns_falls_with_batch_size(edits)}
+    assert verdicts == {"memit": REPRODUCED, "emmet": INCONCLUSIVE, "alphaedit": NOT_REPRODUCED}
+
+
+def test_sequential_against_one_batch_compares_the_best_smaller_batch():
+    base = {"experiment": "sequential", "scope": "edited_so_far", "n_edits": 64}
+    edits = pd.DataFrame([_row(**base, batch_size=1, S=70.0), _row(**base, batch_size=8, S=75.0),
+                          _row(**base, batch_size=64, S=72.0),
+                          _row(**{**base, "n_edits": 8}, batch_size=1, S=99.0)])  # earlier checkpoint: ignored
+    [row] = sequential_beats_one_batch(edits)
+    assert row["verdict"] == REPRODUCED and "b=8 75.0" in row["evidence"]
+    edits.loc[edits["batch_size"] == 64, ["S", "S_lo", "S_hi"]] = [74.5, 73.5, 75.5]
+    assert sequential_beats_one_batch(edits)[0]["verdict"] == INCONCLUSIVE
+
+
+def test_downstream_erosion_uses_the_standard_errors():
+    rows = []
+    for method, after in (("memit", 0.5), ("grace", 0.89), ("rome", 0.885)):
+        for task in ("a", "b"):
+            rows.append({"experiment": "sequential", "method": method, "batch_size": 1, "n_edits": 0, "task": task,
+                         "metric": "acc", "value": 0.9, "stderr": 0.01})
+            rows.append({"experiment": "sequential", "method": method, "batch_size": 1, "n_edits": 32, "task": task,
+                         "metric": "acc", "value": after, "stderr": 0.01})
+    verdicts = {row["method"]: row for row in downstream_erosion(pd.DataFrame(rows))}
+    # drop 0.4 +- 1.96 * sqrt(4 * 0.01^2) / 2 = 0.4 +- 0.0196
+    assert verdicts["memit b=1"]["verdict"] == REPRODUCED and "+0.400 [+0.380, +0.420]" in verdicts["memit b=1"]["evidence"]
+    assert verdicts["grace b=1"]["verdict"] == REPRODUCED  # drop 0.01 [-0.01, 0.03] < 0.05
+    assert verdicts["rome b=1"]["verdict"] == INCONCLUSIVE  # drop 0.015 +- 0.0196 reaches below 0
+
+
+def test_tracing_agreement_is_within_one_layer():
+    traces = pd.DataFrame([{"case_id": c, "kind": "mlp", "token": "subject_last", "layer": layer,
+                            "effect": {0: 0.1, 1: 0.3, 2: 0.2, 3: 0.0}[layer]} for c in range(3) for layer in range(4)])
+    sweep = pd.DataFrame([_row(method="rome", layers=str(layer), S=s) for layer, s in ((0, 50.0), (1, 60.0), (2, 40.0))]
+                         + [_row(method="memit", layers=str(layer), S=s) for layer, s in ((0, 50.0), (3, 60.0))])
+    verdicts = {row["method"]: row["verdict"] for row in tracing_matches_sweep(traces, sweep)}
+    assert verdicts == {"rome": REPRODUCED, "memit": NOT_REPRODUCED}
+
+
+def test_assess_skips_findings_without_their_experiment():
+    empty = pd.DataFrame()
+    assert assess({"edits": empty, "layer_sweep": empty, "downstream": empty, "traces": empty}).empty
+
+
+@pytest.mark.parametrize("verdict", [REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE])
+def test_verdict_names_are_distinct(verdict):
+    assert [REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE].count(verdict) == 1
