@@ -20,7 +20,7 @@ from .io import atomic_path
 FINDING_COLUMNS = ["study", "finding", "method", "evidence", "verdict"]
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 Z95 = 1.959964
-KEEP_MARGIN = 0.05  # accuracy drop (mean over tasks) within which general abilities count as kept
+KEEP_MARGIN = 0.05  # largest accuracy drop (mean over tasks) an interval may allow for abilities to count as kept
 
 
 def _interval(row, metric: str) -> str:
@@ -128,9 +128,9 @@ def downstream_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = (
         se = math.sqrt(float((merged["stderr_0"].fillna(0) ** 2 + merged["stderr_n"].fillna(0) ** 2).sum())) / len(merged)
         lo, hi = drop - Z95 * se, drop + Z95 * se
         erodes = lo > 0
-        if method in preserving:  # equivalence within a margin: the drop's whole interval below it
-            verdict = REPRODUCED if hi < KEEP_MARGIN else (NOT_REPRODUCED if lo > KEEP_MARGIN else INCONCLUSIVE)
-            finding = f"the parameter-preserving editor keeps general abilities (drop < {KEEP_MARGIN:.2f})"
+        if method in preserving:  # no detectable drop, and the interval rules out one of KEEP_MARGIN
+            verdict = NOT_REPRODUCED if erodes else (REPRODUCED if hi < KEEP_MARGIN else INCONCLUSIVE)
+            finding = "the parameter-preserving editor keeps general abilities (no drop beyond its interval)"
         else:
             verdict = REPRODUCED if erodes else (NOT_REPRODUCED if hi < 0 else INCONCLUSIVE)
             finding = "sequential edits erode general abilities"

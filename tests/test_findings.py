@@ -46,16 +46,17 @@ def test_sequential_against_one_batch_compares_the_best_smaller_batch():
 
 def test_downstream_erosion_uses_the_standard_errors():
     rows = []
-    for method, after in (("memit", 0.5), ("grace", 0.89), ("rome", 0.885)):
+    for method, after in (("memit", 0.5), ("grace", 0.89), ("rome", 0.885), ("grace_eroding", 0.87)):
         for task in ("a", "b"):
             rows.append({"experiment": "sequential", "method": method, "batch_size": 1, "n_edits": 0, "task": task,
                          "metric": "acc", "value": 0.9, "stderr": 0.01})
             rows.append({"experiment": "sequential", "method": method, "batch_size": 1, "n_edits": 32, "task": task,
                          "metric": "acc", "value": after, "stderr": 0.01})
-    verdicts = {row["method"]: row for row in downstream_erosion(pd.DataFrame(rows))}
+    verdicts = {row["method"]: row for row in downstream_erosion(pd.DataFrame(rows), preserving=("grace", "grace_eroding"))}
     # drop 0.4 +- 1.96 * sqrt(4 * 0.01^2) / 2 = 0.4 +- 0.0196
     assert verdicts["memit b=1"]["verdict"] == REPRODUCED and "+0.400 [+0.380, +0.420]" in verdicts["memit b=1"]["evidence"]
-    assert verdicts["grace b=1"]["verdict"] == REPRODUCED  # drop 0.01 [-0.01, 0.03] < 0.05
+    assert verdicts["grace b=1"]["verdict"] == REPRODUCED  # drop 0.01 [-0.01, 0.03]: none detectable, < 0.05
+    assert verdicts["grace_eroding b=1"]["verdict"] == NOT_REPRODUCED  # drop 0.03 [0.01, 0.05]: it erodes
     assert verdicts["rome b=1"]["verdict"] == INCONCLUSIVE  # drop 0.015 +- 0.0196 reaches below 0
 
 
