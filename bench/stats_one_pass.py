@@ -1,6 +1,6 @@
 """Second-moment statistics for a layer sweep: one pass for all layers vs one pass per layer.
 
-The per-layer variant is the reference behaviour (SPEC 2 and 9): one full data pass per layer, each
+The per-layer variant is the reference behaviour (docs/methods.md §4): one full data pass per layer, each
 forward stopping after that layer, i.e. `collect_second_moments(..., [layer], ...)` per layer. The
 one-pass variant is `collect_second_moments(..., layers, ...)`. Both run alternately in this process
 on the same model and corpus; the table gives the median time of each, the ratio of medians, the

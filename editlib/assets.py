@@ -561,7 +561,7 @@ def known_fact_mask(
     ``"greedy"`` (default, the stricter one, as the ``*_acc`` metrics): greedy decoding of the edit
     prompt reproduces every token of " " + target_true (checked by teacher forcing, one forward pass
     per batch). ``"probability"``: target_true has the lower mean token NLL than target_new on the
-    edit prompt (the CounterFact efficacy comparison, SPEC 5.2; pre-edit ES = 0).
+    edit prompt (the CounterFact efficacy comparison, docs/methods.md §6; pre-edit ES = 0).
     Scored by `editlib.metrics.score_continuations` (the CounterFact metrics' own teacher forcing).
     """
     if criterion not in ("greedy", "probability"):

@@ -6,7 +6,7 @@ Three pieces:
 - local multiple-choice tasks: jsonl rows ``{"question": str, "choices": [str, ...], "answer": int}``
   plus an lm-eval task YAML written by `write_mc_task` (indexed with
   ``TaskManager(include_path=..., include_defaults=False)``, no hub access);
-- converters from the glue_eval benchmark files used by UME / AlphaEdit (SPEC 6.3) to that form,
+- converters from the glue_eval benchmark files used by UME / AlphaEdit to that form,
   with their prompts (`glue_eval_items`, `write_glue_eval_task`);
 - `evaluate_downstream`: wraps the live model in ``lm_eval.models.huggingface.HFLM`` (no save and
   reload, so edits are seen as they are) and returns tidy rows ``{task, metric, value, stderr, n_items}``;
@@ -135,7 +135,7 @@ def write_mc_task(
 
 
 # ---------------------------------------------------------------------------- glue_eval converters
-# Prompts follow UME / AlphaEdit `glue_eval/*_eval.py` (SPEC 6.3): the context ends right before the
+# Prompts follow UME / AlphaEdit `glue_eval/*_eval.py`: the context ends right before the
 # label word and the label word is scored with a leading space (target_delimiter " ").
 
 _LETTERS = ("A", "B", "C", "D")

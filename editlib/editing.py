@@ -197,7 +197,7 @@ class Editor:
 
     def _spread_updates(self, requests, independent: bool, values: torch.Tensor | None = None,
                         loss: torch.Tensor | None = None) -> tuple[dict, dict, torch.Tensor]:
-        """MEMIT/EMMET/AlphaEdit: residuals spread over layers (SPEC 1.6); applies each layer's update.
+        """MEMIT/EMMET/AlphaEdit: residuals spread over layers (docs/methods.md §5.3); applies each layer's update.
 
         `values` (d, N) are the targets z when already optimised on the current model.
         """

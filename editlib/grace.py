@@ -1,4 +1,4 @@
-"""GRACE: a codebook adaptor on one module (Hartvigsen et al. 2023; SPEC 7.1).
+"""GRACE: a codebook adaptor on one module (Hartvigsen et al. 2023; docs/methods.md §5.6).
 
 The adaptor watches one module (e.g. `model.layers.{l}.mlp.down_proj`). At one token per
 sequence it takes the module's *input* there as a query q and looks up the nearest codebook key:
@@ -54,7 +54,7 @@ REPLACEMENTS = ("replace_last", "replace_prompt", "replace_all")
 
 @dataclass(frozen=True)
 class GraceHparams:
-    """GRACE hyperparameters; defaults are SPEC 7.1 (EasyEdit's Llama-2 file: n_iter 50, replace_last)."""
+    """GRACE hyperparameters; defaults as docs/methods.md §11 (EasyEdit's Llama-2 file: n_iter 50, replace_last)."""
 
     eps: float = 1.0  # initial radius of a new key
     edit_lr: float = 1.0  # Adam learning rate on the values

@@ -1,4 +1,4 @@
-"""Editing hyperparameters as typed dataclasses: method defaults (SPEC section 4) plus overrides."""
+"""Editing hyperparameters as typed dataclasses: method defaults (docs/methods.md §11) plus overrides."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class EditHparams:
         return dataclasses.asdict(self)
 
 
-# Method defaults (SPEC 4.2/4.3: original MEMIT/ROME on GPT-J, UME EMMET, AlphaEdit Llama3-8B).
+# Method defaults (docs/methods.md §11: original MEMIT/ROME on GPT-J, UME EMMET, AlphaEdit Llama3-8B).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "memit": {"mom2_update_weight": 15000.0},
     "emmet": {"mom2_update_weight": 10000.0, "emmet_lambda": 0.1},

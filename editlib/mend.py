@@ -1,5 +1,5 @@
 """MEND: a trained hypernetwork that turns an edit's gradient into a weight update (Mitchell et al.
-2022; SPEC 7.2).
+2022; docs/methods.md §5.7).
 
 For an edited Linear W (d_out, d_in) and the edit loss L (mean target NLL of the edit batch),
     grad_W L = sum_t delta_t u_t^T          u_t: the module input at token t, delta_t = dL/d(output_t)
@@ -16,7 +16,7 @@ Training (outer loop, Adam on g and alpha): per step a batch of edit requests is
 The locality prompts are each request's neighborhood prompts, or other training records' prompts.
 
 Deviation from the reference: the sign. The reference adds alpha * g(grad) and relies on training
-to flip it; here a fresh hypernetwork is gradient descent, as the SPEC writes W' = W - alpha * ...
+to flip it; here a fresh hypernetwork is gradient descent, as the paper writes W' = W - alpha * ...
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Context templates: "{}" plus short random prefixes sampled from the unedited model (SPEC 1.3).
+"""Context templates: "{}" plus short random prefixes sampled from the unedited model (docs/methods.md §2).
 
 MEMIT/EMMET/AlphaEdit use length_counts ((10, 5),): 5 prefixes of up to 10 tokens, one per seed
 word. ROME uses ((5, 10), (10, 10)): 21 templates. Unlike the reference (unseeded, and decoding

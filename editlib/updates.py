@@ -1,10 +1,10 @@
 """Update rules. Every rule returns update directions B (d_k, N) such that Delta = R B^T, where
 R (d, N) is the residual to write (target minus current output) and K (d_k, N) holds the keys.
 
-    MEMIT      B = (mu C + K K^T)^-1 K                            (SPEC 3.3)
-    EMMET      B = C~^-1 K (K^T C~^-1 K + lambda I)^-1, C~ = mu C + nu I   (SPEC 3.4)
-    AlphaEdit  B = (P (K K^T + K_p K_p^T) + l2 I)^-1 P K          (SPEC 3.5)
-    ROME       B = u / (k_d^T u), u = C^-1 k_bar                  (SPEC 3.1/3.2)
+    MEMIT      B = (mu C + K K^T)^-1 K                            (docs/methods.md §5.3)
+    EMMET      B = C~^-1 K (K^T C~^-1 K + lambda I)^-1, C~ = mu C + nu I   (§5.4)
+    AlphaEdit  B = (P (K K^T + K_p K_p^T) + l2 I)^-1 P K          (§5.5)
+    ROME       B = u / (k_d^T u), u = C^-1 k_bar                  (§5.1/5.2)
 
 All solves run in fp64 with Cholesky factorisations of C cached per layer (no explicit inverse).
 MEMIT uses the push-through identity (mu C + K K^T)^-1 K = X (I + K^T X)^-1 with X = (mu C)^-1 K,

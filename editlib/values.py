@@ -5,7 +5,7 @@ its prompts. The reference optimises facts one at a time; here many facts share 
 backward pass. The facts stay independent: the loss is a sum of per-fact losses, rows never mix,
 and Adam is applied per fact with its own early stop, so the result equals the per-fact loop.
 
-Per-fact loss (SPEC 1.5): NLL of the target over the T template prompts, + kl_factor *
+Per-fact loss (docs/methods.md §3): NLL of the target over the T template prompts, + kl_factor *
 KL(P_cur || P_init) at the subject-last token of "{subject} is a", + weight_decay *
 ||delta|| / ||h_init||^2. Stop when the loss < early_stop_loss; the last iteration takes no step;
 after each step delta is clamped to clamp_norm_factor * ||h_init||.
@@ -31,7 +31,7 @@ from .tokens import pad_id, pad_right, target_ids
 
 @dataclass(frozen=True)
 class TargetHparams:
-    """Hyperparameters of the target optimisation (SPEC section 4 names)."""
+    """Hyperparameters of the target optimisation (the names of the published hyperparameter files)."""
 
     v_num_grad_steps: int = 25
     v_lr: float = 0.5

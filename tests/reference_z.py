@@ -1,4 +1,4 @@
-"""A direct, one-fact-at-a-time transcription of MEMIT's compute_z (SPEC 1.5), for tests only.
+"""A direct, one-fact-at-a-time transcription of MEMIT's compute_z (docs/methods.md §3), for tests only.
 
 Written independently of editlib.values: plain loops, torch.optim.Adam, full logits.
 """

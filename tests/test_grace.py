@@ -1,5 +1,5 @@
 """GRACE: edits take, unrelated inputs are untouched bit for bit, base weights never move,
-removal is exact, and the codebook's split / coverage rules behave as SPEC 7.1 says."""
+removal is exact, and the codebook's split / coverage rules behave as docs/methods.md §5.6 says."""
 
 import pytest
 import torch
