@@ -1,6 +1,6 @@
 """The workflow's stages: one function per Snakemake rule, each taking the validated config.
 
-Rules (workflow/rules/*.smk) call these through tiny scripts (workflow/scripts/run_stage.py), so
+Rules (workflow/rules/*.smk) call these through tiny scripts (workflow/scripts/<rule>.py), so
 all logic lives here and is testable without Snakemake. Paths come from the rule's input/output;
 everything else from `config` (see config.yaml and workflow/schemas/config.schema.yaml).
 """
@@ -36,7 +36,7 @@ from .experiments import (
     single_edits,
 )
 from .grace import GraceHparams
-from .hparams import METHODS, make_hparams
+from .hparams import make_hparams
 from .io import atomic_dir, atomic_path, write_csv, write_json
 from .models import load_model, model_fingerprint, model_layout
 from .records import EditRequest, load_requests
@@ -45,7 +45,6 @@ from .target_store import TargetStore
 
 log = logging.getLogger("editlib.pipeline")
 
-LOCATE_AND_EDIT = METHODS
 GRACE, MEND = "grace", "mend"
 
 

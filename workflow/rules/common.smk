@@ -2,6 +2,7 @@
 # resources/<run>, reports/<run>, logs/<run> and benchmarks/<run>.
 
 from editlib.config import sequential_runs
+from editlib.hparams import METHODS
 
 RUN = config["run"]
 RES = f"resources/{RUN}"
@@ -12,7 +13,6 @@ BENCH = f"benchmarks/{RUN}"
 SCRIPTS = Path(workflow.current_basedir).parent / "scripts"
 EXPERIMENTS = config["experiments"]
 TOY_WORLD = config["data"]["source"] == "toyworld"
-LOCATE_AND_EDIT = ["rome", "r-rome", "memit", "emmet", "alphaedit"]
 
 DATA = {
     "records": f"{RES}/data/records.json",
@@ -42,7 +42,7 @@ def mend_input(wildcards):
 
 
 def moments_input(wildcards):
-    return MOMENTS if wildcards.method in LOCATE_AND_EDIT else []
+    return MOMENTS if wildcards.method in METHODS else []  # locate-and-edit methods need C
 
 
 def edit_tables():
