@@ -171,16 +171,20 @@ def downstream_figure(downstream: pd.DataFrame, path: str | Path, title: str = "
     smallest = data.groupby("method")["batch_size"].transform("min")
     data = data[data["batch_size"] == smallest]  # one edit at a time where run so (Lin et al.)
     data = data.assign(run=data["method"] + " b=" + data["batch_size"].astype(int).astype(str),
-                       accuracy=data["value"], accuracy_lo=data["value"] - Z95 * data["stderr"].fillna(0),
-                       accuracy_hi=data["value"] + Z95 * data["stderr"].fillna(0))
+                       lo=data["value"] - Z95 * data["stderr"].fillna(0),
+                       hi=data["value"] + Z95 * data["stderr"].fillna(0))
     tasks = list(dict.fromkeys(data["task"]))
-    figure = interval_lines(data, "n_edits", ["accuracy"], "run", row="task",
+    wide = data.pivot_table(index=["run", "n_edits"], columns="task", values=["value", "lo", "hi"], sort=False)
+    wide.columns = [task if kind == "value" else f"{task}_{kind}" for kind, task in wide.columns]
+    figure = interval_lines(wide.reset_index(), "n_edits", tasks, "run",
                             title=f"General abilities under sequential editing, +-1.96 SE ({title})")
     checkpoints = sorted(data["n_edits"].unique())
+    positive = [c for c in checkpoints if c > 0]
     for axis, task in zip(figure.axes, tasks):
         axis.set_title(task, fontsize=9)
-        axis.set_xscale("symlog", linthresh=1)
-        axis.set_xlim(-0.3, max(checkpoints) * 1.3)
+        axis.set_ylabel("accuracy")
+        if positive and max(positive) > 20 * min(positive):  # e.g. 1, 10, 100, 1000 edits
+            axis.set_xscale("symlog", linthresh=1)
         axis.set_xticks(checkpoints, [str(int(c)) for c in checkpoints])
     _save(figure, path)
 
