@@ -6,6 +6,7 @@ Errors name the config file and the field path (e.g. ``config.yaml: experiments.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ def validate_config(config: dict, schema_path: str | Path, source: str = "config
         error = errors[0]
         raise ConfigError(f"{source}: {_field(error.absolute_path)}: {error.message}")
     _check_cross_fields(config, source)
+    _check_values(config, source)
     return config
 
 
@@ -61,7 +63,7 @@ def _check_cross_fields(config: dict, source: str) -> None:
         # layers >= mlp_layers of the toy model have no MLP: nothing there for an editor to change
         editable = train.get("mlp_layers") or n_layers
         field = "model.train.mlp_layers" if editable < n_layers else "model.train.layers"
-        what = f"the toy model has MLPs in layers 0..{editable - 1} only" if editable < n_layers else \
+        what = f"the toy model, whose MLPs are in layers 0..{editable - 1} only" if editable < n_layers else \
             f"a {n_layers}-layer model"
         for index, layer in enumerate(sweep["layers"]):
             if layer >= editable:
@@ -113,6 +115,125 @@ def statistics_layers(config: dict) -> list[int]:
         if isinstance(explicit, list):
             layers.update(explicit)
     return sorted(layers)
+
+
+# Hyperparameters that must be > 0 wherever they appear in a method's block (all others >= 0).
+POSITIVE_HPARAMS = {"v_num_grad_steps", "v_lr", "clamp_norm_factor", "mom2_update_weight", "nullspace_threshold",
+                    "eps", "edit_lr", "lr", "lr_lr", "rank", "batch_size", "n_edit_layers", "n_train", "n_eval",
+                    "facts_per_chunk"}
+
+
+def _numbers(block: dict, path: str):
+    for key, value in block.items():
+        if isinstance(value, dict):
+            yield from _numbers(value, f"{path}.{key}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{path}.{key}", key, value
+
+
+def _construct(what: str, cls, values: dict) -> None:
+    """Build dataclass `cls` from `values` so that its own checks run now, not in a job."""
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"{what}: unknown field(s) {sorted(unknown)}; allowed: "
+                          f"{sorted(f.name for f in dataclasses.fields(cls))}")
+    try:
+        cls(**values)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{what}: {error}") from None
+
+
+def mend_training_offset(config: dict) -> int:
+    """MEND trains on the records after this many (those the experiments may edit)."""
+    experiments = config["experiments"]
+    return max(experiments["sequential"]["total_edits"], experiments["layer_sweep"]["n_records"],
+               experiments["single"]["n_records"], max(experiments["batched"]["batch_sizes"]))
+
+
+def local_task_names(data: dict) -> set[str]:
+    """The lm-eval tasks the data stage writes for `data.source` (downstream.tasks may use them)."""
+    from .assets import DEFAULT_BIGBENCH_MC_TASKS, bigbench_mc_filename
+
+    if data["source"] == "toyworld":
+        return {"toy_facts", "toy_compose"}
+    if data["source"] == "qa_wikidata":
+        return {f"bb_{bigbench_mc_filename(task).removesuffix('.jsonl')}" for task in DEFAULT_BIGBENCH_MC_TASKS}
+    return set()
+
+
+def toy_record_count(config: dict) -> int | None:
+    """How many edit records the toy world of `config` has (None for other data sources)."""
+    if config["data"]["source"] != "toyworld":
+        return None
+    from .toyworld import WorldConfig, edit_facts, make_world
+
+    return len(edit_facts(make_world(WorldConfig(**config["data"].get("world", {})))))
+
+
+def _check_values(config: dict, source: str) -> None:
+    """Ranges the schema cannot state: hyperparameters, the toy model and world, record counts,
+    downstream tasks."""
+    from .grace import GraceHparams
+    from .hparams import make_hparams
+    from .mend import MendHparams
+    from .pretrain import TrainConfig
+    from .toyworld import WorldConfig
+
+    for method, block in config["methods"].items():
+        for path, key, value in _numbers({k: v for k, v in block.items() if k != "layers"}, f"methods.{method}"):
+            if value < 0 or (key in POSITIVE_HPARAMS and value <= 0):
+                raise ConfigError(f"{source}: {path}: {value} must be {'> 0' if key in POSITIVE_HPARAMS else '>= 0'}")
+        overrides = method_overrides(config, method)
+        if method == "grace":
+            _construct(f"{source}: methods.grace", GraceHparams, overrides)
+        elif method == "mend":
+            _construct(f"{source}: methods.mend.hparams", MendHparams, block.get("hparams", {}))
+        else:
+            try:
+                make_hparams(method, **overrides, layers=(0,))
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"{source}: methods.{method}: {error}") from None
+    if config["model"]["source"] == "toyworld":
+        _construct(f"{source}: model.train", TrainConfig, config["model"].get("train", {}))
+    if config["data"]["source"] == "toyworld":
+        _construct(f"{source}: data.world", WorldConfig, config["data"].get("world", {}))
+
+    experiments = config["experiments"]
+    batched = experiments["batched"]
+    if "n_records" in batched:
+        for index, size in enumerate(batched["batch_sizes"]):
+            if size > batched["n_records"]:
+                raise ConfigError(f"{source}: experiments.batched.batch_sizes[{index}]: {size} exceeds "
+                                  f"experiments.batched.n_records {batched['n_records']}")
+    for index, n in enumerate(experiments["sequential"].get("eval_at", [])):
+        if n > experiments["sequential"]["total_edits"]:
+            raise ConfigError(f"{source}: experiments.sequential.eval_at[{index}]: {n} exceeds total_edits "
+                              f"{experiments['sequential']['total_edits']}")
+    available = toy_record_count(config)
+    if available is not None:
+        needs = {"experiments.layer_sweep.n_records": experiments["layer_sweep"]["n_records"],
+                 "experiments.single.n_records": experiments["single"]["n_records"],
+                 "experiments.batched.n_records": batched.get("n_records", max(batched["batch_sizes"])),
+                 "experiments.sequential.total_edits": experiments["sequential"]["total_edits"]}
+        for field, n in needs.items():
+            if n > available:
+                raise ConfigError(f"{source}: {field}: {n} records needed, the toy world (data.world) has "
+                                  f"{available}")
+        if "mend" in config["methods"]:
+            mend = config["methods"]["mend"]
+            used = mend_training_offset(config)
+            wanted = mend.get("n_train", 100) + mend.get("n_eval", 20)
+            if used + wanted > available:
+                raise ConfigError(f"{source}: methods.mend: n_train + n_eval = {wanted} records beyond the first "
+                                  f"{used} (edited by the experiments) exceed the toy world's {available}")
+    downstream = config["downstream"]
+    if not downstream.get("include_defaults", False):
+        local = local_task_names(config["data"])
+        for index, task in enumerate(downstream["tasks"]):
+            if task not in local:
+                raise ConfigError(f"{source}: downstream.tasks[{index}]: {task!r} is not a task of data.source "
+                                  f"{config['data']['source']!r} (those are {sorted(local) or 'none'}); set "
+                                  f"downstream.include_defaults: true for lm-evaluation-harness's own tasks")
 
 
 def method_overrides(config: dict, method: str) -> dict[str, Any]:

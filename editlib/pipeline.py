@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from . import assets
-from .config import method_overrides, statistics_layers
+from .config import mend_training_offset, method_overrides, statistics_layers
 from .corpus import load_corpus
 from .downstream import evaluate_downstream, write_mc_task
 from .experiments import (
@@ -344,8 +344,7 @@ def train_mend_editor(config: dict, model_dir, records_path, out_path) -> dict:
 
     settings = config["methods"][MEND]
     ctx = load_context(config, model_dir, None)
-    used = max(config["experiments"]["sequential"]["total_edits"], config["experiments"]["layer_sweep"]["n_records"],
-               config["experiments"]["single"]["n_records"], max(config["experiments"]["batched"]["batch_sizes"]))
+    used = mend_training_offset(config)
     n_train, n_eval = settings.get("n_train", 100), settings.get("n_eval", 20)
     requests = load_requests(records_path)
     pool = requests[used:]

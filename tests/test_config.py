@@ -1,0 +1,110 @@
+"""Config validation: every invalid value is rejected up front, naming the field and what is allowed.
+
+The Snakefile runs `validate_config` before any job (test_workflow checks that path end to end);
+here each case mutates the shipped default config and expects ConfigError with the field's name.
+"""
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from editlib.config import ConfigError, toy_record_count, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+DEFAULT = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
+
+
+def _set(path: str, value):
+    def mutate(config):
+        *parents, last = path.split(".")
+        node = config
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    return mutate
+
+
+def _drop(path: str):
+    def mutate(config):
+        *parents, last = path.split(".")
+        node = config
+        for key in parents:
+            node = node[key]
+        del node[last]
+    return mutate
+
+
+INVALID = {
+    "unknown method": (_set("experiments.sequential.methods", ["memit", "memitt"]),
+                       r"experiments\.sequential\.methods\[1\]: 'memitt' is not one of"),
+    "missing field": (_drop("stats.n_samples"), r"stats: 'n_samples' is a required property"),
+    "negative size": (_set("experiments.single.n_records", -1), r"experiments\.single\.n_records: -1 is less than"),
+    "zero batch size": (_set("experiments.batched.batch_sizes", [0, 4]), r"experiments\.batched\.batch_sizes\[0\]"),
+    "unknown device": (_set("model.device", "gpu"), r"model\.device: 'gpu' does not match"),
+    "unknown dtype": (_set("model.dtype", "float8"), r"model\.dtype: 'float8' is not one of"),
+    "sweep layer without an MLP": (_set("experiments.layer_sweep.layers", [0, 3]),
+                                   r"layer_sweep\.layers\[1\]: layer 3 out of range for the toy model, whose MLPs are in layers 0\.\.1"),
+    "method layer beyond the model": (_set("methods.memit.layers", [0, 9]), r"methods\.memit\.layers\[1\]: layer 9"),
+    "GRACE layer beyond the model": (_set("methods.grace.layers", [5]),
+                                     r"methods\.grace\.layers\[0\]: layer 5 out of range for a 5-layer model"),
+    "auto layers without a sweep": (_set("experiments.layer_sweep.methods", ["rome"]),
+                                    r"methods\.r-rome\.layers: 'auto' .* not in experiments\.layer_sweep\.methods"),
+    "batch larger than the records": (_set("experiments.batched.batch_sizes", [1, 2048]),
+                                      r"batched\.batch_sizes\[1\]: 2048 exceeds experiments\.batched\.n_records 1024"),
+    "more records than the world has": (_set("experiments.batched.n_records", 5000),
+                                        r"experiments\.batched\.n_records: 5000 records needed, the toy world .* 1200"),
+    "more edits than the world has": (_set("experiments.sequential.total_edits", 2000),
+                                      r"experiments\.sequential\.total_edits: 2000 records needed"),
+    "sequential batch above the total": (_set("experiments.sequential.batch_sizes", [1, 256]),
+                                         r"sequential\.batch_sizes\[1\]: 256 exceeds total_edits 128"),
+    "evaluation after the last edit": (_set("experiments.sequential.eval_at", [1, 256]),
+                                       r"sequential\.eval_at\[1\]: 256 exceeds total_edits 128"),
+    "downstream after the last edit": (_set("experiments.sequential.downstream_at", [0, 999]),
+                                       r"sequential\.downstream_at\[1\]"),
+    "batch sizes of a method that is not run": (_set("experiments.sequential.method_batch_sizes", {"r-rome": [1]}),
+                                                r"method_batch_sizes\.r-rome: 'r-rome' is not in"),
+    "unknown downstream task": (_set("downstream.tasks", ["toy_facts", "mmlu"]),
+                                r"downstream\.tasks\[1\]: 'mmlu' is not a task of data\.source 'toyworld'.*include_defaults"),
+    "negative mu": (_set("methods.memit.mom2_update_weight", -1.0), r"methods\.memit\.mom2_update_weight: -1\.0 must be > 0"),
+    "zero learning rate": (_set("methods.rome.targets", {"v_lr": 0.0}), r"methods\.rome\.targets\.v_lr: 0\.0 must be > 0"),
+    "negative l2": (_set("methods.alphaedit.l2", -1.0), r"methods\.alphaedit\.l2: -1\.0 must be >= 0"),
+    "zero GRACE radius": (_set("methods.grace.eps", 0.0), r"methods\.grace\.eps: 0\.0 must be > 0"),
+    "unknown hyperparameter": (_set("methods.memit.mom2_weight", 1.0), r"methods\.memit: memit: unknown hyperparameters \['mom2_weight'\]"),
+    "unknown target hyperparameter": (_set("methods.emmet.targets", {"v_steps": 3}), r"methods\.emmet: .*unknown target hyperparameters"),
+    "unknown MEND hyperparameter": (_set("methods.mend.hparams", {"rnak": 3}), r"methods\.mend\.hparams: unknown field\(s\) \['rnak'\]; allowed: .*'rank'"),
+    "MEND training beyond the world": (_set("methods.mend.n_train", 1200),
+                                       r"methods\.mend: n_train \+ n_eval = 1230 records beyond the first 256"),
+    "toy model MLP layers": (_set("model.train.mlp_layers", 9), r"model\.train: mlp_layers must be in \[1, layers=5\]"),
+    "unknown toy model field": (_set("model.train.depth", 9), r"model\.train: unknown field\(s\) \['depth'\]; allowed: .*'layers'"),
+    "toy world fraction": (_set("data.world.edit_fraction", 1.5), r"data\.world: edit_fraction must be in \(0, 1\)"),
+}
+
+
+def test_the_shipped_configs_are_valid():
+    for path in (REPO / "config.yaml", *sorted((REPO / "configs").glob("*.yaml"))):
+        validate_config(yaml.safe_load(path.read_text(encoding="utf-8")), SCHEMA, source=path.name)
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_config_is_rejected_naming_the_field(case):
+    mutate, message = INVALID[case]
+    config = copy.deepcopy(DEFAULT)
+    mutate(config)
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, SCHEMA, source="config.yaml")
+    assert str(error.value).startswith("config.yaml: ")
+    assert re.search(message, str(error.value)), str(error.value)
+
+
+def test_toy_record_count_is_what_the_data_stage_writes(tmp_path):
+    from editlib.records import load_requests
+    from editlib.toyworld import build_world
+
+    world = {"seed": 3, "n_subjects": 40, "edit_fraction": 0.5, "facts_per_edit_subject": 3}
+    build_world(tmp_path, **world)
+    config = {"data": {"source": "toyworld", "world": world}}
+    assert toy_record_count(config) == len(load_requests(tmp_path / "counterfact.json"))
