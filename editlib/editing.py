@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .hparams import EditHparams
-from .io import atomic_path
+from .io import load_tensors, save_tensors
 from .keys import average_over_templates, build_context_prompts, compute_keys, plain_rows, read_at_subject, template_weights
 from .models import edited_bias, edited_weight, model_layout
 from .records import EditRequest
@@ -118,13 +117,12 @@ class Editor:
 
     def save(self, path: str | Path) -> None:
         """Atomically save the accumulated updates (safetensors) so they can be re-applied."""
-        with atomic_path(path) as tmp:
-            save_file(self.state_dict(), str(tmp), metadata={"method": self.hparams.method,
-                                                              "layers": ",".join(map(str, self.hparams.layers))})
+        save_tensors(path, self.state_dict(), {"method": self.hparams.method,
+                                               "layers": ",".join(map(str, self.hparams.layers))})
 
     def load(self, path: str | Path) -> None:
         """Re-apply updates saved by `save` (on the same original model)."""
-        self.load_state_dict(load_file(str(path)))
+        self.load_state_dict(load_tensors(path)[0])
 
     # ---- editing -------------------------------------------------------------------------
     def apply(self, requests: Sequence[EditRequest]) -> dict:

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from .editing import Editor
@@ -26,7 +25,7 @@ from .grace import GraceEditor, GraceHparams
 from .hparams import EditHparams, make_hparams
 from .mend import MendEditor
 from .models import model_layout
-from .io import atomic_path, content_key
+from .io import content_key, load_tensors, save_tensors
 from .metrics import counterfact_metrics, counterfact_scores, generation_entropy
 from .records import EditRequest, batches
 from .target_store import TargetStore
@@ -287,20 +286,18 @@ def _checkpoint_key(ctx: ExperimentContext, requests, hparams, batch_size: int, 
 
 def _save_checkpoint(path: Path, editor, key: str, step: int, rows: list, downstream_rows: list) -> None:
     metadata = {"key": key, "step": str(step), "rows": json.dumps(rows), "downstream": json.dumps(downstream_rows)}
-    with atomic_path(path) as tmp:
-        save_file(editor.state_dict(), str(tmp), metadata=metadata)
+    save_tensors(path, editor.state_dict(), metadata)
 
 
 def _load_checkpoint(path: Path, key: str):
     if not path.exists():
         return None
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        state, metadata = load_tensors(path)
         if metadata.get("key") != key:
             log.warning("checkpoint %s belongs to another run (key mismatch); starting over", path)
             return None
-        return load_file(str(path)), int(metadata["step"]), json.loads(metadata["rows"]), json.loads(metadata["downstream"])
+        return state, int(metadata["step"]), json.loads(metadata["rows"]), json.loads(metadata["downstream"])
     except (SafetensorError, OSError, KeyError, ValueError) as err:
         log.warning("unreadable checkpoint %s (%s); starting over", path, err)
         return None

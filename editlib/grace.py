@@ -41,11 +41,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from editlib.io import atomic_path
-from editlib.models import StopForward, capture_inputs, capture_outputs
+from editlib.io import load_tensors, save_tensors
+from editlib.models import StopForward, capture_inputs, capture_outputs, out_in_weight
 from editlib.records import EditRequest
 from editlib.tokens import pad_id, pad_right, prompt_ids, target_ids
 
@@ -203,10 +202,8 @@ class GraceCodebook(nn.Module):
 
 def module_dims(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a Linear or GPT-2 Conv1D."""
-    weight = module.weight
-    if type(module).__name__ == "Conv1D":  # stores (in, out)
-        return weight.shape[0], weight.shape[1]
-    return weight.shape[1], weight.shape[0]
+    d_out, d_in = out_in_weight(module).shape
+    return d_in, d_out
 
 
 def last_token_positions(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
@@ -435,17 +432,12 @@ class GraceEditor:
             "hparams": json.dumps(asdict(self.hparams)),
             "module_name": self.module_name,
         }
-        tensors = {name: t.cpu() for name, t in self.codebook.tensors().items()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+        save_tensors(path, self.codebook.tensors(), metadata)
 
     @classmethod
     def load(cls, model: nn.Module, tokenizer, path: str | Path) -> "GraceEditor":
         """Attach a GraceEditor to `model` with the codebook saved at `path`."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata()
+        tensors, metadata = load_tensors(path)
         editor = cls(model, tokenizer, metadata["module_name"], GraceHparams(**json.loads(metadata["hparams"])))
-        editor.codebook.load_tensors(load_file(str(path)), json.loads(metadata["labels"]))
+        editor.codebook.load_tensors(tensors, json.loads(metadata["labels"]))
         return editor

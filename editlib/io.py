@@ -60,6 +60,22 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Atomically write tensors (to CPU, contiguous) and string metadata as one safetensors file."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: str | Path, device: str = "cpu") -> tuple[dict, dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; safetensors' own errors for a damaged file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata() or {}
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Atomically write UTF-8 text."""
     with atomic_path(path) as tmp:

@@ -31,12 +31,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from editlib.grace import TargetBatch, module_dims, target_argmax_correct, target_batch, target_nll
-from editlib.io import atomic_path
-from editlib.models import model_fingerprint, model_layout
+from editlib.io import load_tensors, save_tensors
+from editlib.models import model_fingerprint, model_layout, weight_layout
 from editlib.records import EditRequest
 from editlib.tokens import pad_id, pad_right, prompt_ids
 
@@ -304,9 +303,8 @@ class MendHypernet(nn.Module):
 
 
 def _storage_delta(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
-    """A (d_out, d_in) delta in the layout of module.weight (GPT-2 Conv1D stores (in, out))."""
-    delta = delta.T if type(module).__name__ == "Conv1D" else delta
-    return delta.to(module.weight.dtype).contiguous()
+    """A (d_out, d_in) delta in the layout and dtype of module.weight."""
+    return weight_layout(module, delta).to(module.weight.dtype).contiguous()
 
 
 @dataclass
@@ -375,22 +373,17 @@ class MendEditor:
             "model_fingerprint": model_fingerprint(self.model),
             "history": json.dumps(self.history),
         }
-        tensors = {name: t.detach().cpu().contiguous() for name, t in self.hypernet.state_dict().items()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+        save_tensors(path, self.hypernet.state_dict(), metadata)
 
     @classmethod
     def load(cls, model: nn.Module, tokenizer, path: str | Path) -> "MendEditor":
         """Bind a saved hypernetwork to `model` (which must have the same edited module shapes)."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata()
+        device = next(model.parameters()).device
+        tensors, metadata = load_tensors(path, device)
         hparams = MendHparams(**json.loads(metadata["hparams"]))
         hparams = MendHparams(**{**asdict(hparams), "modules": tuple(json.loads(metadata["module_names"]))})
         editor = cls.fresh(model, tokenizer, hparams)
-        device = next(model.parameters()).device
-        editor.hypernet.load_state_dict({k: v.to(device) for k, v in load_file(str(path)).items()})
+        editor.hypernet.load_state_dict(tensors)
         editor.history = json.loads(metadata.get("history", "[]"))
         return editor
 

@@ -143,12 +143,20 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def weight_layout(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    """Convert between (out, in) and the layout of `module.weight` (either way: a transpose is its
+    own inverse). GPT-2's Conv1D stores (in, out), Linear (out, in); the one place that knows."""
+    return matrix.T if type(module).__name__ == "Conv1D" else matrix
+
+
+def out_in_weight(module: nn.Module) -> torch.Tensor:
+    """`module.weight` as an (out, in) view; in-place changes modify the module."""
+    return weight_layout(module, module.weight)
+
+
 def edited_weight(model: nn.Module, layout: ModelLayout, layer: int) -> torch.Tensor:
     """The edited matrix of `layer` as a (d, d_k) view; in-place changes modify the model."""
-    module = model.get_submodule(layout.rewrite(layer))
-    if type(module).__name__ == "Conv1D":  # GPT-2 stores (in, out)
-        return module.weight.T
-    return module.weight
+    return out_in_weight(model.get_submodule(layout.rewrite(layer)))
 
 
 def edited_bias(model: nn.Module, layout: ModelLayout, layer: int) -> torch.Tensor | None:

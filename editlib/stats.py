@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .corpus import Corpus
-from .io import atomic_path, content_key
+from .io import content_key, load_tensors, save_tensors
 from .models import ModelLayout, StopForward, capture_inputs, model_fingerprint
 from .tokens import length_sorted_chunks, pad_right, pad_id
 
@@ -140,8 +139,7 @@ def stats_path(cache_dir: str | Path, module: str, key: str) -> Path:
 
 def save_second_moment(path: Path, moment: SecondMoment, key: str) -> None:
     """Atomically write one layer's statistics with its key in the metadata."""
-    with atomic_path(path) as tmp:
-        save_file({"total": moment.total.contiguous()}, str(tmp), metadata={"key": key, "count": str(moment.count)})
+    save_tensors(path, {"total": moment.total}, {"key": key, "count": str(moment.count)})
 
 
 def load_second_moment(path: Path, key: str) -> SecondMoment | None:
@@ -149,11 +147,7 @@ def load_second_moment(path: Path, key: str) -> SecondMoment | None:
     if not path.exists():
         return None
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        tensors = load_file(str(path))
+        tensors, metadata = load_tensors(path)
         moment = SecondMoment(tensors["total"], int(metadata["count"]))
         if metadata.get("key") != key:
             raise ValueError(f"key {metadata.get('key')} != {key}")
@@ -196,13 +190,12 @@ def save_moments(path: str | Path, moments: dict[int, SecondMoment], metadata: d
     """Atomically write C (the mean) of several layers into one safetensors file ("layer.<l>")."""
     tensors = {f"layer.{layer}": moment.mean.float().contiguous() for layer, moment in moments.items()}
     meta = {"counts": json.dumps({str(layer): m.count for layer, m in moments.items()}), **(metadata or {})}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_tensors(path, tensors, meta)
 
 
 def load_moments(path: str | Path) -> dict[int, torch.Tensor]:
     """Read a file written by `save_moments`: {layer: C}; non-finite values raise StatisticsError."""
-    tensors = load_file(str(path))
+    tensors, _ = load_tensors(path)
     moments = {int(name.split(".", 1)[1]): tensor for name, tensor in tensors.items() if name.startswith("layer.")}
     for layer, tensor in moments.items():
         check_finite(tensor, f"{path}: layer {layer}")

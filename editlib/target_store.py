@@ -20,9 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from .io import atomic_path, content_key
+from .io import content_key, load_tensors, save_tensors
 from .records import EditRequest
 from .values import TargetHparams
 
@@ -88,14 +87,13 @@ class TargetStore:
         if not path.exists():
             return None
         self.hits += 1
-        return load_file(str(path))
+        return load_tensors(path)[0]
 
     def _compute(self, path: Path, block: int, size: int, hook_module: str, optimize: Optimize) -> dict:
         log.info("z block %d (%d facts) at %s: computing", block, size, hook_module)
         values, loss = optimize(self.pool[block * size : (block + 1) * size])
         data = {"values": values.detach().cpu().contiguous(), "loss": loss.detach().cpu().contiguous()}
-        with atomic_path(path) as tmp:
-            save_file(data, str(tmp), metadata={"module": hook_module, "block": str(block), "size": str(size)})
+        save_tensors(path, data, {"module": hook_module, "block": str(block), "size": str(size)})
         self.misses += 1
         return data
 
