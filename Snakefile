@@ -3,6 +3,10 @@
 # each rule runs a small script under workflow/scripts/. See README.md.
 from pathlib import Path
 
+from snakemake.utils import min_version
+
+min_version("9.0")
+
 from editlib.config import validate_config
 
 # config.yaml is the default; a --configfile on the command line REPLACES it (no deep merge, which

@@ -90,6 +90,12 @@ def test_dry_run_lists_every_stage(tmp_path):
     assert jobs["sequential_edits"] == 3 and jobs["layer_sweep"] == 1, jobs  # 3 methods x 1 batch size
 
 
+def test_snakemake_lint_is_clean(tmp_path):
+    """Every rule has log, benchmark and a conda environment; no lint of Snakemake's best practices."""
+    result = snakemake(tmp_path, SMALL, "--lint", check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 def test_full_run_writes_tidy_tables_and_figures(completed):
     out = completed / "results" / "tiny"
     edits = pd.read_csv(out / "edits.csv", dtype={"layers": str})

@@ -11,6 +11,8 @@ REPORT = f"reports/{RUN}"
 LOGS = f"logs/{RUN}"
 BENCH = f"benchmarks/{RUN}"
 SCRIPTS = Path(workflow.current_basedir).parent / "scripts"
+# For `--sdm conda`, the environment of all jobs; editlib itself comes from the checkout (scripts/_checkout.py)
+CONDA_ENV = str(Path(workflow.basedir) / "envs" / "editlib.yaml")
 EXPERIMENTS = config["experiments"]
 TOY_WORLD = config["data"]["source"] == "toyworld"
 

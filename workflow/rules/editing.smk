@@ -21,6 +21,8 @@ rule layer_sweep:
         f"{LOGS}/layer_sweep/{{method}}.log",
     benchmark:
         f"{BENCH}/layer_sweep/{{method}}.tsv"
+    conda:
+        CONDA_ENV
     script:
         str(SCRIPTS / "layer_sweep.py")
 
@@ -39,6 +41,8 @@ rule train_mend:
         f"{LOGS}/train_mend.log",
     benchmark:
         f"{BENCH}/train_mend.tsv"
+    conda:
+        CONDA_ENV
     script:
         str(SCRIPTS / "train_mend.py")
 
@@ -59,6 +63,8 @@ rule single_edits:
         f"{LOGS}/single/{{method}}.log",
     benchmark:
         f"{BENCH}/single/{{method}}.tsv"
+    conda:
+        CONDA_ENV
     script:
         str(SCRIPTS / "single_edits.py")
 
@@ -82,6 +88,8 @@ rule batched_edits:
         f"{LOGS}/batched/{{method}}.log",
     benchmark:
         f"{BENCH}/batched/{{method}}.tsv"
+    conda:
+        CONDA_ENV
     script:
         str(SCRIPTS / "batched_edits.py")
 
@@ -108,5 +116,7 @@ rule sequential_edits:
         f"{LOGS}/sequential/{{method}}/b{{batch_size}}.log",
     benchmark:
         f"{BENCH}/sequential/{{method}}/b{{batch_size}}.tsv"
+    conda:
+        CONDA_ENV
     script:
         str(SCRIPTS / "sequential_edits.py")

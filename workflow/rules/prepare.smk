@@ -16,6 +16,8 @@ if TOY_WORLD:
             f"{LOGS}/prepare_data.log",
         benchmark:
             f"{BENCH}/prepare_data.tsv"
+        conda:
+            CONDA_ENV
         script:
             str(SCRIPTS / "prepare_data.py")
 
@@ -31,6 +33,8 @@ if TOY_WORLD:
             f"{LOGS}/prepare_model.log",
         benchmark:
             f"{BENCH}/prepare_model.tsv"
+        conda:
+            CONDA_ENV
         script:
             str(SCRIPTS / "prepare_model.py")
 
@@ -45,6 +49,8 @@ else:
             f"{LOGS}/prepare_model.log",
         benchmark:
             f"{BENCH}/prepare_model.tsv"
+        conda:
+            CONDA_ENV
         script:
             str(SCRIPTS / "prepare_model.py")
 
@@ -63,5 +69,7 @@ else:
             f"{LOGS}/prepare_data.log",
         benchmark:
             f"{BENCH}/prepare_data.tsv"
+        conda:
+            CONDA_ENV
         script:
             str(SCRIPTS / "prepare_data.py")

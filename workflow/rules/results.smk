@@ -11,6 +11,8 @@ rule tidy_results:
         downstream=f"{OUT}/downstream.csv",
     log:
         f"{LOGS}/tidy_results.log",
+    conda:
+        CONDA_ENV
     script:
         str(SCRIPTS / "tidy_results.py")
 
@@ -28,6 +30,8 @@ rule figures:
         run=RUN,
     log:
         f"{LOGS}/figures.log",
+    conda:
+        CONDA_ENV
     script:
         str(SCRIPTS / "figures.py")
 
@@ -45,5 +49,7 @@ rule findings:
         run=RUN,
     log:
         f"{LOGS}/findings.log",
+    conda:
+        CONDA_ENV
     script:
         str(SCRIPTS / "findings.py")

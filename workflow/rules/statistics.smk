@@ -16,5 +16,7 @@ rule statistics:
         f"{LOGS}/statistics.log",
     benchmark:
         f"{BENCH}/statistics.tsv"
+    conda:
+        CONDA_ENV
     script:
         str(SCRIPTS / "statistics.py")

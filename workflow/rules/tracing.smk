@@ -13,5 +13,7 @@ rule causal_trace:
         f"{LOGS}/causal_trace.log",
     benchmark:
         f"{BENCH}/causal_trace.tsv"
+    conda:
+        CONDA_ENV
     script:
         str(SCRIPTS / "causal_trace.py")

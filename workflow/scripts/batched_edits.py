@@ -1,4 +1,5 @@
 """Rule batched_edits: each batch size edited into the unedited model."""
+import _checkout  # noqa: F401  (editlib from this checkout)
 from editlib.pipeline import run_batched, stage_logging
 
 with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):

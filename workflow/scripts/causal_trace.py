@@ -1,4 +1,5 @@
 """Rule causal_trace: indirect effects of restoring states of corrupted runs, per fact and layer."""
+import _checkout  # noqa: F401  (editlib from this checkout)
 from editlib.pipeline import run_causal_trace, stage_logging
 
 with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):

@@ -1,4 +1,5 @@
 """Rule figures: the papers' plots from the tidy tables."""
+import _checkout  # noqa: F401  (editlib from this checkout)
 from editlib.pipeline import stage_logging
 from editlib.plotting import write_figures
 

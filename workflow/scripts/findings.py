@@ -1,4 +1,5 @@
 """Rule findings: each paper finding tested on this run's tables, with its numbers and a verdict."""
+import _checkout  # noqa: F401  (editlib from this checkout)
 from editlib.findings import assess, write_findings_html
 from editlib.io import write_csv
 from editlib.pipeline import stage_logging

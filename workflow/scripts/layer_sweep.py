@@ -1,4 +1,5 @@
 """Rule layer_sweep: single edits at each configured layer for one method."""
+import _checkout  # noqa: F401  (editlib from this checkout)
 from editlib.pipeline import run_layer_sweep, stage_logging
 
 with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):

@@ -1,4 +1,5 @@
 """Rule prepare_data: edit records, statistics corpus and local lm-eval tasks."""
+import _checkout  # noqa: F401  (editlib from this checkout)
 from pathlib import Path
 
 from editlib.pipeline import prepare_data, stage_logging

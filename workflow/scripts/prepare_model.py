@@ -1,4 +1,5 @@
 """Rule prepare_model: train the toy-world model, or convert SmolLM2, or save a hub model."""
+import _checkout  # noqa: F401  (editlib from this checkout)
 from pathlib import Path
 
 from editlib.pipeline import prepare_model, stage_logging

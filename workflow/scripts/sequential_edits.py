@@ -1,4 +1,5 @@
 """Rule sequential_edits: batches applied one after another (checkpointed, resumable)."""
+import _checkout  # noqa: F401  (editlib from this checkout)
 from editlib.pipeline import run_sequential, stage_logging
 
 with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):

@@ -1,4 +1,5 @@
 """Rule single_edits: one fact at a time, the model restored between facts."""
+import _checkout  # noqa: F401  (editlib from this checkout)
 from editlib.pipeline import run_single, stage_logging
 
 with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):

@@ -1,4 +1,5 @@
 """Rule statistics: C of every edited layer in one pass over the corpus."""
+import _checkout  # noqa: F401  (editlib from this checkout)
 from editlib.pipeline import compute_statistics, stage_logging
 
 with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):

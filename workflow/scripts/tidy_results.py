@@ -1,4 +1,5 @@
 """Rule tidy_results: one table per kind of result under results/<run>/."""
+import _checkout  # noqa: F401  (editlib from this checkout)
 from editlib.experiments import DOWNSTREAM_COLUMNS, RESULT_COLUMNS
 from editlib.pipeline import stage_logging, tidy
 

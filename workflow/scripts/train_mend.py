@@ -1,4 +1,5 @@
 """Rule train_mend: train the MEND hypernetwork on records no experiment edits."""
+import _checkout  # noqa: F401  (editlib from this checkout)
 from editlib.pipeline import stage_logging, train_mend_editor
 
 with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):
