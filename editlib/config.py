@@ -96,6 +96,61 @@ def _check_cross_fields(config: dict, source: str) -> None:
                                   f"exceeds total_edits {sequential['total_edits']}")
 
 
+# ---------------------------------------------------------------------------- what each stage reads
+
+STAGES = ("prepare_data", "prepare_model", "statistics", "causal_trace", "train_mend", "layer_sweep",
+          "single", "batched", "sequential", "report")
+
+
+def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
+    """Exactly the part of `config` that `stage` reads (for `method`, where it has one).
+
+    Each rule passes this as its `params.config` and its script hands it to the stage function in
+    editlib.pipeline instead of the whole config; Snakemake reruns a job when its params change,
+    so changing a config value reruns the jobs that read it and no others.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    if stage == "report":
+        return {"run": config["run"]}
+    model = config["model"]
+    loaded = {key: model[key] for key in ("dtype", "device") if key in model}  # how the prepared model is loaded
+    part: dict[str, Any] = {"seed": config["seed"], "model": loaded}
+    if stage == "prepare_model":
+        part["model"] = model
+        if model["source"] == "smollm2":
+            part["asset_cache"] = config.get("asset_cache", ".cache/assets")
+        return part
+    if stage == "prepare_data":
+        part["data"] = config["data"]
+        if config["data"]["source"] == "toyworld":
+            del part["model"]  # the world does not depend on the model
+        else:
+            part["asset_cache"] = config.get("asset_cache", ".cache/assets")
+        return part
+    if stage == "statistics":
+        return {**part, "stats": config["stats"], "statistics_layers": statistics_layers(config)}
+    if stage == "causal_trace":
+        return {**part, "tracing": config["tracing"]}
+    if stage == "train_mend":
+        return {**part, "methods": {"mend": config["methods"]["mend"]}, "mend_training_offset": mend_training_offset(config)}
+    # editing experiments
+    block = config["methods"][method]
+    experiments = config["experiments"]
+    part["model"] = {**loaded, "name": model["name"]}  # the name labels result rows
+    part.update({"target_cache": config.get("target_cache", ".cache/targets"), "metrics": config["metrics"],
+                 "methods": {method: block}, "experiments": {}})
+    if stage == "layer_sweep":
+        part["experiments"]["layer_sweep"] = experiments["layer_sweep"]
+        return part
+    if method != "mend" and block.get("layers", "auto") == "auto":  # the sweep's criterion picks the layer
+        part["experiments"]["layer_sweep"] = {"criterion": experiments["layer_sweep"].get("criterion", "S")}
+    part["experiments"][stage] = experiments[stage]
+    if stage == "batched" and experiments["batched"].get("downstream", False) or stage == "sequential":
+        part["downstream"] = config["downstream"]
+    return part
+
+
 def sequential_runs(config: dict) -> list[tuple[str, int]]:
     """(method, batch size) of every sequential run: `batch_sizes` for each method, unless
     `method_batch_sizes` names the method."""

@@ -1,8 +1,9 @@
-"""The workflow's stages: one function per Snakemake rule, each taking the validated config.
+"""The workflow's stages: one function per Snakemake rule.
 
 Rules (workflow/rules/*.smk) call these through tiny scripts (workflow/scripts/<rule>.py), so
 all logic lives here and is testable without Snakemake. Paths come from the rule's input/output;
-everything else from `config` (see config.yaml and workflow/schemas/config.schema.yaml).
+everything else from `config`, which is the rule's params: `editlib.config.stage_config`, the
+part of the validated config that the stage reads, and nothing else.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pandas as pd
 import torch
 
 from . import assets
-from .config import mend_training_offset, method_overrides, statistics_layers
+from .config import method_overrides
 from .corpus import load_corpus
 from .downstream import evaluate_downstream, write_mc_task
 from .experiments import (
@@ -185,7 +186,7 @@ def compute_statistics(config: dict, model_dir: str | Path, corpus_path: str | P
     model, tokenizer = load_configured_model(config, model_dir)
     stats = config["stats"]
     layout = model_layout(model)
-    layers = [layout.check_layer(layer) for layer in statistics_layers(config)]
+    layers = [layout.check_layer(layer) for layer in config["statistics_layers"]]
     spec = stats.get("corpus") or str(corpus_path)
     corpus = load_corpus(spec if spec != "data" else str(corpus_path), n_samples=stats["n_samples"], seed=config["seed"])
     stats_config = StatsConfig(max_length=stats["max_length"], batch_tokens=stats.get("batch_tokens", 8192),
@@ -343,8 +344,8 @@ def train_mend_editor(config: dict, model_dir, records_path, out_path) -> dict:
     from .mend import MendHparams, evaluate_mend, train_mend
 
     settings = config["methods"][MEND]
-    ctx = load_context(config, model_dir, None)
-    used = mend_training_offset(config)
+    model, tokenizer = load_configured_model(config, model_dir)
+    used = config["mend_training_offset"]
     n_train, n_eval = settings.get("n_train", 100), settings.get("n_eval", 20)
     requests = load_requests(records_path)
     pool = requests[used:]
@@ -352,7 +353,7 @@ def train_mend_editor(config: dict, model_dir, records_path, out_path) -> dict:
         raise ValueError(f"{records_path}: MEND needs {n_train + n_eval} records beyond the first {used} "
                          f"(edited by the experiments), the file has {len(requests)}")
     hparams = MendHparams(**settings.get("hparams", {}))
-    editor = train_mend(ctx.model, ctx.tokenizer, pool[:n_train], hparams, eval_requests=pool[n_train:n_train + n_eval])
+    editor = train_mend(model, tokenizer, pool[:n_train], hparams, eval_requests=pool[n_train:n_train + n_eval])
     editor.save(out_path)
     final = evaluate_mend(editor, pool[n_train:n_train + n_eval])
     write_json(Path(out_path).with_suffix(".json"), {"held_out": final, "history": editor.history})
@@ -374,5 +375,5 @@ def tidy(inputs: Sequence[str | Path], out_path: str | Path, columns: Sequence[s
 __all__ = [
     "DOWNSTREAM_COLUMNS", "compute_statistics", "downstream_function", "edit_spec", "prepare_data", "prepare_model",
     "resolve_layers", "run_batched", "run_layer_sweep", "run_sequential", "run_single", "stage_logging",
-    "statistics_layers", "tidy", "train_mend_editor",
+    "tidy", "train_mend_editor",
 ]

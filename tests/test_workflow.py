@@ -139,6 +139,36 @@ def test_hyperparameter_change_reruns_only_that_method(completed):
     assert jobs == {"sequential_edits": 1, "tidy_results": 1, "figures": 1, "findings": 1, "all": 1}, jobs
 
 
+REPORTING = {"tidy_results": 1, "figures": 1, "findings": 1, "all": 1}
+# (config path, new value) -> the jobs that read it (SMALL: memit swept, batched and sequential;
+# rome single; grace and mend sequential; one batch size)
+CHANGES = [
+    ("metrics.generation_entropy", True,
+     {"layer_sweep": 1, "single_edits": 1, "batched_edits": 1, "sequential_edits": 3, **REPORTING}),
+    ("tracing.n_samples", 3, {"causal_trace": 1, "figures": 1, "findings": 1, "all": 1}),
+    ("downstream.limit", 4, {"batched_edits": 1, "sequential_edits": 3, **REPORTING}),
+    ("experiments.single.n_records", 1, {"single_edits": 1, **REPORTING}),
+    ("experiments.layer_sweep.criterion", "ES", {"layer_sweep": 1, "batched_edits": 1, "sequential_edits": 1, **REPORTING}),
+    ("experiments.sequential.eval_at", [2], {"sequential_edits": 3, **REPORTING}),
+    ("stats.n_samples", 30, {"statistics": 1, "layer_sweep": 1, "single_edits": 1, "batched_edits": 1,
+                             "sequential_edits": 1, **REPORTING}),
+    ("methods.mend.n_train", 6, {"train_mend": 1, "sequential_edits": 1, **REPORTING}),
+    # MEND trains on the records after those the experiments edit: more edits move its pool
+    ("experiments.sequential.total_edits", 6, {"train_mend": 1, "sequential_edits": 3, **REPORTING}),
+]
+
+
+@pytest.mark.parametrize("path, value, expected", CHANGES, ids=[change[0] for change in CHANGES])
+def test_a_config_change_reruns_exactly_the_jobs_that_read_it(completed, path, value, expected):
+    changed = copy.deepcopy(SMALL)
+    *parents, last = path.split(".")
+    node = changed
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    assert planned_jobs(snakemake(completed, changed, "-n")) == expected
+
+
 def test_report_is_written(completed):
     report = completed / "reports" / "tiny" / "report.html"
     snakemake(completed, SMALL, "--report", str(report))

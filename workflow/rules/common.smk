@@ -1,7 +1,7 @@
 # Paths and helpers shared by the rules. Everything of one run lives under results/<run>,
 # resources/<run>, reports/<run>, logs/<run> and benchmarks/<run>.
 
-from editlib.config import sequential_runs
+from editlib.config import sequential_runs, stage_config
 from editlib.hparams import METHODS
 
 RUN = config["run"]
@@ -25,11 +25,6 @@ DATA = {
 MODEL = f"{RES}/model"
 MOMENTS = f"{RES}/stats/second_moments.safetensors"
 MEND_EDITOR = f"{RES}/mend/editor.safetensors"
-
-
-def method_config(wildcards):
-    """A method's config block: a rule's params, so editing it reruns that method's jobs only."""
-    return config["methods"][wildcards.method]
 
 
 def sweep_input(wildcards):

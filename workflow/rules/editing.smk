@@ -1,5 +1,6 @@
-# Editing experiments. A method's config block is each job's params, so changing one method's
-# hyperparameters reruns only that method's jobs (and the tables and figures built from them).
+# Editing experiments. Each job's params are the part of the config it reads (stage_config): a
+# method's block and its experiment's settings, so changing one method's hyperparameters reruns
+# only that method's jobs (and the tables and figures built from them).
 
 wildcard_constraints:
     method="[a-z-]+",
@@ -14,8 +15,7 @@ rule layer_sweep:
     output:
         f"{OUT}/layer_sweep/{{method}}.csv",
     params:
-        method=method_config,
-        sweep=EXPERIMENTS["layer_sweep"],
+        stage=lambda wildcards: stage_config(config, "layer_sweep", wildcards.method),
     threads: config["threads"]
     log:
         f"{LOGS}/layer_sweep/{{method}}.log",
@@ -34,8 +34,7 @@ rule train_mend:
     output:
         MEND_EDITOR,
     params:
-        method=config["methods"].get("mend", {}),
-        experiments=EXPERIMENTS,
+        stage=stage_config(config, "train_mend") if "mend" in config["methods"] else {},
     threads: config["threads"]
     log:
         f"{LOGS}/train_mend.log",
@@ -56,8 +55,7 @@ rule single_edits:
     output:
         f"{OUT}/single/{{method}}.csv",
     params:
-        method=method_config,
-        single=EXPERIMENTS["single"],
+        stage=lambda wildcards: stage_config(config, "single", wildcards.method),
     threads: config["threads"]
     log:
         f"{LOGS}/single/{{method}}.log",
@@ -80,10 +78,9 @@ rule batched_edits:
         results=f"{OUT}/batched/{{method}}.csv",
         downstream=f"{OUT}/batched/{{method}}.downstream.csv",
     params:
-        method=method_config,
-        batched=EXPERIMENTS["batched"],
-        downstream=config["downstream"],
+        stage=lambda wildcards: stage_config(config, "batched", wildcards.method),
     threads: config["threads"]
+    priority: 10  # the longest jobs: start them first so that short ones fill the end
     log:
         f"{LOGS}/batched/{{method}}.log",
     benchmark:
@@ -106,9 +103,7 @@ rule sequential_edits:
         results=f"{OUT}/sequential/{{method}}/b{{batch_size}}.csv",
         downstream=f"{OUT}/sequential/{{method}}/b{{batch_size}}.downstream.csv",
     params:
-        method=method_config,
-        sequential=EXPERIMENTS["sequential"],
-        downstream=config["downstream"],
+        stage=lambda wildcards: stage_config(config, "sequential", wildcards.method),
         # not an output: Snakemake deletes the outputs of failed jobs, the checkpoint must survive
         checkpoint=f"{OUT}/checkpoints/sequential/{{method}}/b{{batch_size}}.safetensors",
     threads: config["threads"]

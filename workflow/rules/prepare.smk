@@ -10,8 +10,7 @@ if TOY_WORLD:
             summary=DATA["summary"],
             train_corpus=f"{RES}/data/train_corpus.txt",
         params:
-            data=config["data"],
-            seed=config["seed"],
+            stage=stage_config(config, "prepare_data"),
         log:
             f"{LOGS}/prepare_data.log",
         benchmark:
@@ -27,7 +26,7 @@ if TOY_WORLD:
         output:
             directory(MODEL),
         params:
-            model=config["model"],
+            stage=stage_config(config, "prepare_model"),
         threads: config["model"].get("train", {}).get("threads", 1)
         log:
             f"{LOGS}/prepare_model.log",
@@ -44,7 +43,7 @@ else:
         output:
             directory(MODEL),
         params:
-            model=config["model"],
+            stage=stage_config(config, "prepare_model"),
         log:
             f"{LOGS}/prepare_model.log",
         benchmark:
@@ -63,8 +62,7 @@ else:
             tasks=directory(DATA["tasks"]),
             summary=DATA["summary"],
         params:
-            data=config["data"],
-            seed=config["seed"],
+            stage=stage_config(config, "prepare_data"),
         log:
             f"{LOGS}/prepare_data.log",
         benchmark:

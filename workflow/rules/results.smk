@@ -11,6 +11,8 @@ rule tidy_results:
         downstream=f"{OUT}/downstream.csv",
     log:
         f"{LOGS}/tidy_results.log",
+    benchmark:
+        f"{BENCH}/tidy_results.tsv"
     conda:
         CONDA_ENV
     script:
@@ -27,9 +29,11 @@ rule figures:
         **{name: report(f"{REPORT}/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures")
            for name in FIGURES},
     params:
-        run=RUN,
+        stage=stage_config(config, "report"),
     log:
         f"{LOGS}/figures.log",
+    benchmark:
+        f"{BENCH}/figures.tsv"
     conda:
         CONDA_ENV
     script:
@@ -46,9 +50,11 @@ rule findings:
         table=f"{OUT}/findings.csv",
         page=report(f"{REPORT}/findings.html", caption="../report/findings.rst", category="1. Findings"),
     params:
-        run=RUN,
+        stage=stage_config(config, "report"),
     log:
         f"{LOGS}/findings.log",
+    benchmark:
+        f"{BENCH}/findings.tsv"
     conda:
         CONDA_ENV
     script:

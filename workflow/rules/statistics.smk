@@ -1,5 +1,3 @@
-from editlib.config import statistics_layers
-
 # Second-moment statistics C of every edited layer, in ONE pass over the corpus (cached per layer).
 
 rule statistics:
@@ -9,9 +7,9 @@ rule statistics:
     output:
         MOMENTS,
     params:
-        stats=config["stats"],
-        layers=statistics_layers(config),
+        stage=stage_config(config, "statistics"),
     threads: config["threads"]
+    priority: 100  # every locate-and-edit job waits for it
     log:
         f"{LOGS}/statistics.log",
     benchmark:

@@ -2,5 +2,5 @@
 import _checkout  # noqa: F401  (editlib from this checkout)
 from editlib.pipeline import run_causal_trace, stage_logging
 
-with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):
-    run_causal_trace(snakemake.config, snakemake.input.model, snakemake.input.records, snakemake.output[0])
+with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["seed"]):
+    run_causal_trace(snakemake.params.stage, snakemake.input.model, snakemake.input.records, snakemake.output[0])

@@ -4,4 +4,4 @@ from editlib.pipeline import stage_logging
 from editlib.plotting import write_figures
 
 with stage_logging(snakemake.log[0]):
-    write_figures(dict(snakemake.input.items()), dict(snakemake.output.items()), title=snakemake.params.run)
+    write_figures(dict(snakemake.input.items()), dict(snakemake.output.items()), title=snakemake.params.stage["run"])

@@ -8,4 +8,4 @@ from editlib.experiments import read_results
 with stage_logging(snakemake.log[0]):
     findings = assess({name: read_results(path) for name, path in snakemake.input.items()})
     write_csv(snakemake.output.table, findings)
-    write_findings_html(findings, snakemake.output.page, title=snakemake.params.run)
+    write_findings_html(findings, snakemake.output.page, title=snakemake.params.stage["run"])

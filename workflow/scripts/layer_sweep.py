@@ -2,6 +2,6 @@
 import _checkout  # noqa: F401  (editlib from this checkout)
 from editlib.pipeline import run_layer_sweep, stage_logging
 
-with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):
-    run_layer_sweep(snakemake.config, snakemake.wildcards.method, snakemake.input.model, snakemake.input.moments,
+with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["seed"]):
+    run_layer_sweep(snakemake.params.stage, snakemake.wildcards.method, snakemake.input.model, snakemake.input.moments,
                     snakemake.input.records, snakemake.output[0])

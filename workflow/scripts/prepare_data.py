@@ -4,6 +4,6 @@ from pathlib import Path
 
 from editlib.pipeline import prepare_data, stage_logging
 
-with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):
-    prepare_data(snakemake.config, Path(snakemake.output.records).parent,
+with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["seed"]):
+    prepare_data(snakemake.params.stage, Path(snakemake.output.records).parent,
                  model_dir=snakemake.input.get("model"))

@@ -4,6 +4,6 @@ from pathlib import Path
 
 from editlib.pipeline import prepare_model, stage_logging
 
-with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):
+with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["seed"]):
     corpus = snakemake.input.get("train_corpus")
-    prepare_model(snakemake.config, snakemake.output[0], data_dir=Path(corpus).parent if corpus else None)
+    prepare_model(snakemake.params.stage, snakemake.output[0], data_dir=Path(corpus).parent if corpus else None)

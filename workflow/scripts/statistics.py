@@ -2,5 +2,5 @@
 import _checkout  # noqa: F401  (editlib from this checkout)
 from editlib.pipeline import compute_statistics, stage_logging
 
-with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):
-    compute_statistics(snakemake.config, snakemake.input.model, snakemake.input.corpus, snakemake.output[0])
+with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["seed"]):
+    compute_statistics(snakemake.params.stage, snakemake.input.model, snakemake.input.corpus, snakemake.output[0])

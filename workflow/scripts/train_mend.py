@@ -2,5 +2,5 @@
 import _checkout  # noqa: F401  (editlib from this checkout)
 from editlib.pipeline import stage_logging, train_mend_editor
 
-with stage_logging(snakemake.log[0], snakemake.threads, snakemake.config["seed"]):
-    train_mend_editor(snakemake.config, snakemake.input.model, snakemake.input.records, snakemake.output[0])
+with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["seed"]):
+    train_mend_editor(snakemake.params.stage, snakemake.input.model, snakemake.input.records, snakemake.output[0])
