@@ -54,7 +54,7 @@ INVALID = {
     "auto layers without a sweep": (_set("experiments.layer_sweep.methods", ["rome"]),
                                     r"methods\.r-rome\.layers: 'auto' .* not in experiments\.layer_sweep\.methods"),
     "batch larger than the records": (_set("experiments.batched.batch_sizes", [1, 2048]),
-                                      r"batched\.batch_sizes\[1\]: 2048 exceeds experiments\.batched\.n_records 1024"),
+                                      rf"batched\.batch_sizes\[1\]: 2048 exceeds experiments\.batched\.n_records {DEFAULT['experiments']['batched']['n_records']}"),
     "more records than the world has": (_set("experiments.batched.n_records", 5000),
                                         r"experiments\.batched\.n_records: 5000 records needed, the toy world .* 1200"),
     "more edits than the world has": (_set("experiments.sequential.total_edits", 2000),
