@@ -27,11 +27,20 @@ def _field(path) -> str:
     return "".join(parts) or "<top level>"
 
 
+def load_schema(schema_path: str | Path) -> dict:
+    """The config schema, its method names filled in from the registry (editlib.methods)."""
+    from .methods import method_names
+
+    schema = yaml.safe_load(Path(schema_path).read_text(encoding="utf-8"))
+    schema["$defs"]["method_name"] = {"enum": method_names()}
+    return schema
+
+
 def validate_config(config: dict, schema_path: str | Path, source: str = "config") -> dict:
     """Check `config` against the schema and cross-field rules; raises ConfigError on the first problem."""
     import jsonschema
 
-    schema = yaml.safe_load(Path(schema_path).read_text(encoding="utf-8"))
+    schema = load_schema(schema_path)
     validator_class = jsonschema.validators.validator_for(schema)
     errors = sorted(validator_class(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -43,6 +52,8 @@ def validate_config(config: dict, schema_path: str | Path, source: str = "config
 
 
 def _check_cross_fields(config: dict, source: str) -> None:
+    from .methods import get_method
+
     methods = config["methods"]
     experiments = config["experiments"]
     for name, experiment in experiments.items():
@@ -51,8 +62,12 @@ def _check_cross_fields(config: dict, source: str) -> None:
                 raise ConfigError(f"{source}: experiments.{name}.methods[{index}]: method {method!r} has no entry "
                                   f"under 'methods' (configured: {sorted(methods)})")
     sweep = experiments["layer_sweep"]
+    for index, method in enumerate(sweep["methods"]):
+        if not get_method(method).chooses_layers:
+            raise ConfigError(f"{source}: experiments.layer_sweep.methods[{index}]: {method} edits the layers of "
+                              f"its own design; there is no layer to sweep")
     for method, block in methods.items():
-        if block.get("layers", "auto") == "auto" and method != "mend" and method not in sweep["methods"]:
+        if block.get("layers", "auto") == "auto" and get_method(method).chooses_layers and method not in sweep["methods"]:
             used = [name for name, e in experiments.items() if method in e.get("methods", [])]
             if used:
                 raise ConfigError(f"{source}: methods.{method}.layers: 'auto' takes the best layer of {method}'s own "
@@ -70,9 +85,9 @@ def _check_cross_fields(config: dict, source: str) -> None:
                 raise ConfigError(f"{source}: experiments.layer_sweep.layers[{index}]: layer {layer} out of range "
                                   f"for {what} ({field})")
         for method, block in methods.items():
-            # GRACE wraps a module whatever its weights; the others write into the MLP
-            limit, limit_what, limit_field = (n_layers, f"a {n_layers}-layer model", "model.train.layers") \
-                if method == "grace" else (editable, what, field)
+            # a method that does not write MLP weights (GRACE wraps the module) may use any layer
+            limit, limit_what, limit_field = (editable, what, field) if get_method(method).writes_mlp else \
+                (n_layers, f"a {n_layers}-layer model", "model.train.layers")
             for index, layer in enumerate(block.get("layers") if isinstance(block.get("layers"), list) else []):
                 if layer >= limit:
                     raise ConfigError(f"{source}: methods.{method}.layers[{index}]: layer {layer} out of range "
@@ -105,7 +120,7 @@ STAGES = ("prepare_data", "prepare_model", "statistics", "causal_trace", "train_
 def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
     """Exactly the part of `config` that `stage` reads (for `method`, where it has one).
 
-    Each rule passes this as its `params.config` and its script hands it to the stage function in
+    Each rule passes this as its `params.stage` and its script hands it to the stage function in
     editlib.pipeline instead of the whole config; Snakemake reruns a job when its params change,
     so changing a config value reruns the jobs that read it and no others.
     """
@@ -145,7 +160,7 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
     if stage == "layer_sweep":
         part["experiments"]["layer_sweep"] = experiments["layer_sweep"]
         return part
-    if method != "mend" and block.get("layers", "auto") == "auto":  # the sweep's criterion picks the layer
+    if get_method(method).chooses_layers and block.get("layers", "auto") == "auto":  # the sweep's criterion picks
         part["experiments"]["layer_sweep"] = {"criterion": experiments["layer_sweep"].get("criterion", "S")}
     part["experiments"][stage] = experiments[stage]
     if stage == "batched" and experiments["batched"].get("downstream", False) or stage == "sequential":
@@ -164,9 +179,11 @@ def sequential_runs(config: dict) -> list[tuple[str, int]]:
 
 def statistics_layers(config: dict) -> list[int]:
     """Every layer a method that needs C may edit: the sweep's layers plus explicit method layers."""
+    from .methods import get_method
+
     layers = set(config["experiments"]["layer_sweep"]["layers"])
     for method in config["methods"]:
-        if method in ("grace", "mend"):  # they use no statistics
+        if not get_method(method).uses_statistics:
             continue
         explicit = config["methods"][method].get("layers")
         if isinstance(explicit, list):
@@ -186,6 +203,14 @@ def _numbers(block: dict, path: str):
             yield from _numbers(value, f"{path}.{key}")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             yield f"{path}.{key}", key, value
+
+
+def _plain(error: Exception) -> str:
+    """A TypeError from a dataclass constructor, in the config's words."""
+    text = str(error)
+    if isinstance(error, TypeError) and "unexpected keyword argument" in text:
+        return "unknown hyperparameter " + text.split("unexpected keyword argument", 1)[1].strip()
+    return text
 
 
 def _construct(what: str, cls, values: dict) -> None:
@@ -230,8 +255,7 @@ def toy_record_count(config: dict) -> int | None:
 def _check_values(config: dict, source: str) -> None:
     """Ranges the schema cannot state: hyperparameters, the toy model and world, record counts,
     downstream tasks."""
-    from .grace import GraceHparams
-    from .hparams import make_hparams
+    from .methods import get_method, make_spec
     from .mend import MendHparams
     from .pretrain import TrainConfig
     from .toyworld import WorldConfig
@@ -240,16 +264,12 @@ def _check_values(config: dict, source: str) -> None:
         for path, key, value in _numbers({k: v for k, v in block.items() if k != "layers"}, f"methods.{method}"):
             if value < 0 or (key in POSITIVE_HPARAMS and value <= 0):
                 raise ConfigError(f"{source}: {path}: {value} must be {'> 0' if key in POSITIVE_HPARAMS else '>= 0'}")
-        overrides = method_overrides(config, method)
-        if method == "grace":
-            _construct(f"{source}: methods.grace", GraceHparams, overrides)
-        elif method == "mend":
-            _construct(f"{source}: methods.mend.hparams", MendHparams, block.get("hparams", {}))
-        else:
-            try:
-                make_hparams(method, **overrides, layers=(0,))
-            except (TypeError, ValueError) as error:
-                raise ConfigError(f"{source}: methods.{method}: {error}") from None
+        if get_method(method).trained_editor:  # the train_mend rule's settings
+            _construct(f"{source}: methods.{method}.hparams", MendHparams, block.get("hparams", {}))
+        try:  # the method's own checks, on a layer every model has
+            make_spec(method, method_overrides(config, method), (0,), "<trained editor>")
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{source}: methods.{method}: {_plain(error)}") from None
     if config["model"]["source"] == "toyworld":
         _construct(f"{source}: model.train", TrainConfig, config["model"].get("train", {}))
     if config["data"]["source"] == "toyworld":

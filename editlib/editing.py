@@ -1,4 +1,5 @@
-"""Editing sessions: apply batches of requests with a method, sequentially or independently.
+"""The locate-and-edit session (ROME, r-ROME, MEMIT, EMMET, AlphaEdit): batches of requests
+applied sequentially or independently.
 
 The session keeps the original edited matrices and the accumulated update of each layer in fp32,
 and always sets W = W_orig + total_update (cast to the model dtype): fp16/bf16 models do not
@@ -22,6 +23,7 @@ from .io import load_tensors, save_tensors
 from .keys import average_over_templates, build_context_prompts, compute_keys, plain_rows, read_at_subject, template_weights
 from .models import edited_bias, edited_weight, model_layout
 from .records import EditRequest
+from .session import EditSession
 from .target_store import TargetStore, fact_key
 from .templates import sample_context_templates
 from .updates import (
@@ -51,7 +53,7 @@ class SingleEdits:
         return torch.outer(self.residuals[layer][:, index], self.directions[layer][:, index])
 
 
-class Editor:
+class Editor(EditSession):
     """An editing session over one model with one method's hyperparameters.
 
     `second_moments` maps each edited layer to C = E[k k^T] of the UNEDITED model (never
@@ -81,6 +83,12 @@ class Editor:
         self._projectors: dict[int, torch.Tensor] = {}
         self._target_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.n_edits = 0
+
+    @classmethod
+    def open(cls, ctx, hparams: EditHparams) -> "Editor":
+        """A session on an experiment context's model, statistics, templates and target store."""
+        return cls(ctx.model, ctx.tokenizer, hparams, ctx.second_moments, ctx.templates(hparams), ctx.progress,
+                   ctx.target_store)
 
     # ---- weights -------------------------------------------------------------------------
     def _set_weight(self, layer: int) -> None:
@@ -283,6 +291,13 @@ class Editor:
         for layer, total in totals.items():
             self.total[layer] = total.clone()
             self._set_weight(layer)
+
+    def one_at_a_time(self, requests: Sequence[EditRequest]) -> Iterator[EditRequest]:
+        """Each request edited alone into the current model, all edits computed in batched passes."""
+        edits = self.single_edits(requests)
+        for index, request in enumerate(requests):
+            with self.single_edit_applied(edits, index):
+                yield request
 
     @contextmanager
     def single_edit_applied(self, edits: SingleEdits, index: int) -> Iterator[None]:

@@ -7,8 +7,6 @@ atomically, and resume from it with bit-identical results.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -20,14 +18,12 @@ import torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from .editing import Editor
-from .grace import GraceEditor, GraceHparams
-from .hparams import EditHparams, make_hparams
-from .mend import MendEditor
-from .models import model_layout
+from .hparams import EditHparams
 from .io import content_key, load_tensors, save_tensors
 from .metrics import counterfact_metrics, counterfact_scores, generation_entropy
+from .methods import get_method, make_spec
 from .records import EditRequest, batches
+from .session import EditSession
 from .target_store import TargetStore
 from .templates import sample_context_templates
 
@@ -63,115 +59,9 @@ class ExperimentContext:
             self._templates[key] = sample_context_templates(self.model, self.tokenizer, *key)
         return self._templates[key]
 
-    def editor(self, hparams: EditHparams) -> Editor:
-        return Editor(self.model, self.tokenizer, hparams, self.second_moments, self.templates(hparams), self.progress,
-                      self.target_store)
-
-    def session(self, spec: "EditHparams | GraceSpec | MendSpec"):
-        """An editing session for a locate-and-edit method, GRACE or MEND."""
-        if isinstance(spec, GraceSpec):
-            return GraceSession(self, spec)
-        if isinstance(spec, MendSpec):
-            return MendSession(self, spec)
-        return self.editor(spec)
-
-
-@dataclass(frozen=True)
-class GraceSpec:
-    """GRACE on the edited module of one layer."""
-
-    layers: tuple[int, ...]
-    hparams: GraceHparams = GraceHparams()
-    method: str = "grace"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class MendSpec:
-    """MEND with a trained hypernetwork saved at `checkpoint` (editlib.mend.train_mend + save)."""
-
-    checkpoint: str
-    layers: tuple[int, ...] = ()
-    method: str = "mend"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-class GraceSession:
-    """Sequential GRACE edits; the base weights never change, the codebook is the state."""
-
-    def __init__(self, ctx: ExperimentContext, spec: GraceSpec):
-        self.ctx, self.spec = ctx, spec
-        self.module_name = model_layout(ctx.model).rewrite(spec.layers[0])
-        self.editor = GraceEditor(ctx.model, ctx.tokenizer, self.module_name, spec.hparams)
-        self.n_edits = 0
-
-    def apply(self, requests: Sequence[EditRequest]) -> dict:
-        self.n_edits += len(requests)
-        return self.editor.edit(requests)
-
-    def scoring(self, requests: Sequence[EditRequest]):
-        """GRACE must query each scored row at its prompt's last token, not the target's."""
-        prompts = [text for r in requests for text in (r.text, *r.paraphrase_prompts, *r.neighborhood_prompts)]
-        return self.editor.prompt_queries(prompts)
-
-    def restore(self) -> None:
-        self.editor.remove()
-        self.editor = GraceEditor(self.ctx.model, self.ctx.tokenizer, self.module_name, self.spec.hparams)
-        self.n_edits = 0
-
-    def close(self) -> None:
-        self.editor.remove()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"codebook.{k}": v.cpu().contiguous() for k, v in self.editor.codebook.tensors().items()}
-        state["n_edits"] = torch.tensor(self.n_edits)
-        state["labels"] = torch.tensor(list(json.dumps(self.editor.codebook.labels).encode()), dtype=torch.uint8)
-        state["generator"] = self.editor.generator.get_state()
-        return state
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        labels = json.loads(bytes(state["labels"].tolist()).decode())
-        tensors = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("codebook.")}
-        self.editor.codebook.load_tensors(tensors, labels)
-        self.editor.generator.set_state(state["generator"])
-        self.n_edits = int(state["n_edits"])
-
-
-class MendSession:
-    """Sequential MEND edits with a trained hypernetwork; the edited weights are the state."""
-
-    def __init__(self, ctx: ExperimentContext, spec: MendSpec):
-        self.ctx = ctx
-        self.editor = MendEditor.load(ctx.model, ctx.tokenizer, spec.checkpoint)
-        self.names = [f"{name}.weight" for name in self.editor.hypernet.module_names]
-        self.original = {name: ctx.model.get_parameter(name).detach().clone() for name in self.names}
-        self.n_edits = 0
-
-    def apply(self, requests: Sequence[EditRequest]) -> dict:
-        self.n_edits += len(requests)
-        self.editor.edit(requests)
-        return {}
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for name, weight in self.original.items():
-                self.ctx.model.get_parameter(name).copy_(weight)
-        self.n_edits = 0
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"weight.{n}": self.ctx.model.get_parameter(n).detach().cpu().contiguous() for n in self.names}
-        state["n_edits"] = torch.tensor(self.n_edits)
-        return state
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name in self.names:
-                self.ctx.model.get_parameter(name).copy_(state[f"weight.{name}"])
-        self.n_edits = int(state["n_edits"])
+    def session(self, spec) -> EditSession:
+        """An editing session of `spec`'s method (editlib.methods) on this context's model."""
+        return get_method(spec.method).open(self, spec)
 
 
 def read_results(path: str | Path) -> pd.DataFrame:
@@ -194,10 +84,10 @@ def result_row(experiment: str, ctx: ExperimentContext, hparams, batch_size: int
     return row
 
 
-def score_records(ctx: ExperimentContext, requests: Sequence[EditRequest], session=None) -> pd.DataFrame:
-    """Per-prompt CounterFact scores of the current model on `requests` (GRACE queried at prompt ends)."""
-    scoring = session.scoring(requests) if hasattr(session, "scoring") else contextlib.nullcontext()
-    with scoring:
+def score_records(ctx: ExperimentContext, requests: Sequence[EditRequest], session: EditSession) -> pd.DataFrame:
+    """Per-prompt CounterFact scores of the current model on `requests`, inside the session's
+    scoring context (GRACE queried at prompt ends)."""
+    with session.scoring(requests):
         return counterfact_scores(ctx.model, ctx.tokenizer, requests)
 
 
@@ -210,22 +100,29 @@ def records_metrics(ctx: ExperimentContext, scores: pd.DataFrame, requests: Sequ
     return metrics
 
 
-def single_edit_scores(ctx: ExperimentContext, requests: Sequence[EditRequest], hparams: EditHparams) -> pd.DataFrame:
-    """Per-prompt scores of each request edited alone into the unedited model (then restored)."""
-    editor = ctx.editor(hparams)
-    edits = editor.single_edits(requests)
+def single_edit_scores(ctx: ExperimentContext, requests: Sequence[EditRequest], spec,
+                       session: EditSession | None = None) -> pd.DataFrame:
+    """Per-prompt scores of each request edited alone into the unedited model (then restored),
+    with `session` (a new session of `spec` when None, closed at the end)."""
+    own = session is None
+    session = ctx.session(spec) if own else session
     frames = []
-    for index, request in enumerate(tqdm(requests, desc=f"{hparams.method} single edits", disable=not ctx.progress)):
-        with editor.single_edit_applied(edits, index):
-            frames.append(counterfact_scores(ctx.model, ctx.tokenizer, [request]))
+    try:
+        edited = session.one_at_a_time(requests)
+        for request in tqdm(edited, desc=f"{spec.method} single edits", total=len(requests), disable=not ctx.progress):
+            frames.append(score_records(ctx, [request], session))
+    finally:
+        if own:
+            session.close()
     return pd.concat(frames, ignore_index=True)
 
 
-def single_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hparams: EditHparams,
+def single_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], spec,
                  experiment: str = "single") -> pd.DataFrame:
-    """One fact at a time, the model restored between facts; one aggregated row."""
-    metrics = counterfact_metrics(single_edit_scores(ctx, requests, hparams))
-    return pd.DataFrame([result_row(experiment, ctx, hparams, 1, 1, len(requests), "single", metrics, len(requests))],
+    """One fact at a time, the model restored between facts; one aggregated row. `spec`: the
+    spec of any registered method (editlib.methods)."""
+    metrics = counterfact_metrics(single_edit_scores(ctx, requests, spec))
+    return pd.DataFrame([result_row(experiment, ctx, spec, 1, 1, len(requests), "single", metrics, len(requests))],
                         columns=RESULT_COLUMNS)
 
 
@@ -233,8 +130,7 @@ def layer_sweep(ctx: ExperimentContext, requests: Sequence[EditRequest], method:
                 overrides: dict | None = None) -> pd.DataFrame:
     """Single edits at each layer in `layers` (one layer edited at a time); one row per layer."""
     overrides = {k: v for k, v in (overrides or {}).items() if k != "layers"}
-    frames = [single_edits(ctx, requests, make_hparams(method, layers=(layer,), **overrides), "layer_sweep")
-              for layer in layers]
+    frames = [single_edits(ctx, requests, make_spec(method, overrides, (layer,)), "layer_sweep") for layer in layers]
     return pd.concat(frames, ignore_index=True)
 
 
@@ -244,7 +140,7 @@ def best_layer(frame: pd.DataFrame, metric: str = "S") -> int:
     return int(scores[scores == scores.max()].index.min())
 
 
-def batched_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hparams: EditHparams,
+def batched_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hparams,
                   batch_sizes: Sequence[int], downstream: Downstream | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """For each batch size: consecutive batches, each edited into the UNEDITED model and scored on
     its own records; one row per batch size (metrics over all batches' records).
@@ -253,29 +149,33 @@ def batched_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hpara
     of every size applied. Returns (results, downstream rows).
     """
     rows, downstream_rows = [], []
-    editor = ctx.editor(hparams)
-    if downstream is not None:
-        downstream_rows += _downstream_rows(ctx, hparams, 0, 0, downstream, "batched")
-    for batch_size in batch_sizes:
-        if batch_size > len(requests):
-            raise ValueError(f"batch size {batch_size} exceeds the {len(requests)} available requests")
-        usable = requests[: len(requests) - len(requests) % batch_size]
-        frames = []
-        if batch_size == 1:  # batches of one fact are single edits: all computed in batched passes
-            frames.append(single_edit_scores(ctx, usable, hparams))
-        for index, batch in enumerate(tqdm(list(batches(usable, batch_size)), desc=f"{hparams.method} batch {batch_size}",
-                                           disable=not ctx.progress)):
-            if batch_size == 1 and (downstream is None or index > 0):
-                break
-            editor.restore()
-            editor.apply(batch)
-            if batch_size > 1:
-                frames.append(counterfact_scores(ctx.model, ctx.tokenizer, batch))
-            if downstream is not None and index == 0:
-                downstream_rows += _downstream_rows(ctx, hparams, batch_size, batch_size, downstream, "batched")
-        editor.restore()
-        metrics = counterfact_metrics(pd.concat(frames, ignore_index=True))
-        rows.append(result_row("batched", ctx, hparams, batch_size, batch_size, len(frames), "batch", metrics, len(usable)))
+    session = ctx.session(hparams)
+    try:
+        if downstream is not None:
+            downstream_rows += _downstream_rows(ctx, hparams, 0, 0, downstream, "batched")
+        for batch_size in batch_sizes:
+            if batch_size > len(requests):
+                raise ValueError(f"batch size {batch_size} exceeds the {len(requests)} available requests")
+            usable = requests[: len(requests) - len(requests) % batch_size]
+            plan = list(batches(usable, batch_size))
+            frames = []
+            if batch_size == 1:  # batches of one fact are single edits (batched passes where the method can)
+                frames.append(single_edit_scores(ctx, usable, hparams, session))
+            for index, batch in enumerate(tqdm(plan, desc=f"{hparams.method} batch {batch_size}", disable=not ctx.progress)):
+                if batch_size == 1 and (downstream is None or index > 0):
+                    break
+                session.restore()
+                session.apply(batch)
+                if batch_size > 1:
+                    frames.append(score_records(ctx, batch, session))
+                if downstream is not None and index == 0:
+                    downstream_rows += _downstream_rows(ctx, hparams, batch_size, batch_size, downstream, "batched")
+            session.restore()
+            metrics = counterfact_metrics(pd.concat(frames, ignore_index=True))
+            rows.append(result_row("batched", ctx, hparams, batch_size, batch_size, len(plan), "batch", metrics,
+                                   len(usable)))
+    finally:
+        session.close()
     return pd.DataFrame(rows, columns=RESULT_COLUMNS), pd.DataFrame(downstream_rows, columns=DOWNSTREAM_COLUMNS)
 
 
@@ -314,7 +214,7 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
     last one (default: every batch). `downstream(model, tokenizer)` runs before editing (n_edits 0)
     and after the batches whose cumulative edit count is in `downstream_at` (default: every batch).
     With `checkpoint_path`, state is saved after every batch and a rerun resumes from it.
-    `hparams` is an EditHparams (ROME ... AlphaEdit), a GraceSpec or a MendSpec.
+    `hparams` is the spec of any registered method (editlib.methods).
     """
     if total_edits > len(requests):
         raise ValueError(f"total_edits={total_edits} exceeds the {len(requests)} available requests")
@@ -352,9 +252,7 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
             if path is not None:
                 _save_checkpoint(path, editor, key, step + 1, rows, downstream_rows)
     finally:
-        editor.restore()
-        if hasattr(editor, "close"):
-            editor.close()
+        editor.close()
     return pd.DataFrame(rows, columns=RESULT_COLUMNS), pd.DataFrame(downstream_rows, columns=DOWNSTREAM_COLUMNS)
 
 

@@ -44,8 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from editlib.io import load_tensors, save_tensors
-from editlib.models import StopForward, capture_inputs, capture_outputs, out_in_weight
+from editlib.models import StopForward, capture_inputs, capture_outputs, model_layout, out_in_weight
 from editlib.records import EditRequest
+from editlib.session import EditSession
 from editlib.tokens import pad_id, pad_right, prompt_ids, target_ids
 
 REPLACEMENTS = ("replace_last", "replace_prompt", "replace_all")
@@ -441,3 +442,60 @@ class GraceEditor:
         editor = cls(model, tokenizer, metadata["module_name"], GraceHparams(**json.loads(metadata["hparams"])))
         editor.codebook.load_tensors(tensors, json.loads(metadata["labels"]))
         return editor
+
+
+# --------------------------------------------------------------------------------------------
+# Session (editlib.session.EditSession)
+
+
+@dataclass(frozen=True)
+class GraceSpec:
+    """GRACE on the edited module (the MLP's output projection) of one layer."""
+
+    layers: tuple[int, ...]
+    hparams: GraceHparams = GraceHparams()
+    method: str = "grace"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GraceSession(EditSession):
+    """Sequential GRACE edits; the base weights never change, the codebook is the state."""
+
+    def __init__(self, model: nn.Module, tokenizer, spec: GraceSpec):
+        self.model, self.tokenizer, self.spec = model, tokenizer, spec
+        self.module_name = model_layout(model).rewrite(spec.layers[0])
+        self.editor = GraceEditor(model, tokenizer, self.module_name, spec.hparams)
+        self.n_edits = 0
+
+    def apply(self, requests: Sequence[EditRequest]) -> dict:
+        self.n_edits += len(requests)
+        return self.editor.edit(requests)
+
+    def scoring(self, requests: Sequence[EditRequest]):
+        """GRACE must query each scored row at its prompt's last token, not the target's."""
+        prompts = [text for r in requests for text in (r.text, *r.paraphrase_prompts, *r.neighborhood_prompts)]
+        return self.editor.prompt_queries(prompts)
+
+    def restore(self) -> None:
+        self.editor.remove()
+        self.editor = GraceEditor(self.model, self.tokenizer, self.module_name, self.spec.hparams)
+        self.n_edits = 0
+
+    def close(self) -> None:
+        self.editor.remove()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"codebook.{k}": v.cpu().contiguous() for k, v in self.editor.codebook.tensors().items()}
+        state["n_edits"] = torch.tensor(self.n_edits)
+        state["labels"] = torch.tensor(list(json.dumps(self.editor.codebook.labels).encode()), dtype=torch.uint8)
+        state["generator"] = self.editor.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        labels = json.loads(bytes(state["labels"].tolist()).decode())
+        tensors = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("codebook.")}
+        self.editor.codebook.load_tensors(tensors, labels)
+        self.editor.generator.set_state(state["generator"])
+        self.n_edits = int(state["n_edits"])

@@ -9,7 +9,8 @@ from typing import Any
 from .templates import MEMIT_LENGTHS, ROME_LENGTHS
 from .values import TargetHparams
 
-METHODS = ("rome", "r-rome", "memit", "emmet", "alphaedit")
+# The locate-and-edit family (editlib.editing.Editor); each is registered in editlib.methods.
+LOCATE_AND_EDIT = ("rome", "r-rome", "memit", "emmet", "alphaedit")
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,8 @@ class EditHparams:
     template_seed: int = 0
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.method not in LOCATE_AND_EDIT:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {LOCATE_AND_EDIT}")
         if not self.layers:
             raise ValueError(f"{self.method}: 'layers' is empty")
         if self.is_rome and len(self.layers) != 1:
@@ -74,7 +75,7 @@ def _merge(base: dict, override: dict) -> dict:
 def make_hparams(method: str, **overrides: Any) -> EditHparams:
     """Method defaults, overridden by keyword values (a nested dict for `targets`)."""
     if method not in METHOD_DEFAULTS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        raise ValueError(f"unknown method {method!r}; expected one of {LOCATE_AND_EDIT}")
     values = _merge(METHOD_DEFAULTS[method], {k: v for k, v in overrides.items() if v is not None})
     target_fields = {f.name for f in dataclasses.fields(TargetHparams)}
     targets = values.pop("targets", {})

@@ -37,6 +37,7 @@ from editlib.grace import TargetBatch, module_dims, target_argmax_correct, targe
 from editlib.io import load_tensors, save_tensors
 from editlib.models import model_fingerprint, model_layout, weight_layout
 from editlib.records import EditRequest
+from editlib.session import EditSession
 from editlib.tokens import pad_id, pad_right, prompt_ids
 
 
@@ -386,6 +387,55 @@ class MendEditor:
         editor.hypernet.load_state_dict(tensors)
         editor.history = json.loads(metadata.get("history", "[]"))
         return editor
+
+
+# --------------------------------------------------------------------------------------------
+# Session (editlib.session.EditSession)
+
+
+@dataclass(frozen=True)
+class MendSpec:
+    """MEND with the hypernetwork saved at `checkpoint` (train_mend, then MendEditor.save)."""
+
+    checkpoint: str
+    layers: tuple[int, ...] = ()
+    method: str = "mend"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MendSession(EditSession):
+    """Sequential MEND edits with a trained hypernetwork; the edited weights are the state."""
+
+    def __init__(self, model: nn.Module, tokenizer, spec: MendSpec):
+        self.model = model
+        self.editor = MendEditor.load(model, tokenizer, spec.checkpoint)
+        self.names = [f"{name}.weight" for name in self.editor.hypernet.module_names]
+        self.original = {name: model.get_parameter(name).detach().clone() for name in self.names}
+        self.n_edits = 0
+
+    def apply(self, requests: Sequence[EditRequest]) -> dict:
+        self.n_edits += len(requests)
+        self.editor.edit(requests)
+        return {}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, weight in self.original.items():
+                self.model.get_parameter(name).copy_(weight)
+        self.n_edits = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"weight.{n}": self.model.get_parameter(n).detach().cpu().contiguous() for n in self.names}
+        state["n_edits"] = torch.tensor(self.n_edits)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name in self.names:
+                self.model.get_parameter(name).copy_(state[f"weight.{name}"])
+        self.n_edits = int(state["n_edits"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,8 +27,6 @@ from .downstream import evaluate_downstream, write_mc_task
 from .experiments import (
     DOWNSTREAM_COLUMNS,
     ExperimentContext,
-    GraceSpec,
-    MendSpec,
     batched_edits,
     best_layer,
     layer_sweep,
@@ -36,17 +34,14 @@ from .experiments import (
     sequential_edits,
     single_edits,
 )
-from .grace import GraceHparams
-from .hparams import make_hparams
 from .io import atomic_dir, atomic_path, write_csv, write_json
+from .methods import get_method, make_spec
 from .models import load_model, model_fingerprint, model_layout
 from .records import EditRequest, load_requests
 from .stats import StatsConfig, layer_second_moments, load_moments, save_moments
 from .target_store import TargetStore
 
 log = logging.getLogger("editlib.pipeline")
-
-GRACE, MEND = "grace", "mend"
 
 
 # ---------------------------------------------------------------------------- running a stage
@@ -261,13 +256,10 @@ def resolve_layers(config: dict, method: str, sweep_path: str | Path | None) -> 
     return (best_layer(pd.read_csv(sweep_path), criterion),)
 
 
-def edit_spec(config: dict, method: str, layers: Sequence[int], mend_path: str | Path | None = None):
-    """EditHparams, GraceSpec or MendSpec of `method` from config."""
-    if method == GRACE:
-        return GraceSpec(layers=tuple(layers), hparams=GraceHparams(**method_overrides(config, method)))
-    if method == MEND:
-        return MendSpec(checkpoint=str(mend_path))
-    return make_hparams(method, **{**method_overrides(config, method), "layers": tuple(layers)})
+def edit_spec(config: dict, method: str, layers: Sequence[int], trained_editor: str | Path | None = None):
+    """The spec of registered `method` (editlib.methods) from its config block."""
+    return make_spec(method, method_overrides(config, method), layers,
+                     str(trained_editor) if trained_editor is not None else None)
 
 
 def run_layer_sweep(config: dict, method: str, model_dir, moments_path, records_path, out_path) -> pd.DataFrame:
@@ -280,11 +272,17 @@ def run_layer_sweep(config: dict, method: str, model_dir, moments_path, records_
     return frame
 
 
-def run_single(config: dict, method: str, model_dir, moments_path, records_path, sweep_path, out_path) -> pd.DataFrame:
+def method_layers(config: dict, method: str, sweep_path: str | Path | None) -> tuple[int, ...]:
+    """The layers `method` edits: resolve_layers for a method that chooses them, else none (its own)."""
+    return resolve_layers(config, method, sweep_path) if get_method(method).chooses_layers else ()
+
+
+def run_single(config: dict, method: str, model_dir, moments_path, records_path, sweep_path, out_path,
+               trained_editor=None) -> pd.DataFrame:
     records = load_requests(records_path)
     ctx = load_context(config, model_dir, moments_path, records)
     requests = edit_requests(records, config["experiments"]["single"]["n_records"], records_path)
-    hparams = edit_spec(config, method, resolve_layers(config, method, sweep_path))
+    hparams = edit_spec(config, method, method_layers(config, method, sweep_path), trained_editor)
     frame = single_edits(ctx, requests, hparams)
     write_csv(out_path, frame)
     return frame
@@ -300,8 +298,7 @@ def downstream_function(config: dict, tasks_dir: str | Path, method: str):
     def evaluate(model, tokenizer) -> list[dict]:
         return evaluate_downstream(
             model, tokenizer, settings["tasks"], include_path=local, limit=settings.get("limit"),
-            # GRACE's codebook applies to one sequence at a time (its deferral reads the last token)
-            batch_size=1 if method == GRACE else settings.get("batch_size", 16),
+            batch_size=get_method(method).downstream_batch_size or settings.get("batch_size", 16),
             num_fewshot=settings.get("num_fewshot", 0), seed=config["seed"],
             include_defaults=settings.get("include_defaults", False), offline=settings.get("offline", True),
         )
@@ -310,13 +307,13 @@ def downstream_function(config: dict, tasks_dir: str | Path, method: str):
 
 
 def run_batched(config: dict, method: str, model_dir, moments_path, records_path, sweep_path, out_path,
-                downstream_path, tasks_dir) -> pd.DataFrame:
+                downstream_path, tasks_dir, trained_editor=None) -> pd.DataFrame:
     settings = config["experiments"]["batched"]
     records = load_requests(records_path)
     ctx = load_context(config, model_dir, moments_path, records)
     sizes = settings["batch_sizes"]
     requests = edit_requests(records, settings.get("n_records", max(sizes)), records_path)
-    hparams = edit_spec(config, method, resolve_layers(config, method, sweep_path))
+    hparams = edit_spec(config, method, method_layers(config, method, sweep_path), trained_editor)
     downstream = downstream_function(config, tasks_dir, method) if settings.get("downstream") else None
     frame, downstream_frame = batched_edits(ctx, requests, hparams, sizes, downstream=downstream)
     write_csv(downstream_path, downstream_frame)
@@ -325,14 +322,13 @@ def run_batched(config: dict, method: str, model_dir, moments_path, records_path
 
 
 def run_sequential(config: dict, method: str, batch_size: int, model_dir, moments_path, records_path, sweep_path,
-                   mend_path, tasks_dir, out_path, downstream_path, checkpoint_path) -> pd.DataFrame:
+                   trained_editor, tasks_dir, out_path, downstream_path, checkpoint_path) -> pd.DataFrame:
     settings = config["experiments"]["sequential"]
     records = load_requests(records_path)
     ctx = load_context(config, model_dir, moments_path, records)
     total = settings["total_edits"]
     requests = edit_requests(records, total, records_path)
-    layers = () if method == MEND else resolve_layers(config, method, sweep_path)
-    spec = edit_spec(config, method, layers, mend_path)
+    spec = edit_spec(config, method, method_layers(config, method, sweep_path), trained_editor)
     downstream = downstream_function(config, tasks_dir, method)
     at = [n for n in settings.get("downstream_at", []) if n > 0]
     frame, downstream_frame = sequential_edits(ctx, requests, spec, batch_size, total, checkpoint_path,
@@ -347,7 +343,7 @@ def train_mend_editor(config: dict, model_dir, records_path, out_path) -> dict:
     """Train MEND on the records after those any experiment edits; save the hypernetwork."""
     from .mend import MendHparams, evaluate_mend, train_mend
 
-    settings = config["methods"][MEND]
+    settings = config["methods"]["mend"]
     model, tokenizer = load_configured_model(config, model_dir)
     used = config["mend_training_offset"]
     n_train, n_eval = settings.get("n_train", 100), settings.get("n_eval", 20)

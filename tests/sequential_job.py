@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
 
 from conftest import corpus_sentences, make_llama, make_requests  # noqa: E402
-from editlib.experiments import ExperimentContext, GraceSpec, sequential_edits  # noqa: E402
-from editlib.grace import GraceHparams  # noqa: E402
+from editlib.experiments import ExperimentContext, sequential_edits  # noqa: E402
+from editlib.grace import GraceHparams, GraceSpec  # noqa: E402
 from editlib.hparams import make_hparams  # noqa: E402
 from editlib.models import model_layout  # noqa: E402
 from editlib.stats import collect_second_moments  # noqa: E402

@@ -81,6 +81,11 @@ INVALID = {
     "toy model MLP layers": (_set("model.train.mlp_layers", 9), r"model\.train: mlp_layers must be in \[1, layers=5\]"),
     "unknown toy model field": (_set("model.train.depth", 9), r"model\.train: unknown field\(s\) \['depth'\]; allowed: .*'layers'"),
     "toy world fraction": (_set("data.world.edit_fraction", 1.5), r"data\.world: edit_fraction must be in \(0, 1\)"),
+    "unknown GRACE hyperparameter": (_set("methods.grace.radius", 1.0), r"methods\.grace: unknown hyperparameter 'radius'"),
+    "MEND edit hyperparameter": (_set("methods.mend.lr", 1.0), r"methods\.mend: MEND's edit has no hyperparameters"),
+    "layer sweep of MEND": (_set("experiments.layer_sweep.methods", ["rome", "r-rome", "memit", "emmet", "alphaedit", "mend"]),
+                            r"layer_sweep\.methods\[5\]: mend edits the layers of its own design"),
+    "unregistered method block": (_set("methods.memitt", {"layers": [0]}), r"methods: 'memitt' is not one of"),
 }
 
 

@@ -188,7 +188,7 @@ def test_subset_metrics_from_one_scoring_pass_equal_scoring_the_subset(trained_l
     editor = Editor(trained_llama2, llama_tokenizer, hparams_for("memit", moments2), moments2, TEMPLATES, progress=False)
     editor.apply(requests)
     try:
-        from_all = records_metrics(ctx, score_records(ctx, requests), requests[1:])
+        from_all = records_metrics(ctx, score_records(ctx, requests, editor), requests[1:])
         alone = counterfact_metrics(counterfact_scores(trained_llama2, llama_tokenizer, requests[1:]))
         assert from_all.keys() == alone.keys()
         for name in alone:

@@ -1,8 +1,10 @@
 # Paths and helpers shared by the rules. Everything of one run lives under results/<run>,
 # resources/<run>, reports/<run>, logs/<run> and benchmarks/<run>.
 
+import re
+
 from editlib.config import sequential_runs, stage_config
-from editlib.hparams import METHODS
+from editlib.methods import get_method, method_names
 
 RUN = config["run"]
 RES = f"resources/{RUN}"
@@ -25,21 +27,26 @@ DATA = {
 MODEL = f"{RES}/model"
 MOMENTS = f"{RES}/stats/second_moments.safetensors"
 MEND_EDITOR = f"{RES}/mend/editor.safetensors"
+# the {method} wildcard: exactly the registered methods (editlib.methods)
+METHOD_WILDCARD = "|".join(re.escape(name) for name in method_names())
 
 
 def sweep_input(wildcards):
     """The method's own layer-sweep table when its layers are 'auto', else nothing."""
-    if wildcards.method == "mend" or config["methods"][wildcards.method].get("layers", "auto") != "auto":
+    method = get_method(wildcards.method)
+    if not method.chooses_layers or config["methods"][wildcards.method].get("layers", "auto") != "auto":
         return []
     return f"{OUT}/layer_sweep/{wildcards.method}.csv"
 
 
 def mend_input(wildcards):
-    return MEND_EDITOR if wildcards.method == "mend" else []
+    """The trained hypernetwork, for a method that needs one (MEND)."""
+    return MEND_EDITOR if get_method(wildcards.method).trained_editor else []
 
 
 def moments_input(wildcards):
-    return MOMENTS if wildcards.method in METHODS else []  # locate-and-edit methods need C
+    """The statistics C, for a method that uses them (the locate-and-edit family)."""
+    return MOMENTS if get_method(wildcards.method).uses_statistics else []
 
 
 def edit_tables():

@@ -3,7 +3,7 @@
 # only that method's jobs (and the tables and figures built from them).
 
 wildcard_constraints:
-    method="[a-z-]+",
+    method=METHOD_WILDCARD,
     batch_size=r"\d+",
 
 
@@ -49,9 +49,10 @@ rule train_mend:
 rule single_edits:
     input:
         model=MODEL,
-        moments=MOMENTS,
+        moments=moments_input,
         records=DATA["records"],
         sweep=sweep_input,
+        mend=mend_input,
     output:
         f"{OUT}/single/{{method}}.csv",
     params:
@@ -70,10 +71,11 @@ rule single_edits:
 rule batched_edits:
     input:
         model=MODEL,
-        moments=MOMENTS,
+        moments=moments_input,
         records=DATA["records"],
         tasks=DATA["tasks"],
         sweep=sweep_input,
+        mend=mend_input,
     output:
         results=f"{OUT}/batched/{{method}}.csv",
         downstream=f"{OUT}/batched/{{method}}.downstream.csv",

@@ -3,5 +3,6 @@ import _checkout  # noqa: F401  (editlib from this checkout)
 from editlib.pipeline import run_single, stage_logging
 
 with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["seed"]):
-    run_single(snakemake.params.stage, snakemake.wildcards.method, snakemake.input.model, snakemake.input.moments,
-               snakemake.input.records, snakemake.input.sweep or None, snakemake.output[0])
+    run_single(snakemake.params.stage, snakemake.wildcards.method, snakemake.input.model,
+               snakemake.input.moments or None, snakemake.input.records, snakemake.input.sweep or None,
+               snakemake.output[0], snakemake.input.mend or None)
