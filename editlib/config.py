@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 # Keys of a method's config block that are not hyperparameters of the method itself.
-NON_HPARAM_KEYS = {"layers", "n_train", "n_eval", "hparams"}
+NON_HPARAM_KEYS = {"method", "layers", "n_train", "n_eval", "hparams"}
 
 
 class ConfigError(ValueError):
@@ -52,9 +52,19 @@ def validate_config(config: dict, schema_path: str | Path, source: str = "config
 
 
 def _check_cross_fields(config: dict, source: str) -> None:
-    from .methods import get_method
+    from .methods import METHODS
 
     methods = config["methods"]
+    for name, block in methods.items():
+        if "method" not in block and name not in METHODS:
+            raise ConfigError(f"{source}: methods.{name}: not a registered method (those are {sorted(METHODS)}); "
+                              f"a variant of one names it with 'method:'")
+        if name in METHODS and block.get("method", name) != name:
+            raise ConfigError(f"{source}: methods.{name}.method: a block named after a registered method runs it; "
+                              f"give the variant another name")
+        if configured_method(config, name).trained_editor and name != method_name(config, name):
+            raise ConfigError(f"{source}: methods.{name}: {method_name(config, name)} is trained once, by its own "
+                              f"block; it has no variants")
     experiments = config["experiments"]
     for name, experiment in experiments.items():
         for index, method in enumerate(experiment.get("methods", [])):
@@ -63,11 +73,12 @@ def _check_cross_fields(config: dict, source: str) -> None:
                                   f"under 'methods' (configured: {sorted(methods)})")
     sweep = experiments["layer_sweep"]
     for index, method in enumerate(sweep["methods"]):
-        if not get_method(method).chooses_layers:
+        if not configured_method(config, method).chooses_layers:
             raise ConfigError(f"{source}: experiments.layer_sweep.methods[{index}]: {method} edits the layers of "
                               f"its own design; there is no layer to sweep")
     for method, block in methods.items():
-        if block.get("layers", "auto") == "auto" and get_method(method).chooses_layers and method not in sweep["methods"]:
+        if block.get("layers", "auto") == "auto" and configured_method(config, method).chooses_layers \
+                and method not in sweep["methods"]:
             used = [name for name, e in experiments.items() if method in e.get("methods", [])]
             if used:
                 raise ConfigError(f"{source}: methods.{method}.layers: 'auto' takes the best layer of {method}'s own "
@@ -86,7 +97,7 @@ def _check_cross_fields(config: dict, source: str) -> None:
                                   f"for {what} ({field})")
         for method, block in methods.items():
             # a method that does not write MLP weights (GRACE wraps the module) may use any layer
-            limit, limit_what, limit_field = (editable, what, field) if get_method(method).writes_mlp else \
+            limit, limit_what, limit_field = (editable, what, field) if configured_method(config, method).writes_mlp else \
                 (n_layers, f"a {n_layers}-layer model", "model.train.layers")
             for index, layer in enumerate(block.get("layers") if isinstance(block.get("layers"), list) else []):
                 if layer >= limit:
@@ -158,14 +169,21 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
     part.update({"target_cache": config.get("target_cache", ".cache/targets"), "metrics": config["metrics"],
                  "methods": {method: block}, "experiments": {}})
     if stage == "layer_sweep":
-        part["experiments"]["layer_sweep"] = experiments["layer_sweep"]
+        part["experiments"]["layer_sweep"] = _job_settings(experiments["layer_sweep"], "criterion")
         return part
-    if get_method(method).chooses_layers and block.get("layers", "auto") == "auto":  # the sweep's criterion picks
+    if configured_method(config, method).chooses_layers and block.get("layers", "auto") == "auto":  # the sweep's criterion picks
         part["experiments"]["layer_sweep"] = {"criterion": experiments["layer_sweep"].get("criterion", "S")}
-    part["experiments"][stage] = experiments[stage]
+    # a sequential job's batch size is its wildcard; the lists of sizes choose which jobs exist
+    part["experiments"][stage] = _job_settings(experiments[stage], *(("batch_sizes",) if stage == "sequential" else ()))
     if stage == "batched" and experiments["batched"].get("downstream", False) or stage == "sequential":
         part["downstream"] = config["downstream"]
     return part
+
+
+def _job_settings(experiment: dict, *unread: str) -> dict:
+    """An experiment's settings as one of its jobs reads them: without the lists that choose which
+    jobs exist (`methods`, `method_batch_sizes`), so adding a method reruns no other method's job."""
+    return {k: v for k, v in experiment.items() if k not in {"methods", "method_batch_sizes", *unread}}
 
 
 def sequential_runs(config: dict) -> list[tuple[str, int]]:
@@ -179,11 +197,9 @@ def sequential_runs(config: dict) -> list[tuple[str, int]]:
 
 def statistics_layers(config: dict) -> list[int]:
     """Every layer a method that needs C may edit: the sweep's layers plus explicit method layers."""
-    from .methods import get_method
-
     layers = set(config["experiments"]["layer_sweep"]["layers"])
     for method in config["methods"]:
-        if not get_method(method).uses_statistics:
+        if not configured_method(config, method).uses_statistics:
             continue
         explicit = config["methods"][method].get("layers")
         if isinstance(explicit, list):
@@ -255,7 +271,7 @@ def toy_record_count(config: dict) -> int | None:
 def _check_values(config: dict, source: str) -> None:
     """Ranges the schema cannot state: hyperparameters, the toy model and world, record counts,
     downstream tasks."""
-    from .methods import get_method, make_spec
+    from .methods import make_spec
     from .mend import MendHparams
     from .pretrain import TrainConfig
     from .toyworld import WorldConfig
@@ -264,10 +280,10 @@ def _check_values(config: dict, source: str) -> None:
         for path, key, value in _numbers({k: v for k, v in block.items() if k != "layers"}, f"methods.{method}"):
             if value < 0 or (key in POSITIVE_HPARAMS and value <= 0):
                 raise ConfigError(f"{source}: {path}: {value} must be {'> 0' if key in POSITIVE_HPARAMS else '>= 0'}")
-        if get_method(method).trained_editor:  # the train_mend rule's settings
+        if configured_method(config, method).trained_editor:  # the train_mend rule's settings
             _construct(f"{source}: methods.{method}.hparams", MendHparams, block.get("hparams", {}))
         try:  # the method's own checks, on a layer every model has
-            make_spec(method, method_overrides(config, method), (0,), "<trained editor>")
+            make_spec(method_name(config, method), method_overrides(config, method), (0,), "<trained editor>")
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{source}: methods.{method}: {_plain(error)}") from None
     if config["model"]["source"] == "toyworld":
@@ -316,3 +332,16 @@ def _check_values(config: dict, source: str) -> None:
 def method_overrides(config: dict, method: str) -> dict[str, Any]:
     """A method's hyperparameters from config (its block minus layers and training keys)."""
     return {k: v for k, v in config["methods"][method].items() if k not in NON_HPARAM_KEYS}
+
+
+def method_name(config: dict, name: str) -> str:
+    """The registered method a config block runs: its `method:` key (a variant such as a second
+    MEMIT with other layers), else the block's own name."""
+    return config["methods"][name].get("method", name)
+
+
+def configured_method(config: dict, name: str):
+    """The registry entry (editlib.methods.Method) of config block `name`."""
+    from .methods import get_method
+
+    return get_method(method_name(config, name))

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from . import assets
-from .config import method_overrides
+from .config import configured_method, method_name, method_overrides
 from .corpus import load_corpus
 from .downstream import evaluate_downstream, write_mc_task
 from .experiments import (
@@ -35,7 +35,7 @@ from .experiments import (
     single_edits,
 )
 from .io import atomic_dir, atomic_path, write_csv, write_json
-from .methods import get_method, make_spec
+from .methods import make_spec
 from .models import load_model, model_fingerprint, model_layout
 from .records import EditRequest, load_requests
 from .stats import StatsConfig, layer_second_moments, load_moments, save_moments
@@ -257,9 +257,16 @@ def resolve_layers(config: dict, method: str, sweep_path: str | Path | None) -> 
 
 
 def edit_spec(config: dict, method: str, layers: Sequence[int], trained_editor: str | Path | None = None):
-    """The spec of registered `method` (editlib.methods) from its config block."""
-    return make_spec(method, method_overrides(config, method), layers,
+    """The spec of config method block `method` (a registered method or a variant of one)."""
+    return make_spec(method_name(config, method), method_overrides(config, method), layers,
                      str(trained_editor) if trained_editor is not None else None)
+
+
+def labelled(frame: pd.DataFrame, method: str) -> pd.DataFrame:
+    """Rows labelled with the config block's name (a variant's own name, not its method's)."""
+    if not frame.empty:
+        frame["method"] = method
+    return frame
 
 
 def run_layer_sweep(config: dict, method: str, model_dir, moments_path, records_path, out_path) -> pd.DataFrame:
@@ -267,14 +274,15 @@ def run_layer_sweep(config: dict, method: str, model_dir, moments_path, records_
     records = load_requests(records_path)
     ctx = load_context(config, model_dir, moments_path, records)
     requests = edit_requests(records, sweep["n_records"], records_path)
-    frame = layer_sweep(ctx, requests, method, sweep["layers"], method_overrides(config, method))
+    frame = labelled(layer_sweep(ctx, requests, method_name(config, method), sweep["layers"],
+                                 method_overrides(config, method)), method)
     write_csv(out_path, frame)
     return frame
 
 
 def method_layers(config: dict, method: str, sweep_path: str | Path | None) -> tuple[int, ...]:
     """The layers `method` edits: resolve_layers for a method that chooses them, else none (its own)."""
-    return resolve_layers(config, method, sweep_path) if get_method(method).chooses_layers else ()
+    return resolve_layers(config, method, sweep_path) if configured_method(config, method).chooses_layers else ()
 
 
 def run_single(config: dict, method: str, model_dir, moments_path, records_path, sweep_path, out_path,
@@ -283,7 +291,7 @@ def run_single(config: dict, method: str, model_dir, moments_path, records_path,
     ctx = load_context(config, model_dir, moments_path, records)
     requests = edit_requests(records, config["experiments"]["single"]["n_records"], records_path)
     hparams = edit_spec(config, method, method_layers(config, method, sweep_path), trained_editor)
-    frame = single_edits(ctx, requests, hparams)
+    frame = labelled(single_edits(ctx, requests, hparams), method)
     write_csv(out_path, frame)
     return frame
 
@@ -298,7 +306,7 @@ def downstream_function(config: dict, tasks_dir: str | Path, method: str):
     def evaluate(model, tokenizer) -> list[dict]:
         return evaluate_downstream(
             model, tokenizer, settings["tasks"], include_path=local, limit=settings.get("limit"),
-            batch_size=get_method(method).downstream_batch_size or settings.get("batch_size", 16),
+            batch_size=configured_method(config, method).downstream_batch_size or settings.get("batch_size", 16),
             num_fewshot=settings.get("num_fewshot", 0), seed=config["seed"],
             include_defaults=settings.get("include_defaults", False), offline=settings.get("offline", True),
         )
@@ -316,6 +324,7 @@ def run_batched(config: dict, method: str, model_dir, moments_path, records_path
     hparams = edit_spec(config, method, method_layers(config, method, sweep_path), trained_editor)
     downstream = downstream_function(config, tasks_dir, method) if settings.get("downstream") else None
     frame, downstream_frame = batched_edits(ctx, requests, hparams, sizes, downstream=downstream)
+    frame, downstream_frame = labelled(frame, method), labelled(downstream_frame, method)
     write_csv(downstream_path, downstream_frame)
     write_csv(out_path, frame)
     return frame
@@ -333,6 +342,7 @@ def run_sequential(config: dict, method: str, batch_size: int, model_dir, moment
     at = [n for n in settings.get("downstream_at", []) if n > 0]
     frame, downstream_frame = sequential_edits(ctx, requests, spec, batch_size, total, checkpoint_path,
                                                downstream=downstream, downstream_at=at, eval_at=settings.get("eval_at"))
+    frame, downstream_frame = labelled(frame, method), labelled(downstream_frame, method)
     write_csv(downstream_path, downstream_frame)
     write_csv(out_path, frame)
     Path(checkpoint_path).unlink(missing_ok=True)  # the results are final; the checkpoint served resumption

@@ -40,7 +40,7 @@ def _drop(path: str):
 
 INVALID = {
     "unknown method": (_set("experiments.sequential.methods", ["memit", "memitt"]),
-                       r"experiments\.sequential\.methods\[1\]: 'memitt' is not one of"),
+                       r"experiments\.sequential\.methods\[1\]: method 'memitt' has no entry under 'methods'"),
     "missing field": (_drop("stats.n_samples"), r"stats: 'n_samples' is a required property"),
     "negative size": (_set("experiments.single.n_records", -1), r"experiments\.single\.n_records: -1 is less than"),
     "zero batch size": (_set("experiments.batched.batch_sizes", [0, 4]), r"experiments\.batched\.batch_sizes\[0\]"),
@@ -85,8 +85,25 @@ INVALID = {
     "MEND edit hyperparameter": (_set("methods.mend.lr", 1.0), r"methods\.mend: MEND's edit has no hyperparameters"),
     "layer sweep of MEND": (_set("experiments.layer_sweep.methods", ["rome", "r-rome", "memit", "emmet", "alphaedit", "mend"]),
                             r"layer_sweep\.methods\[5\]: mend edits the layers of its own design"),
-    "unregistered method block": (_set("methods.memitt", {"layers": [0]}), r"methods: 'memitt' is not one of"),
+    "unregistered method block": (_set("methods.memitt", {"layers": [0]}), r"methods\.memitt: not a registered method"),
+    "variant of an unknown method": (_set("methods.memit-deep", {"method": "memitt", "layers": [0]}),
+                                     r"methods\.memit-deep\.method: 'memitt' is not one of"),
+    "registered block re-pointed": (_set("methods.memit.method", "emmet"), r"methods\.memit\.method: a block named after"),
+    "variant of MEND": (_set("methods.mend-2", {"method": "mend"}), r"methods\.mend-2: mend is trained once"),
 }
+
+
+def test_a_variant_runs_its_method_under_its_own_name():
+    from editlib.config import configured_method, method_overrides, stage_config, statistics_layers
+
+    config = copy.deepcopy(DEFAULT)
+    config["methods"]["memit-deep"] = {"method": "memit", "layers": [0, 1], "mom2_update_weight": 3.0}
+    config["experiments"]["single"]["methods"].append("memit-deep")
+    validate_config(config, SCHEMA)
+    assert configured_method(config, "memit-deep").name == "memit"
+    assert method_overrides(config, "memit-deep") == {"mom2_update_weight": 3.0}
+    assert stage_config(config, "single", "memit-deep")["methods"] == {"memit-deep": config["methods"]["memit-deep"]}
+    assert {0, 1} <= set(statistics_layers(config))
 
 
 def test_the_shipped_configs_are_valid():

@@ -132,5 +132,5 @@ def test_config_validation_accepts_an_extra_method(extra_method):
 def test_an_unregistered_method_is_a_config_error():
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config["methods"][NAME] = {"layers": [0]}
-    with pytest.raises(ConfigError, match=rf"methods: '{NAME}' is not one of"):
+    with pytest.raises(ConfigError, match=rf"methods\.{NAME}: not a registered method"):
         validate_config(config, SCHEMA)

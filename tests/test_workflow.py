@@ -148,7 +148,11 @@ CHANGES = [
     ("tracing.n_samples", 3, {"causal_trace": 1, "figures": 1, "findings": 1, "all": 1}),
     ("downstream.limit", 4, {"batched_edits": 1, "sequential_edits": 3, **REPORTING}),
     ("experiments.single.n_records", 1, {"single_edits": 1, **REPORTING}),
-    ("experiments.layer_sweep.criterion", "ES", {"layer_sweep": 1, "batched_edits": 1, "sequential_edits": 1, **REPORTING}),
+    # the sweep itself does not read the criterion; the jobs whose layer it picks do
+    ("experiments.layer_sweep.criterion", "ES", {"batched_edits": 1, "sequential_edits": 1, **REPORTING}),
+    # adding a method to an experiment adds its job and reruns no other method's
+    ("experiments.single.methods", ["rome", "memit"], {"single_edits": 1, **REPORTING}),
+    ("experiments.sequential.method_batch_sizes", {"grace": [2, 4]}, {"sequential_edits": 1, **REPORTING}),
     ("experiments.sequential.eval_at", [2], {"sequential_edits": 3, **REPORTING}),
     ("stats.n_samples", 30, {"statistics": 1, "layer_sweep": 1, "single_edits": 1, "batched_edits": 1,
                              "sequential_edits": 1, **REPORTING}),
@@ -188,3 +192,18 @@ def test_invalid_config_fails_before_any_job(tmp_path, mutate, message):
     assert result.returncode != 0
     assert re.search(message, result.stdout + result.stderr), result.stderr[-3000:]
     assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
+
+
+def test_a_method_variant_adds_exactly_its_own_jobs(completed):
+    """A second MEMIT block (`method: memit`, other layers) runs as its own method: one new job,
+    the existing MEMIT jobs untouched, its rows labelled with the variant's name."""
+    changed = copy.deepcopy(SMALL)
+    changed["methods"]["memit-both"] = {"method": "memit", "layers": [0, 1], "mom2_update_weight": 10.0,
+                                        "targets": {"v_num_grad_steps": 4}}
+    changed["experiments"]["single"]["methods"].append("memit-both")
+    assert planned_jobs(snakemake(completed, changed, "-n")) == {"single_edits": 1, **REPORTING}
+    snakemake(completed, changed)
+    edits = pd.read_csv(completed / "results" / "tiny" / "edits.csv", dtype={"layers": str})
+    variant = edits[edits["method"] == "memit-both"]
+    assert variant[["experiment", "layers"]].values.tolist() == [["single", "0,1"]]
+    assert set(edits["method"]) >= {"memit", "memit-both", "rome"}

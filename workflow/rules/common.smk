@@ -3,8 +3,7 @@
 
 import re
 
-from editlib.config import sequential_runs, stage_config
-from editlib.methods import get_method, method_names
+from editlib.config import configured_method, sequential_runs, stage_config
 
 RUN = config["run"]
 RES = f"resources/{RUN}"
@@ -27,13 +26,13 @@ DATA = {
 MODEL = f"{RES}/model"
 MOMENTS = f"{RES}/stats/second_moments.safetensors"
 MEND_EDITOR = f"{RES}/mend/editor.safetensors"
-# the {method} wildcard: exactly the registered methods (editlib.methods)
-METHOD_WILDCARD = "|".join(re.escape(name) for name in method_names())
+# the {method} wildcard: exactly the config's method blocks (validated against editlib.methods)
+METHOD_WILDCARD = "|".join(re.escape(name) for name in config["methods"])
 
 
 def sweep_input(wildcards):
     """The method's own layer-sweep table when its layers are 'auto', else nothing."""
-    method = get_method(wildcards.method)
+    method = configured_method(config, wildcards.method)
     if not method.chooses_layers or config["methods"][wildcards.method].get("layers", "auto") != "auto":
         return []
     return f"{OUT}/layer_sweep/{wildcards.method}.csv"
@@ -41,12 +40,12 @@ def sweep_input(wildcards):
 
 def mend_input(wildcards):
     """The trained hypernetwork, for a method that needs one (MEND)."""
-    return MEND_EDITOR if get_method(wildcards.method).trained_editor else []
+    return MEND_EDITOR if configured_method(config, wildcards.method).trained_editor else []
 
 
 def moments_input(wildcards):
     """The statistics C, for a method that uses them (the locate-and-edit family)."""
-    return MOMENTS if get_method(wildcards.method).uses_statistics else []
+    return MOMENTS if configured_method(config, wildcards.method).uses_statistics else []
 
 
 def edit_tables():
