@@ -26,6 +26,7 @@ include: "workflow/rules/prepare.smk"
 include: "workflow/rules/statistics.smk"
 include: "workflow/rules/tracing.smk"
 include: "workflow/rules/editing.smk"
+include: "workflow/rules/downstream.smk"
 include: "workflow/rules/results.smk"
 
 

@@ -125,7 +125,7 @@ def _check_cross_fields(config: dict, source: str) -> None:
 # ---------------------------------------------------------------------------- what each stage reads
 
 STAGES = ("prepare_data", "prepare_model", "statistics", "causal_trace", "train_mend", "layer_sweep",
-          "single", "batched", "sequential", "report")
+          "single", "batched", "sequential", "downstream_base", "downstream_batched", "downstream_sequential", "report")
 
 
 def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
@@ -162,6 +162,15 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
         return {**part, "tracing": config["tracing"]}
     if stage == "train_mend":
         return {**part, "methods": {"mend": config["methods"]["mend"]}, "mend_training_offset": mend_training_offset(config)}
+    if stage == "downstream_base":
+        return {**part, "downstream": config["downstream"]}
+    if stage in ("downstream_batched", "downstream_sequential"):
+        # the states carry the edits; the method's block rebuilds the session that loads them
+        part["model"] = {**loaded, "name": model["name"]}
+        part.update({"downstream": config["downstream"], "methods": {method: config["methods"][method]}})
+        if stage == "downstream_sequential":  # whether the run's table gets the unedited model's rows
+            part["experiments"] = {"sequential": {"downstream_at": config["experiments"]["sequential"].get("downstream_at", [])}}
+        return part
     # editing experiments
     block = config["methods"][method]
     experiments = config["experiments"]
@@ -175,8 +184,6 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
         part["experiments"]["layer_sweep"] = {"criterion": experiments["layer_sweep"].get("criterion", "S")}
     # a sequential job's batch size is its wildcard; the lists of sizes choose which jobs exist
     part["experiments"][stage] = _job_settings(experiments[stage], *(("batch_sizes",) if stage == "sequential" else ()))
-    if stage == "batched" and experiments["batched"].get("downstream", False) or stage == "sequential":
-        part["downstream"] = config["downstream"]
     return part
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from .hparams import EditHparams
-from .io import content_key, load_tensors, save_tensors
+from .io import content_key, load_tensors, read_metadata, save_tensors
 from .metrics import counterfact_metrics, counterfact_scores, generation_entropy
 from .methods import get_method, make_spec
 from .records import EditRequest, batches
@@ -141,13 +141,16 @@ def best_layer(frame: pd.DataFrame, metric: str = "S") -> int:
 
 
 def batched_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hparams,
-                  batch_sizes: Sequence[int], downstream: Downstream | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  batch_sizes: Sequence[int], downstream: Downstream | None = None,
+                  states: Mapping[int, str | Path] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """For each batch size: consecutive batches, each edited into the UNEDITED model and scored on
     its own records; one row per batch size (metrics over all batches' records).
 
     `downstream(model, tokenizer)` runs on the unedited model (n_edits 0) and with the first batch
-    of every size applied. Returns (results, downstream rows).
+    of every size applied; `states` maps batch sizes to paths where the edits of that first batch
+    are saved (save_state). Returns (results, downstream rows).
     """
+    states = states or {}
     rows, downstream_rows = [], []
     session = ctx.session(hparams)
     try:
@@ -162,7 +165,7 @@ def batched_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hpara
             if batch_size == 1:  # batches of one fact are single edits (batched passes where the method can)
                 frames.append(single_edit_scores(ctx, usable, hparams, session))
             for index, batch in enumerate(tqdm(plan, desc=f"{hparams.method} batch {batch_size}", disable=not ctx.progress)):
-                if batch_size == 1 and (downstream is None or index > 0):
+                if batch_size == 1 and (index > 0 or downstream is None and batch_size not in states):
                     break
                 session.restore()
                 session.apply(batch)
@@ -170,6 +173,8 @@ def batched_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hpara
                     frames.append(score_records(ctx, batch, session))
                 if downstream is not None and index == 0:
                     downstream_rows += _downstream_rows(ctx, hparams, batch_size, batch_size, downstream, "batched")
+                if index == 0 and batch_size in states:
+                    save_state(states[batch_size], session, hparams, "batched", batch_size, batch_size)
             session.restore()
             metrics = counterfact_metrics(pd.concat(frames, ignore_index=True))
             rows.append(result_row("batched", ctx, hparams, batch_size, batch_size, len(plan), "batch", metrics,
@@ -205,15 +210,17 @@ def _load_checkpoint(path: Path, key: str):
 
 def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hparams, batch_size: int,
                      total_edits: int, checkpoint_path: str | Path | None = None, downstream: Downstream | None = None,
-                     downstream_at: Sequence[int] | None = None,
-                     eval_at: Sequence[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                     downstream_at: Sequence[int] | None = None, eval_at: Sequence[int] | None = None,
+                     states: Mapping[int, str | Path] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Batches of `batch_size` applied one after another without reverting, up to `total_edits`.
 
     After every batch: metrics on the current batch ("current_batch"); on every fact edited so far
     ("edited_so_far") after the batches whose cumulative edit count is in `eval_at` and after the
     last one (default: every batch). `downstream(model, tokenizer)` runs before editing (n_edits 0)
     and after the batches whose cumulative edit count is in `downstream_at` (default: every batch).
-    With `checkpoint_path`, state is saved after every batch and a rerun resumes from it.
+    `states` maps cumulative edit counts to paths: the session's edits are saved there (save_state)
+    when the count is reached, for `states_downstream`. With `checkpoint_path`, state is saved
+    after every batch and a rerun resumes from it.
     `hparams` is the spec of any registered method (editlib.methods).
     """
     if total_edits > len(requests):
@@ -249,6 +256,8 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
                                        records_metrics(ctx, scores, edited), len(edited)))
             if downstream is not None and (downstream_at is None or n_edits in set(downstream_at)):
                 downstream_rows += _downstream_rows(ctx, hparams, batch_size, n_edits, downstream)
+            if states and n_edits in states:
+                save_state(states[n_edits], editor, hparams, "sequential", batch_size, n_edits)
             if path is not None:
                 _save_checkpoint(path, editor, key, step + 1, rows, downstream_rows)
     finally:
@@ -261,3 +270,38 @@ def _downstream_rows(ctx, hparams, batch_size, n_edits, downstream: Downstream, 
             "batch_size": batch_size, "n_edits": n_edits}
     return [{**base, **{k: row.get(k) for k in ("task", "metric", "value", "stderr")}}
             for row in downstream(ctx.model, ctx.tokenizer)]
+
+
+# ---------------------------------------------------------------------------- saved edit states
+
+
+def save_state(path: str | Path, session: EditSession, spec, experiment: str, batch_size: int, n_edits: int) -> None:
+    """The session's current edits (its state_dict) with the labels of the run that made them."""
+    save_tensors(path, session.state_dict(), {"experiment": experiment, "method": spec.method,
+                                              "layers": layers_label(spec.layers), "batch_size": str(batch_size),
+                                              "n_edits": str(n_edits)})
+
+
+def state_labels(path: str | Path) -> dict:
+    """The labels save_state wrote (experiment, method, layers, batch_size, n_edits), without the tensors."""
+    meta = read_metadata(path)
+    layers = tuple(int(layer) for layer in meta["layers"].split(",") if layer)
+    return {"experiment": meta["experiment"], "method": meta["method"], "layers": layers,
+            "batch_size": int(meta["batch_size"]), "n_edits": int(meta["n_edits"])}
+
+
+def states_downstream(ctx: ExperimentContext, spec, state_paths: Sequence[str | Path],
+                      downstream: Downstream) -> pd.DataFrame:
+    """Downstream rows of each saved state, loaded by one session of `spec` onto the unedited model."""
+    rows: list[dict] = []
+    session = ctx.session(spec)
+    try:
+        for path in state_paths:
+            labels = state_labels(path)
+            session.restore()
+            session.load_state_dict(load_tensors(path)[0])
+            rows += _downstream_rows(ctx, spec, labels["batch_size"], labels["n_edits"], downstream,
+                                     labels["experiment"])
+    finally:
+        session.close()
+    return pd.DataFrame(rows, columns=DOWNSTREAM_COLUMNS)

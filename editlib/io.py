@@ -76,6 +76,14 @@ def load_tensors(path: str | Path, device: str = "cpu") -> tuple[dict, dict[str,
         return {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata() or {}
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file, without reading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Atomically write UTF-8 text."""
     with atomic_path(path) as tmp:

@@ -33,6 +33,8 @@ from .experiments import (
     read_results,
     sequential_edits,
     single_edits,
+    state_labels,
+    states_downstream,
 )
 from .io import atomic_dir, atomic_path, write_csv, write_json
 from .methods import make_spec
@@ -296,8 +298,9 @@ def run_single(config: dict, method: str, model_dir, moments_path, records_path,
     return frame
 
 
-def downstream_function(config: dict, tasks_dir: str | Path, method: str):
-    """model, tokenizer -> downstream rows, or None when no tasks are configured."""
+def downstream_function(config: dict, tasks_dir: str | Path, method: str | None):
+    """model, tokenizer -> downstream rows, or None when no tasks are configured (method None:
+    the unedited model)."""
     settings = config["downstream"]
     if not settings.get("tasks"):
         return None
@@ -306,7 +309,7 @@ def downstream_function(config: dict, tasks_dir: str | Path, method: str):
     def evaluate(model, tokenizer) -> list[dict]:
         return evaluate_downstream(
             model, tokenizer, settings["tasks"], include_path=local, limit=settings.get("limit"),
-            batch_size=configured_method(config, method).downstream_batch_size or settings.get("batch_size", 16),
+            batch_size=(method and configured_method(config, method).downstream_batch_size) or settings.get("batch_size", 16),
             num_fewshot=settings.get("num_fewshot", 0), seed=config["seed"],
             include_defaults=settings.get("include_defaults", False), offline=settings.get("offline", True),
         )
@@ -315,37 +318,88 @@ def downstream_function(config: dict, tasks_dir: str | Path, method: str):
 
 
 def run_batched(config: dict, method: str, model_dir, moments_path, records_path, sweep_path, out_path,
-                downstream_path, tasks_dir, trained_editor=None) -> pd.DataFrame:
+                states_dir, trained_editor=None) -> pd.DataFrame:
+    """Batched edits; with `experiments.batched.downstream`, the edits of the first batch of every
+    size are saved under `states_dir` (b<size>.safetensors) for the downstream stage."""
     settings = config["experiments"]["batched"]
     records = load_requests(records_path)
     ctx = load_context(config, model_dir, moments_path, records)
     sizes = settings["batch_sizes"]
     requests = edit_requests(records, settings.get("n_records", max(sizes)), records_path)
     hparams = edit_spec(config, method, method_layers(config, method, sweep_path), trained_editor)
-    downstream = downstream_function(config, tasks_dir, method) if settings.get("downstream") else None
-    frame, downstream_frame = batched_edits(ctx, requests, hparams, sizes, downstream=downstream)
-    frame, downstream_frame = labelled(frame, method), labelled(downstream_frame, method)
-    write_csv(downstream_path, downstream_frame)
-    write_csv(out_path, frame)
+    with atomic_dir(states_dir) as staging:
+        states = {size: staging / f"b{size}.safetensors" for size in sizes} if settings.get("downstream") else {}
+        frame, _ = batched_edits(ctx, requests, hparams, sizes, states=states)
+        frame = labelled(frame, method)
+        write_csv(out_path, frame)
     return frame
 
 
+def state_points(total_edits: int, batch_size: int, downstream_at: Sequence[int]) -> list[int]:
+    """The edit counts in `downstream_at` that a sequential run of `batch_size` reaches (> 0)."""
+    reached = {min(step * batch_size, total_edits) for step in range(1, -(-total_edits // batch_size) + 1)}
+    return sorted(n for n in set(downstream_at) if n in reached)
+
+
 def run_sequential(config: dict, method: str, batch_size: int, model_dir, moments_path, records_path, sweep_path,
-                   trained_editor, tasks_dir, out_path, downstream_path, checkpoint_path) -> pd.DataFrame:
+                   trained_editor, out_path, states_dir, checkpoint_path) -> pd.DataFrame:
+    """Sequential edits; the edits after each count in `downstream_at` are saved under
+    `states_dir` (n<count>.safetensors) for the downstream stage. States are staged beside the
+    checkpoint, so a resumed run keeps those saved before it was killed."""
     settings = config["experiments"]["sequential"]
     records = load_requests(records_path)
     ctx = load_context(config, model_dir, moments_path, records)
     total = settings["total_edits"]
     requests = edit_requests(records, total, records_path)
     spec = edit_spec(config, method, method_layers(config, method, sweep_path), trained_editor)
-    downstream = downstream_function(config, tasks_dir, method)
-    at = [n for n in settings.get("downstream_at", []) if n > 0]
-    frame, downstream_frame = sequential_edits(ctx, requests, spec, batch_size, total, checkpoint_path,
-                                               downstream=downstream, downstream_at=at, eval_at=settings.get("eval_at"))
-    frame, downstream_frame = labelled(frame, method), labelled(downstream_frame, method)
-    write_csv(downstream_path, downstream_frame)
+    staging = Path(checkpoint_path).with_suffix(".states")
+    points = state_points(total, batch_size, settings.get("downstream_at", []))
+    frame, _ = sequential_edits(ctx, requests, spec, batch_size, total, checkpoint_path, eval_at=settings.get("eval_at"),
+                                states={n: staging / f"n{n}.safetensors" for n in points})
+    with atomic_dir(states_dir) as final:
+        for n in points:
+            shutil.copyfile(staging / f"n{n}.safetensors", final / f"n{n}.safetensors")
+    frame = labelled(frame, method)
     write_csv(out_path, frame)
+    shutil.rmtree(staging, ignore_errors=True)
     Path(checkpoint_path).unlink(missing_ok=True)  # the results are final; the checkpoint served resumption
+    return frame
+
+
+# ---------------------------------------------------------------------------- downstream
+
+
+def run_downstream_base(config: dict, model_dir, tasks_dir, out_path) -> pd.DataFrame:
+    """lm-eval on the unedited model, once for all runs (their n_edits 0 rows)."""
+    model, tokenizer = load_configured_model(config, model_dir)
+    evaluate = downstream_function(config, tasks_dir, None)
+    rows = evaluate(model, tokenizer) if evaluate is not None else []
+    frame = pd.DataFrame([{k: row.get(k) for k in ("task", "metric", "value", "stderr")} for row in rows],
+                         columns=["task", "metric", "value", "stderr"])
+    write_csv(out_path, frame)
+    return frame
+
+
+def run_downstream(config: dict, experiment: str, method: str, batch_size: int, model_dir, moments_path,
+                   trained_editor, tasks_dir, states_dir, base_path, out_path) -> pd.DataFrame:
+    """lm-eval on every edit state an editing job saved (base model + state), plus the unedited
+    model's rows (from `base_path`) labelled as this run's n_edits 0. `batch_size` labels those rows
+    (a sequential run's batch size; 0 for the batched experiment)."""
+    paths = sorted(Path(states_dir).glob("*.safetensors"), key=lambda path: state_labels(path)["n_edits"])
+    base = read_results(base_path)
+    with_base = experiment == "batched" or 0 in config["experiments"]["sequential"].get("downstream_at", [])
+    frames = []
+    if with_base and not base.empty:
+        frames.append(base.assign(experiment=experiment, model=config["model"]["name"], method=method,
+                                  batch_size=batch_size, n_edits=0))
+    evaluate = downstream_function(config, tasks_dir, method)
+    if paths and evaluate is not None:
+        model, tokenizer = load_configured_model(config, model_dir)
+        ctx = ExperimentContext(model, tokenizer, config["model"]["name"], load_moments(moments_path) if moments_path else {})
+        spec = edit_spec(config, method, state_labels(paths[0])["layers"], trained_editor)
+        frames.append(labelled(states_downstream(ctx, spec, paths, evaluate), method))
+    frame = pd.concat(frames, ignore_index=True)[DOWNSTREAM_COLUMNS] if frames else pd.DataFrame(columns=DOWNSTREAM_COLUMNS)
+    write_csv(out_path, frame)
     return frame
 
 
@@ -384,6 +438,6 @@ def tidy(inputs: Sequence[str | Path], out_path: str | Path, columns: Sequence[s
 
 __all__ = [
     "DOWNSTREAM_COLUMNS", "compute_statistics", "downstream_function", "edit_spec", "prepare_data", "prepare_model",
-    "resolve_layers", "run_batched", "run_layer_sweep", "run_sequential", "run_single", "stage_logging",
-    "tidy", "train_mend_editor",
+    "resolve_layers", "run_batched", "run_downstream", "run_downstream_base", "run_layer_sweep", "run_sequential",
+    "run_single", "stage_logging", "state_points", "tidy", "train_mend_editor",
 ]

@@ -1,5 +1,6 @@
 """The real Snakemake DAG on a very small config: dry run, full run, no-op rerun, --forcerun,
-a hyperparameter change that reruns only its method, the HTML report, and config errors."""
+a hyperparameter change that reruns only its method, downstream settings that rerun only the
+downstream jobs, the HTML report, and config errors."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ SMALL = {
     },
 }
 STAGES = {"prepare_data", "prepare_model", "statistics", "causal_trace", "layer_sweep", "single_edits",
-          "batched_edits", "sequential_edits", "train_mend", "tidy_results", "figures", "findings", "all"}
+          "batched_edits", "sequential_edits", "train_mend", "downstream_base", "downstream_batched",
+          "downstream_sequential", "tidy_results", "figures", "findings", "all"}
 
 
 def snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -117,7 +119,10 @@ def test_full_run_writes_tidy_tables_and_figures(completed):
         assert (completed / "reports" / "tiny" / "figures" / f"{name}.png").stat().st_size > 1000
     assert (completed / "logs" / "tiny" / "statistics.log").exists()
     assert (completed / "benchmarks" / "tiny" / "statistics.tsv").exists()
-    assert not list((completed / "results" / "tiny").rglob("*.safetensors")), "checkpoints left behind"
+    assert not [p for p in (out / "checkpoints").rglob("*") if p.is_file()], "checkpoints left behind"
+    # the edit states the downstream jobs loaded: one per downstream_at count > 0 and per batch size
+    assert sorted(p.name for p in (out / "states" / "sequential" / "grace" / "b2").glob("*.safetensors")) == ["n4.safetensors"]
+    assert sorted(p.name for p in (out / "states" / "batched" / "memit").glob("*.safetensors")) == ["b1.safetensors", "b2.safetensors"]
     # z of the unedited model was optimised once per (module, block) and shared by the sweep, the
     # batched run and the first sequential batch: MEMIT at blocks 0 and 1 (sweep), ROME at MLP 0
     assert len(list((completed / ".cache" / "targets").glob("z-*.safetensors"))) == 3
@@ -136,29 +141,36 @@ def test_hyperparameter_change_reruns_only_that_method(completed):
     changed = copy.deepcopy(SMALL)
     changed["methods"]["grace"]["n_iter"] = 6
     jobs = planned_jobs(snakemake(completed, changed, "-n"))
-    assert jobs == {"sequential_edits": 1, "tidy_results": 1, "figures": 1, "findings": 1, "all": 1}, jobs
+    assert jobs == {"sequential_edits": 1, "downstream_sequential": 1, **REPORTING}, jobs
 
 
 REPORTING = {"tidy_results": 1, "figures": 1, "findings": 1, "all": 1}
+DOWNSTREAM = {"downstream_batched": 1, "downstream_sequential": 3}  # SMALL: memit batched; 3 sequential runs
 # (config path, new value) -> the jobs that read it (SMALL: memit swept, batched and sequential;
 # rome single; grace and mend sequential; one batch size)
 CHANGES = [
+    # an edit job that reruns rewrites its states, so the downstream job reading them reruns too
     ("metrics.generation_entropy", True,
-     {"layer_sweep": 1, "single_edits": 1, "batched_edits": 1, "sequential_edits": 3, **REPORTING}),
+     {"layer_sweep": 1, "single_edits": 1, "batched_edits": 1, "sequential_edits": 3, **DOWNSTREAM, **REPORTING}),
     ("tracing.n_samples", 3, {"causal_trace": 1, "figures": 1, "findings": 1, "all": 1}),
-    ("downstream.limit", 4, {"batched_edits": 1, "sequential_edits": 3, **REPORTING}),
+    # downstream settings rerun the downstream jobs and no edit
+    ("downstream.limit", 4, {"downstream_base": 1, **DOWNSTREAM, **REPORTING}),
+    ("downstream.tasks", ["toy_facts", "toy_compose"], {"downstream_base": 1, **DOWNSTREAM, **REPORTING}),
     ("experiments.single.n_records", 1, {"single_edits": 1, **REPORTING}),
     # the sweep itself does not read the criterion; the jobs whose layer it picks do
-    ("experiments.layer_sweep.criterion", "ES", {"batched_edits": 1, "sequential_edits": 1, **REPORTING}),
+    ("experiments.layer_sweep.criterion", "ES", {"batched_edits": 1, "sequential_edits": 1, "downstream_batched": 1,
+                                                 "downstream_sequential": 1, **REPORTING}),
     # adding a method to an experiment adds its job and reruns no other method's
     ("experiments.single.methods", ["rome", "memit"], {"single_edits": 1, **REPORTING}),
-    ("experiments.sequential.method_batch_sizes", {"grace": [2, 4]}, {"sequential_edits": 1, **REPORTING}),
-    ("experiments.sequential.eval_at", [2], {"sequential_edits": 3, **REPORTING}),
+    ("experiments.sequential.method_batch_sizes", {"grace": [2, 4]}, {"sequential_edits": 1,
+                                                                       "downstream_sequential": 1, **REPORTING}),
+    ("experiments.sequential.eval_at", [2], {"sequential_edits": 3, "downstream_sequential": 3, **REPORTING}),
     ("stats.n_samples", 30, {"statistics": 1, "layer_sweep": 1, "single_edits": 1, "batched_edits": 1,
-                             "sequential_edits": 1, **REPORTING}),
-    ("methods.mend.n_train", 6, {"train_mend": 1, "sequential_edits": 1, **REPORTING}),
+                             "sequential_edits": 1, "downstream_batched": 1, "downstream_sequential": 1, **REPORTING}),
+    ("methods.mend.n_train", 6, {"train_mend": 1, "sequential_edits": 1, "downstream_sequential": 1, **REPORTING}),
     # MEND trains on the records after those the experiments edit: more edits move its pool
-    ("experiments.sequential.total_edits", 6, {"train_mend": 1, "sequential_edits": 3, **REPORTING}),
+    ("experiments.sequential.total_edits", 6, {"train_mend": 1, "sequential_edits": 3, "downstream_sequential": 3,
+                                               **REPORTING}),
 ]
 
 

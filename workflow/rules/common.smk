@@ -26,6 +26,7 @@ DATA = {
 MODEL = f"{RES}/model"
 MOMENTS = f"{RES}/stats/second_moments.safetensors"
 MEND_EDITOR = f"{RES}/mend/editor.safetensors"
+STATES = f"{OUT}/states"  # the edits saved by editing jobs for the downstream jobs
 # the {method} wildcard: exactly the config's method blocks (validated against editlib.methods)
 METHOD_WILDCARD = "|".join(re.escape(name) for name in config["methods"])
 
@@ -56,9 +57,19 @@ def edit_tables():
 
 
 def downstream_tables():
-    tables = [f"{OUT}/sequential/{m}/b{b}.downstream.csv" for m, b in sequential_runs(config)]
-    tables += [f"{OUT}/batched/{m}.downstream.csv" for m in EXPERIMENTS["batched"]["methods"]]
+    """One downstream table per sequential run and per batched method (none without tasks)."""
+    if not config["downstream"]["tasks"]:
+        return []
+    tables = [f"{OUT}/downstream/sequential/{m}/b{b}.csv" for m, b in sequential_runs(config)]
+    if EXPERIMENTS["batched"].get("downstream", False):
+        tables += [f"{OUT}/downstream/batched/{m}.csv" for m in EXPERIMENTS["batched"]["methods"]]
     return tables
+
+
+def state_output(path):
+    """A folder of saved edit states; temporary (deleted once its downstream job ran) when
+    downstream.temporary_states is set."""
+    return temp(directory(path)) if config["downstream"].get("temporary_states", False) else directory(path)
 
 
 FIGURES = ["causal_trace", "layer_sweep", "single_edits", "batch_size", "sequential", "batch_vs_sequential",

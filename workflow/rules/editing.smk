@@ -73,12 +73,11 @@ rule batched_edits:
         model=MODEL,
         moments=moments_input,
         records=DATA["records"],
-        tasks=DATA["tasks"],
         sweep=sweep_input,
         mend=mend_input,
     output:
         results=f"{OUT}/batched/{{method}}.csv",
-        downstream=f"{OUT}/batched/{{method}}.downstream.csv",
+        states=state_output(f"{STATES}/batched/{{method}}"),
     params:
         stage=lambda wildcards: stage_config(config, "batched", wildcards.method),
     threads: config["threads"]
@@ -98,12 +97,11 @@ rule sequential_edits:
         model=MODEL,
         moments=moments_input,
         records=DATA["records"],
-        tasks=DATA["tasks"],
         sweep=sweep_input,
         mend=mend_input,
     output:
         results=f"{OUT}/sequential/{{method}}/b{{batch_size}}.csv",
-        downstream=f"{OUT}/sequential/{{method}}/b{{batch_size}}.downstream.csv",
+        states=state_output(f"{STATES}/sequential/{{method}}/b{{batch_size}}"),
     params:
         stage=lambda wildcards: stage_config(config, "sequential", wildcards.method),
         # not an output: Snakemake deletes the outputs of failed jobs, the checkpoint must survive

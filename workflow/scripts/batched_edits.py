@@ -5,5 +5,4 @@ from editlib.pipeline import run_batched, stage_logging
 with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["seed"]):
     run_batched(snakemake.params.stage, snakemake.wildcards.method, snakemake.input.model,
                 snakemake.input.moments or None, snakemake.input.records, snakemake.input.sweep or None,
-                snakemake.output.results, snakemake.output.downstream, snakemake.input.tasks,
-                snakemake.input.mend or None)
+                snakemake.output.results, snakemake.output.states, snakemake.input.mend or None)

@@ -5,5 +5,5 @@ from editlib.pipeline import run_sequential, stage_logging
 with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["seed"]):
     run_sequential(snakemake.params.stage, snakemake.wildcards.method, int(snakemake.wildcards.batch_size),
                    snakemake.input.model, snakemake.input.moments or None, snakemake.input.records,
-                   snakemake.input.sweep or None, snakemake.input.mend or None, snakemake.input.tasks,
-                   snakemake.output.results, snakemake.output.downstream, snakemake.params.checkpoint)
+                   snakemake.input.sweep or None, snakemake.input.mend or None, snakemake.output.results,
+                   snakemake.output.states, snakemake.params.checkpoint)

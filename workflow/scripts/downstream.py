@@ -1,0 +1,13 @@
+"""Rules downstream_base, downstream_sequential, downstream_batched: lm-eval on the unedited model,
+or on the model with each saved edit state loaded."""
+import _checkout  # noqa: F401  (editlib from this checkout)
+from editlib.pipeline import run_downstream, run_downstream_base, stage_logging
+
+with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["seed"]):
+    if snakemake.rule == "downstream_base":
+        run_downstream_base(snakemake.params.stage, snakemake.input.model, snakemake.input.tasks, snakemake.output[0])
+    else:
+        run_downstream(snakemake.params.stage, snakemake.params.experiment, snakemake.wildcards.method,
+                       int(snakemake.wildcards.get("batch_size", 0)), snakemake.input.model,
+                       snakemake.input.moments or None, snakemake.input.mend or None, snakemake.input.tasks,
+                       snakemake.input.states, snakemake.input.base, snakemake.output[0])
