@@ -151,6 +151,7 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
         return part
     if stage == "prepare_data":
         part["data"] = config["data"]
+        part["records"] = edit_records(config)
         if config["data"]["source"] == "toyworld":
             del part["model"]  # the world does not depend on the model
         else:
@@ -159,9 +160,10 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
     if stage == "statistics":
         return {**part, "stats": config["stats"], "statistics_layers": statistics_layers(config)}
     if stage == "causal_trace":
-        return {**part, "tracing": config["tracing"]}
+        return {**part, "tracing": config["tracing"], "records": edit_records(config)}
     if stage == "train_mend":
-        return {**part, "methods": {"mend": config["methods"]["mend"]}, "mend_training_offset": mend_training_offset(config)}
+        return {**part, "methods": {"mend": config["methods"]["mend"]}, "mend_training_offset": mend_training_offset(config),
+                "records": edit_records(config)}
     if stage == "downstream_base":
         return {**part, "downstream": config["downstream"]}
     if stage in ("downstream_batched", "downstream_sequential"):
@@ -176,7 +178,7 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
     experiments = config["experiments"]
     part["model"] = {**loaded, "name": model["name"]}  # the name labels result rows
     part.update({"target_cache": config.get("target_cache", ".cache/targets"), "metrics": config["metrics"],
-                 "methods": {method: block}, "experiments": {}})
+                 "methods": {method: block}, "experiments": {}, "records": edit_records(config)})
     if stage == "layer_sweep":
         part["experiments"]["layer_sweep"] = _job_settings(experiments["layer_sweep"], "criterion")
         return part
@@ -191,6 +193,12 @@ def _job_settings(experiment: dict, *unread: str) -> dict:
     """An experiment's settings as one of its jobs reads them: without the lists that choose which
     jobs exist (`methods`, `method_batch_sizes`), so adding a method reruns no other method's job."""
     return {k: v for k, v in experiment.items() if k not in {"methods", "method_batch_sizes", *unread}}
+
+
+def edit_records(config: dict) -> dict:
+    """Which records the experiments edit (data.records, data.zsre_target), as the stages read it."""
+    data = config["data"]
+    return {"kind": data.get("records", "counterfact"), "zsre_target": data.get("zsre_target", "answers")}
 
 
 def sequential_runs(config: dict) -> list[tuple[str, int]]:

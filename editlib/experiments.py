@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .hparams import EditHparams
 from .io import content_key, load_tensors, read_metadata, save_tensors
-from .metrics import counterfact_metrics, counterfact_scores, generation_entropy
+from .metrics import edit_metrics, edit_scores, generation_entropy
 from .methods import get_method, make_spec
 from .records import EditRequest, batches
 from .session import EditSession
@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 METRICS = ["ES", "PS", "NS", "S", "EM", "PM", "NM", "GE"]
 # 95% bootstrap interval over facts of every metric but GE (editlib.metrics.bootstrap_intervals)
 INTERVALS = [f"{name}_{bound}" for name in METRICS if name != "GE" for bound in ("lo", "hi")]
-RESULT_COLUMNS = ["experiment", "model", "method", "layers", "batch_size", "n_edits", "step", "scope", *METRICS,
-                  *INTERVALS, "n_records"]
+# `records`: counterfact (ES/PS/NS: the new object beats the true one) or zsre (ES/PS/NS: token
+# accuracy of the edit, paraphrase and neighbourhood prompts), editlib.metrics.per_record_metrics
+RESULT_COLUMNS = ["experiment", "model", "method", "layers", "batch_size", "n_edits", "step", "scope", "records",
+                  *METRICS, *INTERVALS, "n_records"]
 DOWNSTREAM_COLUMNS = ["experiment", "model", "method", "batch_size", "n_edits", "task", "metric", "value", "stderr"]
 
 Downstream = Callable[[object, object], list[dict]]
@@ -75,11 +77,19 @@ def layers_label(layers: Sequence[int]) -> str:
     return ",".join(str(layer) for layer in layers)
 
 
+def record_kind(requests: Sequence[EditRequest]) -> str:
+    """counterfact or zsre: the kind of records an experiment edits (one kind per experiment)."""
+    kinds = {request.source for request in requests}
+    if len(kinds) != 1:
+        raise ValueError(f"an experiment edits one kind of records, got {sorted(kinds) or 'none'}")
+    return kinds.pop()
+
+
 def result_row(experiment: str, ctx: ExperimentContext, hparams, batch_size: int, n_edits: int,
-               step: int, scope: str, metrics: dict, n_records: int) -> dict:
+               step: int, scope: str, metrics: dict, n_records: int, records: str = "counterfact") -> dict:
     row = {"experiment": experiment, "model": ctx.model_name, "method": hparams.method,
            "layers": layers_label(hparams.layers), "batch_size": batch_size, "n_edits": n_edits, "step": step,
-           "scope": scope, "n_records": n_records}
+           "scope": scope, "records": records, "n_records": n_records}
     row.update({name: metrics.get(name, float("nan")) for name in (*METRICS, *INTERVALS)})
     return row
 
@@ -88,13 +98,13 @@ def score_records(ctx: ExperimentContext, requests: Sequence[EditRequest], sessi
     """Per-prompt CounterFact scores of the current model on `requests`, inside the session's
     scoring context (GRACE queried at prompt ends)."""
     with session.scoring(requests):
-        return counterfact_scores(ctx.model, ctx.tokenizer, requests)
+        return edit_scores(ctx.model, ctx.tokenizer, requests)
 
 
 def records_metrics(ctx: ExperimentContext, scores: pd.DataFrame, requests: Sequence[EditRequest]) -> dict:
     """CounterFact metrics of `requests`' rows of `scores` (and GE of the current model when enabled)."""
     cases = {request.case_id for request in requests}
-    metrics = counterfact_metrics(scores[scores["case_id"].isin(cases)])
+    metrics = edit_metrics(scores[scores["case_id"].isin(cases)])
     if ctx.generation_entropy:
         metrics["GE"] = generation_entropy(ctx.model, ctx.tokenizer, requests)
     return metrics
@@ -121,8 +131,9 @@ def single_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], spec,
                  experiment: str = "single") -> pd.DataFrame:
     """One fact at a time, the model restored between facts; one aggregated row. `spec`: the
     spec of any registered method (editlib.methods)."""
-    metrics = counterfact_metrics(single_edit_scores(ctx, requests, spec))
-    return pd.DataFrame([result_row(experiment, ctx, spec, 1, 1, len(requests), "single", metrics, len(requests))],
+    metrics = edit_metrics(single_edit_scores(ctx, requests, spec))
+    return pd.DataFrame([result_row(experiment, ctx, spec, 1, 1, len(requests), "single", metrics, len(requests),
+                                    record_kind(requests))],
                         columns=RESULT_COLUMNS)
 
 
@@ -176,9 +187,9 @@ def batched_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hpara
                 if index == 0 and batch_size in states:
                     save_state(states[batch_size], session, hparams, "batched", batch_size, batch_size)
             session.restore()
-            metrics = counterfact_metrics(pd.concat(frames, ignore_index=True))
+            metrics = edit_metrics(pd.concat(frames, ignore_index=True))
             rows.append(result_row("batched", ctx, hparams, batch_size, batch_size, len(plan), "batch", metrics,
-                                   len(usable)))
+                                   len(usable), record_kind(requests)))
     finally:
         session.close()
     return pd.DataFrame(rows, columns=RESULT_COLUMNS), pd.DataFrame(downstream_rows, columns=DOWNSTREAM_COLUMNS)
@@ -226,6 +237,7 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
     if total_edits > len(requests):
         raise ValueError(f"total_edits={total_edits} exceeds the {len(requests)} available requests")
     requests = list(requests[:total_edits])
+    kind = record_kind(requests)
     plan = list(batches(requests, batch_size))
     editor = ctx.session(hparams)
     key = _checkpoint_key(ctx, requests, hparams, batch_size, total_edits)
@@ -250,10 +262,10 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
             whole = eval_at is None or n_edits in set(eval_at) or step == len(plan) - 1
             scores = score_records(ctx, edited if whole else batch, editor)  # one pass; the batch is part of it
             rows.append(result_row("sequential", ctx, hparams, batch_size, n_edits, step + 1, "current_batch",
-                                   records_metrics(ctx, scores, batch), len(batch)))
+                                   records_metrics(ctx, scores, batch), len(batch), kind))
             if whole:
                 rows.append(result_row("sequential", ctx, hparams, batch_size, n_edits, step + 1, "edited_so_far",
-                                       records_metrics(ctx, scores, edited), len(edited)))
+                                       records_metrics(ctx, scores, edited), len(edited), kind))
             if downstream is not None and (downstream_at is None or n_edits in set(downstream_at)):
                 downstream_rows += _downstream_rows(ctx, hparams, batch_size, n_edits, downstream)
             if states and n_edits in states:

@@ -1,5 +1,8 @@
 """Edit metrics: CounterFact probability metrics, ZsRE token accuracy, generation entropy.
 
+`edit_scores` scores a list of requests per prompt (CounterFact: NLL of the new and the true
+object; ZsRE: token accuracy), `edit_metrics` turns either kind into ES/PS/NS/S with intervals.
+
 Every (prompt, target) pair is scored as prompt ids (with BOS) + target ids (" " + target, never a
 BOS), so the first scored token is the target's first token on Llama-3 tokenizers too (the UME
 code scores the BOS there). Pairs from many records go through few right-padded passes, sorted
@@ -100,7 +103,17 @@ CF_METRICS = ("ES", "PS", "NS", "EM", "PM", "NM")
 
 def per_record_metrics(scores: pd.DataFrame) -> pd.DataFrame:
     """One row per case_id: ES, PS, NS, EM, PM, NM (x100) of that record's prompts (NaN where a
-    record has no prompt of a kind)."""
+    record has no prompt of a kind). From ZsRE scores (an `acc` column): ES, PS, NS are the token
+    accuracies of the edit, paraphrase and neighbourhood prompts (efficacy, generalisation,
+    specificity); EM, PM, NM are NaN."""
+    if "acc" in scores.columns:
+        per_kind = scores.groupby(["case_id", "kind"])["acc"].mean().unstack("kind")
+        result = pd.DataFrame(index=per_kind.index)
+        for name, kind in (("ES", "rewrite"), ("PS", "paraphrase"), ("NS", "neighborhood")):
+            result[name] = 100.0 * per_kind[kind] if kind in per_kind.columns else np.nan
+        for name in ("EM", "PM", "NM"):
+            result[name] = np.nan
+        return result
     frame = scores.assign(
         new_wins=(scores.nll_true > scores.nll_new).astype(float),
         true_wins=(scores.nll_true < scores.nll_new).astype(float),
@@ -149,9 +162,10 @@ def bootstrap_intervals(per_record: pd.DataFrame, n_boot: int = 1000, seed: int 
     return {k: (float(lo), float(hi)) for k, (lo, hi) in result.items()}
 
 
-def counterfact_metrics(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+def edit_metrics(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
     """ES, PS, NS, EM, PM, NM (x100) averaged per record then over records, S = hmean(ES, PS, NS),
-    and a 95% bootstrap interval over records for each (`<metric>_lo`, `<metric>_hi`)."""
+    and a 95% bootstrap interval over records for each (`<metric>_lo`, `<metric>_hi`); from
+    CounterFact or ZsRE scores (per_record_metrics)."""
     per_record = per_record_metrics(scores)
     result = {}
     for name in CF_METRICS:
@@ -163,23 +177,46 @@ def counterfact_metrics(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0)
     return result
 
 
+counterfact_metrics = edit_metrics  # the name callers of the CounterFact-only version know
+
+
+def zsre_scores(model, tokenizer, requests: Sequence[EditRequest], max_rows: int = 64) -> pd.DataFrame:
+    """Tidy per-prompt ZsRE scores: case_id, kind, index, acc (teacher-forced token accuracy of
+    target_new on the edit and paraphrase prompts, of the neighbourhood answer on the
+    neighbourhood prompts)."""
+    meta, prompts, targets = [], [], []
+    for request in requests:
+        if len(request.neighborhood_answers) != len(request.neighborhood_prompts):
+            raise ValueError(f"case_id={request.case_id}: ZsRE metrics need one answer per neighbourhood prompt")
+        rows = [("rewrite", request.text, request.target_new)]
+        rows += [("paraphrase", text, request.target_new) for text in request.paraphrase_prompts]
+        rows += [("neighborhood", text, answer)
+                 for text, answer in zip(request.neighborhood_prompts, request.neighborhood_answers)]
+        counts: Counter = Counter()
+        for kind, text, target in rows:
+            meta.append((request.case_id, kind, counts[kind]))
+            counts[kind] += 1
+            prompts.append(text)
+            targets.append(target)
+    _, hits = teacher_forced(model, tokenizer, prompts, targets, max_rows)
+    frame = pd.DataFrame(meta, columns=["case_id", "kind", "index"])
+    frame["acc"] = [float(hit.mean()) for hit in hits]
+    return frame
+
+
+def edit_scores(model, tokenizer, requests: Sequence[EditRequest], max_rows: int = 64) -> pd.DataFrame:
+    """Per-prompt scores of `requests`: counterfact_scores, or zsre_scores for ZsRE records."""
+    kinds = {request.source for request in requests}
+    if len(kinds) > 1:
+        raise ValueError(f"requests mix record kinds {sorted(kinds)}")
+    score = zsre_scores if kinds == {"zsre"} else counterfact_scores
+    return score(model, tokenizer, requests, max_rows)
+
+
 def zsre_metrics(model, tokenizer, requests: Sequence[EditRequest], max_rows: int = 64) -> dict[str, float]:
     """ZsRE teacher-forced token accuracy (x100): efficacy, paraphrase, specificity (vs the NQ answer)."""
-    groups = {"efficacy": [], "paraphrase": [], "specificity": []}
-    for request in requests:
-        groups["efficacy"].append((request.text, request.target_new, request.case_id))
-        groups["paraphrase"].extend((p, request.target_new, request.case_id) for p in request.paraphrase_prompts)
-        groups["specificity"].extend(
-            (p, a, request.case_id) for p, a in zip(request.neighborhood_prompts, request.neighborhood_answers))
-    result = {}
-    for name, items in groups.items():
-        if not items:
-            result[name] = float("nan")
-            continue
-        _, hits = teacher_forced(model, tokenizer, [i[0] for i in items], [i[1] for i in items], max_rows)
-        per_prompt = pd.DataFrame({"case_id": [i[2] for i in items], "acc": [h.mean() for h in hits]})
-        result[name] = 100.0 * float(per_prompt.groupby("case_id")["acc"].mean().mean())
-    return result
+    metrics = edit_metrics(zsre_scores(model, tokenizer, requests, max_rows), n_boot=0)
+    return {"efficacy": metrics["ES"], "paraphrase": metrics["PS"], "specificity": metrics["NS"]}
 
 
 _WORD = re.compile(r"\w+|[^\w\s]")

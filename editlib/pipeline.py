@@ -91,7 +91,7 @@ def prepare_data(config: dict, out_dir: str | Path, model_dir: str | Path | None
         from .toyworld import build_world
 
         summary = build_world(out_dir, **data.get("world", {}))
-        shutil.copyfile(out_dir / "counterfact.json", out_dir / "records.json")
+        shutil.copyfile(out_dir / f"{records_settings(config)['kind']}.json", out_dir / "records.json")
         shutil.copyfile(out_dir / "wiki.jsonl", out_dir / "corpus.jsonl")
         local_tasks = {"toy_facts": tasks_dir / "toy_facts.jsonl", "toy_compose": tasks_dir / "toy_compose.jsonl"}
     elif data["source"] == "qa_wikidata":
@@ -102,9 +102,10 @@ def prepare_data(config: dict, out_dir: str | Path, model_dir: str | Path | None
             model, tokenizer = load_configured_model(config, model_dir)
             requests = assets.known_facts(model, tokenizer, requests[: data.get("filter_pool", 4000)],
                                           criterion=data.get("known_criterion", "greedy"))
-        from .records import counterfact_record
+        from .records import counterfact_record, zsre_record
 
-        write_json(out_dir / "records.json", [counterfact_record(r) for r in requests])
+        as_record = zsre_record if records_settings(config)["kind"] == "zsre" else counterfact_record
+        write_json(out_dir / "records.json", [as_record(r) for r in requests])
         assets.prepare_wiki_corpus(cache, out_dir / "corpus.jsonl")
         local_tasks = {
             f"bb_{assets.bigbench_mc_filename(task).removesuffix('.jsonl')}": path
@@ -112,7 +113,8 @@ def prepare_data(config: dict, out_dir: str | Path, model_dir: str | Path | None
         }
         summary = {"n_records": len(requests)}
     elif data["source"] == "counterfact":
-        _download(data["counterfact"], out_dir / "records.json")
+        kind = records_settings(config)["kind"]
+        _download(data[kind], out_dir / "records.json", kind)
         corpus = data.get("corpus")
         if corpus and not corpus.startswith("hf:"):
             shutil.copyfile(corpus, out_dir / "corpus.jsonl")
@@ -129,19 +131,19 @@ def prepare_data(config: dict, out_dir: str | Path, model_dir: str | Path | None
     return summary
 
 
-def _download(source: str, out_path: Path) -> Path:
+def _download(source: str, out_path: Path, kind: str = "counterfact") -> Path:
     """Copy a local file or download a URL (users with network) to `out_path` and validate it as
-    CounterFact records before it lands: a malformed file raises RecordError (file, record and
-    field named) and leaves nothing behind."""
+    CounterFact or ZsRE records (`kind`) before it lands: a malformed file raises RecordError
+    (file, record and field named) and leaves nothing behind."""
     with atomic_path(out_path) as tmp:
         if source.startswith(("http://", "https://")):
             import urllib.request
 
             with urllib.request.urlopen(source) as response:  # noqa: S310 (configured URL)
                 Path(tmp).write_bytes(response.read())
-            load_requests(tmp)
+            load_requests(tmp, kind=kind)
         else:
-            load_requests(source)  # errors name the user's file, not the temporary copy
+            load_requests(source, kind=kind)  # errors name the user's file, not the temporary copy
             shutil.copyfile(source, tmp)
     return out_path
 
@@ -150,6 +152,17 @@ def load_configured_model(config: dict, model_dir: str | Path):
     """The prepared model and tokenizer with the config's dtype and device."""
     model_cfg = config["model"]
     return load_model(str(model_dir), model_cfg.get("dtype", "float32"), model_cfg.get("device", "cpu"))
+
+
+def records_settings(config: dict) -> dict:
+    """Which records the experiments edit: kind counterfact or zsre, and for ZsRE which target."""
+    return config.get("records", {"kind": "counterfact", "zsre_target": "answers"})
+
+
+def read_records(config: dict, records_path: str | Path) -> list[EditRequest]:
+    """The prepared records file, read as the config's record kind."""
+    settings = records_settings(config)
+    return load_requests(records_path, kind=settings["kind"], zsre_target=settings.get("zsre_target", "answers"))
 
 
 def asset_cache(config: dict) -> Path:
@@ -207,7 +220,7 @@ def run_causal_trace(config: dict, model_dir, records_path, out_path) -> pd.Data
     settings = dict(config["tracing"])
     n_facts = settings.pop("n_facts")
     model, tokenizer = load_configured_model(config, model_dir)
-    requests = load_requests(records_path)
+    requests = read_records(config, records_path)
     known = known_facts(model, tokenizer, requests)
     if not known:
         log.warning("%s: the model predicts the true object of none of the %d records; nothing to trace",
@@ -273,7 +286,7 @@ def labelled(frame: pd.DataFrame, method: str) -> pd.DataFrame:
 
 def run_layer_sweep(config: dict, method: str, model_dir, moments_path, records_path, out_path) -> pd.DataFrame:
     sweep = config["experiments"]["layer_sweep"]
-    records = load_requests(records_path)
+    records = read_records(config, records_path)
     ctx = load_context(config, model_dir, moments_path, records)
     requests = edit_requests(records, sweep["n_records"], records_path)
     frame = labelled(layer_sweep(ctx, requests, method_name(config, method), sweep["layers"],
@@ -289,7 +302,7 @@ def method_layers(config: dict, method: str, sweep_path: str | Path | None) -> t
 
 def run_single(config: dict, method: str, model_dir, moments_path, records_path, sweep_path, out_path,
                trained_editor=None) -> pd.DataFrame:
-    records = load_requests(records_path)
+    records = read_records(config, records_path)
     ctx = load_context(config, model_dir, moments_path, records)
     requests = edit_requests(records, config["experiments"]["single"]["n_records"], records_path)
     hparams = edit_spec(config, method, method_layers(config, method, sweep_path), trained_editor)
@@ -322,7 +335,7 @@ def run_batched(config: dict, method: str, model_dir, moments_path, records_path
     """Batched edits; with `experiments.batched.downstream`, the edits of the first batch of every
     size are saved under `states_dir` (b<size>.safetensors) for the downstream stage."""
     settings = config["experiments"]["batched"]
-    records = load_requests(records_path)
+    records = read_records(config, records_path)
     ctx = load_context(config, model_dir, moments_path, records)
     sizes = settings["batch_sizes"]
     requests = edit_requests(records, settings.get("n_records", max(sizes)), records_path)
@@ -347,7 +360,7 @@ def run_sequential(config: dict, method: str, batch_size: int, model_dir, moment
     `states_dir` (n<count>.safetensors) for the downstream stage. States are staged beside the
     checkpoint, so a resumed run keeps those saved before it was killed."""
     settings = config["experiments"]["sequential"]
-    records = load_requests(records_path)
+    records = read_records(config, records_path)
     ctx = load_context(config, model_dir, moments_path, records)
     total = settings["total_edits"]
     requests = edit_requests(records, total, records_path)
@@ -411,7 +424,7 @@ def train_mend_editor(config: dict, model_dir, records_path, out_path) -> dict:
     model, tokenizer = load_configured_model(config, model_dir)
     used = config["mend_training_offset"]
     n_train, n_eval = settings.get("n_train", 100), settings.get("n_eval", 20)
-    requests = load_requests(records_path)
+    requests = read_records(config, records_path)
     pool = requests[used:]
     if len(pool) < n_train + n_eval:
         raise ValueError(f"{records_path}: MEND needs {n_train + n_eval} records beyond the first {used} "

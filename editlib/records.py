@@ -23,8 +23,8 @@ class RecordError(ValueError):
 class EditRequest:
     """One fact to edit, with the prompts used to measure the edit.
 
-    `prompt` is a template holding "{}" where `subject` goes. `target_true` is None for ZsRE
-    (its specificity is scored against `neighborhood_answers` instead).
+    `prompt` is a template holding "{}" where `subject` goes. For ZsRE `target_true` is the true
+    answer when known, else None; its specificity is scored against `neighborhood_answers`.
     """
 
     case_id: int | str
@@ -121,7 +121,8 @@ def counterfact_request(record: dict, where: str) -> EditRequest:
 def zsre_request(record: dict, where: str, target: Literal["answers", "alt"] = "answers") -> EditRequest:
     """Map one ZsRE (MEND-eval) record to an EditRequest.
 
-    `target="answers"` follows MEMIT/UME (`target_new = answers[0]`); `"alt"` follows EasyEdit.
+    `target="answers"` follows MEMIT/UME (`target_new = answers[0]`); `"alt"` follows EasyEdit
+    (`target_new = alt`, and `answers[0]`, the true answer, becomes `target_true`).
     """
     case_id = record.get("case_id", record.get("id", where.rsplit("record ", 1)[-1].split(" ")[0]))
     src = _get(record, "src", where)
@@ -133,19 +134,25 @@ def zsre_request(record: dict, where: str, target: Literal["answers", "alt"] = "
         if not answers or not isinstance(answers[0], str):
             raise RecordError(f"{where}: field 'answers' must be a non-empty list of strings")
         target_new = answers[0]
+        target_true = None
     else:
         target_new = _get(record, "alt", where)
+        answers = record.get("answers")
+        target_true = answers[0] if isinstance(answers, list) and answers and isinstance(answers[0], str) else None
+        if target_true is not None and target_true.strip() == target_new.strip():
+            target_true = None  # an alternative equal to the answer: no true object to compare with
     loc = _get(record, "loc", where)
     loc_ans = _get(record, "loc_ans", where)
-    loc_question = loc[len(ZSRE_LOC_PREFIX):] if loc.startswith(ZSRE_LOC_PREFIX) else loc
+    # an NQ question ("nq question: who ...") is asked with "?"; any other loc is a prompt as it is
+    loc_prompt = loc[len(ZSRE_LOC_PREFIX):] + "?" if loc.startswith(ZSRE_LOC_PREFIX) else loc
     request = EditRequest(
         case_id=case_id,
         prompt=src.replace(subject, "{}", 1),
         subject=subject,
         target_new=target_new,
-        target_true=None,
+        target_true=target_true,
         paraphrase_prompts=(_get(record, "rephrase", where),),
-        neighborhood_prompts=(loc_question + "?",),
+        neighborhood_prompts=(loc_prompt,),
         neighborhood_answers=(loc_ans,),
         source="zsre",
     )
@@ -233,6 +240,25 @@ def counterfact_record(request: EditRequest) -> dict:
         "paraphrase_prompts": list(request.paraphrase_prompts),
         "neighborhood_prompts": list(request.neighborhood_prompts),
         "generation_prompts": list(request.generation_prompts),
+    }
+
+
+def zsre_record(request: EditRequest) -> dict:
+    """The ZsRE (MEND-eval) JSON form of a CounterFact request with a true object: the edit prompt
+    as `src`, `alt` the new object, `answers` the true one, the first paraphrase as `rephrase`,
+    the first neighbourhood prompt as `loc` (a prompt, not an NQ question) with the true object
+    as its answer (CounterFact's neighbours share the relation and the true object)."""
+    if request.target_true is None or not request.neighborhood_prompts:
+        raise ValueError(f"case_id={request.case_id}: a ZsRE record needs target_true and a neighbourhood prompt")
+    return {
+        "case_id": request.case_id,
+        "subject": request.subject,
+        "src": request.text,
+        "answers": [request.target_true],
+        "alt": request.target_new,
+        "rephrase": request.paraphrase_prompts[0] if request.paraphrase_prompts else request.text,
+        "loc": request.neighborhood_prompts[0],
+        "loc_ans": request.target_true,
     }
 
 

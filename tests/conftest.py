@@ -157,3 +157,15 @@ def trained_llama2(llama_tokenizer, trained_llama2_state):
     model = make_llama(llama_tokenizer, layers=2)
     model.load_state_dict(trained_llama2_state)
     return model
+
+
+@pytest.fixture(scope="session")
+def moments2(trained_llama2_state, llama_tokenizer, corpus):
+    """C = E[k k^T] of layers 0 and 1 of the trained 2-layer model, over the test corpus."""
+    from editlib.models import model_layout
+    from editlib.stats import collect_second_moments
+
+    model = make_llama(llama_tokenizer, layers=2)
+    model.load_state_dict(trained_llama2_state)
+    moments = collect_second_moments(model, llama_tokenizer, model_layout(model), [0, 1], corpus, progress=False)
+    return {layer: m.mean for layer, m in moments.items()}

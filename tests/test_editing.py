@@ -24,13 +24,6 @@ def subject_final_requests(n=3):
                         neighborhood_prompts=(NAMES[i + 5],)) for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def moments2(trained_llama2_state, llama_tokenizer, corpus):
-    model = make_llama(llama_tokenizer, layers=2)
-    model.load_state_dict(trained_llama2_state)
-    moments = collect_second_moments(model, llama_tokenizer, model_layout(model), [0, 1], corpus, progress=False)
-    return {layer: m.mean for layer, m in moments.items()}
-
 
 def hparams_for(method, moments, layers=(0,), **extra):
     # AlphaEdit: null space = the 3/4 of C's spectrum with the least variance, ridge scaled to tiny keys

@@ -219,3 +219,20 @@ def test_a_method_variant_adds_exactly_its_own_jobs(completed):
     variant = edits[edits["method"] == "memit-both"]
     assert variant[["experiment", "layers"]].values.tolist() == [["single", "0,1"]]
     assert set(edits["method"]) >= {"memit", "memit-both", "rome"}
+
+
+def test_zsre_records_run_end_to_end(tmp_path):
+    """data.records: zsre edits and scores the toy world's ZsRE questions in every experiment."""
+    config = copy.deepcopy(SMALL)
+    config["data"].update(records="zsre", zsre_target="alt")
+    del config["methods"]["mend"]
+    config["experiments"]["sequential"]["methods"] = ["memit", "grace"]
+    snakemake(tmp_path, config)
+    out = tmp_path / "results" / "tiny"
+    edits = pd.read_csv(out / "edits.csv")
+    assert set(edits["records"]) == {"zsre"} and set(edits["experiment"]) == {"single", "batched", "sequential"}
+    assert edits[["ES", "PS", "NS"]].stack().between(0, 100).all() and edits["EM"].isna().all()
+    assert set(pd.read_csv(out / "layer_sweep.csv")["records"]) == {"zsre"}
+    # tracing reads the same records: ZsRE edited towards `alt` keeps the true answer to trace with
+    # (this small model answers none of the questions: it never saw one in training)
+    assert "causal tracing: the model knows" in (tmp_path / "logs" / "tiny" / "causal_trace.log").read_text()
