@@ -177,6 +177,7 @@ class WorldConfig:
     n_choices: int = 4
     name_scheme: str = "syllables"
     profiles_per_subject: int = 0
+    questions_in_corpus: bool = False  # every fact also asked and answered (ZsRE's question forms)
 
     def __post_init__(self):
         if self.n_subjects < 10:
@@ -299,6 +300,12 @@ def _fact_sentences(fact: Fact) -> list[str]:
     return [relation.statement(t, fact.subject, fact.object) for t in (relation.template, *relation.paraphrases)]
 
 
+def _question_sentences(fact: Fact) -> list[str]:
+    """The fact asked with its relation's two ZsRE questions, each followed by the answer."""
+    relation = RELATION_BY_ID[fact.relation_id]
+    return [f"{question.format(fact.subject)} {fact.object}." for question in (relation.question, relation.rephrase)]
+
+
 def _filler_sentence(rng: random.Random) -> str:
     template = rng.choice(_FILLER)
     return template.format(city=rng.choice(CITIES), country=rng.choice(COUNTRIES), weather=rng.choice(_WEATHER))
@@ -347,7 +354,8 @@ def profile_lines(world: World, rng: random.Random) -> list[str]:
 
 
 def training_corpus(world: World) -> list[str]:
-    """Every fact in all its templates (backbone facts repeated), two-hop statements, and filler.
+    """Every fact in all its templates (backbone facts repeated), with `questions_in_corpus` also
+    asked and answered in its two ZsRE question forms, two-hop statements, and filler.
 
     Two-hop statements (`compose_question` + answer) cover the edit pool, plus the held-out pool
     only with `compose_heldout_in_corpus`; by default toy_compose's questions are never seen in
@@ -360,6 +368,8 @@ def training_corpus(world: World) -> list[str]:
     for fact in world.facts:
         repeats = config.backbone_repeats if world.splits[fact.subject] == BACKBONE else 1
         sentences += _fact_sentences(fact) * repeats
+        if config.questions_in_corpus:
+            sentences += _question_sentences(fact) * repeats
     compose_splits = (EDIT, HELDOUT) if config.compose_heldout_in_corpus else (EDIT,)
     sentences += _composition_sentences(world, compose_splits)
     sentences += profile_lines(world, rng)

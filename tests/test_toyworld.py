@@ -114,6 +114,19 @@ def test_every_fact_is_in_training_corpus(world, world_dir):
             assert relation.statement(template, fact.subject, fact.object) in corpus
 
 
+def test_questions_enter_the_corpus_only_when_asked_for(world, world_dir, tmp_path):
+    """questions_in_corpus adds each fact's two ZsRE questions with the answer, and nothing else."""
+    plain = (world_dir / "train_corpus.txt").read_text(encoding="utf-8").splitlines()
+    build_world(tmp_path, **SMALL, questions_in_corpus=True)
+    with_questions = (tmp_path / "train_corpus.txt").read_text(encoding="utf-8").splitlines()
+    questions = {f"{q.format(f.subject)} {f.object}." for f in world.facts
+                 for q in (RELATION_BY_ID[f.relation_id].question, RELATION_BY_ID[f.relation_id].rephrase)}
+    assert questions <= set(with_questions) and not questions & set(plain)
+    statements = {RELATION_BY_ID[f.relation_id].statement(t, f.subject, f.object) for f in world.facts
+                  for t in (RELATION_BY_ID[f.relation_id].template, *RELATION_BY_ID[f.relation_id].paraphrases)}
+    assert statements <= set(with_questions)  # the statements stay
+
+
 def test_wiki_documents_are_text_about_the_world(world, world_dir):
     documents = read_jsonl(world_dir / "wiki.jsonl")
     assert len(documents) == world.config.wiki_docs_per_subject * len(world.kinds)
