@@ -141,6 +141,36 @@ def downstream_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = (
     return rows
 
 
+def bigger_batches_erode_less(downstream: pd.DataFrame) -> list[dict]:
+    """Lin et al. (ablation): at an equal number of sequential edits, bigger batches erode general
+    abilities less. Per method run at several batch sizes: mean accuracy over tasks after the last
+    checkpoint with the largest batch minus with the smallest; both runs start from the same
+    unedited model, so the difference's interval is +-1.96 SE of the two final accuracies."""
+    if downstream.empty:
+        return []
+    data = _primary(downstream[downstream["experiment"] == "sequential"])
+    rows = []
+    for method, part in data.groupby("method", sort=False):
+        last = part["n_edits"].max()
+        final = part[part["n_edits"] == last]
+        sizes = sorted(final["batch_size"].unique())
+        if last == 0 or len(sizes) < 2:
+            continue
+        small, large = final[final["batch_size"] == sizes[0]], final[final["batch_size"] == sizes[-1]]
+        merged = small.merge(large, on="task", suffixes=("_s", "_l"))
+        gain = float((merged["value_l"] - merged["value_s"]).mean())
+        se = math.sqrt(float((merged["stderr_s"].fillna(0) ** 2 + merged["stderr_l"].fillna(0) ** 2).sum())) / len(merged)
+        lo, hi = gain - Z95 * se, gain + Z95 * se
+        means = final.groupby("batch_size")["value"].mean()
+        listing = ", ".join(f"b={int(b)}: {v:.3f}" for b, v in means.items())
+        evidence = (f"mean accuracy after {int(last)} edits, b={int(sizes[-1])} minus b={int(sizes[0])}: "
+                    f"{gain:+.3f} [{lo:+.3f}, {hi:+.3f}] ({listing})")
+        verdict = REPRODUCED if lo > 0 else (NOT_REPRODUCED if hi < 0 else INCONCLUSIVE)
+        rows.append({"study": "Lin et al. 2024", "finding": "bigger batches erode general abilities less (equal edits)",
+                     "method": method, "evidence": evidence, "verdict": verdict})
+    return rows
+
+
 def grace_generalises_poorly(edits: pd.DataFrame) -> list[dict]:
     """Lin et al.: GRACE makes its edits (high ES) but generalises poorly to rephrasings (low PS)."""
     if edits.empty:
@@ -160,6 +190,7 @@ CHECKS: dict[str, Callable[..., list[dict]]] = {
     "batch_size": lambda t: ns_falls_with_batch_size(t["edits"]),
     "sequential": lambda t: sequential_beats_one_batch(t["edits"]),
     "downstream": lambda t: downstream_erosion(t["downstream"]),
+    "batch_ablation": lambda t: bigger_batches_erode_less(t["downstream"]),
     "grace": lambda t: grace_generalises_poorly(t["edits"]),
 }
 

@@ -40,14 +40,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from editlib.io import load_tensors, save_tensors
-from editlib.models import StopForward, capture_inputs, capture_outputs, model_layout, out_in_weight
+from editlib.models import StopForward, capture_inputs, capture_outputs, model_layout, module_dims
 from editlib.records import EditRequest
 from editlib.session import EditSession
-from editlib.tokens import pad_id, pad_right, prompt_ids, target_ids
+from editlib.tokens import TargetBatch, prompt_ids, target_batch, target_nll
 
 REPLACEMENTS = ("replace_last", "replace_prompt", "replace_all")
 
@@ -74,56 +73,6 @@ class GraceHparams:
             raise ValueError("only dist='euc' and eps_expand='coverage' are implemented")
         if self.eps <= 0 or self.n_iter < 0 or self.edit_lr <= 0:
             raise ValueError(f"need eps > 0, edit_lr > 0, n_iter >= 0; got {self}")
-
-
-# --------------------------------------------------------------------------------------------
-# Teacher-forced prompt + target batches (shared with MEND)
-
-
-@dataclass
-class TargetBatch:
-    """Right-padded prompt+target sequences. labels[b, p] is the token that logits[b, p] must
-    predict (a target token), else -100. All tensors (B, T) except prompt_lengths (B,)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    prompt_lengths: torch.Tensor
-
-    @property
-    def last_prompt_positions(self) -> torch.Tensor:
-        """(B,) index of each row's last prompt token (predicts the first target token)."""
-        return self.prompt_lengths - 1
-
-    def to(self, device) -> "TargetBatch":
-        return TargetBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.prompt_lengths)))
-
-
-def target_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> TargetBatch:
-    """Tokenise prompt texts (with BOS) and " " + target (no specials) into one right-padded batch."""
-    if len(prompts) != len(targets):
-        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    prompts_ids = prompt_ids(tokenizer, prompts)
-    targets_ids = target_ids(tokenizer, targets)
-    batch = pad_right([p + t for p, t in zip(prompts_ids, targets_ids)], pad_id(tokenizer))
-    labels = torch.full_like(batch.input_ids, -100)
-    for row, (p, t) in enumerate(zip(prompts_ids, targets_ids)):
-        labels[row, len(p) - 1 : len(p) + len(t) - 1] = torch.as_tensor(t)
-    prompt_lengths = torch.tensor([len(p) for p in prompts_ids])
-    return TargetBatch(batch.input_ids, batch.attention_mask, labels, prompt_lengths)
-
-
-def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) mean negative log-likelihood of each row's target tokens. logits: (B, T, V)."""
-    token_nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T)
-    counts = (labels != -100).sum(1).clamp(min=1)
-    return token_nll.sum(1) / counts
-
-
-def target_argmax_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) True where every target token is the teacher-forced argmax (greedy decoding succeeds)."""
-    hit = (logits.argmax(-1) == labels) | (labels == -100)
-    return hit.all(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,12 +148,6 @@ class GraceCodebook(nn.Module):
 
 # --------------------------------------------------------------------------------------------
 # Editor
-
-
-def module_dims(module: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a Linear or GPT-2 Conv1D."""
-    d_out, d_in = out_in_weight(module).shape
-    return d_in, d_out
 
 
 def last_token_positions(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:

@@ -33,12 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from editlib.grace import TargetBatch, module_dims, target_argmax_correct, target_batch, target_nll
 from editlib.io import load_tensors, save_tensors
-from editlib.models import model_fingerprint, model_layout, weight_layout
+from editlib.models import model_fingerprint, model_layout, module_dims, weight_layout
 from editlib.records import EditRequest
 from editlib.session import EditSession
-from editlib.tokens import pad_id, pad_right, prompt_ids
+from editlib.tokens import TargetBatch, pad_id, pad_right, prompt_ids, target_argmax_correct, target_batch, target_nll
 
 
 @dataclass(frozen=True)

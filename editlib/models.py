@@ -154,6 +154,12 @@ def out_in_weight(module: nn.Module) -> torch.Tensor:
     return weight_layout(module, module.weight)
 
 
+def module_dims(module) -> tuple[int, int]:
+    """(d_in, d_out) of a Linear or GPT-2 Conv1D."""
+    d_out, d_in = out_in_weight(module).shape
+    return d_in, d_out
+
+
 def edited_weight(model: nn.Module, layout: ModelLayout, layer: int) -> torch.Tensor:
     """The edited matrix of `layer` as a (d, d_k) view; in-place changes modify the model."""
     return out_in_weight(model.get_submodule(layout.rewrite(layer)))

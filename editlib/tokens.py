@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 class TokenizationError(ValueError):
@@ -109,3 +110,52 @@ def length_sorted_chunks(lengths: Sequence[int], max_rows: int, max_tokens: int 
     if current:
         chunks.append(current)
     return chunks
+
+
+# ---------------------------------------------------------------------------- teacher-forced target batches
+
+
+@dataclass
+class TargetBatch:
+    """Right-padded prompt+target sequences. labels[b, p] is the token that logits[b, p] must
+    predict (a target token), else -100. All tensors (B, T) except prompt_lengths (B,)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    prompt_lengths: torch.Tensor
+
+    @property
+    def last_prompt_positions(self) -> torch.Tensor:
+        """(B,) index of each row's last prompt token (predicts the first target token)."""
+        return self.prompt_lengths - 1
+
+    def to(self, device) -> "TargetBatch":
+        return TargetBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.prompt_lengths)))
+
+
+def target_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> TargetBatch:
+    """Tokenise prompt texts (with BOS) and " " + target (no specials) into one right-padded batch."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    prompts_ids = prompt_ids(tokenizer, prompts)
+    targets_ids = target_ids(tokenizer, targets)
+    batch = pad_right([p + t for p, t in zip(prompts_ids, targets_ids)], pad_id(tokenizer))
+    labels = torch.full_like(batch.input_ids, -100)
+    for row, (p, t) in enumerate(zip(prompts_ids, targets_ids)):
+        labels[row, len(p) - 1 : len(p) + len(t) - 1] = torch.as_tensor(t)
+    prompt_lengths = torch.tensor([len(p) for p in prompts_ids])
+    return TargetBatch(batch.input_ids, batch.attention_mask, labels, prompt_lengths)
+
+
+def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) mean negative log-likelihood of each row's target tokens. logits: (B, T, V)."""
+    token_nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T)
+    counts = (labels != -100).sum(1).clamp(min=1)
+    return token_nll.sum(1) / counts
+
+
+def target_argmax_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) True where every target token is the teacher-forced argmax (greedy decoding succeeds)."""
+    hit = (logits.argmax(-1) == labels) | (labels == -100)
+    return hit.all(1)

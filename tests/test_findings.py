@@ -8,6 +8,7 @@ from editlib.findings import (
     NOT_REPRODUCED,
     REPRODUCED,
     assess,
+    bigger_batches_erode_less,
     downstream_erosion,
     ns_falls_with_batch_size,
     sequential_beats_one_batch,
@@ -58,6 +59,23 @@ def test_downstream_erosion_uses_the_standard_errors():
     assert verdicts["grace b=1"]["verdict"] == REPRODUCED  # drop 0.01 [-0.01, 0.03]: none detectable, < 0.05
     assert verdicts["grace_eroding b=1"]["verdict"] == NOT_REPRODUCED  # drop 0.03 [0.01, 0.05]: it erodes
     assert verdicts["rome b=1"]["verdict"] == INCONCLUSIVE  # drop 0.015 +- 0.0196 reaches below 0
+
+
+def test_bigger_batches_compare_final_accuracies_of_the_extreme_batch_sizes():
+    rows = []
+    finals = {("memit", 1): 0.70, ("memit", 4): 0.60, ("memit", 16): 0.80,  # b=16 vs b=1: +0.10
+              ("emmet", 1): 0.80, ("emmet", 16): 0.79, ("rome", 1): 0.5}     # -0.01: inconclusive; one size: left out
+    for (method, batch), after in finals.items():
+        for task in ("a", "b"):
+            rows.append({"experiment": "sequential", "method": method, "batch_size": batch, "n_edits": 0, "task": task,
+                         "metric": "acc", "value": 0.9, "stderr": 0.01})
+            rows.append({"experiment": "sequential", "method": method, "batch_size": batch, "n_edits": 16, "task": task,
+                         "metric": "acc", "value": after, "stderr": 0.01})
+    found = {row["method"]: row for row in bigger_batches_erode_less(pd.DataFrame(rows))}
+    assert set(found) == {"memit", "emmet"}
+    # +0.10 +- 1.96 * sqrt(4 * 0.01^2) / 2 = +0.10 +- 0.0196
+    assert found["memit"]["verdict"] == REPRODUCED and "+0.100 [+0.080, +0.120]" in found["memit"]["evidence"]
+    assert found["emmet"]["verdict"] == INCONCLUSIVE
 
 
 def test_tracing_agreement_is_within_one_layer():

@@ -5,14 +5,8 @@ import pytest
 import torch
 from conftest import make_llama
 
-from editlib.grace import (
-    GraceCodebook,
-    GraceEditor,
-    GraceHparams,
-    last_token_positions,
-    target_argmax_correct,
-    target_batch,
-)
+from editlib.grace import GraceCodebook, GraceEditor, GraceHparams, last_token_positions
+from editlib.tokens import target_argmax_correct, target_batch
 from editlib.records import EditRequest
 from editlib.vocab import train_bpe_tokenizer
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_llama
 
-from editlib.grace import target_batch
+from editlib.tokens import target_batch
 from editlib.mend import (
     MendEditor,
     MendHparams,

@@ -15,7 +15,7 @@ from conftest import make_requests
 from editlib import methods as registry
 from editlib.config import ConfigError, load_schema, validate_config
 from editlib.experiments import ExperimentContext, batched_edits, sequential_edits, single_edits
-from editlib.grace import target_batch, target_nll
+from editlib.tokens import target_batch, target_nll
 from editlib.methods import Method, get_method, method_names
 from editlib.models import model_layout
 from editlib.pipeline import edit_spec
