@@ -104,6 +104,12 @@ def _check_cross_fields(config: dict, source: str) -> None:
                     raise ConfigError(f"{source}: methods.{method}.layers[{index}]: layer {layer} out of range "
                                       f"for {limit_what} ({limit_field})")
     sequential = experiments["sequential"]
+    for kind, pairs in config.get("ablations", {}).items():
+        for index, pair in enumerate(pairs):
+            for role, method in pair.items():
+                if method not in sequential["methods"]:
+                    raise ConfigError(f"{source}: ablations.{kind}[{index}].{role}: {method!r} is not in "
+                                      f"experiments.sequential.methods (an ablation compares sequential runs)")
     for index, n in enumerate(sequential.get("downstream_at", [])):
         if n > sequential["total_edits"]:
             raise ConfigError(f"{source}: experiments.sequential.downstream_at[{index}]: {n} exceeds total_edits "
@@ -138,7 +144,7 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
     if stage == "report":
-        return {"run": config["run"]}
+        return {"run": config["run"], **({"ablations": config["ablations"]} if config.get("ablations") else {})}
     model = config["model"]
     loaded = {key: model[key] for key in ("dtype", "device") if key in model}  # how the prepared model is loaded
     part: dict[str, Any] = {"seed": config["seed"], "model": loaded}

@@ -95,14 +95,14 @@ def result_row(experiment: str, ctx: ExperimentContext, hparams, batch_size: int
 
 
 def score_records(ctx: ExperimentContext, requests: Sequence[EditRequest], session: EditSession) -> pd.DataFrame:
-    """Per-prompt CounterFact scores of the current model on `requests`, inside the session's
-    scoring context (GRACE queried at prompt ends)."""
+    """Per-prompt scores (CounterFact or ZsRE, editlib.metrics.edit_scores) of the current model
+    on `requests`, inside the session's scoring context (GRACE queried at prompt ends)."""
     with session.scoring(requests):
         return edit_scores(ctx.model, ctx.tokenizer, requests)
 
 
 def records_metrics(ctx: ExperimentContext, scores: pd.DataFrame, requests: Sequence[EditRequest]) -> dict:
-    """CounterFact metrics of `requests`' rows of `scores` (and GE of the current model when enabled)."""
+    """Edit metrics of `requests`' rows of `scores` (and GE of the current model when enabled)."""
     cases = {request.case_id for request in requests}
     metrics = edit_metrics(scores[scores["case_id"].isin(cases)])
     if ctx.generation_entropy:

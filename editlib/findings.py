@@ -171,6 +171,45 @@ def bigger_batches_erode_less(downstream: pd.DataFrame) -> list[dict]:
     return rows
 
 
+def _final_accuracy_difference(part: pd.DataFrame, first: str, second: str):
+    """(last n_edits, batch size, mean over tasks of second's minus first's final accuracy, its
+    +-1.96 SE interval) for two methods run sequentially at a common batch size; None if none."""
+    a, b = part[part["method"] == first], part[part["method"] == second]
+    common = sorted(set(a["batch_size"]) & set(b["batch_size"]))
+    if not common:
+        return None
+    batch = common[0]
+    a, b = a[a["batch_size"] == batch], b[b["batch_size"] == batch]
+    last = min(a["n_edits"].max(), b["n_edits"].max())
+    if last == 0:
+        return None
+    merged = a[a["n_edits"] == last].merge(b[b["n_edits"] == last], on="task", suffixes=("_a", "_b"))
+    diff = float((merged["value_b"] - merged["value_a"]).mean())
+    se = math.sqrt(float((merged["stderr_a"].fillna(0) ** 2 + merged["stderr_b"].fillna(0) ** 2).sum())) / len(merged)
+    return int(last), int(batch), diff, diff - Z95 * se, diff + Z95 * se
+
+
+def deeper_layers_erode_less(downstream: pd.DataFrame, pairs) -> list[dict]:
+    """Lin et al. (ablation): editing deeper layers erodes general abilities less. For each
+    configured pair (`ablations.edited_layers`: the same method at a shallow and a deep layer),
+    the deep run's final downstream accuracy minus the shallow run's, +-1.96 SE."""
+    if downstream.empty or not pairs:
+        return []
+    data = _primary(downstream[downstream["experiment"] == "sequential"])
+    rows = []
+    for pair in pairs:
+        result = _final_accuracy_difference(data, pair["shallow"], pair["deep"])
+        if result is None:
+            continue
+        last, batch, diff, lo, hi = result
+        evidence = (f"mean accuracy after {last} edits (b={batch}), {pair['deep']} minus {pair['shallow']}: "
+                    f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        rows.append({"study": "Lin et al. 2024", "finding": "deeper edited layers erode general abilities less",
+                     "method": f"{pair['deep']} vs {pair['shallow']}", "evidence": evidence,
+                     "verdict": REPRODUCED if lo > 0 else (NOT_REPRODUCED if hi < 0 else INCONCLUSIVE)})
+    return rows
+
+
 def grace_generalises_poorly(edits: pd.DataFrame) -> list[dict]:
     """Lin et al.: GRACE makes its edits (high ES) but generalises poorly to rephrasings (low PS)."""
     if edits.empty:
@@ -195,9 +234,11 @@ CHECKS: dict[str, Callable[..., list[dict]]] = {
 }
 
 
-def assess(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Every finding that the tables (edits, layer_sweep, downstream, traces) can test."""
+def assess(tables: dict[str, pd.DataFrame], ablations: dict | None = None) -> pd.DataFrame:
+    """Every finding that the tables (edits, layer_sweep, downstream, traces) can test, and
+    those of the configured `ablations` (edited_layers pairs)."""
     rows = [row for check in CHECKS.values() for row in check(tables)]
+    rows += deeper_layers_erode_less(tables["downstream"], (ablations or {}).get("edited_layers", []))
     return pd.DataFrame(rows, columns=FINDING_COLUMNS)
 
 

@@ -189,6 +189,42 @@ def downstream_figure(downstream: pd.DataFrame, path: str | Path, title: str = "
     _save(figure, path)
 
 
+ABLATION_ROLES = {"edited_layers": ("shallow", "deep"), "constraint": ("with", "without")}
+
+
+def ablations_figure(downstream: pd.DataFrame, ablations: dict, path: str | Path, title: str = "") -> None:
+    """One row per configured ablation pair (e.g. the same method at a shallow and a deep layer):
+    downstream accuracy per task against the number of sequential edits, +-1.96 SE."""
+    data = downstream[downstream["experiment"] == "sequential"] if not downstream.empty else downstream
+    pairs = [(kind, pair) for kind, entries in (ablations or {}).items() for pair in entries]
+    if data.empty or not pairs:
+        return _empty(path, "no ablation configured, or no downstream evaluation")
+    data = _primary_metric(data)
+    frames = []
+    for kind, pair in pairs:
+        roles = ABLATION_ROLES[kind]
+        part = data[data["method"].isin([pair[role] for role in roles])]
+        part = part[part["batch_size"] == part["batch_size"].min()]
+        label = {pair[role]: f"{role}: {pair[role]}" for role in roles}
+        frames.append(part.assign(pair=f"{kind.replace('_', ' ')}: " + " vs ".join(pair[r] for r in roles),
+                                  run=part["method"].map(label)))
+    data = pd.concat(frames, ignore_index=True)
+    data = data.assign(lo=data["value"] - Z95 * data["stderr"].fillna(0), hi=data["value"] + Z95 * data["stderr"].fillna(0))
+    tasks = list(dict.fromkeys(data["task"]))
+    wide = data.pivot_table(index=["pair", "run", "n_edits"], columns="task", values=["value", "lo", "hi"], sort=False)
+    wide.columns = [task if kind == "value" else f"{task}_{kind}" for kind, task in wide.columns]
+    figure = interval_lines(wide.reset_index(), "n_edits", tasks, "run", row="pair",
+                            title=f"Ablations: general abilities under sequential editing, +-1.96 SE ({title})")
+    pair_names = list(dict.fromkeys(data["pair"]))
+    checkpoints = sorted(data["n_edits"].unique())
+    for index, axis in enumerate(figure.axes[: len(pair_names) * len(tasks)]):
+        axis.set_title(f"{pair_names[index // len(tasks)]}\n{tasks[index % len(tasks)]}", fontsize=8)
+        axis.set_ylabel("accuracy")
+        axis.set_xticks(checkpoints, [str(int(c)) for c in checkpoints])
+    figure.tight_layout()
+    _save(figure, path)
+
+
 def causal_trace_figure(traces: pd.DataFrame, path: str | Path, title: str = "") -> None:
     """Average indirect effect per layer of restoring hidden / MLP / attention states at the
     subject's last token and at the last token, 95% bootstrap intervals over facts."""
@@ -221,10 +257,15 @@ FIGURES = {
 }
 
 
-def write_figures(tables: dict[str, str | Path], outputs: dict[str, str | Path], title: str = "") -> None:
+def write_figures(tables: dict[str, str | Path], outputs: dict[str, str | Path], title: str = "",
+                  ablations: dict | None = None) -> None:
     """Write every figure named in `outputs` (name -> png path) from the tidy tables
-    (name -> csv path: edits, layer_sweep, downstream, traces)."""
+    (name -> csv path: edits, layer_sweep, downstream, traces); `ablations` (the config block)
+    for the ablations figure."""
     sns.set_theme(style="whitegrid", context="paper")
     frames = {name: read_results(path) for name, path in tables.items()}
     for name, path in outputs.items():
-        FIGURES[name](frames, path, title)
+        if name == "ablations":
+            ablations_figure(frames["downstream"], ablations or {}, path, title)
+        else:
+            FIGURES[name](frames, path, title)

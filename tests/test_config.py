@@ -90,6 +90,8 @@ INVALID = {
                                      r"methods\.memit-deep\.method: 'memitt' is not one of"),
     "registered block re-pointed": (_set("methods.memit.method", "emmet"), r"methods\.memit\.method: a block named after"),
     "variant of MEND": (_set("methods.mend-2", {"method": "mend"}), r"methods\.mend-2: mend is trained once"),
+    "ablation of a method not run sequentially": (_set("ablations", {"edited_layers": [{"shallow": "rome", "deep": "r-rome"}]}),
+                                                  r"ablations\.edited_layers\[0\]\.deep: 'r-rome' is not in experiments\.sequential"),
 }
 
 

@@ -9,6 +9,7 @@ from editlib.findings import (
     REPRODUCED,
     assess,
     bigger_batches_erode_less,
+    deeper_layers_erode_less,
     downstream_erosion,
     ns_falls_with_batch_size,
     sequential_beats_one_batch,
@@ -76,6 +77,42 @@ def test_bigger_batches_compare_final_accuracies_of_the_extreme_batch_sizes():
     # +0.10 +- 1.96 * sqrt(4 * 0.01^2) / 2 = +0.10 +- 0.0196
     assert found["memit"]["verdict"] == REPRODUCED and "+0.100 [+0.080, +0.120]" in found["memit"]["evidence"]
     assert found["emmet"]["verdict"] == INCONCLUSIVE
+
+
+def _sequential_downstream(finals: dict, n_edits: int = 16) -> pd.DataFrame:
+    rows = []
+    for (method, batch), after in finals.items():
+        for task in ("a", "b"):
+            rows.append({"experiment": "sequential", "method": method, "batch_size": batch, "n_edits": 0, "task": task,
+                         "metric": "acc", "value": 0.9, "stderr": 0.01})
+            rows.append({"experiment": "sequential", "method": method, "batch_size": batch, "n_edits": n_edits,
+                         "task": task, "metric": "acc", "value": after, "stderr": 0.01})
+    return pd.DataFrame(rows)
+
+
+def test_deeper_layers_compare_the_configured_pairs_at_their_common_batch_size():
+    downstream = _sequential_downstream({("rome", 1): 0.60, ("rome-deep", 1): 0.70, ("rome-deep", 4): 0.10,
+                                         ("memit-l0", 1): 0.80, ("memit", 1): 0.79})
+    pairs = [{"shallow": "rome", "deep": "rome-deep"}, {"shallow": "memit-l0", "deep": "memit"},
+             {"shallow": "rome", "deep": "absent"}]
+    found = {row["method"]: row for row in deeper_layers_erode_less(downstream, pairs)}
+    assert set(found) == {"rome-deep vs rome", "memit vs memit-l0"}  # a pair without runs is left out
+    assert found["rome-deep vs rome"]["verdict"] == REPRODUCED  # +0.10 +- 0.0196, at b=1 (b=4 ignored)
+    assert "+0.100 [+0.080, +0.120]" in found["rome-deep vs rome"]["evidence"]
+    assert found["memit vs memit-l0"]["verdict"] == INCONCLUSIVE
+    assessed = assess({"edits": pd.DataFrame(), "layer_sweep": pd.DataFrame(), "downstream": downstream,
+                       "traces": pd.DataFrame()}, {"edited_layers": pairs[:1]})
+    assert assessed["finding"].str.startswith("deeper edited layers").sum() == 1
+
+
+def test_ablations_figure_draws_every_pair(tmp_path):
+    from editlib.plotting import ablations_figure
+
+    downstream = _sequential_downstream({("rome", 1): 0.6, ("rome-deep", 1): 0.7, ("rome-flat", 1): 0.5})
+    path = tmp_path / "ablations.png"
+    ablations_figure(downstream, {"edited_layers": [{"shallow": "rome", "deep": "rome-deep"}],
+                                  "constraint": [{"with": "rome", "without": "rome-flat"}]}, path)
+    assert path.stat().st_size > 10_000
 
 
 def test_tracing_agreement_is_within_one_layer():

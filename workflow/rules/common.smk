@@ -73,7 +73,7 @@ def state_output(path):
 
 
 FIGURES = ["causal_trace", "layer_sweep", "single_edits", "batch_size", "sequential", "batch_vs_sequential",
-           "downstream"]
+           "downstream"] + (["ablations"] if config.get("ablations") else [])
 
 
 def final_outputs():

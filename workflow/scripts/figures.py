@@ -4,4 +4,5 @@ from editlib.pipeline import stage_logging
 from editlib.plotting import write_figures
 
 with stage_logging(snakemake.log[0]):
-    write_figures(dict(snakemake.input.items()), dict(snakemake.output.items()), title=snakemake.params.stage["run"])
+    write_figures(dict(snakemake.input.items()), dict(snakemake.output.items()), title=snakemake.params.stage["run"],
+                  ablations=snakemake.params.stage.get("ablations"))

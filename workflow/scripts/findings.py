@@ -6,6 +6,7 @@ from editlib.pipeline import stage_logging
 from editlib.experiments import read_results
 
 with stage_logging(snakemake.log[0]):
-    findings = assess({name: read_results(path) for name, path in snakemake.input.items()})
+    findings = assess({name: read_results(path) for name, path in snakemake.input.items()},
+                      snakemake.params.stage.get("ablations"))
     write_csv(snakemake.output.table, findings)
     write_findings_html(findings, snakemake.output.page, title=snakemake.params.stage["run"])

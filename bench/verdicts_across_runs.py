@@ -1,0 +1,36 @@
+"""Which findings keep their verdict across runs (e.g. toy models trained with different seeds)?
+
+Reads the findings.csv of each run and prints one row per (finding, method) with each run's
+verdict and the number of runs that agree with the most common one.
+
+    python bench/verdicts_across_runs.py results/toy results/toy-train-seed1 results/toy-train-seed2
+
+The seeded runs come from config.yaml with `model.train.seed` (and `run`) changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="results/<run> folders holding findings.csv")
+    args = parser.parse_args()
+    frames = []
+    for run in args.runs:
+        findings = pd.read_csv(run / "findings.csv")
+        frames.append(findings.assign(run=run.name)[["finding", "method", "run", "verdict"]])
+    table = pd.concat(frames).pivot_table(index=["finding", "method"], columns="run", values="verdict",
+                                          aggfunc="first", sort=False)
+    table = table[[run.name for run in args.runs]]
+    table["agree"] = [f"{row.value_counts().iloc[0]}/{row.notna().sum()}" for _, row in table.iterrows()]
+    with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
+        print(table.to_string())
+
+
+if __name__ == "__main__":
+    main()
