@@ -170,12 +170,14 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
     if stage == "train_mend":
         return {**part, "methods": {"mend": config["methods"]["mend"]}, "mend_training_offset": mend_training_offset(config),
                 "records": edit_records(config)}
+    # the lm-eval settings; whether the states are deleted afterwards is the workflow's business
+    downstream = {k: v for k, v in config["downstream"].items() if k != "temporary_states"}
     if stage == "downstream_base":
-        return {**part, "downstream": config["downstream"]}
+        return {**part, "downstream": downstream}
     if stage in ("downstream_batched", "downstream_sequential"):
         # the states carry the edits; the method's block rebuilds the session that loads them
         part["model"] = {**loaded, "name": model["name"]}
-        part.update({"downstream": config["downstream"], "methods": {method: config["methods"][method]}})
+        part.update({"downstream": downstream, "methods": {method: config["methods"][method]}})
         if stage == "downstream_sequential":  # whether the run's table gets the unedited model's rows
             part["experiments"] = {"sequential": {"downstream_at": config["experiments"]["sequential"].get("downstream_at", [])}}
         return part

@@ -156,6 +156,8 @@ CHANGES = [
     # downstream settings rerun the downstream jobs and no edit
     ("downstream.limit", 4, {"downstream_base": 1, **DOWNSTREAM, **REPORTING}),
     ("downstream.tasks", ["toy_facts", "toy_compose"], {"downstream_base": 1, **DOWNSTREAM, **REPORTING}),
+    # whether the states are deleted after use changes no result: nothing reruns
+    ("downstream.temporary_states", True, {}),
     ("experiments.single.n_records", 1, {"single_edits": 1, **REPORTING}),
     # the sweep itself does not read the criterion; the jobs whose layer it picks do
     ("experiments.layer_sweep.criterion", "ES", {"batched_edits": 1, "sequential_edits": 1, "downstream_batched": 1,
