@@ -22,7 +22,7 @@ from .hparams import EditHparams
 from .io import content_key, load_tensors, read_metadata, save_tensors
 from .metrics import edit_metrics, edit_scores, generation_entropy
 from .methods import get_method, make_spec
-from .records import EditRequest, batches
+from .records import EditRequest, batches, record_kind
 from .session import EditSession
 from .target_store import TargetStore
 from .templates import sample_context_templates
@@ -75,14 +75,6 @@ def read_results(path: str | Path) -> pd.DataFrame:
 
 def layers_label(layers: Sequence[int]) -> str:
     return ",".join(str(layer) for layer in layers)
-
-
-def record_kind(requests: Sequence[EditRequest]) -> str:
-    """counterfact or zsre: the kind of records an experiment edits (one kind per experiment)."""
-    kinds = {request.source for request in requests}
-    if len(kinds) != 1:
-        raise ValueError(f"an experiment edits one kind of records, got {sorted(kinds) or 'none'}")
-    return kinds.pop()
 
 
 def result_row(experiment: str, ctx: ExperimentContext, hparams, batch_size: int, n_edits: int,
@@ -294,9 +286,10 @@ def save_state(path: str | Path, session: EditSession, spec, experiment: str, ba
                                               "n_edits": str(n_edits)})
 
 
-def state_labels(path: str | Path) -> dict:
-    """The labels save_state wrote (experiment, method, layers, batch_size, n_edits), without the tensors."""
-    meta = read_metadata(path)
+def state_labels(path: str | Path, metadata: dict[str, str] | None = None) -> dict:
+    """The labels save_state wrote (experiment, method, layers, batch_size, n_edits): from
+    `metadata` when the file was already read, else from the file's header only."""
+    meta = metadata if metadata is not None else read_metadata(path)
     layers = tuple(int(layer) for layer in meta["layers"].split(",") if layer)
     return {"experiment": meta["experiment"], "method": meta["method"], "layers": layers,
             "batch_size": int(meta["batch_size"]), "n_edits": int(meta["n_edits"])}
@@ -309,9 +302,10 @@ def states_downstream(ctx: ExperimentContext, spec, state_paths: Sequence[str | 
     session = ctx.session(spec)
     try:
         for path in state_paths:
-            labels = state_labels(path)
+            state, metadata = load_tensors(path)
+            labels = state_labels(path, metadata)
             session.restore()
-            session.load_state_dict(load_tensors(path)[0])
+            session.load_state_dict(state)
             rows += _downstream_rows(ctx, spec, labels["batch_size"], labels["n_edits"], downstream,
                                      labels["experiment"])
     finally:

@@ -101,10 +101,25 @@ def sequential_beats_one_batch(edits: pd.DataFrame, metric: str = "S") -> list[d
     return rows
 
 
-def _primary(downstream: pd.DataFrame) -> pd.DataFrame:
+def primary_metric(downstream: pd.DataFrame) -> pd.DataFrame:
+    """One metric per task: acc where the task reports it (acc_norm is then skipped), else its first."""
     keep = [group[group["metric"] == ("acc" if "acc" in set(group["metric"]) else group["metric"].iloc[0])]
             for _, group in downstream.groupby("task")]
     return pd.concat(keep, ignore_index=True) if keep else downstream
+
+
+def _accuracy_difference(first: pd.DataFrame, second: pd.DataFrame):
+    """(per-task merge, value_a from `first` and value_b from `second`; the mean over tasks of
+    second's minus first's accuracy; its 95% interval from the two sides' lm-eval standard errors)."""
+    merged = first.merge(second, on="task", suffixes=("_a", "_b"))
+    diff = float((merged["value_b"] - merged["value_a"]).mean())
+    se = math.sqrt(float((merged["stderr_a"].fillna(0) ** 2 + merged["stderr_b"].fillna(0) ** 2).sum())) / len(merged)
+    return merged, diff, diff - Z95 * se, diff + Z95 * se
+
+
+def _positive_verdict(lo: float, hi: float) -> str:
+    """Verdict for a claimed positive difference from its interval."""
+    return REPRODUCED if lo > 0 else (NOT_REPRODUCED if hi < 0 else INCONCLUSIVE)
 
 
 def downstream_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = ("grace",)) -> list[dict]:
@@ -116,25 +131,22 @@ def downstream_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = (
     data = downstream[downstream["experiment"] == "sequential"]
     if data.empty:
         return []
-    data = _primary(data)
+    data = primary_metric(data)
     rows = []
     for (method, batch), part in data.groupby(["method", "batch_size"], sort=False):
         last = part["n_edits"].max()
         before, after = part[part["n_edits"] == 0], part[part["n_edits"] == last]
         if before.empty or last == 0:
             continue
-        merged = before.merge(after, on="task", suffixes=("_0", "_n"))
-        drop = float((merged["value_0"] - merged["value_n"]).mean())
-        se = math.sqrt(float((merged["stderr_0"].fillna(0) ** 2 + merged["stderr_n"].fillna(0) ** 2).sum())) / len(merged)
-        lo, hi = drop - Z95 * se, drop + Z95 * se
-        erodes = lo > 0
+        merged, gain, gain_lo, gain_hi = _accuracy_difference(before, after)
+        drop, lo, hi = 0.0 - gain, 0.0 - gain_hi, 0.0 - gain_lo  # 0.0 - x: no negative zero
         if method in preserving:  # no detectable drop, and the interval rules out one of KEEP_MARGIN
-            verdict = NOT_REPRODUCED if erodes else (REPRODUCED if hi < KEEP_MARGIN else INCONCLUSIVE)
+            verdict = NOT_REPRODUCED if lo > 0 else (REPRODUCED if hi < KEEP_MARGIN else INCONCLUSIVE)
             finding = "the parameter-preserving editor keeps general abilities (no drop beyond its interval)"
         else:
-            verdict = REPRODUCED if erodes else (NOT_REPRODUCED if hi < 0 else INCONCLUSIVE)
+            verdict = _positive_verdict(lo, hi)
             finding = "sequential edits erode general abilities"
-        tasks = ", ".join(f"{r['task']} {r['value_0']:.2f}->{r['value_n']:.2f}" for _, r in merged.iterrows())
+        tasks = ", ".join(f"{r['task']} {r['value_a']:.2f}->{r['value_b']:.2f}" for _, r in merged.iterrows())
         evidence = f"mean accuracy drop after {int(last)} edits (b={int(batch)}): {drop:+.3f} [{lo:+.3f}, {hi:+.3f}] ({tasks})"
         rows.append({"study": "Lin et al. 2024", "finding": finding, "method": f"{method} b={int(batch)}",
                      "evidence": evidence, "verdict": verdict})
@@ -148,7 +160,7 @@ def bigger_batches_erode_less(downstream: pd.DataFrame) -> list[dict]:
     unedited model, so the difference's interval is +-1.96 SE of the two final accuracies."""
     if downstream.empty:
         return []
-    data = _primary(downstream[downstream["experiment"] == "sequential"])
+    data = primary_metric(downstream[downstream["experiment"] == "sequential"])
     rows = []
     for method, part in data.groupby("method", sort=False):
         last = part["n_edits"].max()
@@ -157,17 +169,13 @@ def bigger_batches_erode_less(downstream: pd.DataFrame) -> list[dict]:
         if last == 0 or len(sizes) < 2:
             continue
         small, large = final[final["batch_size"] == sizes[0]], final[final["batch_size"] == sizes[-1]]
-        merged = small.merge(large, on="task", suffixes=("_s", "_l"))
-        gain = float((merged["value_l"] - merged["value_s"]).mean())
-        se = math.sqrt(float((merged["stderr_s"].fillna(0) ** 2 + merged["stderr_l"].fillna(0) ** 2).sum())) / len(merged)
-        lo, hi = gain - Z95 * se, gain + Z95 * se
+        _, gain, lo, hi = _accuracy_difference(small, large)
         means = final.groupby("batch_size")["value"].mean()
         listing = ", ".join(f"b={int(b)}: {v:.3f}" for b, v in means.items())
         evidence = (f"mean accuracy after {int(last)} edits, b={int(sizes[-1])} minus b={int(sizes[0])}: "
                     f"{gain:+.3f} [{lo:+.3f}, {hi:+.3f}] ({listing})")
-        verdict = REPRODUCED if lo > 0 else (NOT_REPRODUCED if hi < 0 else INCONCLUSIVE)
         rows.append({"study": "Lin et al. 2024", "finding": "bigger batches erode general abilities less (equal edits)",
-                     "method": method, "evidence": evidence, "verdict": verdict})
+                     "method": method, "evidence": evidence, "verdict": _positive_verdict(lo, hi)})
     return rows
 
 
@@ -183,10 +191,8 @@ def _final_accuracy_difference(part: pd.DataFrame, first: str, second: str):
     last = min(a["n_edits"].max(), b["n_edits"].max())
     if last == 0:
         return None
-    merged = a[a["n_edits"] == last].merge(b[b["n_edits"] == last], on="task", suffixes=("_a", "_b"))
-    diff = float((merged["value_b"] - merged["value_a"]).mean())
-    se = math.sqrt(float((merged["stderr_a"].fillna(0) ** 2 + merged["stderr_b"].fillna(0) ** 2).sum())) / len(merged)
-    return int(last), int(batch), diff, diff - Z95 * se, diff + Z95 * se
+    _, diff, lo, hi = _accuracy_difference(a[a["n_edits"] == last], b[b["n_edits"] == last])
+    return int(last), int(batch), diff, lo, hi
 
 
 def deeper_layers_erode_less(downstream: pd.DataFrame, pairs) -> list[dict]:
@@ -195,7 +201,7 @@ def deeper_layers_erode_less(downstream: pd.DataFrame, pairs) -> list[dict]:
     the deep run's final downstream accuracy minus the shallow run's, +-1.96 SE."""
     if downstream.empty or not pairs:
         return []
-    data = _primary(downstream[downstream["experiment"] == "sequential"])
+    data = primary_metric(downstream[downstream["experiment"] == "sequential"])
     rows = []
     for pair in pairs:
         result = _final_accuracy_difference(data, pair["shallow"], pair["deep"])
@@ -206,7 +212,7 @@ def deeper_layers_erode_less(downstream: pd.DataFrame, pairs) -> list[dict]:
                     f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]")
         rows.append({"study": "Lin et al. 2024", "finding": "deeper edited layers erode general abilities less",
                      "method": f"{pair['deep']} vs {pair['shallow']}", "evidence": evidence,
-                     "verdict": REPRODUCED if lo > 0 else (NOT_REPRODUCED if hi < 0 else INCONCLUSIVE)})
+                     "verdict": _positive_verdict(lo, hi)})
     return rows
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from .models import final_hidden, lm_head
-from .records import EditRequest, batches
+from .records import EditRequest, batches, record_kind
 from .tokens import length_sorted_chunks, pad_id, pad_right, prompt_ids, target_ids
 
 
@@ -177,8 +177,6 @@ def edit_metrics(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dic
     return result
 
 
-counterfact_metrics = edit_metrics  # the name callers of the CounterFact-only version know
-
 
 def zsre_scores(model, tokenizer, requests: Sequence[EditRequest], max_rows: int = 64) -> pd.DataFrame:
     """Tidy per-prompt ZsRE scores: case_id, kind, index, acc (teacher-forced token accuracy of
@@ -206,10 +204,7 @@ def zsre_scores(model, tokenizer, requests: Sequence[EditRequest], max_rows: int
 
 def edit_scores(model, tokenizer, requests: Sequence[EditRequest], max_rows: int = 64) -> pd.DataFrame:
     """Per-prompt scores of `requests`: counterfact_scores, or zsre_scores for ZsRE records."""
-    kinds = {request.source for request in requests}
-    if len(kinds) > 1:
-        raise ValueError(f"requests mix record kinds {sorted(kinds)}")
-    score = zsre_scores if kinds == {"zsre"} else counterfact_scores
+    score = zsre_scores if record_kind(requests) == "zsre" else counterfact_scores
     return score(model, tokenizer, requests, max_rows)
 
 

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from . import assets
-from .config import configured_method, method_name, method_overrides
+from .config import configured_method, edit_records, method_name, method_overrides
 from .corpus import load_corpus
 from .downstream import evaluate_downstream, write_mc_task
 from .experiments import (
@@ -155,14 +155,15 @@ def load_configured_model(config: dict, model_dir: str | Path):
 
 
 def records_settings(config: dict) -> dict:
-    """Which records the experiments edit: kind counterfact or zsre, and for ZsRE which target."""
-    return config.get("records", {"kind": "counterfact", "zsre_target": "answers"})
+    """Which records the experiments edit (kind counterfact or zsre, and for ZsRE which target):
+    a stage's `records`, or from `data` (editlib.config.edit_records) for a caller without it."""
+    return config["records"] if "records" in config else edit_records(config)
 
 
 def read_records(config: dict, records_path: str | Path) -> list[EditRequest]:
     """The prepared records file, read as the config's record kind."""
     settings = records_settings(config)
-    return load_requests(records_path, kind=settings["kind"], zsre_target=settings.get("zsre_target", "answers"))
+    return load_requests(records_path, kind=settings["kind"], zsre_target=settings["zsre_target"])
 
 
 def asset_cache(config: dict) -> Path:

@@ -21,6 +21,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from .experiments import read_results  # noqa: E402
+from .findings import primary_metric  # noqa: E402
 from .io import atomic_path  # noqa: E402
 
 EDIT_METRICS = ["ES", "PS", "NS", "S"]
@@ -152,14 +153,13 @@ def batch_vs_sequential_figure(edits: pd.DataFrame, path: str | Path, title: str
                                f"metrics on all {int(total)} facts, 95% intervals ({title})"), path)
 
 
-def _primary_metric(downstream: pd.DataFrame) -> pd.DataFrame:
-    """One metric per task: acc_norm is skipped when acc exists."""
-    keep = []
-    for _, group in downstream.groupby("task"):
-        metrics = list(dict.fromkeys(group["metric"]))
-        metric = "acc" if "acc" in metrics else metrics[0]
-        keep.append(group[group["metric"] == metric])
-    return pd.concat(keep, ignore_index=True)
+def _task_columns(data: pd.DataFrame, index: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Downstream rows widened for interval_lines: per `index` row, each task's value and its
+    +-1.96 SE bounds (<task>_lo, <task>_hi); and the tasks in order."""
+    data = data.assign(lo=data["value"] - Z95 * data["stderr"].fillna(0), hi=data["value"] + Z95 * data["stderr"].fillna(0))
+    wide = data.pivot_table(index=index, columns="task", values=["value", "lo", "hi"], sort=False)
+    wide.columns = [task if kind == "value" else f"{task}_{kind}" for kind, task in wide.columns]
+    return wide.reset_index(), list(dict.fromkeys(data["task"]))
 
 
 def downstream_figure(downstream: pd.DataFrame, path: str | Path, title: str = "") -> None:
@@ -167,16 +167,12 @@ def downstream_figure(downstream: pd.DataFrame, path: str | Path, title: str = "
     data = downstream[downstream["experiment"] == "sequential"] if not downstream.empty else downstream
     if data.empty:
         return _empty(path, "no downstream evaluation configured")
-    data = _primary_metric(data)
+    data = primary_metric(data)
     smallest = data.groupby("method")["batch_size"].transform("min")
     data = data[data["batch_size"] == smallest]  # one edit at a time where run so (Lin et al.)
-    data = data.assign(run=data["method"] + " b=" + data["batch_size"].astype(int).astype(str),
-                       lo=data["value"] - Z95 * data["stderr"].fillna(0),
-                       hi=data["value"] + Z95 * data["stderr"].fillna(0))
-    tasks = list(dict.fromkeys(data["task"]))
-    wide = data.pivot_table(index=["run", "n_edits"], columns="task", values=["value", "lo", "hi"], sort=False)
-    wide.columns = [task if kind == "value" else f"{task}_{kind}" for kind, task in wide.columns]
-    figure = interval_lines(wide.reset_index(), "n_edits", tasks, "run",
+    data = data.assign(run=data["method"] + " b=" + data["batch_size"].astype(int).astype(str))
+    wide, tasks = _task_columns(data, ["run", "n_edits"])
+    figure = interval_lines(wide, "n_edits", tasks, "run",
                             title=f"General abilities under sequential editing, +-1.96 SE ({title})")
     checkpoints = sorted(data["n_edits"].unique())
     positive = [c for c in checkpoints if c > 0]
@@ -199,7 +195,7 @@ def ablations_figure(downstream: pd.DataFrame, ablations: dict, path: str | Path
     pairs = [(kind, pair) for kind, entries in (ablations or {}).items() for pair in entries]
     if data.empty or not pairs:
         return _empty(path, "no ablation configured, or no downstream evaluation")
-    data = _primary_metric(data)
+    data = primary_metric(data)
     frames = []
     for kind, pair in pairs:
         roles = ABLATION_ROLES[kind]
@@ -209,11 +205,8 @@ def ablations_figure(downstream: pd.DataFrame, ablations: dict, path: str | Path
         frames.append(part.assign(pair=f"{kind.replace('_', ' ')}: " + " vs ".join(pair[r] for r in roles),
                                   run=part["method"].map(label)))
     data = pd.concat(frames, ignore_index=True)
-    data = data.assign(lo=data["value"] - Z95 * data["stderr"].fillna(0), hi=data["value"] + Z95 * data["stderr"].fillna(0))
-    tasks = list(dict.fromkeys(data["task"]))
-    wide = data.pivot_table(index=["pair", "run", "n_edits"], columns="task", values=["value", "lo", "hi"], sort=False)
-    wide.columns = [task if kind == "value" else f"{task}_{kind}" for kind, task in wide.columns]
-    figure = interval_lines(wide.reset_index(), "n_edits", tasks, "run", row="pair",
+    wide, tasks = _task_columns(data, ["pair", "run", "n_edits"])
+    figure = interval_lines(wide, "n_edits", tasks, "run", row="pair",
                             title=f"Ablations: general abilities under sequential editing, +-1.96 SE ({title})")
     pair_names = list(dict.fromkeys(data["pair"]))
     checkpoints = sorted(data["n_edits"].unique())

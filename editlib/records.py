@@ -226,6 +226,14 @@ def load_requests(
     return requests[:limit] if limit is not None else requests
 
 
+def record_kind(requests: Sequence[EditRequest]) -> str:
+    """counterfact or zsre: the one kind of records in `requests` (mixing kinds is an error)."""
+    kinds = {request.source for request in requests}
+    if len(kinds) != 1:
+        raise ValueError(f"requests must be of one record kind, got {sorted(kinds) or 'none'}")
+    return kinds.pop()
+
+
 def counterfact_record(request: EditRequest) -> dict:
     """The CounterFact JSON form of a request (for writing generated datasets)."""
     return {

@@ -7,7 +7,7 @@ from conftest import NAMES, fact_object, make_llama, RELATIONS
 from editlib.editing import Editor
 from editlib.hparams import make_hparams
 from editlib.keys import build_context_prompts, compute_keys
-from editlib.metrics import counterfact_metrics, counterfact_scores
+from editlib.metrics import counterfact_scores, edit_metrics
 from editlib.models import capture_outputs, edited_weight, model_layout
 from editlib.records import EditRequest
 from editlib.stats import collect_second_moments
@@ -42,7 +42,7 @@ def test_edit_makes_target_new_win(method, trained_llama2, llama_tokenizer, mome
     after = counterfact_scores(trained_llama2, llama_tokenizer, requests)
     rewrite = before.kind == "rewrite"
     assert (after.nll_new[rewrite] < before.nll_new[rewrite] - 0.5).all(), (method, before, after)
-    assert counterfact_metrics(after)["ES"] == 100.0, (method, after)
+    assert edit_metrics(after)["ES"] == 100.0, (method, after)
 
 
 def test_rome_writes_v_star_at_the_key(trained_llama2, llama_tokenizer, moments2):
@@ -182,7 +182,7 @@ def test_subset_metrics_from_one_scoring_pass_equal_scoring_the_subset(trained_l
     editor.apply(requests)
     try:
         from_all = records_metrics(ctx, score_records(ctx, requests, editor), requests[1:])
-        alone = counterfact_metrics(counterfact_scores(trained_llama2, llama_tokenizer, requests[1:]))
+        alone = edit_metrics(counterfact_scores(trained_llama2, llama_tokenizer, requests[1:]))
         assert from_all.keys() == alone.keys()
         for name in alone:
             assert from_all[name] == pytest.approx(alone[name], abs=1e-6), name

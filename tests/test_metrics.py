@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from editlib.metrics import counterfact_metrics, ngram_entropy, score_continuations, zsre_metrics
+from editlib.metrics import edit_metrics, ngram_entropy, score_continuations, zsre_metrics
 from editlib.records import EditRequest
 
 
@@ -21,7 +21,7 @@ def test_counterfact_metrics_by_hand():
         (1, "rewrite", 0, 2.0, 1.0), (1, "paraphrase", 0, 0.5, 1.0), (1, "neighborhood", 0, 1.0, 2.0),
     ]
     scores = pd.DataFrame(rows, columns=["case_id", "kind", "index", "nll_new", "nll_true"])
-    m = counterfact_metrics(scores)
+    m = edit_metrics(scores)
     e = math.exp
     assert m["ES"] == 50.0
     assert m["PS"] == 100 * (0.5 + 1.0) / 2
@@ -107,7 +107,7 @@ def test_bootstrap_intervals_match_a_direct_resampling():
 
     scores = _random_scores(40, seed=1)
     per_record = per_record_metrics(scores)
-    m = counterfact_metrics(scores, n_boot=500, seed=7)
+    m = edit_metrics(scores, n_boot=500, seed=7)
     # the same resamples drawn by hand, one record index vector per draw
     draws = np.random.default_rng(7).integers(0, 40, size=(500, 40))
     es = [per_record["ES"].to_numpy()[d].mean() for d in draws]
@@ -120,6 +120,6 @@ def test_bootstrap_intervals_match_a_direct_resampling():
 
 
 def test_bootstrap_interval_narrows_with_more_records():
-    few = counterfact_metrics(_random_scores(20, seed=2))
-    many = counterfact_metrics(_random_scores(500, seed=2))
+    few = edit_metrics(_random_scores(20, seed=2))
+    many = edit_metrics(_random_scores(500, seed=2))
     assert many["NS_hi"] - many["NS_lo"] < few["NS_hi"] - few["NS_lo"]
