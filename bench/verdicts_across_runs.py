@@ -1,7 +1,8 @@
 """Which findings keep their verdict across runs (e.g. toy models trained with different seeds)?
 
-Reads the findings.csv of each run and prints one row per (finding, method) with each run's
-verdict and the number of runs that agree with the most common one.
+Reads the findings.csv of each run and prints one row per (finding, model, method) with each
+run's verdict and the number of runs that agree with the most common one (the seeded toy models
+below share the model name toy-5L, so their rows line up).
 
     python bench/verdicts_across_runs.py results/toy results/toy-train-seed1 results/toy-train-seed2
 
@@ -23,8 +24,11 @@ def main() -> None:
     frames = []
     for run in args.runs:
         findings = pd.read_csv(run / "findings.csv")
-        frames.append(findings.assign(run=run.name)[["finding", "method", "run", "verdict"]])
-    table = pd.concat(frames).pivot_table(index=["finding", "method"], columns="run", values="verdict",
+        if "model" not in findings.columns:  # written before runs held several models
+            findings = findings.assign(model="")
+        frames.append(findings.assign(run=run.name, model=findings["model"].fillna(""))[
+            ["finding", "model", "method", "run", "verdict"]])
+    table = pd.concat(frames).pivot_table(index=["finding", "model", "method"], columns="run", values="verdict",
                                           aggfunc="first", sort=False)
     table = table[[run.name for run in args.runs]]
     table["agree"] = [f"{row.value_counts().iloc[0]}/{row.notna().sum()}" for _, row in table.iterrows()]

@@ -46,9 +46,47 @@ def validate_config(config: dict, schema_path: str | Path, source: str = "config
     if errors:
         error = errors[0]
         raise ConfigError(f"{source}: {_field(error.absolute_path)}: {error.message}")
-    _check_cross_fields(config, source)
-    _check_values(config, source)
+    names = model_names(config)
+    if len(set(names)) < len(names):
+        raise ConfigError(f"{source}: models: a variant takes model.name {names[0]!r}; give it another name")
+    for name in names:  # each model's jobs read the config with its own block as `model`
+        where = source if name == names[0] else f"{source}: models.{name} merged over model"
+        _check_cross_fields(model_config(config, name), where)
+        _check_values(model_config(config, name), where)
+    _check_ablations(config, source)
+    _check_sensitivity(config, source)
     return config
+
+
+def sensitivity_methods(config: dict) -> list[str]:
+    """The method blocks of the sensitivity stage (the keys of experiments.sensitivity.grid)."""
+    return list(config["experiments"].get("sensitivity", {}).get("grid", {}))
+
+
+def _check_sensitivity(config: dict, source: str) -> None:
+    """Each method of the sensitivity grid is a method block whose spec takes the swept values."""
+    from .methods import make_spec
+
+    for method, grid in config["experiments"].get("sensitivity", {}).get("grid", {}).items():
+        field = f"{source}: experiments.sensitivity.grid.{method}"
+        if method not in config["methods"]:
+            raise ConfigError(f"{field}: method {method!r} has no entry under 'methods' (configured: "
+                              f"{sorted(config['methods'])})")
+        if not configured_method(config, method).uses_statistics:
+            raise ConfigError(f"{field}: the sensitivity stage sweeps locate-and-edit methods' hyperparameters")
+        if config["methods"][method].get("layers", "auto") == "auto" and \
+                method not in config["experiments"]["layer_sweep"]["methods"]:
+            raise ConfigError(f"{field}: layers 'auto' takes the best layer of {method}'s sweep, but {method} is "
+                              f"not in experiments.layer_sweep.methods")
+        [(parameter, values)] = grid.items()
+        for index, value in enumerate(values):
+            if value < 0 or (parameter in POSITIVE_HPARAMS and value <= 0):
+                raise ConfigError(f"{field}.{parameter}[{index}]: {value} must be "
+                                  f"{'> 0' if parameter in POSITIVE_HPARAMS else '>= 0'}")
+            try:
+                make_spec(method_name(config, method), {**method_overrides(config, method), parameter: value}, (0,))
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"{field}.{parameter}[{index}]: {_plain(error)}") from None
 
 
 def _check_cross_fields(config: dict, source: str) -> None:
@@ -104,12 +142,6 @@ def _check_cross_fields(config: dict, source: str) -> None:
                     raise ConfigError(f"{source}: methods.{method}.layers[{index}]: layer {layer} out of range "
                                       f"for {limit_what} ({limit_field})")
     sequential = experiments["sequential"]
-    for kind, pairs in config.get("ablations", {}).items():
-        for index, pair in enumerate(pairs):
-            for role, method in pair.items():
-                if method not in sequential["methods"]:
-                    raise ConfigError(f"{source}: ablations.{kind}[{index}].{role}: {method!r} is not in "
-                                      f"experiments.sequential.methods (an ablation compares sequential runs)")
     for index, n in enumerate(sequential.get("downstream_at", [])):
         if n > sequential["total_edits"]:
             raise ConfigError(f"{source}: experiments.sequential.downstream_at[{index}]: {n} exceeds total_edits "
@@ -128,10 +160,33 @@ def _check_cross_fields(config: dict, source: str) -> None:
                                   f"exceeds total_edits {sequential['total_edits']}")
 
 
+def _check_ablations(config: dict, source: str) -> None:
+    """Every arm an ablation names is a sequential method block or a configured model."""
+    from .ablations import KINDS
+
+    sequential = config["experiments"]["sequential"]
+    for kind, entries in config.get("ablations", {}).items():
+        for index, entry in enumerate(entries):
+            if kind == "batch_size":
+                sizes = sequential.get("method_batch_sizes", {}).get(entry, sequential["batch_sizes"])
+                if entry not in sequential["methods"] or len(sizes) < 2:
+                    raise ConfigError(f"{source}: ablations.batch_size[{index}]: {entry!r} must be in "
+                                      f"experiments.sequential.methods with at least two batch sizes")
+                continue
+            for role in KINDS[kind].roles:
+                name = entry[role]
+                if KINDS[kind].arms == "models" and name not in model_names(config):
+                    raise ConfigError(f"{source}: ablations.{kind}[{index}].{role}: {name!r} is not a configured "
+                                      f"model (model.name or a key of models: {model_names(config)})")
+                if KINDS[kind].arms == "methods" and name not in sequential["methods"]:
+                    raise ConfigError(f"{source}: ablations.{kind}[{index}].{role}: {name!r} is not in "
+                                      f"experiments.sequential.methods (an ablation compares sequential runs)")
+
+
 # ---------------------------------------------------------------------------- what each stage reads
 
 STAGES = ("prepare_data", "prepare_model", "statistics", "causal_trace", "train_mend", "layer_sweep",
-          "single", "batched", "sequential", "downstream_base", "downstream_batched", "downstream_sequential", "report")
+          "sensitivity", "single", "batched", "sequential", "downstream_base", "downstream_batched", "downstream_sequential", "report")
 
 
 def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
@@ -144,7 +199,8 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
     if stage == "report":
-        return {"run": config["run"], **({"ablations": config["ablations"]} if config.get("ablations") else {})}
+        return {"run": config["run"], "samples": sequential_samples(config),
+                **({"ablations": config["ablations"]} if config.get("ablations") else {})}
     model = config["model"]
     loaded = {key: model[key] for key in ("dtype", "device") if key in model}  # how the prepared model is loaded
     part: dict[str, Any] = {"seed": config["seed"], "model": loaded}
@@ -166,7 +222,8 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
     if stage == "statistics":
         return {**part, "stats": config["stats"], "statistics_layers": statistics_layers(config)}
     if stage == "causal_trace":
-        return {**part, "tracing": config["tracing"], "records": edit_records(config)}
+        return {**part, "model": {**loaded, "name": model["name"]}, "tracing": config["tracing"],
+                "records": edit_records(config)}
     if stage == "train_mend":
         return {**part, "methods": {"mend": config["methods"]["mend"]}, "mend_training_offset": mend_training_offset(config),
                 "records": edit_records(config)}
@@ -192,8 +249,13 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
         return part
     if configured_method(config, method).chooses_layers and block.get("layers", "auto") == "auto":  # the sweep's criterion picks
         part["experiments"]["layer_sweep"] = {"criterion": experiments["layer_sweep"].get("criterion", "S")}
-    # a sequential job's batch size is its wildcard; the lists of sizes choose which jobs exist
-    part["experiments"][stage] = _job_settings(experiments[stage], *(("batch_sizes",) if stage == "sequential" else ()))
+    if stage == "sensitivity":  # this method's grid only
+        sensitivity = experiments["sensitivity"]
+        part["experiments"]["sensitivity"] = {"n_records": sensitivity["n_records"],
+                                              "grid": {method: sensitivity["grid"][method]}}
+        return part
+    # a sequential job's batch size and edit sample are its wildcards; the lists choose which jobs exist
+    part["experiments"][stage] = _job_settings(experiments[stage], *(("batch_sizes", "samples") if stage == "sequential" else ()))
     return part
 
 
@@ -203,19 +265,49 @@ def _job_settings(experiment: dict, *unread: str) -> dict:
     return {k: v for k, v in experiment.items() if k not in {"methods", "method_batch_sizes", *unread}}
 
 
+def model_names(config: dict) -> list[str]:
+    """Every model a run edits, in order: `model` (by its name), then the variants under `models`."""
+    return [config["model"]["name"], *config.get("models", {})]
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def model_config(config: dict, name: str) -> dict:
+    """`config` as the jobs of model `name` read it: `model` is that model's block (a variant under
+    `models` names only what differs from `model`; its key is its name) and `models` is gone."""
+    if name == config["model"]["name"]:
+        block = config["model"]
+    elif name in config.get("models", {}):
+        block = {**_merged(config["model"], config["models"][name]), "name": name}
+    else:
+        raise KeyError(f"no model named {name!r} (configured: {model_names(config)})")
+    return {**{k: v for k, v in config.items() if k != "models"}, "model": block}
+
+
 def edit_records(config: dict) -> dict:
     """Which records the experiments edit (data.records, data.zsre_target), as the stages read it."""
     data = config["data"]
     return {"kind": data.get("records", "counterfact"), "zsre_target": data.get("zsre_target", "answers")}
 
 
-def sequential_runs(config: dict) -> list[tuple[str, int]]:
-    """(method, batch size) of every sequential run: `batch_sizes` for each method, unless
-    `method_batch_sizes` names the method."""
+def sequential_runs(config: dict) -> list[tuple[str, int, int]]:
+    """(method, batch size, sample) of every sequential run: `batch_sizes` for each method, unless
+    `method_batch_sizes` names the method, each on every one of `samples` disjoint edit samples."""
     sequential = config["experiments"]["sequential"]
     overrides = sequential.get("method_batch_sizes", {})
-    return [(method, size) for method in sequential["methods"]
-            for size in overrides.get(method, sequential["batch_sizes"])]
+    return [(method, size, sample) for method in sequential["methods"]
+            for size in overrides.get(method, sequential["batch_sizes"]) for sample in range(sequential_samples(config))]
+
+
+def sequential_samples(config: dict) -> int:
+    """How many disjoint edit samples each sequential run edits (sample s: records
+    s * total_edits to (s + 1) * total_edits - 1 of the prepared, seeded order)."""
+    return config["experiments"]["sequential"].get("samples", 1)
 
 
 def statistics_layers(config: dict) -> list[int]:
@@ -267,7 +359,8 @@ def _construct(what: str, cls, values: dict) -> None:
 def mend_training_offset(config: dict) -> int:
     """MEND trains on the records after this many (those the experiments may edit)."""
     experiments = config["experiments"]
-    return max(experiments["sequential"]["total_edits"], experiments["layer_sweep"]["n_records"],
+    return max(experiments["sequential"]["total_edits"] * sequential_samples(config), experiments["layer_sweep"]["n_records"],
+               experiments.get("sensitivity", {}).get("n_records", 0),
                experiments["single"]["n_records"], max(experiments["batched"]["batch_sizes"]))
 
 
@@ -330,10 +423,12 @@ def _check_values(config: dict, source: str) -> None:
         needs = {"experiments.layer_sweep.n_records": experiments["layer_sweep"]["n_records"],
                  "experiments.single.n_records": experiments["single"]["n_records"],
                  "experiments.batched.n_records": batched.get("n_records", max(batched["batch_sizes"])),
-                 "experiments.sequential.total_edits": experiments["sequential"]["total_edits"]}
+                 "experiments.sequential.total_edits": experiments["sequential"]["total_edits"] * sequential_samples(config),
+                 "experiments.sensitivity.n_records": experiments.get("sensitivity", {}).get("n_records", 0)}
         for field, n in needs.items():
             if n > available:
-                raise ConfigError(f"{source}: {field}: {n} records needed, the toy world (data.world) has "
+                times = " (x samples)" if field.endswith("total_edits") and sequential_samples(config) > 1 else ""
+                raise ConfigError(f"{source}: {field}{times}: {n} records needed, the toy world (data.world) has "
                                   f"{available}")
         if "mend" in config["methods"]:
             mend = config["methods"]["mend"]

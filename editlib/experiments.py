@@ -34,9 +34,13 @@ METRICS = ["ES", "PS", "NS", "S", "EM", "PM", "NM", "GE"]
 INTERVALS = [f"{name}_{bound}" for name in METRICS if name != "GE" for bound in ("lo", "hi")]
 # `records`: counterfact (ES/PS/NS: the new object beats the true one) or zsre (ES/PS/NS: token
 # accuracy of the edit, paraphrase and neighbourhood prompts), editlib.metrics.per_record_metrics
-RESULT_COLUMNS = ["experiment", "model", "method", "layers", "batch_size", "n_edits", "step", "scope", "records",
-                  *METRICS, *INTERVALS, "n_records"]
-DOWNSTREAM_COLUMNS = ["experiment", "model", "method", "batch_size", "n_edits", "task", "metric", "value", "stderr"]
+# `sample`: which disjoint edit sample a sequential run edited (0 for the other experiments)
+RESULT_COLUMNS = ["experiment", "model", "method", "layers", "batch_size", "sample", "n_edits", "step", "scope",
+                  "records", *METRICS, *INTERVALS, "n_records"]
+DOWNSTREAM_COLUMNS = ["experiment", "model", "method", "batch_size", "sample", "n_edits", "task", "metric", "value",
+                      "stderr"]
+# the sensitivity stage: single edits with one hyperparameter (`parameter`) set to `value`
+SENSITIVITY_COLUMNS = [*RESULT_COLUMNS, "parameter", "value"]
 
 Downstream = Callable[[object, object], list[dict]]
 
@@ -80,7 +84,7 @@ def layers_label(layers: Sequence[int]) -> str:
 def result_row(experiment: str, ctx: ExperimentContext, hparams, batch_size: int, n_edits: int,
                step: int, scope: str, metrics: dict, n_records: int, records: str = "counterfact") -> dict:
     row = {"experiment": experiment, "model": ctx.model_name, "method": hparams.method,
-           "layers": layers_label(hparams.layers), "batch_size": batch_size, "n_edits": n_edits, "step": step,
+           "layers": layers_label(hparams.layers), "batch_size": batch_size, "sample": 0, "n_edits": n_edits, "step": step,
            "scope": scope, "records": records, "n_records": n_records}
     row.update({name: metrics.get(name, float("nan")) for name in (*METRICS, *INTERVALS)})
     return row
@@ -135,6 +139,15 @@ def layer_sweep(ctx: ExperimentContext, requests: Sequence[EditRequest], method:
     overrides = {k: v for k, v in (overrides or {}).items() if k != "layers"}
     frames = [single_edits(ctx, requests, make_spec(method, overrides, (layer,)), "layer_sweep") for layer in layers]
     return pd.concat(frames, ignore_index=True)
+
+
+def sensitivity(ctx: ExperimentContext, requests: Sequence[EditRequest], method: str, layers: Sequence[int],
+                overrides: dict, parameter: str, values: Sequence[float]) -> pd.DataFrame:
+    """Single edits with hyperparameter `parameter` set to each of `values` (the others as in
+    `overrides`); one row per value, labelled by `parameter` and `value`."""
+    frames = [single_edits(ctx, requests, make_spec(method, {**overrides, parameter: value}, tuple(layers)), "sensitivity")
+              .assign(parameter=parameter, value=float(value)) for value in values]
+    return pd.concat(frames, ignore_index=True)[SENSITIVITY_COLUMNS]
 
 
 def best_layer(frame: pd.DataFrame, metric: str = "S") -> int:
@@ -271,7 +284,7 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
 
 def _downstream_rows(ctx, hparams, batch_size, n_edits, downstream: Downstream, experiment: str = "sequential") -> list[dict]:
     base = {"experiment": experiment, "model": ctx.model_name, "method": hparams.method,
-            "batch_size": batch_size, "n_edits": n_edits}
+            "batch_size": batch_size, "sample": 0, "n_edits": n_edits}
     return [{**base, **{k: row.get(k) for k in ("task", "metric", "value", "stderr")}}
             for row in downstream(ctx.model, ctx.tokenizer)]
 

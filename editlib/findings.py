@@ -16,10 +16,10 @@ from collections.abc import Callable
 import pandas as pd
 
 from .io import atomic_path
+from .tables import Z95, edits_over_samples, over_samples, primary_metric
 
-FINDING_COLUMNS = ["study", "finding", "method", "evidence", "verdict"]
+FINDING_COLUMNS = ["study", "finding", "model", "method", "evidence", "verdict"]
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
-Z95 = 1.959964
 KEEP_MARGIN = 0.05  # largest accuracy drop (mean over tasks) an interval may allow for abilities to count as kept
 
 
@@ -82,7 +82,7 @@ def sequential_beats_one_batch(edits: pd.DataFrame, metric: str = "S") -> list[d
     one batch of all of them (best smaller batch vs the single batch)."""
     if edits.empty:
         return []
-    data = edits[(edits["experiment"] == "sequential") & (edits["scope"] == "edited_so_far")]
+    data = edits_over_samples(edits[(edits["experiment"] == "sequential") & (edits["scope"] == "edited_so_far")])
     rows = []
     for method, part in data.groupby("method", sort=False):
         total = part["n_edits"].max()
@@ -99,13 +99,6 @@ def sequential_beats_one_batch(edits: pd.DataFrame, metric: str = "S") -> list[d
         rows.append({"study": "Yoon et al. 2024", "finding": f"{int(total)} edits in sequential smaller batches beat one batch",
                      "method": method, "evidence": evidence, "verdict": _compare(best, one, metric)})
     return rows
-
-
-def primary_metric(downstream: pd.DataFrame) -> pd.DataFrame:
-    """One metric per task: acc where the task reports it (acc_norm is then skipped), else its first."""
-    keep = [group[group["metric"] == ("acc" if "acc" in set(group["metric"]) else group["metric"].iloc[0])]
-            for _, group in downstream.groupby("task")]
-    return pd.concat(keep, ignore_index=True) if keep else downstream
 
 
 def _accuracy_difference(first: pd.DataFrame, second: pd.DataFrame):
@@ -131,7 +124,8 @@ def downstream_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = (
     data = downstream[downstream["experiment"] == "sequential"]
     if data.empty:
         return []
-    data = primary_metric(data)
+    per_sample = primary_metric(data)
+    data = over_samples(per_sample)
     rows = []
     for (method, batch), part in data.groupby(["method", "batch_size"], sort=False):
         last = part["n_edits"].max()
@@ -148,6 +142,13 @@ def downstream_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = (
             finding = "sequential edits erode general abilities"
         tasks = ", ".join(f"{r['task']} {r['value_a']:.2f}->{r['value_b']:.2f}" for _, r in merged.iterrows())
         evidence = f"mean accuracy drop after {int(last)} edits (b={int(batch)}): {drop:+.3f} [{lo:+.3f}, {hi:+.3f}] ({tasks})"
+        n_samples = int(part["n_samples"].max())
+        if n_samples > 1:
+            from .ablations import sample_table
+
+            drops = sample_table(per_sample[(per_sample["method"] == method) & (per_sample["batch_size"] == batch)])
+            evidence += f"; mean of {n_samples} disjoint edit samples, whose drops are " + ", ".join(
+                f"{drop:+.3f}" for drop in drops["drop"])
         rows.append({"study": "Lin et al. 2024", "finding": finding, "method": f"{method} b={int(batch)}",
                      "evidence": evidence, "verdict": verdict})
     return rows
@@ -160,7 +161,7 @@ def bigger_batches_erode_less(downstream: pd.DataFrame) -> list[dict]:
     unedited model, so the difference's interval is +-1.96 SE of the two final accuracies."""
     if downstream.empty:
         return []
-    data = primary_metric(downstream[downstream["experiment"] == "sequential"])
+    data = over_samples(primary_metric(downstream[downstream["experiment"] == "sequential"]))
     rows = []
     for method, part in data.groupby("method", sort=False):
         last = part["n_edits"].max()
@@ -179,40 +180,44 @@ def bigger_batches_erode_less(downstream: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def _final_accuracy_difference(part: pd.DataFrame, first: str, second: str):
-    """(last n_edits, batch size, mean over tasks of second's minus first's final accuracy, its
-    +-1.96 SE interval) for two methods run sequentially at a common batch size; None if none."""
-    a, b = part[part["method"] == first], part[part["method"] == second]
-    common = sorted(set(a["batch_size"]) & set(b["batch_size"]))
-    if not common:
-        return None
-    batch = common[0]
-    a, b = a[a["batch_size"] == batch], b[b["batch_size"] == batch]
-    last = min(a["n_edits"].max(), b["n_edits"].max())
-    if last == 0:
-        return None
-    _, diff, lo, hi = _accuracy_difference(a[a["n_edits"] == last], b[b["n_edits"] == last])
-    return int(last), int(batch), diff, lo, hi
+def ablation_findings(tables: dict[str, pd.DataFrame]) -> list[dict]:
+    """Lin et al.'s ablations (editlib.ablations): for each compared pair, the arm that should
+    erode less ("deep", "with", "larger", "chat") against the other, by the mean over tasks of
+    the accuracy lost after the last common checkpoint, +-1.96 SE. Arms on one model share the
+    unedited accuracies, so their final accuracies are compared; arms on two models, their drops
+    from each model's own unedited accuracy (both need the n_edits 0 rows)."""
+    from .ablations import KINDS
 
-
-def deeper_layers_erode_less(downstream: pd.DataFrame, pairs) -> list[dict]:
-    """Lin et al. (ablation): editing deeper layers erodes general abilities less. For each
-    configured pair (`ablations.edited_layers`: the same method at a shallow and a deep layer),
-    the deep run's final downstream accuracy minus the shallow run's, +-1.96 SE."""
-    if downstream.empty or not pairs:
-        return []
-    data = primary_metric(downstream[downstream["experiment"] == "sequential"])
     rows = []
-    for pair in pairs:
-        result = _final_accuracy_difference(data, pair["shallow"], pair["deep"])
-        if result is None:
+    for kind, table in tables.items():
+        if kind not in KINDS or table.empty:
             continue
-        last, batch, diff, lo, hi = result
-        evidence = (f"mean accuracy after {last} edits (b={batch}), {pair['deep']} minus {pair['shallow']}: "
-                    f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]")
-        rows.append({"study": "Lin et al. 2024", "finding": "deeper edited layers erode general abilities less",
-                     "method": f"{pair['deep']} vs {pair['shallow']}", "evidence": evidence,
-                     "verdict": _positive_verdict(lo, hi)})
+        less, more = KINDS[kind].roles
+        for comparison, part in table.groupby("comparison", sort=False):
+            a, b = part[part["role"] == less], part[part["role"] == more]
+            last = min(a["n_edits"].max(), b["n_edits"].max())
+            if last == 0:
+                continue
+            a_last, b_last = a[a["n_edits"] == last], b[b["n_edits"] == last]
+            same_model = set(a["model"]) == set(b["model"])
+            if same_model:
+                _, diff, lo, hi = _accuracy_difference(a_last, b_last)
+                what = f"final accuracy, {more} minus {less}"
+            else:
+                a_base, b_base = a[a["n_edits"] == 0], b[b["n_edits"] == 0]
+                if a_base.empty or b_base.empty:
+                    continue
+                _, drop_a, lo_a, _ = _accuracy_difference(a_last, a_base)
+                _, drop_b, lo_b, _ = _accuracy_difference(b_last, b_base)
+                diff = drop_a - drop_b
+                half = math.hypot(drop_a - lo_a, drop_b - lo_b)
+                lo, hi = diff - half, diff + half
+                what = f"accuracy drop, {less} ({drop_a:+.3f}) minus {more} ({drop_b:+.3f})"
+            batch = int(part["batch_size"].iloc[0])
+            evidence = f"after {int(last)} edits (b={batch}), {what}: {diff:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            rows.append({"study": "Lin et al. 2024", "finding": KINDS[kind].finding,
+                         "model": ", ".join(dict.fromkeys(part["model"])), "method": comparison,
+                         "evidence": evidence, "verdict": _positive_verdict(lo, hi)})
     return rows
 
 
@@ -220,7 +225,7 @@ def grace_generalises_poorly(edits: pd.DataFrame) -> list[dict]:
     """Lin et al.: GRACE makes its edits (high ES) but generalises poorly to rephrasings (low PS)."""
     if edits.empty:
         return []
-    data = edits[(edits["method"] == "grace") & (edits["scope"] == "edited_so_far")]
+    data = edits_over_samples(edits[(edits["method"] == "grace") & (edits["scope"] == "edited_so_far")])
     if data.empty:
         return []
     row = data.sort_values(["n_edits", "batch_size"]).iloc[-1]
@@ -240,11 +245,16 @@ CHECKS: dict[str, Callable[..., list[dict]]] = {
 }
 
 
-def assess(tables: dict[str, pd.DataFrame], ablations: dict | None = None) -> pd.DataFrame:
-    """Every finding that the tables (edits, layer_sweep, downstream, traces) can test, and
-    those of the configured `ablations` (edited_layers pairs)."""
-    rows = [row for check in CHECKS.values() for row in check(tables)]
-    rows += deeper_layers_erode_less(tables["downstream"], (ablations or {}).get("edited_layers", []))
+def assess(tables: dict[str, pd.DataFrame], ablation_tables: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """Every finding that the tables (edits, layer_sweep, downstream, traces) can test, model by
+    model, and those of the ablations' tables (editlib.ablations.ablation_tables)."""
+    models = list(dict.fromkeys(m for frame in tables.values() if "model" in frame.columns for m in frame["model"]))
+    rows = []
+    for model in models:
+        own = {name: frame[frame["model"] == model] if "model" in frame.columns else frame
+               for name, frame in tables.items()}
+        rows += [{**row, "model": model} for check in CHECKS.values() for row in check(own)]
+    rows += ablation_findings(ablation_tables or {})
     return pd.DataFrame(rows, columns=FINDING_COLUMNS)
 
 

@@ -31,6 +31,7 @@ from .experiments import (
     best_layer,
     layer_sweep,
     read_results,
+    sensitivity,
     sequential_edits,
     single_edits,
     state_labels,
@@ -230,6 +231,7 @@ def run_causal_trace(config: dict, model_dir, records_path, out_path) -> pd.Data
              min(n_facts, len(known)))
     config_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
     traces = trace_facts(model, tokenizer, known[:n_facts], TracingConfig(seed=config["seed"], **config_fields))
+    traces.insert(0, "model", config["model"]["name"])
     write_csv(out_path, traces)
     return traces
 
@@ -254,11 +256,13 @@ def load_context(config: dict, model_dir: str | Path, moments_path: str | Path |
                              target_store=store)
 
 
-def edit_requests(records: Sequence[EditRequest], n: int, records_path: str | Path) -> list[EditRequest]:
-    """The first `n` of the records loaded from `records_path`; fewer is an error."""
-    if len(records) < n:
-        raise ValueError(f"{records_path}: experiment needs {n} records, the file has {len(records)}")
-    return list(records[:n])
+def edit_requests(records: Sequence[EditRequest], n: int, records_path: str | Path, sample: int = 0) -> list[EditRequest]:
+    """Edit sample `sample` of `n` records: records sample * n to (sample + 1) * n - 1 of the
+    prepared (seeded) order, so samples are disjoint; too few records is an error."""
+    if len(records) < (sample + 1) * n:
+        needs = f"edit sample {sample} of {n} records needs {(sample + 1) * n}" if sample else f"experiment needs {n}"
+        raise ValueError(f"{records_path}: {needs} records, the file has {len(records)}")
+    return list(records[sample * n:(sample + 1) * n])
 
 
 def resolve_layers(config: dict, method: str, sweep_path: str | Path | None) -> tuple[int, ...]:
@@ -312,6 +316,20 @@ def run_single(config: dict, method: str, model_dir, moments_path, records_path,
     return frame
 
 
+def run_sensitivity(config: dict, method: str, model_dir, moments_path, records_path, sweep_path, out_path) -> pd.DataFrame:
+    """Single edits of the first `n_records` records with the method's one swept hyperparameter
+    (experiments.sensitivity.grid.<method>) at each of its values, at the method's layers."""
+    settings = config["experiments"]["sensitivity"]
+    records = read_records(config, records_path)
+    ctx = load_context(config, model_dir, moments_path, records)
+    requests = edit_requests(records, settings["n_records"], records_path)
+    [(parameter, values)] = settings["grid"][method].items()
+    frame = labelled(sensitivity(ctx, requests, method_name(config, method), method_layers(config, method, sweep_path),
+                                 method_overrides(config, method), parameter, values), method)
+    write_csv(out_path, frame)
+    return frame
+
+
 def downstream_function(config: dict, tasks_dir: str | Path, method: str | None):
     """model, tokenizer -> downstream rows, or None when no tasks are configured (method None:
     the unedited model)."""
@@ -356,15 +374,15 @@ def state_points(total_edits: int, batch_size: int, downstream_at: Sequence[int]
 
 
 def run_sequential(config: dict, method: str, batch_size: int, model_dir, moments_path, records_path, sweep_path,
-                   trained_editor, out_path, states_dir, checkpoint_path) -> pd.DataFrame:
-    """Sequential edits; the edits after each count in `downstream_at` are saved under
-    `states_dir` (n<count>.safetensors) for the downstream stage. States are staged beside the
-    checkpoint, so a resumed run keeps those saved before it was killed."""
+                   trained_editor, out_path, states_dir, checkpoint_path, sample: int = 0) -> pd.DataFrame:
+    """Sequential edits of edit sample `sample`; the edits after each count in `downstream_at`
+    are saved under `states_dir` (n<count>.safetensors) for the downstream stage. States are
+    staged beside the checkpoint, so a resumed run keeps those saved before it was killed."""
     settings = config["experiments"]["sequential"]
     records = read_records(config, records_path)
     ctx = load_context(config, model_dir, moments_path, records)
     total = settings["total_edits"]
-    requests = edit_requests(records, total, records_path)
+    requests = edit_requests(records, total, records_path, sample)
     spec = edit_spec(config, method, method_layers(config, method, sweep_path), trained_editor)
     staging = Path(checkpoint_path).with_suffix(".states")
     points = state_points(total, batch_size, settings.get("downstream_at", []))
@@ -373,7 +391,7 @@ def run_sequential(config: dict, method: str, batch_size: int, model_dir, moment
     with atomic_dir(states_dir) as final:
         for n in points:
             shutil.copyfile(staging / f"n{n}.safetensors", final / f"n{n}.safetensors")
-    frame = labelled(frame, method)
+    frame = labelled(frame, method).assign(sample=sample)
     write_csv(out_path, frame)
     shutil.rmtree(staging, ignore_errors=True)
     Path(checkpoint_path).unlink(missing_ok=True)  # the results are final; the checkpoint served resumption
@@ -395,23 +413,23 @@ def run_downstream_base(config: dict, model_dir, tasks_dir, out_path) -> pd.Data
 
 
 def run_downstream(config: dict, experiment: str, method: str, batch_size: int, model_dir, moments_path,
-                   trained_editor, tasks_dir, states_dir, base_path, out_path) -> pd.DataFrame:
+                   trained_editor, tasks_dir, states_dir, base_path, out_path, sample: int = 0) -> pd.DataFrame:
     """lm-eval on every edit state an editing job saved (base model + state), plus the unedited
-    model's rows (from `base_path`) labelled as this run's n_edits 0. `batch_size` labels those rows
-    (a sequential run's batch size; 0 for the batched experiment)."""
+    model's rows (from `base_path`) labelled as this run's n_edits 0. `batch_size` and `sample`
+    label those rows (a sequential run's batch size and edit sample; 0 for the batched experiment)."""
     paths = sorted(Path(states_dir).glob("*.safetensors"), key=lambda path: state_labels(path)["n_edits"])
     base = read_results(base_path)
     with_base = experiment == "batched" or 0 in config["experiments"]["sequential"].get("downstream_at", [])
     frames = []
     if with_base and not base.empty:
         frames.append(base.assign(experiment=experiment, model=config["model"]["name"], method=method,
-                                  batch_size=batch_size, n_edits=0))
+                                  batch_size=batch_size, sample=sample, n_edits=0))
     evaluate = downstream_function(config, tasks_dir, method)
     if paths and evaluate is not None:
         model, tokenizer = load_configured_model(config, model_dir)
         ctx = ExperimentContext(model, tokenizer, config["model"]["name"], load_moments(moments_path) if moments_path else {})
         spec = edit_spec(config, method, state_labels(paths[0])["layers"], trained_editor)
-        frames.append(labelled(states_downstream(ctx, spec, paths, evaluate), method))
+        frames.append(labelled(states_downstream(ctx, spec, paths, evaluate), method).assign(sample=sample))
     frame = pd.concat(frames, ignore_index=True)[DOWNSTREAM_COLUMNS] if frames else pd.DataFrame(columns=DOWNSTREAM_COLUMNS)
     write_csv(out_path, frame)
     return frame
@@ -452,6 +470,6 @@ def tidy(inputs: Sequence[str | Path], out_path: str | Path, columns: Sequence[s
 
 __all__ = [
     "DOWNSTREAM_COLUMNS", "compute_statistics", "downstream_function", "edit_spec", "prepare_data", "prepare_model",
-    "resolve_layers", "run_batched", "run_downstream", "run_downstream_base", "run_layer_sweep", "run_sequential",
+    "resolve_layers", "run_batched", "run_downstream", "run_downstream_base", "run_layer_sweep", "run_sensitivity", "run_sequential",
     "run_single", "stage_logging", "state_points", "tidy", "train_mend_editor",
 ]

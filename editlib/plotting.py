@@ -21,13 +21,12 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from .experiments import read_results  # noqa: E402
-from .findings import primary_metric  # noqa: E402
+from .tables import Z95, edits_over_samples, model_labelled, over_samples, primary_metric  # noqa: E402
 from .io import atomic_path  # noqa: E402
 
 EDIT_METRICS = ["ES", "PS", "NS", "S"]
 LABELS = {"ES": "efficacy ES (%)", "PS": "paraphrase PS (%)", "NS": "neighbourhood NS (%)",
           "S": "score S (%)", "n_edits": "number of edits", "batch_size": "batch size", "layer": "edited layer"}
-Z95 = 1.959964
 
 
 def _save(figure, path: str | Path) -> None:
@@ -48,14 +47,15 @@ def _palette(levels: Sequence) -> dict:
 
 
 def interval_lines(data: pd.DataFrame, x: str, metrics: Sequence[str], hue: str, row: str | None = None,
-                   log_x: bool = False, title: str = "", band: bool = True, xlabel: str | None = None):
+                   log_x: bool = False, title: str = "", band: bool = True, xlabel: str | None = None,
+                   sharex: bool = True):
     """A grid of panels (rows: `row` values, columns: metrics), one line per `hue` level with its
     interval from the `<metric>_lo` / `<metric>_hi` columns (band, or error bars)."""
     rows = list(dict.fromkeys(data[row])) if row else [None]
     levels = list(dict.fromkeys(data[hue]))
     colours = _palette(levels)
     figure, axes = plt.subplots(len(rows), len(metrics), figsize=(3.1 * len(metrics), 2.6 * len(rows)),
-                                squeeze=False, sharex=True)
+                                squeeze=False, sharex=sharex)
     for i, row_value in enumerate(rows):
         part = data if row is None else data[data[row] == row_value]
         for j, metric in enumerate(metrics):
@@ -90,9 +90,24 @@ def layer_sweep_figure(sweep: pd.DataFrame, path: str | Path, title: str = "") -
     """ES/PS/NS/S against the edited layer, one line per method, 95% bands over facts."""
     if sweep.empty:
         return _empty(path, "no layer sweep configured")
-    data = sweep.assign(layer=sweep["layers"].astype(int))
+    data = model_labelled(sweep.assign(layer=sweep["layers"].astype(int)), "method")
     _save(interval_lines(data, "layer", EDIT_METRICS, "method",
                          title=f"Layer sweep: single edits at each layer, 95% intervals over facts ({title})"), path)
+
+
+def sensitivity_figure(frame: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """ES/PS/NS/S of single edits against the value of one swept hyperparameter (log scale), one
+    row per method and hyperparameter, 95% bands over facts."""
+    if frame.empty:
+        return _empty(path, "no sensitivity grid configured")
+    data = model_labelled(frame, "method")
+    data = data.assign(swept=data["method"] + ": " + data["parameter"])
+    figure = interval_lines(data, "value", EDIT_METRICS, "method", row="swept", log_x=True, sharex=False,
+                            xlabel="hyperparameter value (log scale)",
+                            title=f"Sensitivity: single edits against one hyperparameter, 95% intervals over facts ({title})")
+    for axis in figure.axes:
+        axis.set_xscale("log", base=10)
+    _save(figure, path)
 
 
 def single_edits_figure(edits: pd.DataFrame, path: str | Path, title: str = "") -> None:
@@ -100,7 +115,7 @@ def single_edits_figure(edits: pd.DataFrame, path: str | Path, title: str = "") 
     data = edits[edits["experiment"] == "single"] if not edits.empty else edits
     if data.empty:
         return _empty(path, "no single-edit experiment configured")
-    data = data.assign(label=data["method"] + " (layer " + data["layers"].astype(str) + ")")
+    data = model_labelled(data.assign(label=data["method"] + " (layer " + data["layers"].astype(str) + ")"), "label")
     figure, axes = plt.subplots(1, len(EDIT_METRICS), figsize=(3.1 * len(EDIT_METRICS), 0.45 * len(data) + 1.2),
                                 sharey=True, squeeze=False)
     positions = np.arange(len(data))
@@ -118,19 +133,26 @@ def single_edits_figure(edits: pd.DataFrame, path: str | Path, title: str = "") 
 
 def batch_size_figure(edits: pd.DataFrame, path: str | Path, title: str = "") -> None:
     """Metrics against batch size (log scale), each batch edited into the unedited model."""
-    data = edits[edits["experiment"] == "batched"] if not edits.empty else edits
+    data = model_labelled(edits[edits["experiment"] == "batched"], "method") if not edits.empty else edits
     if data.empty:
         return _empty(path, "no batched experiment configured")
     _save(interval_lines(data, "batch_size", EDIT_METRICS, "method", log_x=True,
                          title=f"Batched editing: metrics vs batch size, 95% intervals over facts ({title})"), path)
 
 
+def _sequential_edits(edits: pd.DataFrame) -> pd.DataFrame:
+    """Sequential runs' metrics on all facts edited so far, averaged over edit samples."""
+    if edits.empty:
+        return edits
+    return edits_over_samples(edits[(edits["experiment"] == "sequential") & (edits["scope"] == "edited_so_far")])
+
+
 def sequential_figure(edits: pd.DataFrame, path: str | Path, title: str = "") -> None:
     """Metrics on all facts edited so far against the number of edits, per method and batch size."""
-    data = edits[(edits["experiment"] == "sequential") & (edits["scope"] == "edited_so_far")] if not edits.empty else edits
+    data = _sequential_edits(edits)
     if data.empty:
         return _empty(path, "no sequential experiment configured")
-    data = data.assign(batch=lambda f: "b=" + f["batch_size"].astype(int).astype(str))
+    data = model_labelled(data, "method").assign(batch=lambda f: "b=" + f["batch_size"].astype(int).astype(str))
     _save(interval_lines(data, "n_edits", EDIT_METRICS, "batch", row="method", log_x=True,
                          title=f"Sequential-batched editing: metrics on all facts edited so far ({title})"), path)
 
@@ -138,7 +160,7 @@ def sequential_figure(edits: pd.DataFrame, path: str | Path, title: str = "") ->
 def batch_vs_sequential_figure(edits: pd.DataFrame, path: str | Path, title: str = "") -> None:
     """After the same number N of edits: N/b sequential batches of b against batch size b
     (b = N is one batch of N), metrics on all N facts (Yoon et al.'s comparison)."""
-    data = edits[(edits["experiment"] == "sequential") & (edits["scope"] == "edited_so_far")] if not edits.empty else edits
+    data = model_labelled(_sequential_edits(edits), "method")
     if data.empty:
         return _empty(path, "no sequential experiment configured")
     total = data["n_edits"].max()
@@ -162,79 +184,91 @@ def _task_columns(data: pd.DataFrame, index: list[str]) -> tuple[pd.DataFrame, l
     return wide.reset_index(), list(dict.fromkeys(data["task"]))
 
 
+def _task_lines(figure, tasks: list[str], rows: list[str], data: pd.DataFrame, x: str, x_values) -> None:
+    """Per-task panel titles, accuracy labels, checkpoint ticks and, where a line is the mean of
+    several edit samples, the samples' range as a dashed band."""
+    for index, axis in enumerate(figure.axes[: len(rows) * len(tasks)]):
+        row, task = rows[index // len(tasks)], tasks[index % len(tasks)]
+        axis.set_title(task if row is None else f"{row}\n{task}", fontsize=8)
+        axis.set_ylabel("accuracy")
+        positive = [c for c in x_values if c > 0]
+        if positive and max(positive) > 20 * min(positive):  # e.g. 1, 10, 100, 1000 edits
+            axis.set_xscale("symlog", linthresh=1)
+        axis.set_xticks(x_values, [str(int(c)) for c in x_values])
+        part = data[(data["task"] == task) & ((data["facet"] == row) if row is not None else True)]
+        for _, line in part[part["n_samples"] > 1].groupby("run"):
+            line = line.sort_values(x)
+            axis.fill_between(line[x].to_numpy(float), line["spread_lo"].to_numpy(float),
+                              line["spread_hi"].to_numpy(float), facecolor="none", edgecolor="grey",
+                              linestyle="--", linewidth=0.6)
+
+
 def downstream_figure(downstream: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """Downstream accuracy against the number of sequential edits, +-1.96 standard errors."""
+    """Downstream accuracy against the number of sequential edits, +-1.96 standard errors; one
+    row of panels per model; a run over several disjoint edit samples is drawn as their mean, the
+    samples' range dashed."""
     data = downstream[downstream["experiment"] == "sequential"] if not downstream.empty else downstream
     if data.empty:
         return _empty(path, "no downstream evaluation configured")
-    data = primary_metric(data)
-    smallest = data.groupby("method")["batch_size"].transform("min")
+    data = over_samples(primary_metric(data))
+    smallest = data.groupby(["model", "method"])["batch_size"].transform("min")
     data = data[data["batch_size"] == smallest]  # one edit at a time where run so (Lin et al.)
-    data = data.assign(run=data["method"] + " b=" + data["batch_size"].astype(int).astype(str))
-    wide, tasks = _task_columns(data, ["run", "n_edits"])
-    figure = interval_lines(wide, "n_edits", tasks, "run",
-                            title=f"General abilities under sequential editing, +-1.96 SE ({title})")
-    checkpoints = sorted(data["n_edits"].unique())
-    positive = [c for c in checkpoints if c > 0]
-    for axis, task in zip(figure.axes, tasks):
-        axis.set_title(task, fontsize=9)
-        axis.set_ylabel("accuracy")
-        if positive and max(positive) > 20 * min(positive):  # e.g. 1, 10, 100, 1000 edits
-            axis.set_xscale("symlog", linthresh=1)
-        axis.set_xticks(checkpoints, [str(int(c)) for c in checkpoints])
+    data = data.assign(run=data["method"] + " b=" + data["batch_size"].astype(int).astype(str), facet=data["model"])
+    several = data["model"].nunique() > 1
+    wide, tasks = _task_columns(data, ["facet", "run", "n_edits"])
+    samples = int(data["n_samples"].max())
+    figure = interval_lines(wide, "n_edits", tasks, "run", row="facet" if several else None,
+                            title=f"General abilities under sequential editing, +-1.96 SE"
+                                  f"{f', mean of {samples} edit samples (range dashed)' if samples > 1 else ''} ({title})")
+    rows = list(dict.fromkeys(data["facet"])) if several else [None]
+    _task_lines(figure, tasks, rows, data, "n_edits", sorted(data["n_edits"].unique()))
+    figure.tight_layout()
     _save(figure, path)
 
 
-ABLATION_ROLES = {"edited_layers": ("shallow", "deep"), "constraint": ("with", "without")}
-
-
-def ablations_figure(downstream: pd.DataFrame, ablations: dict, path: str | Path, title: str = "") -> None:
-    """One row per configured ablation pair (e.g. the same method at a shallow and a deep layer):
-    downstream accuracy per task against the number of sequential edits, +-1.96 SE."""
-    data = downstream[downstream["experiment"] == "sequential"] if not downstream.empty else downstream
-    pairs = [(kind, pair) for kind, entries in (ablations or {}).items() for pair in entries]
-    if data.empty or not pairs:
+def ablations_figure(tables: dict[str, pd.DataFrame], path: str | Path, title: str = "") -> None:
+    """One row of panels per compared pair of every configured ablation (editlib.ablations):
+    downstream accuracy per task against the number of sequential edits, one line per arm,
+    +-1.96 SE (samples' range dashed where an arm is the mean of several)."""
+    frames = [table for table in tables.values() if not table.empty]
+    if not frames:
         return _empty(path, "no ablation configured, or no downstream evaluation")
-    data = primary_metric(data)
-    frames = []
-    for kind, pair in pairs:
-        roles = ABLATION_ROLES[kind]
-        part = data[data["method"].isin([pair[role] for role in roles])]
-        part = part[part["batch_size"] == part["batch_size"].min()]
-        label = {pair[role]: f"{role}: {pair[role]}" for role in roles}
-        frames.append(part.assign(pair=f"{kind.replace('_', ' ')}: " + " vs ".join(pair[r] for r in roles),
-                                  run=part["method"].map(label)))
     data = pd.concat(frames, ignore_index=True)
-    wide, tasks = _task_columns(data, ["pair", "run", "n_edits"])
-    figure = interval_lines(wide, "n_edits", tasks, "run", row="pair",
+    data = data.assign(facet=data["ablation"].str.replace("_", " ") + ": " + data["comparison"],
+                       run=data["role"] + ": " + data["model"].where(data["ablation"].isin(["model_size", "instruction_tuning"]),
+                                                                    data["method"]))
+    wide, tasks = _task_columns(data, ["facet", "run", "n_edits"])
+    figure = interval_lines(wide, "n_edits", tasks, "run", row="facet",
                             title=f"Ablations: general abilities under sequential editing, +-1.96 SE ({title})")
-    pair_names = list(dict.fromkeys(data["pair"]))
-    checkpoints = sorted(data["n_edits"].unique())
-    for index, axis in enumerate(figure.axes[: len(pair_names) * len(tasks)]):
-        axis.set_title(f"{pair_names[index // len(tasks)]}\n{tasks[index % len(tasks)]}", fontsize=8)
-        axis.set_ylabel("accuracy")
-        axis.set_xticks(checkpoints, [str(int(c)) for c in checkpoints])
+    _task_lines(figure, tasks, list(dict.fromkeys(data["facet"])), data, "n_edits", sorted(data["n_edits"].unique()))
     figure.tight_layout()
     _save(figure, path)
 
 
 def causal_trace_figure(traces: pd.DataFrame, path: str | Path, title: str = "") -> None:
     """Average indirect effect per layer of restoring hidden / MLP / attention states at the
-    subject's last token and at the last token, 95% bootstrap intervals over facts."""
+    subject's last token and at the last token, 95% bootstrap intervals over facts; one row of
+    panels per model."""
     if traces.empty:
         return _empty(path, "no fact to trace: the model predicts none of the records' true objects")
-    tokens = list(dict.fromkeys(traces["token"]))
-    figure, axes = plt.subplots(1, len(tokens), figsize=(4.2 * len(tokens), 3), sharey=True, squeeze=False)
-    for axis, token in zip(axes[0], tokens):
-        sns.lineplot(data=traces[traces["token"] == token], x="layer", y="effect", hue="kind", marker="o",
-                     errorbar=("ci", 95), n_boot=1000, seed=0, ax=axis)
-        axis.set_title(f"restored at the {token.replace('_', ' ')} token", fontsize=9)
-        axis.set_xlabel("layer")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.set_ylabel("indirect effect on P(true object)")
-        axis.axhline(0, color="grey", linewidth=0.5)
-    n_facts = traces["case_id"].nunique()
-    figure.suptitle(f"Causal tracing over {n_facts} facts the model knows ({title})", y=1.02)
+    if "model" not in traces.columns:
+        traces = traces.assign(model="")
+    tokens, models = list(dict.fromkeys(traces["token"])), list(dict.fromkeys(traces["model"]))
+    figure, axes = plt.subplots(len(models), len(tokens), figsize=(4.2 * len(tokens), 3 * len(models)), sharey=True,
+                                squeeze=False)
+    for row, model in enumerate(models):
+        for axis, token in zip(axes[row], tokens):
+            part = traces[(traces["token"] == token) & (traces["model"] == model)]
+            sns.lineplot(data=part, x="layer", y="effect", hue="kind", marker="o", errorbar=("ci", 95), n_boot=1000,
+                         seed=0, ax=axis)
+            n_facts = part["case_id"].nunique()
+            axis.set_title(f"{model + ': ' if len(models) > 1 else ''}restored at the {token.replace('_', ' ')} "
+                           f"token ({n_facts} facts)", fontsize=9)
+            axis.set_xlabel("layer")
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axis.set_ylabel("indirect effect on P(true object)")
+            axis.axhline(0, color="grey", linewidth=0.5)
+    figure.suptitle(f"Causal tracing over the facts the model knows ({title})", y=1.02)
     figure.tight_layout()
     _save(figure, path)
 
@@ -242,6 +276,7 @@ def causal_trace_figure(traces: pd.DataFrame, path: str | Path, title: str = "")
 FIGURES = {
     "causal_trace": lambda t, p, title: causal_trace_figure(t["traces"], p, title),
     "layer_sweep": lambda t, p, title: layer_sweep_figure(t["layer_sweep"], p, title),
+    "sensitivity": lambda t, p, title: sensitivity_figure(t["sensitivity"], p, title),
     "single_edits": lambda t, p, title: single_edits_figure(t["edits"], p, title),
     "batch_size": lambda t, p, title: batch_size_figure(t["edits"], p, title),
     "sequential": lambda t, p, title: sequential_figure(t["edits"], p, title),
@@ -253,12 +288,14 @@ FIGURES = {
 def write_figures(tables: dict[str, str | Path], outputs: dict[str, str | Path], title: str = "",
                   ablations: dict | None = None) -> None:
     """Write every figure named in `outputs` (name -> png path) from the tidy tables
-    (name -> csv path: edits, layer_sweep, downstream, traces); `ablations` (the config block)
+    (name -> csv path: edits, layer_sweep, sensitivity, downstream, traces); `ablations` (the config block)
     for the ablations figure."""
+    from .ablations import ablation_tables
+
     sns.set_theme(style="whitegrid", context="paper")
     frames = {name: read_results(path) for name, path in tables.items()}
     for name, path in outputs.items():
         if name == "ablations":
-            ablations_figure(frames["downstream"], ablations or {}, path, title)
+            ablations_figure(ablation_tables(frames["downstream"], ablations), path, title)
         else:
             FIGURES[name](frames, path, title)

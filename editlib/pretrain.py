@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -61,6 +62,10 @@ class TrainConfig:
     local_window: int = 4
     mlp_layers: int | None = None
     prefix_space: bool = True
+    # the toy "chat" variant: after pretraining, `dialogue_steps` more steps at `dialogue_lr` on the
+    # world's question-answer dialogues (toyworld.dialogue_corpus) mixed 1:1 with corpus sentences
+    dialogue_steps: int = 0
+    dialogue_lr: float = 5e-4
 
     def __post_init__(self):
         if not 0 <= self.local_layers <= self.layers:
@@ -336,6 +341,24 @@ def cached_train_model(world_dir: str | Path, out_dir: str | Path, config: Train
     return report
 
 
+def dialogue_phase(config: TrainConfig) -> TrainConfig:
+    """The optimisation settings of the dialogue phase (its own warm-up and decay)."""
+    return replace(config, steps=config.dialogue_steps, lr=config.dialogue_lr,
+                   warmup_steps=min(config.warmup_steps, max(1, config.dialogue_steps // 10)))
+
+
+def dialogue_sequences(world_dir: str | Path, sentences: list[str], tokenizer, config: TrainConfig) -> list[list[int]]:
+    """The dialogue phase's data: every dialogue of the world plus as many corpus sentences
+    (seeded choice), so that the statements the experiments edit stay known."""
+    from .toyworld import dialogue_corpus, load_world
+
+    dialogues = dialogue_corpus(load_world(world_dir))
+    rng = random.Random(config.seed)
+    mixed = dialogues + rng.sample(sentences, min(len(sentences), len(dialogues)))
+    rng.shuffle(mixed)
+    return encode_sentences(tokenizer, mixed, config.seq_len)
+
+
 def _train_and_save(world_dir: str | Path, out_dir: Path, config: TrainConfig) -> dict:
     started = time.perf_counter()
     sentences = read_corpus(world_dir)
@@ -346,6 +369,9 @@ def _train_and_save(world_dir: str | Path, out_dir: Path, config: TrainConfig) -
     skipped = _skip_zero_mlps(model, config)
     try:
         losses = train_steps(model, sequences, tokenizer.pad_token_id, config)
+        if config.dialogue_steps:
+            losses += train_steps(model, dialogue_sequences(world_dir, sentences, tokenizer, config),
+                                  tokenizer.pad_token_id, dialogue_phase(config))
     finally:
         _restore_mlps(skipped)
     train_seconds = time.perf_counter() - started

@@ -378,6 +378,19 @@ def training_corpus(world: World) -> list[str]:
     return sentences
 
 
+def dialogue_corpus(world: World) -> list[str]:
+    """Question-answer dialogues about every fact of the world, in both of its relation's ZsRE
+    question forms ("Question: Where is X located? Answer: Y."), shuffled (seeded): the data of
+    the toy "chat" variant's further training (editlib.pretrain.TrainConfig.dialogue_steps)."""
+    lines = []
+    for fact in world.facts:
+        relation = RELATION_BY_ID[fact.relation_id]
+        lines += [f"Question: {question.format(fact.subject)} Answer: {fact.object}."
+                  for question in (relation.question, relation.rephrase)]
+    world.config.rng("dialogues").shuffle(lines)
+    return lines
+
+
 def wiki_documents(world: World) -> list[dict]:
     """Short encyclopedic documents, a few sentences each, for second-moment statistics.
 

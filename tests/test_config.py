@@ -92,7 +92,41 @@ INVALID = {
     "variant of MEND": (_set("methods.mend-2", {"method": "mend"}), r"methods\.mend-2: mend is trained once"),
     "ablation of a method not run sequentially": (_set("ablations", {"edited_layers": [{"shallow": "rome", "deep": "r-rome"}]}),
                                                   r"ablations\.edited_layers\[0\]\.deep: 'r-rome' is not in experiments\.sequential"),
+    "ablation of an unknown model": (_set("ablations", {"model_size": [{"smaller": "toy-5L", "larger": "toy-big"}]}),
+                                     r"ablations\.model_size\[0\]\.larger: 'toy-big' is not a configured model"),
+    "batch-size ablation with one batch size": (_set("ablations", {"batch_size": ["rome"]}),
+                                                r"ablations\.batch_size\[0\]: 'rome' must be in .* at least two batch sizes"),
+    "model variant named like the model": (_set("models", {"toy-5L": {"train": {"hidden": 64}}}),
+                                           r"models: a variant takes model\.name 'toy-5L'"),
+    "model variant with an unknown training field": (_set("models", {"toy-x": {"train": {"hiden": 64}}}),
+                                                     r"config\.yaml: models\.toy-x merged over model: model\.train: unknown field\(s\) \['hiden'\]"),
+    "model variant too shallow for a method's layer": (_set("models", {"toy-2L": {"train": {"layers": 2, "local_layers": 1, "mlp_layers": 1}}}),
+                                                       r"models\.toy-2L merged over model: experiments\.layer_sweep\.layers\[1\]: layer 1 out of range .* layers 0\.\.0"),
+    "sensitivity of an unknown hyperparameter": (_set("experiments.sensitivity", {"n_records": 8, "grid": {"memit": {"mom2_weight": [1]}}}),
+                                                 r"experiments\.sensitivity\.grid\.memit\.mom2_weight\[0\]: memit: unknown hyperparameters \['mom2_weight'\]"),
+    "sensitivity of a negative value": (_set("experiments.sensitivity", {"n_records": 8, "grid": {"alphaedit": {"l2": [1, -1]}}}),
+                                        r"experiments\.sensitivity\.grid\.alphaedit\.l2\[1\]"),
+    "sensitivity of GRACE": (_set("experiments.sensitivity", {"n_records": 8, "grid": {"grace": {"eps": [1]}}}),
+                             r"experiments\.sensitivity\.grid\.grace: the sensitivity stage sweeps locate-and-edit"),
+    "samples beyond the world's records": (_set("experiments.sequential.samples", 10),
+                                           r"experiments\.sequential\.total_edits \(x samples\): 1280 records needed, the toy world .* 1200"),
 }
+
+
+def test_a_model_variant_names_only_what_differs():
+    from editlib.config import model_config, model_names, stage_config
+
+    config = copy.deepcopy(DEFAULT)
+    config["models"] = {"toy-5L-wide": {"train": {"hidden": 192, "intermediate": 768}}}
+    validate_config(config, SCHEMA)
+    assert model_names(config) == ["toy-5L", "toy-5L-wide"]
+    wide = model_config(config, "toy-5L-wide")
+    assert wide["model"]["name"] == "toy-5L-wide" and "models" not in wide
+    assert wide["model"]["train"] == {**DEFAULT["model"]["train"], "hidden": 192, "intermediate": 768}
+    assert model_config(config, "toy-5L")["model"] == DEFAULT["model"]
+    # each model's jobs read their own block: the variant's training differs, the methods' do not
+    assert stage_config(wide, "prepare_model")["model"]["train"]["hidden"] == 192
+    assert stage_config(wide, "single", "memit")["methods"] == stage_config(config, "single", "memit")["methods"]
 
 
 def test_a_variant_runs_its_method_under_its_own_name():

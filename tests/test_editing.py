@@ -188,3 +188,20 @@ def test_subset_metrics_from_one_scoring_pass_equal_scoring_the_subset(trained_l
             assert from_all[name] == pytest.approx(alone[name], abs=1e-6), name
     finally:
         editor.restore()
+
+
+def test_sensitivity_at_the_configured_value_is_the_single_edit_experiment(trained_llama2, llama_tokenizer, moments2):
+    """One row per swept value; at a value equal to the configured one the row is the single-edit
+    experiment's, and the hyperparameter changes the edit (the rows differ)."""
+    from editlib.experiments import ExperimentContext, sensitivity, single_edits
+    from editlib.methods import make_spec
+
+    requests = subject_final_requests(3)
+    ctx = ExperimentContext(trained_llama2, llama_tokenizer, "tiny", moments2, progress=False)
+    overrides = {"mom2_update_weight": 10.0, "targets": {"v_num_grad_steps": 6}}
+    frame = sensitivity(ctx, requests, "memit", (1,), overrides, "mom2_update_weight", [0.01, 10.0, 1e6])
+    assert frame["value"].tolist() == [0.01, 10.0, 1e6] and set(frame["parameter"]) == {"mom2_update_weight"}
+    single = single_edits(ctx, requests, make_spec("memit", overrides, (1,)))
+    for metric in ("ES", "PS", "NS", "EM"):
+        assert frame.loc[1, metric] == pytest.approx(single.loc[0, metric], abs=1e-9), metric
+    assert frame.loc[0, "EM"] != frame.loc[2, "EM"]  # a huge mu barely edits

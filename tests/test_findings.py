@@ -1,15 +1,20 @@
 """The findings checks: verdicts follow the intervals in the tables, computed by hand here."""
 
+import math
+
 import pandas as pd
 import pytest
+
+from editlib.ablations import ablation_tables
+from editlib.tables import over_samples
 
 from editlib.findings import (
     INCONCLUSIVE,
     NOT_REPRODUCED,
     REPRODUCED,
+    ablation_findings,
     assess,
     bigger_batches_erode_less,
-    deeper_layers_erode_less,
     downstream_erosion,
     ns_falls_with_batch_size,
     sequential_beats_one_batch,
@@ -79,14 +84,14 @@ def test_bigger_batches_compare_final_accuracies_of_the_extreme_batch_sizes():
     assert found["emmet"]["verdict"] == INCONCLUSIVE
 
 
-def _sequential_downstream(finals: dict, n_edits: int = 16) -> pd.DataFrame:
+def _sequential_downstream(finals: dict, n_edits: int = 16, base: float = 0.9, model: str = "toy") -> pd.DataFrame:
     rows = []
     for (method, batch), after in finals.items():
         for task in ("a", "b"):
-            rows.append({"experiment": "sequential", "method": method, "batch_size": batch, "n_edits": 0, "task": task,
-                         "metric": "acc", "value": 0.9, "stderr": 0.01})
-            rows.append({"experiment": "sequential", "method": method, "batch_size": batch, "n_edits": n_edits,
-                         "task": task, "metric": "acc", "value": after, "stderr": 0.01})
+            rows.append({"experiment": "sequential", "model": model, "method": method, "batch_size": batch, "n_edits": 0,
+                         "task": task, "metric": "acc", "value": base, "stderr": 0.01})
+            rows.append({"experiment": "sequential", "model": model, "method": method, "batch_size": batch,
+                         "n_edits": n_edits, "task": task, "metric": "acc", "value": after, "stderr": 0.01})
     return pd.DataFrame(rows)
 
 
@@ -95,14 +100,46 @@ def test_deeper_layers_compare_the_configured_pairs_at_their_common_batch_size()
                                          ("memit-l0", 1): 0.80, ("memit", 1): 0.79})
     pairs = [{"shallow": "rome", "deep": "rome-deep"}, {"shallow": "memit-l0", "deep": "memit"},
              {"shallow": "rome", "deep": "absent"}]
-    found = {row["method"]: row for row in deeper_layers_erode_less(downstream, pairs)}
-    assert set(found) == {"rome-deep vs rome", "memit vs memit-l0"}  # a pair without runs is left out
-    assert found["rome-deep vs rome"]["verdict"] == REPRODUCED  # +0.10 +- 0.0196, at b=1 (b=4 ignored)
-    assert "+0.100 [+0.080, +0.120]" in found["rome-deep vs rome"]["evidence"]
-    assert found["memit vs memit-l0"]["verdict"] == INCONCLUSIVE
+    tables = ablation_tables(downstream, {"edited_layers": pairs})
+    assert set(tables["edited_layers"]["batch_size"]) == {1}  # the pairs' common batch size
+    found = {row["method"]: row for row in ablation_findings(tables)}
+    assert set(found) == {"rome vs rome-deep on toy", "memit-l0 vs memit on toy"}  # a pair without runs is left out
+    assert found["rome vs rome-deep on toy"]["verdict"] == REPRODUCED  # +0.10 +- 0.0196, at b=1 (b=4 ignored)
+    assert "+0.100 [+0.080, +0.120]" in found["rome vs rome-deep on toy"]["evidence"]
+    assert found["memit-l0 vs memit on toy"]["verdict"] == INCONCLUSIVE
     assessed = assess({"edits": pd.DataFrame(), "layer_sweep": pd.DataFrame(), "downstream": downstream,
-                       "traces": pd.DataFrame()}, {"edited_layers": pairs[:1]})
+                       "traces": pd.DataFrame()}, ablation_tables(downstream, {"edited_layers": pairs[:1]}))
     assert assessed["finding"].str.startswith("deeper edited layers").sum() == 1
+
+
+def test_model_pairs_compare_each_models_own_drop():
+    """Two models start from different accuracies: the arms' drops are compared, with the four
+    measurements' standard errors: drop 0.3 on the smaller, 0.1 on the larger model."""
+    downstream = pd.concat([_sequential_downstream({("memit", 1): 0.5}, base=0.8, model="small"),
+                            _sequential_downstream({("memit", 1): 0.8}, base=0.9, model="large")])
+    tables = ablation_tables(downstream, {"model_size": [{"smaller": "small", "larger": "large"}]})
+    assert set(tables["model_size"]["role"]) == {"smaller", "larger"}
+    [row] = ablation_findings(tables)
+    # each drop +- 1.96 * sqrt(4 * 0.01^2) / 2 = 0.0196; their difference +- hypot(0.0196, 0.0196) = 0.0277
+    assert row["verdict"] == REPRODUCED and "+0.200 [+0.172, +0.228]" in row["evidence"], row
+    assert row["method"] == "memit: small vs large"
+
+
+def test_samples_are_averaged_with_their_spread():
+    runs = [_sequential_downstream({("memit", 1): after}).assign(sample=sample) for sample, after in enumerate((0.5, 0.6, 0.7))]
+    mean = over_samples(pd.concat(runs))
+    final = mean[mean["n_edits"] == 16]
+    assert final["value"].round(6).tolist() == [0.6, 0.6]
+    assert final["spread_lo"].round(6).tolist() == [0.5, 0.5] and final["spread_hi"].round(6).tolist() == [0.7, 0.7]
+    assert final["stderr"].round(6).tolist() == [round(math.sqrt(3 * 0.01 ** 2) / 3, 6)] * 2
+    # before editing, the three runs measured the one unedited model: its own standard error
+    assert mean.loc[mean["n_edits"] == 0, "stderr"].tolist() == [0.01, 0.01]
+    [row] = downstream_erosion(pd.concat(runs))
+    assert "mean of 3 disjoint edit samples, whose drops are +0.400, +0.300, +0.200" in row["evidence"]
+    per_sample = ablation_tables(pd.concat(runs), {}, samples=3)["samples"]
+    assert per_sample["drop"].round(6).tolist() == [0.4, 0.3, 0.2]
+    # +-1.96 * sqrt(2 tasks x (0.01^2 + 0.01^2)) / 2 tasks
+    assert (per_sample["drop_hi"] - per_sample["drop"]).round(6).tolist() == [round(1.959964 * 0.02 / 2, 6)] * 3
 
 
 def test_ablations_figure_draws_every_pair(tmp_path):
@@ -110,8 +147,8 @@ def test_ablations_figure_draws_every_pair(tmp_path):
 
     downstream = _sequential_downstream({("rome", 1): 0.6, ("rome-deep", 1): 0.7, ("rome-flat", 1): 0.5})
     path = tmp_path / "ablations.png"
-    ablations_figure(downstream, {"edited_layers": [{"shallow": "rome", "deep": "rome-deep"}],
-                                  "constraint": [{"with": "rome", "without": "rome-flat"}]}, path)
+    ablations_figure(ablation_tables(downstream, {"edited_layers": [{"shallow": "rome", "deep": "rome-deep"}],
+                                                  "constraint": [{"with": "rome", "without": "rome-flat"}]}), path)
     assert path.stat().st_size > 10_000
 
 

@@ -58,3 +58,13 @@ def test_valid_counterfact_is_prepared(tmp_path):
     prepare_data({"seed": 0, "data": {"source": "counterfact", "counterfact": str(source)}}, out)
     assert json.loads((out / "records.json").read_text()) == [GOOD, cf(case_id=11)]
     assert sorted(p.name for p in out.iterdir()) == ["corpus.jsonl", "records.json", "summary.json", "tasks"]
+
+
+def test_edit_samples_are_disjoint_consecutive_blocks(tmp_path):
+    from editlib.pipeline import edit_requests
+
+    records = list(range(10))
+    samples = [edit_requests(records, 3, tmp_path / "records.json", sample) for sample in range(3)]
+    assert samples == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    with pytest.raises(ValueError, match=r"records\.json: edit sample 3 of 3 records needs 12 records, the file has 10"):
+        edit_requests(records, 3, tmp_path / "records.json", 3)

@@ -64,10 +64,11 @@ def test_slurm_submission_is_well_formed(tmp_path):
     assert ["--mem", "32000"] == argv[argv.index("--mem"):argv.index("--mem") + 2]
     assert ["-t", "120"] == argv[argv.index("-t"):argv.index("-t") + 2]
     assert ["-A", "stub_account"] == argv[argv.index("-A"):argv.index("-A") + 2]
-    assert "--cpus-per-task=8" in argv and "--comment" in argv and "rule_prepare_data" in argv
+    comment = argv[argv.index("--comment") + 1]
+    assert "--cpus-per-task=8" in argv and comment.startswith("rule_prepare_data"), text
     wrap = next(a for a in argv if a.startswith("--wrap="))
     assert "-m snakemake" in wrap and f"--snakefile '{REPO / 'Snakefile'}'" in wrap
-    assert "--target-jobs 'prepare_data:'" in wrap and "--allowed-rules prepare_data" in wrap
+    assert "--target-jobs 'prepare_data:model=toy-5L'" in wrap and "--allowed-rules prepare_data" in wrap
     # the job never ran (stub), so snakemake reports the SLURM failure and exits non-zero
     assert result.returncode != 0 and "4242" in result.stdout + result.stderr
-    assert not (tmp_path / "resources" / "slurm-stub" / "data" / "records.json").exists()
+    assert not (tmp_path / "resources" / "slurm-stub" / "toy-5L" / "data" / "records.json").exists()

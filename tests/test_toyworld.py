@@ -20,6 +20,7 @@ from editlib.toyworld import (
     RELATIONS,
     WorldConfig,
     build_world,
+    dialogue_corpus,
     load_world,
     make_world,
 )
@@ -125,6 +126,24 @@ def test_questions_enter_the_corpus_only_when_asked_for(world, world_dir, tmp_pa
     statements = {RELATION_BY_ID[f.relation_id].statement(t, f.subject, f.object) for f in world.facts
                   for t in (RELATION_BY_ID[f.relation_id].template, *RELATION_BY_ID[f.relation_id].paraphrases)}
     assert statements <= set(with_questions)  # the statements stay
+
+
+def test_dialogues_ask_every_fact_in_both_question_forms(world):
+    dialogues = dialogue_corpus(world)
+    expected = {f"Question: {q.format(f.subject)} Answer: {f.object}." for f in world.facts
+                for q in (RELATION_BY_ID[f.relation_id].question, RELATION_BY_ID[f.relation_id].rephrase)}
+    assert len(dialogues) == 2 * len(world.facts) and set(dialogues) == expected
+    assert dialogues == dialogue_corpus(world)  # seeded order
+
+
+def test_dialogue_phase_continues_training_on_dialogues(world_dir, tmp_path):
+    """The "chat" variant: the same pretraining, then `dialogue_steps` more steps; the recall
+    report records both phases' settings."""
+    config = replace(SMALL_TRAIN, steps=60, recall_threshold=0.0, seq_len=64, dialogue_steps=10)
+    report = train_model(world_dir, tmp_path / "chat", config)
+    base = train_model(world_dir, tmp_path / "base", replace(config, dialogue_steps=0))
+    assert report["train_config"]["dialogue_steps"] == 10
+    assert (tmp_path / "chat" / "model.safetensors").read_bytes() != (tmp_path / "base" / "model.safetensors").read_bytes()
 
 
 def test_wiki_documents_are_text_about_the_world(world, world_dir):

@@ -117,12 +117,13 @@ def test_full_run_writes_tidy_tables_and_figures(completed):
     for name in ("causal_trace", "layer_sweep", "single_edits", "batch_size", "sequential", "downstream",
                  "batch_vs_sequential"):
         assert (completed / "reports" / "tiny" / "figures" / f"{name}.png").stat().st_size > 1000
-    assert (completed / "logs" / "tiny" / "statistics.log").exists()
-    assert (completed / "benchmarks" / "tiny" / "statistics.tsv").exists()
-    assert not [p for p in (out / "checkpoints").rglob("*") if p.is_file()], "checkpoints left behind"
+    assert (completed / "logs" / "tiny" / "tiny-llama" / "statistics.log").exists()
+    assert (completed / "benchmarks" / "tiny" / "tiny-llama" / "statistics.tsv").exists()
+    own = out / "tiny-llama"  # the model's own files
+    assert not [p for p in (own / "checkpoints").rglob("*") if p.is_file()], "checkpoints left behind"
     # the edit states the downstream jobs loaded: one per downstream_at count > 0 and per batch size
-    assert sorted(p.name for p in (out / "states" / "sequential" / "grace" / "b2").glob("*.safetensors")) == ["n4.safetensors"]
-    assert sorted(p.name for p in (out / "states" / "batched" / "memit").glob("*.safetensors")) == ["b1.safetensors", "b2.safetensors"]
+    assert sorted(p.name for p in (own / "states" / "sequential" / "grace" / "b2-s0").glob("*.safetensors")) == ["n4.safetensors"]
+    assert sorted(p.name for p in (own / "states" / "batched" / "memit").glob("*.safetensors")) == ["b1.safetensors", "b2.safetensors"]
     # z of the unedited model was optimised once per (module, block) and shared by the sweep, the
     # batched run and the first sequential batch: MEMIT at blocks 0 and 1 (sweep), ROME at MLP 0
     assert len(list((completed / ".cache" / "targets").glob("z-*.safetensors"))) == 3
@@ -152,7 +153,7 @@ CHANGES = [
     # an edit job that reruns rewrites its states, so the downstream job reading them reruns too
     ("metrics.generation_entropy", True,
      {"layer_sweep": 1, "single_edits": 1, "batched_edits": 1, "sequential_edits": 3, **DOWNSTREAM, **REPORTING}),
-    ("tracing.n_samples", 3, {"causal_trace": 1, "figures": 1, "findings": 1, "all": 1}),
+    ("tracing.n_samples", 3, {"causal_trace": 1, **REPORTING}),
     # downstream settings rerun the downstream jobs and no edit
     ("downstream.limit", 4, {"downstream_base": 1, **DOWNSTREAM, **REPORTING}),
     ("downstream.tasks", ["toy_facts", "toy_compose"], {"downstream_base": 1, **DOWNSTREAM, **REPORTING}),
@@ -170,6 +171,13 @@ CHANGES = [
     ("stats.n_samples", 30, {"statistics": 1, "layer_sweep": 1, "single_edits": 1, "batched_edits": 1,
                              "sequential_edits": 1, "downstream_batched": 1, "downstream_sequential": 1, **REPORTING}),
     ("methods.mend.n_train", 6, {"train_mend": 1, "sequential_edits": 1, "downstream_sequential": 1, **REPORTING}),
+    # a second edit sample adds one run per method and batch size; MEND's training pool moves past it
+    ("experiments.sequential.samples", 2, {"train_mend": 1, "sequential_edits": 4, "downstream_sequential": 4,
+                                           **REPORTING}),
+    # a second model runs every per-model job once and changes none of the first model's
+    ("models", {"tiny-chat": {"train": {"dialogue_steps": 20}}},
+     {"prepare_data": 1, "prepare_model": 1, "statistics": 1, "causal_trace": 1, "layer_sweep": 1, "single_edits": 1,
+      "batched_edits": 1, "sequential_edits": 3, "train_mend": 1, "downstream_base": 1, **DOWNSTREAM, **REPORTING}),
     # MEND trains on the records after those the experiments edit: more edits move its pool
     ("experiments.sequential.total_edits", 6, {"train_mend": 1, "sequential_edits": 3, "downstream_sequential": 3,
                                                **REPORTING}),
@@ -237,4 +245,39 @@ def test_zsre_records_run_end_to_end(tmp_path):
     assert set(pd.read_csv(out / "layer_sweep.csv")["records"]) == {"zsre"}
     # tracing reads the same records: ZsRE edited towards `alt` keeps the true answer to trace with
     # (this small model answers none of the questions: it never saw one in training)
-    assert "causal tracing: the model knows" in (tmp_path / "logs" / "tiny" / "causal_trace.log").read_text()
+    assert "causal tracing: the model knows" in (tmp_path / "logs" / "tiny" / "tiny-llama" / "causal_trace.log").read_text()
+
+
+def test_models_samples_and_ablations_run_end_to_end(tmp_path):
+    """Two models (the second a "chat" variant trained further on the world's dialogues), two
+    disjoint edit samples per sequential run, the instruction-tuning and batch-size ablations and a
+    sensitivity grid: every model and sample in the tables, one tidy table per ablation, the
+    figures faceted."""
+    config = copy.deepcopy(SMALL)
+    del config["methods"]["mend"]
+    config["models"] = {"tiny-chat": {"train": {"dialogue_steps": 20, "seq_len": 64}}}  # this vocabulary splits names
+    config["experiments"]["sequential"].update(methods=["memit"], batch_sizes=[1, 2], samples=2)
+    config["ablations"] = {"instruction_tuning": [{"base": "tiny-llama", "chat": "tiny-chat"}], "batch_size": ["memit"]}
+    config["experiments"]["sensitivity"] = {"n_records": 2, "grid": {"memit": {"mom2_update_weight": [1.0, 10.0]}}}
+    snakemake(tmp_path, config)
+    out = tmp_path / "results" / "tiny"
+    edits = pd.read_csv(out / "edits.csv")
+    assert set(edits["model"]) == {"tiny-llama", "tiny-chat"}
+    sequential = edits[edits["experiment"] == "sequential"]
+    assert sorted(sequential.groupby(["model", "method", "batch_size"])["sample"].nunique().unique()) == [2]
+    recall = yaml.safe_load((tmp_path / "resources" / "tiny" / "tiny-chat" / "model" / "recall.json").read_text())
+    assert recall["train_config"]["dialogue_steps"] == 20
+    downstream = pd.read_csv(out / "downstream.csv")
+    assert set(downstream["model"]) == {"tiny-llama", "tiny-chat"} and set(downstream["sample"]) == {0, 1}
+    tuning = pd.read_csv(out / "ablations" / "instruction_tuning.csv")
+    assert set(tuning["role"]) == {"base", "chat"} and set(tuning["n_samples"]) == {2}
+    assert set(pd.read_csv(out / "ablations" / "batch_size.csv")["role"]) == {"b=1", "b=2"}
+    assert set(pd.read_csv(out / "ablations" / "samples.csv")["sample"]) == {0, 1}
+    findings = pd.read_csv(out / "findings.csv")
+    assert "instruction-tuned models lose less general ability" in set(findings["finding"])
+    assert set(findings["model"].dropna()) >= {"tiny-llama", "tiny-chat"}
+    sensitivity = pd.read_csv(out / "sensitivity.csv")
+    assert sorted(zip(sensitivity["model"], sensitivity["value"])) == [("tiny-chat", 1.0), ("tiny-chat", 10.0),
+                                                                       ("tiny-llama", 1.0), ("tiny-llama", 10.0)]
+    for name in ("ablations", "downstream", "causal_trace", "sensitivity"):
+        assert (tmp_path / "reports" / "tiny" / "figures" / f"{name}.png").stat().st_size > 1000

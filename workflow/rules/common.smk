@@ -1,16 +1,23 @@
 # Paths and helpers shared by the rules. Everything of one run lives under results/<run>,
-# resources/<run>, reports/<run>, logs/<run> and benchmarks/<run>.
+# resources/<run>, reports/<run>, logs/<run> and benchmarks/<run>; each model's jobs under a
+# <model> folder there (the {model} wildcard), the tables of all models together at the top.
 
 import re
 
-from editlib.config import configured_method, sequential_runs, stage_config
+from editlib.config import configured_method, model_config, model_names, sensitivity_methods, sequential_runs, stage_config
 
 RUN = config["run"]
-RES = f"resources/{RUN}"
-OUT = f"results/{RUN}"
+MODELS = model_names(config)
+# one model's files (the {model} wildcard)
+RES = f"resources/{RUN}/{{model}}"
+OUT = f"results/{RUN}/{{model}}"
+LOGS = f"logs/{RUN}/{{model}}"
+BENCH = f"benchmarks/{RUN}/{{model}}"
+# the run's tables of all models, figures and report
+RUN_OUT = f"results/{RUN}"
+RUN_LOGS = f"logs/{RUN}"
+RUN_BENCH = f"benchmarks/{RUN}"
 REPORT = f"reports/{RUN}"
-LOGS = f"logs/{RUN}"
-BENCH = f"benchmarks/{RUN}"
 SCRIPTS = Path(workflow.current_basedir).parent / "scripts"
 # For `--sdm conda`, the environment of all jobs; editlib itself comes from the checkout (scripts/_checkout.py)
 CONDA_ENV = str(Path(workflow.basedir) / "envs" / "editlib.yaml")
@@ -27,8 +34,22 @@ MODEL = f"{RES}/model"
 MOMENTS = f"{RES}/stats/second_moments.safetensors"
 MEND_EDITOR = f"{RES}/mend/editor.safetensors"
 STATES = f"{OUT}/states"  # the edits saved by editing jobs for the downstream jobs
-# the {method} wildcard: exactly the config's method blocks (validated against editlib.methods)
+# the {method} and {model} wildcards: exactly the config's method blocks and models
 METHOD_WILDCARD = "|".join(re.escape(name) for name in config["methods"])
+MODEL_WILDCARD = "|".join(re.escape(name) for name in MODELS)
+
+
+wildcard_constraints:
+    model=MODEL_WILDCARD,
+    method=METHOD_WILDCARD,
+    batch_size=r"\d+",
+    sample=r"\d+",
+
+
+def stage(name, method=None):
+    """params.stage of a rule: what a job of `name` reads (for its model and method wildcards)."""
+    return lambda wildcards: stage_config(model_config(config, wildcards.model), name,
+                                          method or getattr(wildcards, "method", None))
 
 
 def sweep_input(wildcards):
@@ -36,34 +57,39 @@ def sweep_input(wildcards):
     method = configured_method(config, wildcards.method)
     if not method.chooses_layers or config["methods"][wildcards.method].get("layers", "auto") != "auto":
         return []
-    return f"{OUT}/layer_sweep/{wildcards.method}.csv"
+    return f"results/{RUN}/{wildcards.model}/layer_sweep/{wildcards.method}.csv"
 
 
 def mend_input(wildcards):
     """The trained hypernetwork, for a method that needs one (MEND)."""
-    return MEND_EDITOR if configured_method(config, wildcards.method).trained_editor else []
+    return MEND_EDITOR.format(model=wildcards.model) if configured_method(config, wildcards.method).trained_editor else []
 
 
 def moments_input(wildcards):
     """The statistics C, for a method that uses them (the locate-and-edit family)."""
-    return MOMENTS if configured_method(config, wildcards.method).uses_statistics else []
+    return MOMENTS.format(model=wildcards.model) if configured_method(config, wildcards.method).uses_statistics else []
+
+
+def per_model(*patterns):
+    """`patterns` (with a {model} wildcard) for every model."""
+    return [pattern.format(model=model) for model in MODELS for pattern in patterns]
 
 
 def edit_tables():
     tables = [f"{OUT}/single/{m}.csv" for m in EXPERIMENTS["single"]["methods"]]
     tables += [f"{OUT}/batched/{m}.csv" for m in EXPERIMENTS["batched"]["methods"]]
-    tables += [f"{OUT}/sequential/{m}/b{b}.csv" for m, b in sequential_runs(config)]
-    return tables
+    tables += [f"{OUT}/sequential/{m}/b{b}-s{s}.csv" for m, b, s in sequential_runs(config)]
+    return per_model(*tables)
 
 
 def downstream_tables():
     """One downstream table per sequential run and per batched method (none without tasks)."""
     if not config["downstream"]["tasks"]:
         return []
-    tables = [f"{OUT}/downstream/sequential/{m}/b{b}.csv" for m, b in sequential_runs(config)]
+    tables = [f"{OUT}/downstream/sequential/{m}/b{b}-s{s}.csv" for m, b, s in sequential_runs(config)]
     if EXPERIMENTS["batched"].get("downstream", False):
         tables += [f"{OUT}/downstream/batched/{m}.csv" for m in EXPERIMENTS["batched"]["methods"]]
-    return tables
+    return per_model(*tables)
 
 
 def state_output(path):
@@ -72,10 +98,15 @@ def state_output(path):
     return temp(directory(path)) if config["downstream"].get("temporary_states", False) else directory(path)
 
 
+SENSITIVITY = sensitivity_methods(config)
 FIGURES = ["causal_trace", "layer_sweep", "single_edits", "batch_size", "sequential", "batch_vs_sequential",
-           "downstream"] + (["ablations"] if config.get("ablations") else [])
+           "downstream"] + (["sensitivity"] if SENSITIVITY else []) + (["ablations"] if config.get("ablations") else [])
+# one table per ablation kind, and each run's drop per edit sample when there are several
+ABLATION_TABLES = [f"{RUN_OUT}/ablations/{kind}.csv" for kind in config.get("ablations", {})] + (
+    [f"{RUN_OUT}/ablations/samples.csv"] if EXPERIMENTS["sequential"].get("samples", 1) > 1 else [])
 
 
 def final_outputs():
-    return [f"{OUT}/edits.csv", f"{OUT}/layer_sweep.csv", f"{OUT}/downstream.csv", f"{OUT}/causal_trace.csv",
-            f"{OUT}/findings.csv", f"{REPORT}/findings.html", *[f"{REPORT}/figures/{name}.png" for name in FIGURES]]
+    return [f"{RUN_OUT}/edits.csv", f"{RUN_OUT}/layer_sweep.csv", f"{RUN_OUT}/sensitivity.csv", f"{RUN_OUT}/downstream.csv",
+            f"{RUN_OUT}/causal_trace.csv", f"{RUN_OUT}/findings.csv", f"{REPORT}/findings.html", *ABLATION_TABLES,
+            *[f"{REPORT}/figures/{name}.png" for name in FIGURES]]

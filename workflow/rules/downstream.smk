@@ -9,7 +9,7 @@ rule downstream_base:
     output:
         f"{OUT}/downstream/base.csv",
     params:
-        stage=stage_config(config, "downstream_base"),
+        stage=stage("downstream_base"),
     threads: config["threads"]
     log:
         f"{LOGS}/downstream/base.log",
@@ -27,18 +27,18 @@ rule downstream_sequential:
         moments=moments_input,
         mend=mend_input,
         tasks=DATA["tasks"],
-        states=f"{STATES}/sequential/{{method}}/b{{batch_size}}",
+        states=f"{STATES}/sequential/{{method}}/b{{batch_size}}-s{{sample}}",
         base=f"{OUT}/downstream/base.csv",
     output:
-        f"{OUT}/downstream/sequential/{{method}}/b{{batch_size}}.csv",
+        f"{OUT}/downstream/sequential/{{method}}/b{{batch_size}}-s{{sample}}.csv",
     params:
-        stage=lambda wildcards: stage_config(config, "downstream_sequential", wildcards.method),
+        stage=stage("downstream_sequential"),
         experiment="sequential",
     threads: config["threads"]
     log:
-        f"{LOGS}/downstream/sequential/{{method}}/b{{batch_size}}.log",
+        f"{LOGS}/downstream/sequential/{{method}}/b{{batch_size}}-s{{sample}}.log",
     benchmark:
-        f"{BENCH}/downstream/sequential/{{method}}/b{{batch_size}}.tsv"
+        f"{BENCH}/downstream/sequential/{{method}}/b{{batch_size}}-s{{sample}}.tsv"
     conda:
         CONDA_ENV
     script:
@@ -56,7 +56,7 @@ rule downstream_batched:
     output:
         f"{OUT}/downstream/batched/{{method}}.csv",
     params:
-        stage=lambda wildcards: stage_config(config, "downstream_batched", wildcards.method),
+        stage=stage("downstream_batched"),
         experiment="batched",
     threads: config["threads"]
     log:

@@ -2,11 +2,6 @@
 # method's block and its experiment's settings, so changing one method's hyperparameters reruns
 # only that method's jobs (and the tables and figures built from them).
 
-wildcard_constraints:
-    method=METHOD_WILDCARD,
-    batch_size=r"\d+",
-
-
 rule layer_sweep:
     input:
         model=MODEL,
@@ -15,7 +10,7 @@ rule layer_sweep:
     output:
         f"{OUT}/layer_sweep/{{method}}.csv",
     params:
-        stage=lambda wildcards: stage_config(config, "layer_sweep", wildcards.method),
+        stage=stage("layer_sweep"),
     threads: config["threads"]
     log:
         f"{LOGS}/layer_sweep/{{method}}.log",
@@ -27,6 +22,27 @@ rule layer_sweep:
         str(SCRIPTS / "layer_sweep.py")
 
 
+rule sensitivity:
+    input:
+        model=MODEL,
+        moments=MOMENTS,
+        records=DATA["records"],
+        sweep=sweep_input,
+    output:
+        f"{OUT}/sensitivity/{{method}}.csv",
+    params:
+        stage=stage("sensitivity"),
+    threads: config["threads"]
+    log:
+        f"{LOGS}/sensitivity/{{method}}.log",
+    benchmark:
+        f"{BENCH}/sensitivity/{{method}}.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        str(SCRIPTS / "sensitivity.py")
+
+
 rule train_mend:
     input:
         model=MODEL,
@@ -34,7 +50,7 @@ rule train_mend:
     output:
         MEND_EDITOR,
     params:
-        stage=stage_config(config, "train_mend") if "mend" in config["methods"] else {},
+        stage=stage("train_mend") if "mend" in config["methods"] else {},
     threads: config["threads"]
     log:
         f"{LOGS}/train_mend.log",
@@ -56,7 +72,7 @@ rule single_edits:
     output:
         f"{OUT}/single/{{method}}.csv",
     params:
-        stage=lambda wildcards: stage_config(config, "single", wildcards.method),
+        stage=stage("single"),
     threads: config["threads"]
     log:
         f"{LOGS}/single/{{method}}.log",
@@ -79,7 +95,7 @@ rule batched_edits:
         results=f"{OUT}/batched/{{method}}.csv",
         states=state_output(f"{STATES}/batched/{{method}}"),
     params:
-        stage=lambda wildcards: stage_config(config, "batched", wildcards.method),
+        stage=stage("batched"),
     threads: config["threads"]
     priority: 10  # the longest jobs: start them first so that short ones fill the end
     log:
@@ -100,17 +116,17 @@ rule sequential_edits:
         sweep=sweep_input,
         mend=mend_input,
     output:
-        results=f"{OUT}/sequential/{{method}}/b{{batch_size}}.csv",
-        states=state_output(f"{STATES}/sequential/{{method}}/b{{batch_size}}"),
+        results=f"{OUT}/sequential/{{method}}/b{{batch_size}}-s{{sample}}.csv",
+        states=state_output(f"{STATES}/sequential/{{method}}/b{{batch_size}}-s{{sample}}"),
     params:
-        stage=lambda wildcards: stage_config(config, "sequential", wildcards.method),
+        stage=stage("sequential"),
         # not an output: Snakemake deletes the outputs of failed jobs, the checkpoint must survive
-        checkpoint=f"{OUT}/checkpoints/sequential/{{method}}/b{{batch_size}}.safetensors",
+        checkpoint=f"{OUT}/checkpoints/sequential/{{method}}/b{{batch_size}}-s{{sample}}.safetensors",
     threads: config["threads"]
     log:
-        f"{LOGS}/sequential/{{method}}/b{{batch_size}}.log",
+        f"{LOGS}/sequential/{{method}}/b{{batch_size}}-s{{sample}}.log",
     benchmark:
-        f"{BENCH}/sequential/{{method}}/b{{batch_size}}.tsv"
+        f"{BENCH}/sequential/{{method}}/b{{batch_size}}-s{{sample}}.tsv"
     conda:
         CONDA_ENV
     script:

@@ -10,7 +10,7 @@ if TOY_WORLD:
             summary=DATA["summary"],
             train_corpus=f"{RES}/data/train_corpus.txt",
         params:
-            stage=stage_config(config, "prepare_data"),
+            stage=stage("prepare_data"),
         log:
             f"{LOGS}/prepare_data.log",
         benchmark:
@@ -26,8 +26,9 @@ if TOY_WORLD:
         output:
             directory(MODEL),
         params:
-            stage=stage_config(config, "prepare_model"),
-        threads: config["model"].get("train", {}).get("threads", 1)
+            stage=stage("prepare_model"),
+        threads: lambda wildcards: model_config(config, wildcards.model)["model"].get("train", {}).get("threads", 1)
+        priority: 200  # every model's jobs wait for it: train all models before the 1-thread jobs fill the cores
         log:
             f"{LOGS}/prepare_model.log",
         benchmark:
@@ -43,7 +44,7 @@ else:
         output:
             directory(MODEL),
         params:
-            stage=stage_config(config, "prepare_model"),
+            stage=stage("prepare_model"),
         log:
             f"{LOGS}/prepare_model.log",
         benchmark:
@@ -62,7 +63,7 @@ else:
             tasks=directory(DATA["tasks"]),
             summary=DATA["summary"],
         params:
-            stage=stage_config(config, "prepare_data"),
+            stage=stage("prepare_data"),
         log:
             f"{LOGS}/prepare_data.log",
         benchmark:

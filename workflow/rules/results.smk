@@ -1,18 +1,22 @@
-# Tidy tables, figures (with captions for `snakemake --report`).
+# Tidy tables of all models, the ablations' tables, figures (with captions for `snakemake --report`).
 
 rule tidy_results:
     input:
         edits=edit_tables(),
-        sweeps=[f"{OUT}/layer_sweep/{m}.csv" for m in EXPERIMENTS["layer_sweep"]["methods"]],
+        sweeps=per_model(*[f"{OUT}/layer_sweep/{m}.csv" for m in EXPERIMENTS["layer_sweep"]["methods"]]),
+        sensitivity=per_model(*[f"{OUT}/sensitivity/{m}.csv" for m in SENSITIVITY]),
         downstream=downstream_tables(),
+        traces=per_model(f"{OUT}/causal_trace.csv"),
     output:
-        edits=f"{OUT}/edits.csv",
-        layer_sweep=f"{OUT}/layer_sweep.csv",
-        downstream=f"{OUT}/downstream.csv",
+        edits=f"{RUN_OUT}/edits.csv",
+        layer_sweep=f"{RUN_OUT}/layer_sweep.csv",
+        sensitivity=f"{RUN_OUT}/sensitivity.csv",
+        downstream=f"{RUN_OUT}/downstream.csv",
+        traces=f"{RUN_OUT}/causal_trace.csv",
     log:
-        f"{LOGS}/tidy_results.log",
+        f"{RUN_LOGS}/tidy_results.log",
     benchmark:
-        f"{BENCH}/tidy_results.tsv"
+        f"{RUN_BENCH}/tidy_results.tsv"
     conda:
         CONDA_ENV
     script:
@@ -21,19 +25,20 @@ rule tidy_results:
 
 rule figures:
     input:
-        edits=f"{OUT}/edits.csv",
-        layer_sweep=f"{OUT}/layer_sweep.csv",
-        downstream=f"{OUT}/downstream.csv",
-        traces=f"{OUT}/causal_trace.csv",
+        edits=f"{RUN_OUT}/edits.csv",
+        layer_sweep=f"{RUN_OUT}/layer_sweep.csv",
+        sensitivity=f"{RUN_OUT}/sensitivity.csv",
+        downstream=f"{RUN_OUT}/downstream.csv",
+        traces=f"{RUN_OUT}/causal_trace.csv",
     output:
         **{name: report(f"{REPORT}/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures")
            for name in FIGURES},
     params:
         stage=stage_config(config, "report"),
     log:
-        f"{LOGS}/figures.log",
+        f"{RUN_LOGS}/figures.log",
     benchmark:
-        f"{BENCH}/figures.tsv"
+        f"{RUN_BENCH}/figures.tsv"
     conda:
         CONDA_ENV
     script:
@@ -42,19 +47,20 @@ rule figures:
 
 rule findings:
     input:
-        edits=f"{OUT}/edits.csv",
-        layer_sweep=f"{OUT}/layer_sweep.csv",
-        downstream=f"{OUT}/downstream.csv",
-        traces=f"{OUT}/causal_trace.csv",
+        edits=f"{RUN_OUT}/edits.csv",
+        layer_sweep=f"{RUN_OUT}/layer_sweep.csv",
+        downstream=f"{RUN_OUT}/downstream.csv",
+        traces=f"{RUN_OUT}/causal_trace.csv",
     output:
-        table=f"{OUT}/findings.csv",
+        table=f"{RUN_OUT}/findings.csv",
         page=report(f"{REPORT}/findings.html", caption="../report/findings.rst", category="1. Findings"),
+        ablations=ABLATION_TABLES,
     params:
         stage=stage_config(config, "report"),
     log:
-        f"{LOGS}/findings.log",
+        f"{RUN_LOGS}/findings.log",
     benchmark:
-        f"{BENCH}/findings.tsv"
+        f"{RUN_BENCH}/findings.tsv"
     conda:
         CONDA_ENV
     script:

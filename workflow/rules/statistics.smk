@@ -7,7 +7,7 @@ rule statistics:
     output:
         MOMENTS,
     params:
-        stage=stage_config(config, "statistics"),
+        stage=stage("statistics"),
     threads: config["threads"]
     priority: 100  # every locate-and-edit job waits for it
     log:

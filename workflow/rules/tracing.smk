@@ -7,7 +7,7 @@ rule causal_trace:
     output:
         f"{OUT}/causal_trace.csv",
     params:
-        stage=stage_config(config, "causal_trace"),
+        stage=stage("causal_trace"),
     threads: config["threads"]
     log:
         f"{LOGS}/causal_trace.log",

@@ -10,4 +10,5 @@ with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["
         run_downstream(snakemake.params.stage, snakemake.params.experiment, snakemake.wildcards.method,
                        int(snakemake.wildcards.get("batch_size", 0)), snakemake.input.model,
                        snakemake.input.moments or None, snakemake.input.mend or None, snakemake.input.tasks,
-                       snakemake.input.states, snakemake.input.base, snakemake.output[0])
+                       snakemake.input.states, snakemake.input.base, snakemake.output[0],
+                       sample=int(snakemake.wildcards.get("sample", 0)))

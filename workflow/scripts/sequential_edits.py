@@ -6,4 +6,4 @@ with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["
     run_sequential(snakemake.params.stage, snakemake.wildcards.method, int(snakemake.wildcards.batch_size),
                    snakemake.input.model, snakemake.input.moments or None, snakemake.input.records,
                    snakemake.input.sweep or None, snakemake.input.mend or None, snakemake.output.results,
-                   snakemake.output.states, snakemake.params.checkpoint)
+                   snakemake.output.states, snakemake.params.checkpoint, sample=int(snakemake.wildcards.sample))

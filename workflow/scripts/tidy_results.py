@@ -1,9 +1,11 @@
-"""Rule tidy_results: one table per kind of result under results/<run>/."""
+"""Rule tidy_results: one table per kind of result under results/<run>/, all models together."""
 import _checkout  # noqa: F401  (editlib from this checkout)
-from editlib.experiments import DOWNSTREAM_COLUMNS, RESULT_COLUMNS
+from editlib.experiments import DOWNSTREAM_COLUMNS, RESULT_COLUMNS, SENSITIVITY_COLUMNS
 from editlib.pipeline import stage_logging, tidy
 
 with stage_logging(snakemake.log[0]):
     tidy(snakemake.input.edits, snakemake.output.edits, RESULT_COLUMNS)
     tidy(snakemake.input.sweeps, snakemake.output.layer_sweep, RESULT_COLUMNS)
+    tidy(snakemake.input.sensitivity, snakemake.output.sensitivity, SENSITIVITY_COLUMNS)
     tidy(snakemake.input.downstream, snakemake.output.downstream, DOWNSTREAM_COLUMNS)
+    tidy(snakemake.input.traces, snakemake.output.traces)

@@ -1,0 +1,60 @@
+"""Views of the tidy tables that the findings, the ablations and the figures share."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+Z95 = 1.959964
+DOWNSTREAM_KEYS = ["experiment", "model", "method", "batch_size", "n_edits", "task", "metric"]
+
+
+def primary_metric(downstream: pd.DataFrame) -> pd.DataFrame:
+    """One metric per task: acc where the task reports it (acc_norm is then skipped), else its first."""
+    keep = [group[group["metric"] == ("acc" if "acc" in set(group["metric"]) else group["metric"].iloc[0])]
+            for _, group in downstream.groupby("task")]
+    return pd.concat(keep, ignore_index=True) if keep else downstream
+
+
+def over_samples(downstream: pd.DataFrame) -> pd.DataFrame:
+    """Downstream rows averaged over a run's disjoint edit samples: `value` the mean, `stderr` the
+    mean's standard error from the samples' own (sqrt(sum se^2) / n), `spread_lo` / `spread_hi`
+    the smallest and largest sample's value, `n_samples` how many. One sample passes through."""
+    if downstream.empty:
+        return downstream.assign(spread_lo=[], spread_hi=[], n_samples=[])
+    if "sample" not in downstream.columns:
+        downstream = downstream.assign(sample=0)
+    keys = [key for key in DOWNSTREAM_KEYS if key in downstream.columns]
+    grouped = downstream.groupby(keys, sort=False, dropna=False)
+    frame = grouped.agg(value=("value", "mean"), spread_lo=("value", "min"), spread_hi=("value", "max"),
+                        n_samples=("sample", "nunique"), stderr_one=("stderr", "first"),
+                        stderr=("stderr", lambda se: float(np.sqrt((se.fillna(0) ** 2).sum())) / len(se)))
+    frame = frame.reset_index()
+    # before any edit every sample's run measures the same model: one measurement, not n
+    unedited = frame["n_edits"] == 0
+    frame.loc[unedited, "stderr"] = frame.loc[unedited, "stderr_one"]
+    return frame.drop(columns="stderr_one")
+
+
+EDIT_KEYS = ["experiment", "model", "method", "layers", "batch_size", "n_edits", "step", "scope", "records"]
+
+
+def edits_over_samples(edits: pd.DataFrame) -> pd.DataFrame:
+    """Edit-metric rows averaged over a run's disjoint edit samples: each metric and each interval
+    bound the mean of the samples' (so an interval is about as wide as one sample's), `n_samples`
+    how many. One sample passes through."""
+    if edits.empty or "sample" not in edits.columns or edits["sample"].nunique() < 2:
+        return edits
+    keys = [key for key in EDIT_KEYS if key in edits.columns]
+    values = [c for c in edits.columns if c not in keys and c != "sample" and pd.api.types.is_numeric_dtype(edits[c])]
+    grouped = edits.groupby(keys, sort=False, dropna=False)
+    frame = grouped[values].mean().join(grouped["sample"].nunique().rename("n_samples"))
+    return frame.reset_index()
+
+
+def model_labelled(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """`column` suffixed with " | <model>" when the frame holds several models (figures that
+    would otherwise draw two models' rows as one line)."""
+    if frame.empty or "model" not in frame.columns or frame["model"].nunique() < 2:
+        return frame
+    return frame.assign(**{column: frame[column].astype(str) + " | " + frame["model"].astype(str)})
