@@ -270,20 +270,15 @@ def model_names(config: dict) -> list[str]:
     return [config["model"]["name"], *config.get("models", {})]
 
 
-def _merged(base: dict, changes: dict) -> dict:
-    merged = dict(base)
-    for key, value in changes.items():
-        merged[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    return merged
-
-
 def model_config(config: dict, name: str) -> dict:
     """`config` as the jobs of model `name` read it: `model` is that model's block (a variant under
     `models` names only what differs from `model`; its key is its name) and `models` is gone."""
     if name == config["model"]["name"]:
         block = config["model"]
     elif name in config.get("models", {}):
-        block = {**_merged(config["model"], config["models"][name]), "name": name}
+        from .hparams import deep_merge
+
+        block = {**deep_merge(config["model"], config["models"][name]), "name": name}
     else:
         raise KeyError(f"no model named {name!r} (configured: {model_names(config)})")
     return {**{k: v for k, v in config.items() if k != "models"}, "model": block}

@@ -65,10 +65,11 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict, override: dict) -> dict:
+def deep_merge(base: dict, override: dict) -> dict:
+    """`base` with `override`'s values, nested dicts merged key by key."""
     merged = dict(base)
     for key, value in override.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
     return merged
 
 
@@ -76,7 +77,7 @@ def make_hparams(method: str, **overrides: Any) -> EditHparams:
     """Method defaults, overridden by keyword values (a nested dict for `targets`)."""
     if method not in METHOD_DEFAULTS:
         raise ValueError(f"unknown method {method!r}; expected one of {LOCATE_AND_EDIT}")
-    values = _merge(METHOD_DEFAULTS[method], {k: v for k, v in overrides.items() if v is not None})
+    values = deep_merge(METHOD_DEFAULTS[method], {k: v for k, v in overrides.items() if v is not None})
     target_fields = {f.name for f in dataclasses.fields(TargetHparams)}
     targets = values.pop("targets", {})
     unknown = set(targets) - target_fields

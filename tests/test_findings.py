@@ -169,3 +169,15 @@ def test_assess_skips_findings_without_their_experiment():
 @pytest.mark.parametrize("verdict", [REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE])
 def test_verdict_names_are_distinct(verdict):
     assert [REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE].count(verdict) == 1
+
+
+def test_edit_metrics_are_averaged_over_samples_bounds_included():
+    from editlib.tables import edits_over_samples
+
+    base = {"experiment": "sequential", "scope": "edited_so_far", "n_edits": 8}
+    edits = pd.DataFrame([_row(**base, sample=0, ES=90.0), _row(**base, sample=1, ES=80.0),
+                          _row(**{**base, "n_edits": 4}, sample=0, ES=70.0)])
+    mean = edits_over_samples(edits).set_index("n_edits")
+    assert mean.loc[8, ["ES", "ES_lo", "ES_hi", "n_samples"]].tolist() == [85.0, 84.0, 86.0, 2]
+    assert mean.loc[4, ["ES", "n_samples"]].tolist() == [70.0, 1]
+    assert edits_over_samples(edits[edits["sample"] == 0]).equals(edits[edits["sample"] == 0])  # one sample: as is
