@@ -238,8 +238,9 @@ def ablations_figure(tables: dict[str, pd.DataFrame], path: str | Path, title: s
                        run=data["role"] + ": " + data["model"].where(data["ablation"].isin(["model_size", "instruction_tuning"]),
                                                                     data["method"]))
     wide, tasks = _task_columns(data, ["facet", "run", "n_edits"])
+    kinds = ", ".join(dict.fromkeys(data["ablation"].str.replace("_", " ")))
     figure = interval_lines(wide, "n_edits", tasks, "run", row="facet",
-                            title=f"Ablations: general abilities under sequential editing, +-1.96 SE ({title})")
+                            title=f"Ablation ({kinds}): general abilities under sequential editing, +-1.96 SE ({title})")
     _task_lines(figure, tasks, list(dict.fromkeys(data["facet"])), data, "n_edits", sorted(data["n_edits"].unique()))
     figure.tight_layout()
     _save(figure, path)
@@ -289,13 +290,14 @@ def write_figures(tables: dict[str, str | Path], outputs: dict[str, str | Path],
                   ablations: dict | None = None) -> None:
     """Write every figure named in `outputs` (name -> png path) from the tidy tables
     (name -> csv path: edits, layer_sweep, sensitivity, downstream, traces); `ablations` (the config block)
-    for the ablations figure."""
+    for the figures ablations_<kind>."""
     from .ablations import ablation_tables
 
     sns.set_theme(style="whitegrid", context="paper")
     frames = {name: read_results(path) for name, path in tables.items()}
     for name, path in outputs.items():
-        if name == "ablations":
-            ablations_figure(ablation_tables(frames["downstream"], ablations), path, title)
+        if name.startswith("ablations_"):  # one figure per ablation kind
+            kind = name.removeprefix("ablations_")
+            ablations_figure({kind: ablation_tables(frames["downstream"], {kind: (ablations or {})[kind]})[kind]}, path, title)
         else:
             FIGURES[name](frames, path, title)

@@ -279,5 +279,5 @@ def test_models_samples_and_ablations_run_end_to_end(tmp_path):
     sensitivity = pd.read_csv(out / "sensitivity.csv")
     assert sorted(zip(sensitivity["model"], sensitivity["value"])) == [("tiny-chat", 1.0), ("tiny-chat", 10.0),
                                                                        ("tiny-llama", 1.0), ("tiny-llama", 10.0)]
-    for name in ("ablations", "downstream", "causal_trace", "sensitivity"):
+    for name in ("ablations_instruction_tuning", "ablations_batch_size", "downstream", "causal_trace", "sensitivity"):
         assert (tmp_path / "reports" / "tiny" / "figures" / f"{name}.png").stat().st_size > 1000

@@ -99,8 +99,9 @@ def state_output(path):
 
 
 SENSITIVITY = sensitivity_methods(config)
+# one figure per configured ablation kind: ablations_<kind>
 FIGURES = ["causal_trace", "layer_sweep", "single_edits", "batch_size", "sequential", "batch_vs_sequential",
-           "downstream"] + (["sensitivity"] if SENSITIVITY else []) + (["ablations"] if config.get("ablations") else [])
+           "downstream"] + (["sensitivity"] if SENSITIVITY else []) + [f"ablations_{kind}" for kind in config.get("ablations", {})]
 # one table per ablation kind, and each run's drop per edit sample when there are several
 ABLATION_TABLES = [f"{RUN_OUT}/ablations/{kind}.csv" for kind in config.get("ablations", {})] + (
     [f"{RUN_OUT}/ablations/samples.csv"] if EXPERIMENTS["sequential"].get("samples", 1) > 1 else [])

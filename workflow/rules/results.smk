@@ -31,7 +31,8 @@ rule figures:
         downstream=f"{RUN_OUT}/downstream.csv",
         traces=f"{RUN_OUT}/causal_trace.csv",
     output:
-        **{name: report(f"{REPORT}/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures")
+        **{name: report(f"{REPORT}/figures/{name}.png", category="Figures",
+                        caption="../report/ablations.rst" if name.startswith("ablations_") else f"../report/{name}.rst")
            for name in FIGURES},
     params:
         stage=stage_config(config, "report"),
