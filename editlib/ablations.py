@@ -112,8 +112,3 @@ def ablation_tables(downstream: pd.DataFrame, ablations: dict | None, samples: i
     if samples > 1:
         tables["samples"] = sample_table(downstream)
     return tables
-
-
-def arm_names(kind: str, entry) -> list[str]:
-    """The method blocks or models an entry of ablation `kind` names (for config checks)."""
-    return [entry] if kind == "batch_size" else [entry[role] for role in KINDS[kind].roles]
