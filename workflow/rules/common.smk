@@ -46,10 +46,9 @@ wildcard_constraints:
     sample=r"\d+",
 
 
-def stage(name, method=None):
+def stage(name):
     """params.stage of a rule: what a job of `name` reads (for its model and method wildcards)."""
-    return lambda wildcards: stage_config(model_config(config, wildcards.model), name,
-                                          method or getattr(wildcards, "method", None))
+    return lambda wildcards: stage_config(model_config(config, wildcards.model), name, getattr(wildcards, "method", None))
 
 
 def sweep_input(wildcards):
@@ -57,7 +56,7 @@ def sweep_input(wildcards):
     method = configured_method(config, wildcards.method)
     if not method.chooses_layers or config["methods"][wildcards.method].get("layers", "auto") != "auto":
         return []
-    return f"results/{RUN}/{wildcards.model}/layer_sweep/{wildcards.method}.csv"
+    return f"{OUT}/layer_sweep/{wildcards.method}.csv".format(model=wildcards.model)
 
 
 def mend_input(wildcards):
