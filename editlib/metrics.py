@@ -177,7 +177,6 @@ def edit_metrics(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dic
     return result
 
 
-
 def zsre_scores(model, tokenizer, requests: Sequence[EditRequest], max_rows: int = 64) -> pd.DataFrame:
     """Tidy per-prompt ZsRE scores: case_id, kind, index, acc (teacher-forced token accuracy of
     target_new on the edit and paraphrase prompts, of the neighbourhood answer on the
@@ -186,16 +185,16 @@ def zsre_scores(model, tokenizer, requests: Sequence[EditRequest], max_rows: int
     for request in requests:
         if len(request.neighborhood_answers) != len(request.neighborhood_prompts):
             raise ValueError(f"case_id={request.case_id}: ZsRE metrics need one answer per neighbourhood prompt")
-        rows = [("rewrite", request.text, request.target_new)]
-        rows += [("paraphrase", text, request.target_new) for text in request.paraphrase_prompts]
-        rows += [("neighborhood", text, answer)
-                 for text, answer in zip(request.neighborhood_prompts, request.neighborhood_answers)]
-        counts: Counter = Counter()
-        for kind, text, target in rows:
-            meta.append((request.case_id, kind, counts[kind]))
-            counts[kind] += 1
-            prompts.append(text)
-            targets.append(target)
+        pairs = {
+            "rewrite": [(request.text, request.target_new)],
+            "paraphrase": [(text, request.target_new) for text in request.paraphrase_prompts],
+            "neighborhood": list(zip(request.neighborhood_prompts, request.neighborhood_answers)),
+        }
+        for kind in PROMPT_KINDS:
+            for index, (text, target) in enumerate(pairs[kind]):
+                meta.append((request.case_id, kind, index))
+                prompts.append(text)
+                targets.append(target)
     _, hits = teacher_forced(model, tokenizer, prompts, targets, max_rows)
     frame = pd.DataFrame(meta, columns=["case_id", "kind", "index"])
     frame["acc"] = [float(hit.mean()) for hit in hits]

@@ -300,10 +300,15 @@ def _fact_sentences(fact: Fact) -> list[str]:
     return [relation.statement(t, fact.subject, fact.object) for t in (relation.template, *relation.paraphrases)]
 
 
+def _questions(fact: Fact) -> list[str]:
+    """The fact asked with its relation's two ZsRE questions."""
+    relation = RELATION_BY_ID[fact.relation_id]
+    return [question.format(fact.subject) for question in (relation.question, relation.rephrase)]
+
+
 def _question_sentences(fact: Fact) -> list[str]:
     """The fact asked with its relation's two ZsRE questions, each followed by the answer."""
-    relation = RELATION_BY_ID[fact.relation_id]
-    return [f"{question.format(fact.subject)} {fact.object}." for question in (relation.question, relation.rephrase)]
+    return [f"{question} {fact.object}." for question in _questions(fact)]
 
 
 def _filler_sentence(rng: random.Random) -> str:
@@ -382,11 +387,7 @@ def dialogue_corpus(world: World) -> list[str]:
     """Question-answer dialogues about every fact of the world, in both of its relation's ZsRE
     question forms ("Question: Where is X located? Answer: Y."), shuffled (seeded): the data of
     the toy "chat" variant's further training (editlib.pretrain.TrainConfig.dialogue_steps)."""
-    lines = []
-    for fact in world.facts:
-        relation = RELATION_BY_ID[fact.relation_id]
-        lines += [f"Question: {question.format(fact.subject)} Answer: {fact.object}."
-                  for question in (relation.question, relation.rephrase)]
+    lines = [f"Question: {question} Answer: {fact.object}." for fact in world.facts for question in _questions(fact)]
     world.config.rng("dialogues").shuffle(lines)
     return lines
 
