@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .tables import Z95, over_samples, primary_metric
+from .tables import accuracy_difference, over_samples, primary_metric
 
 
 @dataclass(frozen=True)
@@ -90,25 +90,23 @@ SAMPLE_COLUMNS = ["model", "method", "batch_size", "sample", "n_edits", "drop", 
 def sample_table(downstream: pd.DataFrame) -> pd.DataFrame:
     """Each sequential run's accuracy drop (mean over tasks, unedited minus after the last
     checkpoint, +-1.96 SE) on each of its disjoint edit samples: the spread the figures draw."""
-    data = primary_metric(downstream[downstream["experiment"] == "sequential"]) if not downstream.empty else downstream
+    if downstream.empty:  # no downstream tasks configured
+        return pd.DataFrame(columns=SAMPLE_COLUMNS)
+    data = primary_metric(downstream[downstream["experiment"] == "sequential"])
+    if "sample" not in data.columns:  # tables written before runs had edit samples
+        data = data.assign(sample=0)
     rows = []
     for (model, method, batch, sample), run in data.groupby(["model", "method", "batch_size", "sample"], sort=False):
         last = run["n_edits"].max()
-        before = run[run["n_edits"] == 0].set_index("task")
-        after = run[run["n_edits"] == last].set_index("task")
+        before, after = run[run["n_edits"] == 0], run[run["n_edits"] == last]
         if before.empty or last == 0:
             continue
-        drop = float((before["value"] - after["value"]).mean())
-        half = Z95 * float(((before["stderr"].fillna(0) ** 2 + after["stderr"].fillna(0) ** 2).sum()) ** 0.5) / len(after)
+        _, drop, lo, hi = accuracy_difference(after, before)
         rows.append({"model": model, "method": method, "batch_size": batch, "sample": sample, "n_edits": last,
-                     "drop": drop, "drop_lo": drop - half, "drop_hi": drop + half})
+                     "drop": drop, "drop_lo": lo, "drop_hi": hi})
     return pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
 
 
-def ablation_tables(downstream: pd.DataFrame, ablations: dict | None, samples: int = 1) -> dict[str, pd.DataFrame]:
-    """{kind: tidy table} for every kind in the config's `ablations` block, and "samples" (each
-    run's drop per edit sample) when runs edit several disjoint samples."""
-    tables = {kind: ablation_table(downstream, kind, entries) for kind, entries in (ablations or {}).items()}
-    if samples > 1:
-        tables["samples"] = sample_table(downstream)
-    return tables
+def ablation_tables(downstream: pd.DataFrame, ablations: dict | None) -> dict[str, pd.DataFrame]:
+    """{kind: tidy table} for every kind in the config's `ablations` block."""
+    return {kind: ablation_table(downstream, kind, entries) for kind, entries in (ablations or {}).items()}

@@ -199,8 +199,7 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
     if stage == "report":
-        return {"run": config["run"], "samples": sequential_samples(config),
-                **({"ablations": config["ablations"]} if config.get("ablations") else {})}
+        return {"run": config["run"], **({"ablations": config["ablations"]} if config.get("ablations") else {})}
     model = config["model"]
     loaded = {key: model[key] for key in ("dtype", "device") if key in model}  # how the prepared model is loaded
     part: dict[str, Any] = {"seed": config["seed"], "model": loaded}

@@ -15,8 +15,9 @@ from collections.abc import Callable
 
 import pandas as pd
 
+from .ablations import KINDS, sample_table
 from .io import atomic_path
-from .tables import Z95, edits_over_samples, over_samples, primary_metric
+from .tables import accuracy_difference, edits_over_samples, over_samples, primary_metric
 
 FINDING_COLUMNS = ["study", "finding", "model", "method", "evidence", "verdict"]
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
@@ -101,15 +102,6 @@ def sequential_beats_one_batch(edits: pd.DataFrame, metric: str = "S") -> list[d
     return rows
 
 
-def _accuracy_difference(first: pd.DataFrame, second: pd.DataFrame):
-    """(per-task merge, value_a from `first` and value_b from `second`; the mean over tasks of
-    second's minus first's accuracy; its 95% interval from the two sides' lm-eval standard errors)."""
-    merged = first.merge(second, on="task", suffixes=("_a", "_b"))
-    diff = float((merged["value_b"] - merged["value_a"]).mean())
-    se = math.sqrt(float((merged["stderr_a"].fillna(0) ** 2 + merged["stderr_b"].fillna(0) ** 2).sum())) / len(merged)
-    return merged, diff, diff - Z95 * se, diff + Z95 * se
-
-
 def _positive_verdict(lo: float, hi: float) -> str:
     """Verdict for a claimed positive difference from its interval."""
     return REPRODUCED if lo > 0 else (NOT_REPRODUCED if hi < 0 else INCONCLUSIVE)
@@ -132,7 +124,7 @@ def downstream_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = (
         before, after = part[part["n_edits"] == 0], part[part["n_edits"] == last]
         if before.empty or last == 0:
             continue
-        merged, gain, gain_lo, gain_hi = _accuracy_difference(before, after)
+        merged, gain, gain_lo, gain_hi = accuracy_difference(before, after)
         drop, lo, hi = 0.0 - gain, 0.0 - gain_hi, 0.0 - gain_lo  # 0.0 - x: no negative zero
         if method in preserving:  # no detectable drop, and the interval rules out one of KEEP_MARGIN
             verdict = NOT_REPRODUCED if lo > 0 else (REPRODUCED if hi < KEEP_MARGIN else INCONCLUSIVE)
@@ -144,8 +136,6 @@ def downstream_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = (
         evidence = f"mean accuracy drop after {int(last)} edits (b={int(batch)}): {drop:+.3f} [{lo:+.3f}, {hi:+.3f}] ({tasks})"
         n_samples = int(part["n_samples"].max())
         if n_samples > 1:
-            from .ablations import sample_table
-
             drops = sample_table(per_sample[(per_sample["method"] == method) & (per_sample["batch_size"] == batch)])
             evidence += f"; mean of {n_samples} disjoint edit samples, whose drops are " + ", ".join(
                 f"{drop:+.3f}" for drop in drops["drop"])
@@ -170,7 +160,7 @@ def bigger_batches_erode_less(downstream: pd.DataFrame) -> list[dict]:
         if last == 0 or len(sizes) < 2:
             continue
         small, large = final[final["batch_size"] == sizes[0]], final[final["batch_size"] == sizes[-1]]
-        _, gain, lo, hi = _accuracy_difference(small, large)
+        _, gain, lo, hi = accuracy_difference(small, large)
         means = final.groupby("batch_size")["value"].mean()
         listing = ", ".join(f"b={int(b)}: {v:.3f}" for b, v in means.items())
         evidence = (f"mean accuracy after {int(last)} edits, b={int(sizes[-1])} minus b={int(sizes[0])}: "
@@ -186,8 +176,6 @@ def ablation_findings(tables: dict[str, pd.DataFrame]) -> list[dict]:
     the accuracy lost after the last common checkpoint, +-1.96 SE. Arms on one model share the
     unedited accuracies, so their final accuracies are compared; arms on two models, their drops
     from each model's own unedited accuracy (both need the n_edits 0 rows)."""
-    from .ablations import KINDS
-
     rows = []
     for kind, table in tables.items():
         if kind not in KINDS or table.empty:
@@ -201,14 +189,14 @@ def ablation_findings(tables: dict[str, pd.DataFrame]) -> list[dict]:
             a_last, b_last = a[a["n_edits"] == last], b[b["n_edits"] == last]
             same_model = set(a["model"]) == set(b["model"])
             if same_model:
-                _, diff, lo, hi = _accuracy_difference(a_last, b_last)
+                _, diff, lo, hi = accuracy_difference(a_last, b_last)
                 what = f"final accuracy, {more} minus {less}"
             else:
                 a_base, b_base = a[a["n_edits"] == 0], b[b["n_edits"] == 0]
                 if a_base.empty or b_base.empty:
                     continue
-                _, drop_a, lo_a, _ = _accuracy_difference(a_last, a_base)
-                _, drop_b, lo_b, _ = _accuracy_difference(b_last, b_base)
+                _, drop_a, lo_a, _ = accuracy_difference(a_last, a_base)
+                _, drop_b, lo_b, _ = accuracy_difference(b_last, b_base)
                 diff = drop_a - drop_b
                 half = math.hypot(drop_a - lo_a, drop_b - lo_b)
                 lo, hi = diff - half, diff + half

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -34,6 +36,15 @@ def over_samples(downstream: pd.DataFrame) -> pd.DataFrame:
     unedited = frame["n_edits"] == 0
     frame.loc[unedited, "stderr"] = frame.loc[unedited, "stderr_one"]
     return frame.drop(columns="stderr_one")
+
+
+def accuracy_difference(first: pd.DataFrame, second: pd.DataFrame):
+    """(per-task merge, value_a from `first` and value_b from `second`; the mean over tasks of
+    second's minus first's accuracy; its 95% interval from the two sides' lm-eval standard errors)."""
+    merged = first.merge(second, on="task", suffixes=("_a", "_b"))
+    diff = float((merged["value_b"] - merged["value_a"]).mean())
+    se = math.sqrt(float((merged["stderr_a"].fillna(0) ** 2 + merged["stderr_b"].fillna(0) ** 2).sum())) / len(merged)
+    return merged, diff, diff - Z95 * se, diff + Z95 * se
 
 
 EDIT_KEYS = ["experiment", "model", "method", "layers", "batch_size", "n_edits", "step", "scope", "records"]

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from editlib.ablations import ablation_tables
+from editlib.ablations import ablation_tables, sample_table
 from editlib.tables import over_samples
 
 from editlib.findings import (
@@ -136,7 +136,7 @@ def test_samples_are_averaged_with_their_spread():
     assert mean.loc[mean["n_edits"] == 0, "stderr"].tolist() == [0.01, 0.01]
     [row] = downstream_erosion(pd.concat(runs))
     assert "mean of 3 disjoint edit samples, whose drops are +0.400, +0.300, +0.200" in row["evidence"]
-    per_sample = ablation_tables(pd.concat(runs), {}, samples=3)["samples"]
+    per_sample = sample_table(pd.concat(runs))
     assert per_sample["drop"].round(6).tolist() == [0.4, 0.3, 0.2]
     # +-1.96 * sqrt(2 tasks x (0.01^2 + 0.01^2)) / 2 tasks
     assert (per_sample["drop_hi"] - per_sample["drop"]).round(6).tolist() == [round(1.959964 * 0.02 / 2, 6)] * 3
@@ -164,6 +164,9 @@ def test_tracing_agreement_is_within_one_layer():
 def test_assess_skips_findings_without_their_experiment():
     empty = pd.DataFrame()
     assert assess({"edits": empty, "layer_sweep": empty, "downstream": empty, "traces": empty}).empty
+    # no downstream tasks: every ablation table and the per-sample one are empty, with their columns
+    tables = ablation_tables(empty, {"batch_size": ["memit"], "constraint": [{"with": "rome", "without": "flat"}]})
+    assert all(table.empty and len(table.columns) > 0 for table in [*tables.values(), sample_table(empty)])
 
 
 @pytest.mark.parametrize("verdict", [REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE])

@@ -1,7 +1,7 @@
 """Rule findings: each paper finding tested on this run's tables, with its numbers and a verdict;
 and one tidy table per configured ablation."""
 import _checkout  # noqa: F401  (editlib from this checkout)
-from editlib.ablations import ablation_tables
+from editlib.ablations import ablation_tables, sample_table
 from editlib.experiments import read_results
 from editlib.findings import assess, write_findings_html
 from editlib.io import write_csv
@@ -9,10 +9,10 @@ from editlib.pipeline import stage_logging
 
 with stage_logging(snakemake.log[0]):
     tables = {name: read_results(path) for name, path in snakemake.input.items()}
-    ablations = ablation_tables(tables["downstream"], snakemake.params.stage.get("ablations"),
-                                snakemake.params.stage["samples"])
+    ablations = ablation_tables(tables["downstream"], snakemake.params.stage.get("ablations"))
+    written = {**ablations, "samples": sample_table(tables["downstream"])}  # samples.csv: with several edit samples
     for path in snakemake.output.ablations:
-        write_csv(path, ablations[path.rsplit("/", 1)[-1].removesuffix(".csv")])
+        write_csv(path, written[path.rsplit("/", 1)[-1].removesuffix(".csv")])
     findings = assess(tables, ablations)
     write_csv(snakemake.output.table, findings)
     write_findings_html(findings, snakemake.output.page, title=snakemake.params.stage["run"])
