@@ -80,9 +80,7 @@ def _check_sensitivity(config: dict, source: str) -> None:
                               f"not in experiments.layer_sweep.methods")
         [(parameter, values)] = grid.items()
         for index, value in enumerate(values):
-            if value < 0 or (parameter in POSITIVE_HPARAMS and value <= 0):
-                raise ConfigError(f"{field}.{parameter}[{index}]: {value} must be "
-                                  f"{'> 0' if parameter in POSITIVE_HPARAMS else '>= 0'}")
+            _check_sign(f"{field}.{parameter}[{index}]", parameter, value)
             try:
                 make_spec(method_name(config, method), {**method_overrides(config, method), parameter: value}, (0,))
             except (TypeError, ValueError) as error:
@@ -322,6 +320,12 @@ POSITIVE_HPARAMS = {"v_num_grad_steps", "v_lr", "clamp_norm_factor", "mom2_updat
                     "facts_per_chunk"}
 
 
+def _check_sign(field: str, key: str, value) -> None:
+    """Hyperparameter `key` is > 0 (POSITIVE_HPARAMS) or >= 0; `field` names it in the error."""
+    if value < 0 or (key in POSITIVE_HPARAMS and value <= 0):
+        raise ConfigError(f"{field}: {value} must be {'> 0' if key in POSITIVE_HPARAMS else '>= 0'}")
+
+
 def _numbers(block: dict, path: str):
     for key, value in block.items():
         if isinstance(value, dict):
@@ -388,8 +392,7 @@ def _check_values(config: dict, source: str) -> None:
 
     for method, block in config["methods"].items():
         for path, key, value in _numbers({k: v for k, v in block.items() if k != "layers"}, f"methods.{method}"):
-            if value < 0 or (key in POSITIVE_HPARAMS and value <= 0):
-                raise ConfigError(f"{source}: {path}: {value} must be {'> 0' if key in POSITIVE_HPARAMS else '>= 0'}")
+            _check_sign(f"{source}: {path}", key, value)
         if configured_method(config, method).trained_editor:  # the train_mend rule's settings
             _construct(f"{source}: methods.{method}.hparams", MendHparams, block.get("hparams", {}))
         try:  # the method's own checks, on a layer every model has
