@@ -67,7 +67,12 @@ def _check_sensitivity(config: dict, source: str) -> None:
     """Each method of the sensitivity grid is a method block whose spec takes the swept values."""
     from .methods import make_spec
 
-    for method, grid in config["experiments"].get("sensitivity", {}).get("grid", {}).items():
+    settings = config["experiments"].get("sensitivity", {})
+    for index, batch_size in enumerate(settings.get("batch_sizes", [])):
+        if batch_size > settings["n_records"]:
+            raise ConfigError(f"{source}: experiments.sensitivity.batch_sizes[{index}]: batch size {batch_size} exceeds "
+                              f"n_records {settings['n_records']}")
+    for method, grid in settings.get("grid", {}).items():
         field = f"{source}: experiments.sensitivity.grid.{method}"
         if method not in config["methods"]:
             raise ConfigError(f"{field}: method {method!r} has no entry under 'methods' (configured: "
@@ -249,7 +254,8 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
     if stage == "sensitivity":  # this method's grid only
         sensitivity = experiments["sensitivity"]
         part["experiments"]["sensitivity"] = {"n_records": sensitivity["n_records"],
-                                              "grid": {method: sensitivity["grid"][method]}}
+                                              "grid": {method: sensitivity["grid"][method]},
+                                              **{k: sensitivity[k] for k in ("batch_sizes",) if k in sensitivity}}
         return part
     # a sequential job's batch size and edit sample are its wildcards; the lists choose which jobs exist
     part["experiments"][stage] = _job_settings(experiments[stage], *(("batch_sizes", "samples") if stage == "sequential" else ()))

@@ -142,11 +142,18 @@ def layer_sweep(ctx: ExperimentContext, requests: Sequence[EditRequest], method:
 
 
 def sensitivity(ctx: ExperimentContext, requests: Sequence[EditRequest], method: str, layers: Sequence[int],
-                overrides: dict, parameter: str, values: Sequence[float]) -> pd.DataFrame:
-    """Single edits with hyperparameter `parameter` set to each of `values` (the others as in
-    `overrides`); one row per value, labelled by `parameter` and `value`."""
-    frames = [single_edits(ctx, requests, make_spec(method, {**overrides, parameter: value}, tuple(layers)), "sensitivity")
-              .assign(parameter=parameter, value=float(value)) for value in values]
+                overrides: dict, parameter: str, values: Sequence[float], batch_sizes: Sequence[int] = (1,)
+                ) -> pd.DataFrame:
+    """Edits with hyperparameter `parameter` set to each of `values` (the others as in `overrides`):
+    single edits (batch size 1) and, for each larger batch size, consecutive batches each edited
+    into the unedited model; one row per (value, batch size), labelled by `parameter` and `value`."""
+    frames = []
+    for value in values:
+        spec = make_spec(method, {**overrides, parameter: value}, tuple(layers))
+        for batch_size in batch_sizes:
+            frame = (single_edits(ctx, requests, spec, "sensitivity") if batch_size == 1
+                     else batched_edits(ctx, requests, spec, [batch_size])[0].assign(experiment="sensitivity"))
+            frames.append(frame.assign(parameter=parameter, value=float(value)))
     return pd.concat(frames, ignore_index=True)[SENSITIVITY_COLUMNS]
 
 

@@ -300,6 +300,47 @@ def edit_output(model: nn.Module, module_name: str, fn: Callable[[torch.Tensor],
         handle.remove()
 
 
+def block_index(model: nn.Module, module_name: str) -> int:
+    """Index of the transformer block that is or contains module `module_name`."""
+    layout = model_layout(model)
+    for layer in range(layout.n_layers):
+        block = layout.block(layer)
+        if module_name == block or module_name.startswith(block + "."):
+            return layer
+    raise ValueError(f"{module_name!r} is not inside a transformer block of this {layout.model_type} model")
+
+
+@contextlib.contextmanager
+def replay_blocks_below(model: nn.Module, module_name: str) -> Iterator[None]:
+    """Run the blocks below the one holding `module_name` once, then replay their outputs.
+
+    The first forward pass in the context records every lower block's output; later passes return
+    the recorded outputs without computing them. Valid only when every pass has the same inputs
+    and nothing below that block changes between passes, as in target optimisation, where the
+    optimised vector enters at `module_name` and the prompts are fixed.
+    """
+    blocks = [model.get_submodule(model_layout(model).block(i)) for i in range(block_index(model, module_name))]
+    recorded: dict[int, object] = {}
+    handles = []
+
+    def record(index: int):
+        def hook(module, args, output):
+            recorded[index] = output
+            if index == len(blocks) - 1:  # the lowest blocks are recorded too: replay from the next pass
+                for i, block in enumerate(blocks):
+                    block.forward = lambda *args, _i=i, **kwargs: recorded[_i]
+        return hook
+
+    try:
+        handles = [block.register_forward_hook(record(i)) for i, block in enumerate(blocks)]
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+
 def run_until(model: nn.Module, stop_after: str | None, **inputs) -> None:
     """Forward pass that stops after module `stop_after` (use inside capture contexts)."""
     with stop_forward_after(model, stop_after), contextlib.suppress(StopForward):

@@ -317,15 +317,17 @@ def run_single(config: dict, method: str, model_dir, moments_path, records_path,
 
 
 def run_sensitivity(config: dict, method: str, model_dir, moments_path, records_path, sweep_path, out_path) -> pd.DataFrame:
-    """Single edits of the first `n_records` records with the method's one swept hyperparameter
-    (experiments.sensitivity.grid.<method>) at each of its values, at the method's layers."""
+    """Edits of the first `n_records` records with the method's one swept hyperparameter
+    (experiments.sensitivity.grid.<method>) at each of its values, at the method's layers, for each
+    of experiments.sensitivity.batch_sizes (default [1]: single edits)."""
     settings = config["experiments"]["sensitivity"]
     records = read_records(config, records_path)
     ctx = load_context(config, model_dir, moments_path, records)
     requests = edit_requests(records, settings["n_records"], records_path)
     [(parameter, values)] = settings["grid"][method].items()
     frame = labelled(sensitivity(ctx, requests, method_name(config, method), method_layers(config, method, sweep_path),
-                                 method_overrides(config, method), parameter, values), method)
+                                 method_overrides(config, method), parameter, values,
+                                 settings.get("batch_sizes", [1])), method)
     write_csv(out_path, frame)
     return frame
 

@@ -96,15 +96,17 @@ def layer_sweep_figure(sweep: pd.DataFrame, path: str | Path, title: str = "") -
 
 
 def sensitivity_figure(frame: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """ES/PS/NS/S of single edits against the value of one swept hyperparameter (log scale), one
-    row per method and hyperparameter, 95% bands over facts."""
+    """ES/PS/NS/S against the value of one swept hyperparameter (log scale), one row per method and
+    hyperparameter, one line per batch size (1: single edits), 95% bands over facts."""
     if frame.empty:
         return _empty(path, "no sensitivity grid configured")
-    data = model_labelled(frame, "method")
+    data = frame.assign(edits=np.where(frame["batch_size"] == 1, "single edits",
+                                       "batches of " + frame["batch_size"].astype(str)))
+    data = model_labelled(data, "edits")
     data = data.assign(swept=data["method"] + ": " + data["parameter"])
-    figure = interval_lines(data, "value", EDIT_METRICS, "method", row="swept", log_x=True, sharex=False,
+    figure = interval_lines(data, "value", EDIT_METRICS, "edits", row="swept", log_x=True, sharex=False,
                             xlabel="hyperparameter value (log scale)",
-                            title=f"Sensitivity: single edits against one hyperparameter, 95% intervals over facts ({title})")
+                            title=f"Sensitivity: edits against one hyperparameter, 95% intervals over facts ({title})")
     for axis in figure.axes:
         axis.set_xscale("log", base=10)
     _save(figure, path)

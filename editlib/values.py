@@ -12,11 +12,13 @@ after each step delta is clamped to clamp_norm_factor * ||h_init||.
 
 Tokens before a prompt's subject-last token do not depend on delta (causal attention), so with
 `cache_prefix` they run once, into a key/value cache, and every Adam step runs only the rest of
-each prompt: the subject-last token, the relation and the target tokens.
+each prompt: the subject-last token, the relation and the target tokens. The blocks below the
+edited one cannot depend on delta either: they run at the first step only and are replayed after.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .keys import build_context_prompts
-from .models import edit_output, final_hidden_after, lm_head, prefix_key_values
+from .models import edit_output, final_hidden_after, lm_head, prefix_key_values, replay_blocks_below
 from .records import EditRequest, batches
 from .tokens import pad_id, pad_right, target_ids
 
@@ -85,12 +87,17 @@ def optimize_targets(
     hook_module: str,
     hparams: TargetHparams = TargetHparams(),
     progress: bool = True,
+    replay_lower_blocks: bool = True,
 ) -> TargetResult:
-    """Optimise the target of every request at `hook_module`'s output; chunks of facts share passes."""
+    """Optimise the target of every request at `hook_module`'s output; chunks of facts share passes.
+
+    `replay_lower_blocks`: the blocks below the edited one run at the first Adam step only (their
+    outputs cannot depend on delta); off, every step runs them again (same result, for benchmarks).
+    """
     parts = []
     chunks = list(batches(requests, max(1, hparams.facts_per_chunk)))
     for chunk in tqdm(chunks, desc=f"targets @ {hook_module}", disable=not progress or len(chunks) < 2):
-        parts.append(_optimize_chunk(model, tokenizer, chunk, templates, hook_module, hparams))
+        parts.append(_optimize_chunk(model, tokenizer, chunk, templates, hook_module, hparams, replay_lower_blocks))
     return TargetResult(*(torch.cat([getattr(p, f) for p in parts], dim=-1) for f in TargetResult.__dataclass_fields__))
 
 
@@ -109,7 +116,8 @@ def _split_points(model, prompts, cache_prefix: bool) -> torch.Tensor:
     return split if cache_prefix else torch.zeros_like(split)
 
 
-def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: TargetHparams) -> TargetResult:
+def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: TargetHparams,
+                    replay_lower_blocks: bool = True) -> TargetResult:
     device = next(model.parameters()).device
     n_facts, n_templates = len(requests), len(templates)
     targets = target_ids(tokenizer, [r.target_new for r in requests])
@@ -156,7 +164,8 @@ def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: Targ
     active = torch.ones(n_facts, dtype=torch.bool, device=device)
     loss_f = nll_f = torch.zeros(n_facts, device=device)
     kl_init = None
-    with edit_output(model, hook_module, add_delta):
+    replay = replay_blocks_below(model, hook_module) if replay_lower_blocks else contextlib.nullcontext()
+    with edit_output(model, hook_module, add_delta), replay:
         for it in range(hp.v_num_grad_steps):
             hidden = final_hidden_after(model, prefix_cache, prefix.attention_mask, batch.input_ids,
                                         batch.attention_mask, position_ids)

@@ -106,6 +106,8 @@ INVALID = {
                                                  r"experiments\.sensitivity\.grid\.memit\.mom2_weight\[0\]: memit: unknown hyperparameters \['mom2_weight'\]"),
     "sensitivity of a negative value": (_set("experiments.sensitivity", {"n_records": 8, "grid": {"alphaedit": {"l2": [1, -1]}}}),
                                         r"experiments\.sensitivity\.grid\.alphaedit\.l2\[1\]"),
+    "sensitivity batch larger than its records": (_set("experiments.sensitivity", {"n_records": 8, "batch_sizes": [1, 16], "grid": {"memit": {"mom2_update_weight": [1]}}}),
+                                                  r"experiments\.sensitivity\.batch_sizes\[1\]: batch size 16 exceeds n_records 8"),
     "sensitivity of GRACE": (_set("experiments.sensitivity", {"n_records": 8, "grid": {"grace": {"eps": [1]}}}),
                              r"experiments\.sensitivity\.grid\.grace: the sensitivity stage sweeps locate-and-edit"),
     "samples beyond the world's records": (_set("experiments.sequential.samples", 10),

@@ -205,3 +205,26 @@ def test_sensitivity_at_the_configured_value_is_the_single_edit_experiment(train
     for metric in ("ES", "PS", "NS", "EM"):
         assert frame.loc[1, metric] == pytest.approx(single.loc[0, metric], abs=1e-9), metric
     assert frame.loc[0, "EM"] != frame.loc[2, "EM"]  # a huge mu barely edits
+
+
+def test_batched_sensitivity_is_the_batched_experiment_and_emmet_mu_acts_only_on_batches(
+        trained_llama2, llama_tokenizer, moments2):
+    """With batch sizes, each (value, batch size) row is the batched experiment's at that value;
+    EMMET's mu cancels for single edits (D = k^T (mu C)^-1 k) and acts on batches through the ridge
+    lambda I of D, so only the batched rows move."""
+    from editlib.experiments import ExperimentContext, batched_edits, sensitivity
+    from editlib.methods import make_spec
+
+    requests = subject_final_requests(4)
+    ctx = ExperimentContext(trained_llama2, llama_tokenizer, "tiny", moments2, progress=False)
+    overrides = {"mom2_update_weight": 10.0, "emmet_lambda": 0.1, "targets": {"v_num_grad_steps": 6}}
+    frame = sensitivity(ctx, requests, "emmet", (1,), overrides, "mom2_update_weight", [0.01, 10.0, 1e4],
+                        batch_sizes=[1, 4])
+    assert list(zip(frame["value"], frame["batch_size"])) == [(0.01, 1), (0.01, 4), (10.0, 1), (10.0, 4), (1e4, 1), (1e4, 4)]
+    assert set(frame["experiment"]) == {"sensitivity"}
+    batched, _ = batched_edits(ctx, requests, make_spec("emmet", overrides, (1,)), [4])
+    for metric in ("ES", "PS", "NS", "EM", "PM", "NM"):
+        assert frame.loc[3, metric] == pytest.approx(batched.loc[0, metric], abs=1e-9), metric
+    single, batch = frame[frame["batch_size"] == 1], frame[frame["batch_size"] == 4]
+    assert single["EM"].max() - single["EM"].min() < 1e-3
+    assert batch["EM"].max() - batch["EM"].min() > 1e-2

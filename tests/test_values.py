@@ -86,3 +86,31 @@ def test_cached_prefix_equals_full_rerun(arch, llama_tokenizer, gpt2_tokenizer, 
         torch.testing.assert_close(cached.values, full.values, rtol=2e-4, atol=2e-4)
         torch.testing.assert_close(cached.loss, full.loss, rtol=1e-4, atol=1e-4)
         assert (cached.values - cached.h_init).norm(dim=0).min() > 0  # the optimisation moved every fact
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3-window-512", "toy-local"])
+@pytest.mark.parametrize("cache_prefix", [True, False])
+def test_replayed_lower_blocks_give_identical_z_and_run_once(arch, cache_prefix, llama_tokenizer, gpt2_tokenizer,
+                                                             requests_):
+    """Replaying the outputs of the blocks below the edited one gives bit-identical z; they run at one step only."""
+    tokenizer = gpt2_tokenizer if arch == "gpt2" else llama_tokenizer
+    model = {"llama": lambda: make_llama(tokenizer), "gpt2": lambda: make_gpt2(tokenizer),
+             "gemma3-window-512": lambda: _gemma3(tokenizer, 512), "toy-local": lambda: _toy_local(tokenizer)}[arch]()
+    layout = model_layout(model)
+    templates = ["{}", "Some words here. {}"]
+    hp = TargetHparams(v_num_grad_steps=5, clamp_norm_factor=4.0, early_stop_loss=0.0, cache_prefix=cache_prefix)
+    calls = [0] * layout.n_layers
+    for i in range(layout.n_layers):  # the attention runs only when its block is computed, not replayed
+        model.get_submodule(layout.attn(i)).register_forward_pre_hook(
+            lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
+    for module, edited in ((layout.block(2), 2), (layout.mlp(1), 1)):
+        calls[:] = [0] * layout.n_layers
+        replayed = optimize_targets(model, tokenizer, requests_, templates, module, hp, progress=False)
+        # (plus one prefix pass through every block when the prefix is cached)
+        assert calls[:edited] == [calls[0]] * edited and calls[edited] - calls[0] == hp.v_num_grad_steps - 1
+        rerun = optimize_targets(model, tokenizer, requests_, templates, module, hp, progress=False,
+                                 replay_lower_blocks=False)
+        assert torch.equal(replayed.values, rerun.values) and torch.equal(replayed.loss, rerun.loss)
+        assert (replayed.values - replayed.h_init).norm(dim=0).min() > 0
+    for i in range(layout.n_layers):  # nothing of the replay is left on the model
+        assert "forward" not in model.get_submodule(layout.block(i)).__dict__

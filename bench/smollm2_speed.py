@@ -1,0 +1,163 @@
+"""Target values z and CounterFact scoring on SmolLM2-135M: measured time against the FLOP bound.
+
+z: `optimize_targets` on one chunk of facts (early stop off, so every variant runs the same
+number of Adam steps), at ROME's hook (an MLP output, 21 context templates, 20 steps) and at
+MEMIT's (a block output, 6 templates, 25 steps), with the blocks below the edited one replayed
+(default) or re-run at every step. The matrix-multiply FLOPs each variant executes are counted
+once with torch.utils.flop_counter (forward and backward); the bound is those FLOPs at the fp32
+GEMM rate this process measures on the same threads, so "x bound" = time / (FLOPs / GEMM rate).
+
+Scoring: the CounterFact prompts of N records (rewrite, paraphrases, neighbourhood; new and true
+target each) scored three ways:
+- batched: `counterfact_scores` on all records (length-sorted padded passes, logits only at
+  target positions);
+- per record, our code: the same function once per record;
+- per record, reference: a transcription of the reference implementations' scoring
+  (ROME/MEMIT `test_batch_prediction`): per record one padded pass over prompt + target for every
+  prompt and both targets, full-vocabulary logits at every position, a log-softmax per target token.
+
+    python bench/smollm2_speed.py --model-dir resources/smollm2/SmolLM2-135M-Instruct/model \
+        --records resources/smollm2/SmolLM2-135M-Instruct/data/records.json
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import base_parser, interleaved, median, print_table, runs, setup
+from editlib.metrics import counterfact_scores
+from editlib.models import load_model, model_layout
+from editlib.records import load_requests
+from editlib.templates import MEMIT_LENGTHS, ROME_LENGTHS, sample_context_templates
+from editlib.tokens import pad_id, pad_right, prompt_ids, target_ids
+from editlib.values import TargetHparams, optimize_targets
+
+
+def gemm_rate(threads_note: str, size: tuple[int, int, int] = (2048, 576, 1536), repeats: int = 20) -> float:
+    """fp32 GEMM FLOP/s of this process: the best of `repeats` multiplies of SmolLM2's MLP shape."""
+    m, k, n = size
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    rate = 2 * m * k * n / best
+    print(f"# fp32 GEMM {m}x{k} @ {k}x{n}: {rate / 1e9:.1f} GFLOP/s ({threads_note})")
+    return rate
+
+
+def counted_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def reference_scores(model, tokenizer, request) -> pd.DataFrame:
+    """One record scored as the reference does: one pass, full logits, a loop over target tokens."""
+    texts = {"rewrite": [request.text], "paraphrase": list(request.paraphrase_prompts),
+             "neighborhood": list(request.neighborhood_prompts)}
+    meta = [(request.case_id, kind, i) for kind in ("rewrite", "paraphrase", "neighborhood") for i in range(len(texts[kind]))]
+    prompts = [text for kind in ("rewrite", "paraphrase", "neighborhood") for text in texts[kind]]
+    p_ids = prompt_ids(tokenizer, prompts)
+    new_ids, true_ids = target_ids(tokenizer, [request.target_new, request.target_true])
+    rows = [p + t for p in p_ids for t in (new_ids, true_ids)]
+    batch = pad_right(rows, pad_id(tokenizer))
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    nll = np.zeros(len(rows))
+    for i in range(len(rows)):
+        target = new_ids if i % 2 == 0 else true_ids
+        start = len(p_ids[i // 2])
+        for j, token in enumerate(target):
+            nll[i] += -torch.log_softmax(logits[i, start + j - 1, :], dim=0)[token].item()
+        nll[i] /= len(target)
+    frame = pd.DataFrame(meta, columns=["case_id", "kind", "index"])
+    frame["nll_new"], frame["nll_true"] = nll[0::2], nll[1::2]
+    return frame
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", required=True, help="a prepared SmolLM2 folder (rule prepare_model)")
+    parser.add_argument("--records", required=True, help="its records.json (rule prepare_data)")
+    parser.add_argument("--facts", type=int, default=32, help="facts in the z chunk")
+    parser.add_argument("--eval-records", type=int, default=64)
+    parser.add_argument("--rome-layers", default="4,19", help="ROME hook layers (MLP outputs)")
+    parser.add_argument("--memit-layer", type=int, default=6)
+    parser.add_argument("--skip-z", action="store_true")
+    parser.add_argument("--skip-eval", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.facts, args.eval_records, args.repeats = 8, 8, 1
+    setup(args)
+    model, tokenizer = load_model(args.model_dir)
+    layout = model_layout(model)
+    requests = load_requests(args.records)
+    print(f"# SmolLM2-135M-Instruct fp32 on cpu, {layout.n_layers} layers; {len(requests)} records in {args.records}")
+
+    if not args.skip_z:
+        rate = gemm_rate(f"torch threads={args.threads}")
+        facts = requests[: args.facts]
+        cases = [(f"ROME, layer {layer} MLP output", layout.mlp(int(layer)), ROME_LENGTHS, 20)
+                 for layer in args.rome_layers.split(",")]
+        cases.append((f"MEMIT, layer {args.memit_layer} block output", layout.block(args.memit_layer), MEMIT_LENGTHS, 25))
+        rows = []
+        for label, module, lengths, steps in cases:
+            templates = sample_context_templates(model, tokenizer, lengths, 0)
+            hp = TargetHparams(v_num_grad_steps=steps, early_stop_loss=0.0, facts_per_chunk=len(facts))
+            variants = {
+                "replay lower blocks": lambda: optimize_targets(model, tokenizer, facts, templates, module, hp, False),
+                "re-run lower blocks": lambda: optimize_targets(model, tokenizer, facts, templates, module, hp, False,
+                                                                replay_lower_blocks=False),
+            }
+            flops = {name: counted_flops(fn) for name, fn in variants.items()}
+            times = interleaved(variants, args.repeats, warmup=False)
+            for name, values in times.items():
+                seconds = median(values)
+                rows.append({"hook": label, "templates": len(templates), "steps": steps, "variant": name,
+                             "median s": seconds, "runs s": runs(values), "s per fact": seconds / len(facts),
+                             "GFLOP per fact": flops[name] / len(facts) / 1e9,
+                             "bound s per fact": flops[name] / rate / len(facts),
+                             "x bound": seconds / (flops[name] / rate)})
+            replay, rerun = (median(times[n]) for n in ("replay lower blocks", "re-run lower blocks"))
+            print(f"# {label}: replaying the lower blocks is {rerun / replay:.2f}x faster")
+        print(f"\n## target values z, {len(facts)} facts in one chunk ({args.repeats} interleaved repeats)")
+        print_table(rows)
+
+    if not args.skip_eval:
+        records = requests[: args.eval_records]
+        scores = {}
+
+        def batched():
+            scores["batched"] = counterfact_scores(model, tokenizer, records)
+
+        def per_record():
+            scores["per record, our code"] = pd.concat([counterfact_scores(model, tokenizer, [r]) for r in records],
+                                                       ignore_index=True)
+
+        def per_record_reference():
+            scores["per record, reference"] = pd.concat([reference_scores(model, tokenizer, r) for r in records],
+                                                        ignore_index=True)
+
+        variants = {"batched": batched, "per record, our code": per_record, "per record, reference": per_record_reference}
+        times = interleaved(variants, args.repeats)
+        base = scores["batched"]
+        print(f"\n## CounterFact scoring of {len(records)} records ({len(base)} prompts, 2 targets each)")
+        print_table([{"variant": name, "median s": median(values), "runs s": runs(values),
+                      "records/s": len(records) / median(values),
+                      "batched is x faster": median(values) / median(times["batched"]),
+                      "max |nll - batched nll|": float(np.abs(scores[name][["nll_new", "nll_true"]].to_numpy()
+                                                              - base[["nll_new", "nll_true"]].to_numpy()).max())}
+                     for name, values in times.items()])
+
+
+if __name__ == "__main__":
+    main()
