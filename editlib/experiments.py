@@ -94,7 +94,7 @@ def score_records(ctx: ExperimentContext, requests: Sequence[EditRequest], sessi
     """Per-prompt scores (CounterFact or ZsRE, editlib.metrics.edit_scores) of the current model
     on `requests`, inside the session's scoring context (GRACE queried at prompt ends)."""
     with session.scoring(requests):
-        return edit_scores(ctx.model, ctx.tokenizer, requests)
+        return edit_scores(ctx.model, ctx.tokenizer, requests, share_prompts=session.scores_prompts_once)
 
 
 def records_metrics(ctx: ExperimentContext, scores: pd.DataFrame, requests: Sequence[EditRequest]) -> dict:

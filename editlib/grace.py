@@ -406,6 +406,8 @@ class GraceSpec:
 class GraceSession(EditSession):
     """Sequential GRACE edits; the base weights never change, the codebook is the state."""
 
+    scores_prompts_once = False  # prompt_queries matches whole rows that start with a prompt
+
     def __init__(self, model: nn.Module, tokenizer, spec: GraceSpec):
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
         self.module_name = model_layout(model).rewrite(spec.layers[0])

@@ -6,7 +6,9 @@ object; ZsRE: token accuracy), `edit_metrics` turns either kind into ES/PS/NS/S 
 Every (prompt, target) pair is scored as prompt ids (with BOS) + target ids (" " + target, never a
 BOS), so the first scored token is the target's first token on Llama-3 tokenizers too (the UME
 code scores the BOS there). Pairs from many records go through few right-padded passes, sorted
-by length; logits are computed only at target positions.
+by length; logits are computed only at target positions. A prompt scored with several targets
+(CounterFact: the new and the true object) runs once: all but its last token into a key/value
+cache, then each target as a continuation (`share_prompts`).
 """
 
 from __future__ import annotations
@@ -21,18 +23,30 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .models import final_hidden, lm_head
+from .models import continuation_exact, final_hidden, final_hidden_after, lm_head, prefix_key_values
 from .records import EditRequest, batches, record_kind
 from .tokens import length_sorted_chunks, pad_id, pad_right, prompt_ids, target_ids
 
 
 @torch.no_grad()
-def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], max_rows: int = 64
-                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], max_rows: int = 64,
+                   share_prompts: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per pair: the NLL of each target token given the prompt and the earlier target tokens, and
-    whether that token is the argmax. One right-padded pass per length-sorted chunk."""
-    device = next(model.parameters()).device
+    whether that token is the argmax.
+
+    With `share_prompts`, each distinct prompt runs once (all but its last token, into a key/value
+    cache; length-sorted chunks of `max_rows` prompts) and every target of it continues from there;
+    otherwise one right-padded pass over prompt + target per length-sorted chunk of `max_rows`
+    pairs. Both give the same numbers up to float rounding; scoring that must see whole rows
+    (GRACE's prompt queries) uses the latter.
+    """
     p_ids, t_ids = prompt_ids(tokenizer, prompts), target_ids(tokenizer, targets)
+    if not p_ids:
+        return [], []
+    longest = max(len(p) for p in p_ids) + max(len(t) for t in t_ids)
+    if share_prompts and continuation_exact(model, longest):
+        return _teacher_forced_shared(model, p_ids, t_ids, max_rows, pad_id(tokenizer))
+    device = next(model.parameters()).device
     sequences = [p + t for p, t in zip(p_ids, t_ids)]
     nlls: list[np.ndarray] = [np.zeros(0)] * len(sequences)
     hits: list[np.ndarray] = [np.zeros(0, dtype=bool)] * len(sequences)
@@ -55,19 +69,58 @@ def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[s
     return nlls, hits
 
 
+def _teacher_forced_shared(model, p_ids: list[list[int]], t_ids: list[list[int]], max_rows: int, pad: int
+                           ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """`teacher_forced` with each distinct prompt run once into a key/value cache."""
+    device = next(model.parameters()).device
+    distinct: dict[tuple[int, ...], int] = {}
+    owner = [distinct.setdefault(tuple(p), len(distinct)) for p in p_ids]
+    prompts = list(distinct)
+    pairs_of: list[list[int]] = [[] for _ in prompts]
+    for pair, prompt in enumerate(owner):
+        pairs_of[prompt].append(pair)
+    nlls: list[np.ndarray] = [np.zeros(0)] * len(p_ids)
+    hits: list[np.ndarray] = [np.zeros(0, dtype=bool)] * len(p_ids)
+    head = lm_head(model)
+    for chunk in length_sorted_chunks([len(p) for p in prompts], max_rows=max_rows):
+        prefix = pad_right([list(prompts[u][:-1]) for u in chunk], pad).to(device)
+        cache = prefix_key_values(model, prefix.input_ids)
+        pairs = [pair for u in chunk for pair in pairs_of[u]]
+        row_prompt = torch.tensor([k for k, u in enumerate(chunk) for _ in pairs_of[u]], device=device)
+        # each continuation: the prompt's last token, then the target; position j scores target token j
+        batch = pad_right([[p_ids[pair][-1], *t_ids[pair][:-1]] for pair in pairs], pad).to(device)
+        cached = None if cache is None else [tuple(t.index_select(0, row_prompt) for t in layer) for layer in cache]
+        starts = torch.tensor([len(p_ids[pair]) - 1 for pair in pairs], device=device)
+        position_ids = starts[:, None] + torch.arange(batch.input_ids.shape[1], device=device)
+        hidden = final_hidden_after(model, cached, prefix.attention_mask.index_select(0, row_prompt),
+                                    batch.input_ids, batch.attention_mask, position_ids)
+        lens = torch.tensor([len(t_ids[pair]) for pair in pairs], device=device)
+        row = torch.arange(len(pairs), device=device).repeat_interleave(lens)
+        pos = torch.arange(int(lens.sum()), device=device) - (torch.cumsum(lens, 0) - lens).repeat_interleave(lens)
+        labels = torch.tensor([token for pair in pairs for token in t_ids[pair]], device=device)
+        logits = head(hidden[row, pos]).float()
+        token_nll = -torch.log_softmax(logits, -1).gather(1, labels[:, None]).squeeze(1)
+        token_hit = logits.argmax(-1) == labels
+        splits = lens.tolist()
+        for pair, nll, hit in zip(pairs, token_nll.cpu().split(splits), token_hit.cpu().split(splits)):
+            nlls[pair], hits[pair] = nll.numpy(), hit.numpy()
+    return nlls, hits
+
+
 def score_continuations(
-    model, tokenizer, prompts: Sequence[str], targets: Sequence[str], max_rows: int = 64
+    model, tokenizer, prompts: Sequence[str], targets: Sequence[str], max_rows: int = 64, share_prompts: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per pair: mean NLL of the target tokens given the prompt, and whether every target token is
-    the argmax under teacher forcing."""
-    nlls, hits = teacher_forced(model, tokenizer, prompts, targets, max_rows)
+    the argmax under teacher forcing (`teacher_forced`)."""
+    nlls, hits = teacher_forced(model, tokenizer, prompts, targets, max_rows, share_prompts)
     return np.array([n.mean() for n in nlls]), np.array([bool(h.all()) for h in hits])
 
 
 PROMPT_KINDS = ("rewrite", "paraphrase", "neighborhood")
 
 
-def counterfact_scores(model, tokenizer, requests: Sequence[EditRequest], max_rows: int = 64) -> pd.DataFrame:
+def counterfact_scores(model, tokenizer, requests: Sequence[EditRequest], max_rows: int = 64,
+                       share_prompts: bool = True) -> pd.DataFrame:
     """Tidy per-prompt scores: case_id, kind, index, nll_new, nll_true (one row per prompt)."""
     meta, prompts, news, trues = [], [], [], []
     for request in requests:
@@ -84,7 +137,7 @@ def counterfact_scores(model, tokenizer, requests: Sequence[EditRequest], max_ro
                 prompts.append(text)
                 news.append(request.target_new)
                 trues.append(request.target_true)
-    nll, _ = score_continuations(model, tokenizer, prompts + prompts, news + trues, max_rows)
+    nll, _ = score_continuations(model, tokenizer, prompts + prompts, news + trues, max_rows, share_prompts)
     frame = pd.DataFrame(meta, columns=["case_id", "kind", "index"])
     frame["nll_new"], frame["nll_true"] = nll[: len(prompts)], nll[len(prompts) :]
     return frame
@@ -177,7 +230,8 @@ def edit_metrics(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dic
     return result
 
 
-def zsre_scores(model, tokenizer, requests: Sequence[EditRequest], max_rows: int = 64) -> pd.DataFrame:
+def zsre_scores(model, tokenizer, requests: Sequence[EditRequest], max_rows: int = 64,
+                share_prompts: bool = True) -> pd.DataFrame:
     """Tidy per-prompt ZsRE scores: case_id, kind, index, acc (teacher-forced token accuracy of
     target_new on the edit and paraphrase prompts, of the neighbourhood answer on the
     neighbourhood prompts)."""
@@ -195,16 +249,17 @@ def zsre_scores(model, tokenizer, requests: Sequence[EditRequest], max_rows: int
                 meta.append((request.case_id, kind, index))
                 prompts.append(text)
                 targets.append(target)
-    _, hits = teacher_forced(model, tokenizer, prompts, targets, max_rows)
+    _, hits = teacher_forced(model, tokenizer, prompts, targets, max_rows, share_prompts)
     frame = pd.DataFrame(meta, columns=["case_id", "kind", "index"])
     frame["acc"] = [float(hit.mean()) for hit in hits]
     return frame
 
 
-def edit_scores(model, tokenizer, requests: Sequence[EditRequest], max_rows: int = 64) -> pd.DataFrame:
+def edit_scores(model, tokenizer, requests: Sequence[EditRequest], max_rows: int = 64,
+                share_prompts: bool = True) -> pd.DataFrame:
     """Per-prompt scores of `requests`: counterfact_scores, or zsre_scores for ZsRE records."""
     score = zsre_scores if record_kind(requests) == "zsre" else counterfact_scores
-    return score(model, tokenizer, requests, max_rows)
+    return score(model, tokenizer, requests, max_rows, share_prompts)
 
 
 def zsre_metrics(model, tokenizer, requests: Sequence[EditRequest], max_rows: int = 64) -> dict[str, float]:

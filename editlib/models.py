@@ -195,6 +195,17 @@ def prefix_key_values(model: nn.Module, input_ids: torch.Tensor) -> list[tuple[t
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def continuation_exact(model: nn.Module, longest: int) -> bool:
+    """Whether a cached prefix + continuation gives the logits of the whole row on `model`.
+
+    Sliding-window layers mask by cache index, which padded prefixes shift, so this holds only when
+    the longest padded prefix + continuation (`longest` positions) fits within the window (then the
+    window masks nothing) or the window is one token (each token sees only itself).
+    """
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    return not (window and window > 1 and longest > window)
+
+
 def final_hidden_after(
     model: nn.Module,
     prefix: list[tuple[torch.Tensor, ...]] | None,

@@ -24,6 +24,9 @@ class EditSession(abc.ABC):
     """
 
     n_edits: int = 0
+    # whether scoring may run each prompt once into a key/value cache and its targets as
+    # continuations (metrics.teacher_forced); False where the edit acts on whole rows (GRACE)
+    scores_prompts_once: bool = True
 
     @abc.abstractmethod
     def apply(self, requests: Sequence[EditRequest]) -> dict:

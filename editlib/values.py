@@ -26,7 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .keys import build_context_prompts
-from .models import edit_output, final_hidden_after, lm_head, prefix_key_values, replay_blocks_below
+from .models import (continuation_exact, edit_output, final_hidden_after, lm_head, prefix_key_values,
+                     replay_blocks_below)
 from .records import EditRequest, batches
 from .tokens import pad_id, pad_right, target_ids
 
@@ -102,18 +103,12 @@ def optimize_targets(
 
 
 def _split_points(model, prompts, cache_prefix: bool) -> torch.Tensor:
-    """Where each row is split: its subject-last token (the prefix before it runs once), or 0.
-
-    Sliding-window layers mask by cache index, which padded prefixes shift, so rows are split
-    only when the padded prefix + rest fits within the window (then the window masks nothing) or
-    the window is one token (each token sees only itself, wherever the prefix ends).
-    """
+    """Where each row is split: its subject-last token (the prefix before it runs once), or 0
+    (no split: `cache_prefix` off, or a sliding window that a split would shift, see
+    `continuation_exact`)."""
     split = prompts.subject_last.clone()
-    window = getattr(model.config.get_text_config(), "sliding_window", None)
     longest = int(split.max()) + max(len(ids) - s for ids, s in zip(prompts.ids, split.tolist()))
-    if window and window > 1 and longest > window:
-        cache_prefix = False
-    return split if cache_prefix else torch.zeros_like(split)
+    return split if cache_prefix and continuation_exact(model, longest) else torch.zeros_like(split)
 
 
 def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: TargetHparams,

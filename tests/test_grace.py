@@ -1,6 +1,7 @@
 """GRACE: edits take, unrelated inputs are untouched bit for bit, base weights never move,
 removal is exact, and the codebook's split / coverage rules behave as docs/methods.md §5.6 says."""
 
+import pandas.testing as pd_testing
 import pytest
 import torch
 from conftest import make_llama
@@ -183,3 +184,26 @@ def test_prompt_queries_find_each_rows_prompt_end_in_reordered_batches(tokenizer
     assert torch.equal(actual, expected)
     assert target_argmax_correct(actual, batch.labels).tolist() == [False, True, False, True]
     assert not target_argmax_correct(unscoped, batch.labels).any()  # last-token default misses the edit
+
+
+def test_experiment_scoring_of_a_grace_edit_scores_whole_rows(tokenizer, requests):
+    """score_records scores a GRACE session's rows whole (each prompt's last token queried): the
+    numbers equal whole-row scoring under the session's prompt queries and the edit is visible
+    (prompt_queries matches rows by their prompt, which a cached prefix would cut off)."""
+    from editlib.experiments import ExperimentContext, score_records
+    from editlib.methods import make_spec
+    from editlib.metrics import counterfact_scores
+
+    model = tiny_llama(tokenizer)
+    ctx = ExperimentContext(model, tokenizer, "tiny", {}, progress=False)
+    session = ctx.session(make_spec("grace", {"n_iter": 10}, (LAYER,)))
+    try:
+        session.apply(requests[:2])
+        scores = score_records(ctx, requests[:2], session)
+        with session.scoring(requests[:2]):
+            whole = counterfact_scores(model, tokenizer, requests[:2], share_prompts=False)
+    finally:
+        session.close()
+    pd_testing.assert_frame_equal(scores, whole)
+    rewrite = scores[scores["kind"] == "rewrite"]
+    assert (rewrite["nll_new"] < rewrite["nll_true"]).all()

@@ -123,3 +123,29 @@ def test_bootstrap_interval_narrows_with_more_records():
     few = edit_metrics(_random_scores(20, seed=2))
     many = edit_metrics(_random_scores(500, seed=2))
     assert many["NS_hi"] - many["NS_lo"] < few["NS_hi"] - few["NS_lo"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3-window-512", "gemma3-window-4", "toy-local"])
+def test_prompts_scored_once_equal_whole_rows(arch, llama_tokenizer, gpt2_tokenizer):
+    """Each distinct prompt run once into a key/value cache, its targets as continuations, gives the
+    per-token NLL and argmax hits of scoring every prompt + target row whole (one-token prompts,
+    repeated prompts, multi-token targets and a sliding window shorter than the rows included)."""
+    from conftest import make_gpt2, make_llama
+    from test_values import _gemma3, _toy_local
+
+    from editlib.metrics import teacher_forced
+
+    tokenizer = gpt2_tokenizer if arch == "gpt2" else llama_tokenizer
+    model = {"llama": lambda: make_llama(tokenizer), "gpt2": lambda: make_gpt2(tokenizer),
+             "gemma3-window-512": lambda: _gemma3(tokenizer, 512), "gemma3-window-4": lambda: _gemma3(tokenizer, 4),
+             "toy-local": lambda: _toy_local(tokenizer)}[arch]()
+    prompts = ["The capital of France is", "x", "Some longer words here and then the capital of Spain is",
+               "The capital of France is", "Because of that, the city"]
+    targets = ["Paris", "Madrid city", "Rome", "Berlin and more", "is"]
+    shared = teacher_forced(model, tokenizer, prompts + prompts, targets + targets[::-1], max_rows=2)
+    whole = teacher_forced(model, tokenizer, prompts + prompts, targets + targets[::-1], max_rows=2,
+                           share_prompts=False)
+    assert [len(n) for n in shared[0]] == [len(n) for n in whole[0]] and max(len(n) for n in whole[0]) > 1
+    for (nll_a, hit_a), nll_b, hit_b in zip(zip(*shared), *whole):
+        np.testing.assert_allclose(nll_a, nll_b, rtol=1e-5, atol=1e-5)
+        assert (hit_a == hit_b).all()
