@@ -56,17 +56,29 @@ def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[s
         hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
         lens = torch.tensor([len(t_ids[i]) for i in chunk], device=device)
         starts = torch.tensor([len(p_ids[i]) - 1 for i in chunk], device=device)
-        row = torch.arange(len(chunk), device=device).repeat_interleave(lens)
-        offset = torch.arange(int(lens.sum()), device=device) - (torch.cumsum(lens, 0) - lens).repeat_interleave(lens)
+        row, offset = _target_rows(lens)
         pos = starts[row] + offset  # position p scores token p + 1
-        labels = batch.input_ids[row, pos + 1]
-        logits = head(hidden[row, pos]).float()
-        token_nll = -torch.log_softmax(logits, -1).gather(1, labels[:, None]).squeeze(1)
-        token_hit = logits.argmax(-1) == labels
-        splits = lens.tolist()
-        for i, nll, hit in zip(chunk, token_nll.cpu().split(splits), token_hit.cpu().split(splits)):
-            nlls[i], hits[i] = nll.numpy(), hit.numpy()
+        _score_targets(head, hidden[row, pos], batch.input_ids[row, pos + 1], lens, chunk, nlls, hits)
     return nlls, hits
+
+
+def _target_rows(lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows with `lens` target tokens each: every target token's row and its index in the row."""
+    row = torch.arange(len(lens), device=lens.device).repeat_interleave(lens)
+    offset = torch.arange(int(lens.sum()), device=lens.device) - (torch.cumsum(lens, 0) - lens).repeat_interleave(lens)
+    return row, offset
+
+
+def _score_targets(head, hidden: torch.Tensor, labels: torch.Tensor, lens: torch.Tensor, pairs: Sequence[int],
+                   nlls: list, hits: list) -> None:
+    """Per-token NLL and argmax hit of `labels` from the hidden states that predict them, split into
+    the pairs' targets (`lens` tokens each) and stored at the pairs' indices."""
+    logits = head(hidden).float()
+    token_nll = -torch.log_softmax(logits, -1).gather(1, labels[:, None]).squeeze(1)
+    token_hit = logits.argmax(-1) == labels
+    splits = lens.tolist()
+    for pair, nll, hit in zip(pairs, token_nll.cpu().split(splits), token_hit.cpu().split(splits)):
+        nlls[pair], hits[pair] = nll.numpy(), hit.numpy()
 
 
 def _teacher_forced_shared(model, p_ids: list[list[int]], t_ids: list[list[int]], max_rows: int, pad: int
@@ -95,15 +107,9 @@ def _teacher_forced_shared(model, p_ids: list[list[int]], t_ids: list[list[int]]
         hidden = final_hidden_after(model, cached, prefix.attention_mask.index_select(0, row_prompt),
                                     batch.input_ids, batch.attention_mask, position_ids)
         lens = torch.tensor([len(t_ids[pair]) for pair in pairs], device=device)
-        row = torch.arange(len(pairs), device=device).repeat_interleave(lens)
-        pos = torch.arange(int(lens.sum()), device=device) - (torch.cumsum(lens, 0) - lens).repeat_interleave(lens)
+        row, pos = _target_rows(lens)  # continuation position j scores target token j
         labels = torch.tensor([token for pair in pairs for token in t_ids[pair]], device=device)
-        logits = head(hidden[row, pos]).float()
-        token_nll = -torch.log_softmax(logits, -1).gather(1, labels[:, None]).squeeze(1)
-        token_hit = logits.argmax(-1) == labels
-        splits = lens.tolist()
-        for pair, nll, hit in zip(pairs, token_nll.cpu().split(splits), token_hit.cpu().split(splits)):
-            nlls[pair], hits[pair] = nll.numpy(), hit.numpy()
+        _score_targets(head, hidden[row, pos], labels, lens, pairs, nlls, hits)
     return nlls, hits
 
 
