@@ -1,16 +1,18 @@
 """Target values z and CounterFact scoring on SmolLM2-135M: measured time against the FLOP bound.
 
 z: `optimize_targets` on one chunk of facts (early stop off, so every variant runs the same
-number of Adam steps), at ROME's hook (an MLP output, 21 context templates, 20 steps) and at
+number of Adam steps; every step runs, the last one without an update), at ROME's hook (an MLP output, 21 context templates, 20 steps) and at
 MEMIT's (a block output, 6 templates, 25 steps), with the blocks below the edited one replayed
 (default) or re-run at every step. The matrix-multiply FLOPs each variant executes are counted
-once with torch.utils.flop_counter (forward and backward); the bound is those FLOPs at the fp32
+with torch.utils.flop_counter (forward and backward; from runs of 2 and 3 steps, since every step
+after the first costs the same); the bound is those FLOPs at the fp32
 GEMM rate this process measures on the same threads, so "x bound" = time / (FLOPs / GEMM rate).
 
 Scoring: the CounterFact prompts of N records (rewrite, paraphrases, neighbourhood; new and true
 target each) scored three ways:
 - batched: `counterfact_scores` on all records (length-sorted padded passes, logits only at
-  target positions);
+  target positions, each prompt run once and both targets scored as continuations);
+- batched, whole rows: the same with every prompt + target row run whole (`share_prompts=False`);
 - per record, our code: the same function once per record;
 - per record, reference: a transcription of the reference implementations' scoring
   (ROME/MEMIT `test_batch_prediction`): per record one padded pass over prompt + target for every
@@ -22,6 +24,7 @@ target each) scored three ways:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -88,7 +91,7 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--model-dir", required=True, help="a prepared SmolLM2 folder (rule prepare_model)")
     parser.add_argument("--records", required=True, help="its records.json (rule prepare_data)")
-    parser.add_argument("--facts", type=int, default=32, help="facts in the z chunk")
+    parser.add_argument("--facts", type=int, default=16, help="facts in the z chunk")
     parser.add_argument("--eval-records", type=int, default=64)
     parser.add_argument("--rome-layers", default="4,19", help="ROME hook layers (MLP outputs)")
     parser.add_argument("--memit-layer", type=int, default=6)
@@ -113,12 +116,17 @@ def main() -> None:
         for label, module, lengths, steps in cases:
             templates = sample_context_templates(model, tokenizer, lengths, 0)
             hp = TargetHparams(v_num_grad_steps=steps, early_stop_loss=0.0, facts_per_chunk=len(facts))
-            variants = {
-                "replay lower blocks": lambda: optimize_targets(model, tokenizer, facts, templates, module, hp, False),
-                "re-run lower blocks": lambda: optimize_targets(model, tokenizer, facts, templates, module, hp, False,
-                                                                replay_lower_blocks=False),
-            }
-            flops = {name: counted_flops(fn) for name, fn in variants.items()}
+            def run(replay: bool, steps: int = steps):
+                return lambda: optimize_targets(model, tokenizer, facts, templates, module,
+                                                dataclasses.replace(hp, v_num_grad_steps=steps), False,
+                                                replay_lower_blocks=replay)
+
+            variants = {"replay lower blocks": run(True), "re-run lower blocks": run(False)}
+            # FLOPs of 2 and 3 steps give the first step's and every later step's (all later steps are alike)
+            flops = {}
+            for name, replay in (("replay lower blocks", True), ("re-run lower blocks", False)):
+                two, three = counted_flops(run(replay, 2)), counted_flops(run(replay, 3))
+                flops[name] = two + (steps - 2) * (three - two)
             times = interleaved(variants, args.repeats, warmup=False)
             for name, values in times.items():
                 seconds = median(values)
@@ -139,6 +147,9 @@ def main() -> None:
         def batched():
             scores["batched"] = counterfact_scores(model, tokenizer, records)
 
+        def batched_whole_rows():
+            scores["batched, whole rows"] = counterfact_scores(model, tokenizer, records, share_prompts=False)
+
         def per_record():
             scores["per record, our code"] = pd.concat([counterfact_scores(model, tokenizer, [r]) for r in records],
                                                        ignore_index=True)
@@ -147,7 +158,8 @@ def main() -> None:
             scores["per record, reference"] = pd.concat([reference_scores(model, tokenizer, r) for r in records],
                                                         ignore_index=True)
 
-        variants = {"batched": batched, "per record, our code": per_record, "per record, reference": per_record_reference}
+        variants = {"batched": batched, "batched, whole rows": batched_whole_rows, "per record, our code": per_record,
+                    "per record, reference": per_record_reference}
         times = interleaved(variants, args.repeats)
         base = scores["batched"]
         print(f"\n## CounterFact scoring of {len(records)} records ({len(base)} prompts, 2 targets each)")
