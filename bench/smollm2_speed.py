@@ -33,7 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import base_parser, interleaved, median, print_table, runs, setup
-from editlib.metrics import counterfact_scores
+from editlib.metrics import PROMPT_KINDS, counterfact_scores
 from editlib.models import load_model, model_layout
 from editlib.records import load_requests
 from editlib.templates import MEMIT_LENGTHS, ROME_LENGTHS, sample_context_templates
@@ -67,8 +67,8 @@ def reference_scores(model, tokenizer, request) -> pd.DataFrame:
     """One record scored as the reference does: one pass, full logits, a loop over target tokens."""
     texts = {"rewrite": [request.text], "paraphrase": list(request.paraphrase_prompts),
              "neighborhood": list(request.neighborhood_prompts)}
-    meta = [(request.case_id, kind, i) for kind in ("rewrite", "paraphrase", "neighborhood") for i in range(len(texts[kind]))]
-    prompts = [text for kind in ("rewrite", "paraphrase", "neighborhood") for text in texts[kind]]
+    meta = [(request.case_id, kind, i) for kind in PROMPT_KINDS for i in range(len(texts[kind]))]
+    prompts = [text for kind in PROMPT_KINDS for text in texts[kind]]
     p_ids = prompt_ids(tokenizer, prompts)
     new_ids, true_ids = target_ids(tokenizer, [request.target_new, request.target_true])
     rows = [p + t for p in p_ids for t in (new_ids, true_ids)]

@@ -337,9 +337,11 @@ def replay_blocks_below(model: nn.Module, module_name: str) -> Iterator[None]:
     def record(index: int):
         def hook(module, args, output):
             recorded[index] = output
-            if index == len(blocks) - 1:  # the lowest blocks are recorded too: replay from the next pass
+            if index == len(blocks) - 1:  # every lower block is recorded: replay from the next pass on
                 for i, block in enumerate(blocks):
                     block.forward = lambda *args, _i=i, **kwargs: recorded[_i]
+                for handle in handles:
+                    handle.remove()
         return hook
 
     try:
