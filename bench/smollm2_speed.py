@@ -7,6 +7,11 @@ MEMIT's (a block output, 6 templates, 25 steps), with the blocks below the edite
 with torch.utils.flop_counter (forward and backward; from runs of 2 and 3 steps, since every step
 after the first costs the same); the bound is those FLOPs at the fp32
 GEMM rate this process measures on the same threads, so "x bound" = time / (FLOPs / GEMM rate).
+"products alone": the same matrix products (operators, shapes, strides and counts recorded from
+those runs) timed on their own, nothing else in between: the time the products need at the shapes
+z runs them, so "products alone x bound" is how far those shapes fall short of the GEMM rate, and
+"x bound" / "products alone x bound" what everything else (attention softmax, norms, activations,
+copies, the optimiser, Python) adds.
 
 Scoring: the CounterFact prompts of N records (rewrite, paraphrases, neighbourhood; new and true
 target each) scored three ways:
@@ -26,10 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import base_parser, interleaved, median, print_table, runs, setup
@@ -61,6 +68,56 @@ def counted_flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default)
+
+
+class RecordMatmuls(TorchDispatchMode):
+    """Counts every matrix product a function runs, by operator and operand shapes and strides."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in MATMULS:
+            operands = tuple(("tensor", tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else ("value", a)
+                             for a in args)
+            self.calls[(func, operands)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _operand(spec):
+    if spec[0] == "value":
+        return spec[1]
+    _, shape, stride = spec
+    size = 1 + sum((n - 1) * step for n, step in zip(shape, stride)) if all(shape) else 0
+    return torch.randn(size).as_strided(shape, stride)
+
+
+def recorded_matmuls(fn) -> Counter:
+    """(operator, operands) -> how many times `fn` runs that matrix product."""
+    with RecordMatmuls() as recorder:
+        fn()
+    return recorder.calls
+
+
+def matmul_seconds(calls: Counter, repeats: int = 5) -> float:
+    """Time of the matrix products in `calls`, each replayed alone on fresh operands of the same
+    shapes and strides (best of `repeats` per distinct product, times its count): what they cost
+    with nothing else in between, at the shapes they run at."""
+    total = 0.0
+    for (func, operands), count in calls.items():
+        args = [_operand(spec) for spec in operands]
+        func(*args)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            func(*args)
+            best = min(best, time.perf_counter() - start)
+        total += best * count
+    return total
 
 
 def reference_scores(model, tokenizer, request) -> pd.DataFrame:
@@ -123,10 +180,15 @@ def main() -> None:
 
             variants = {"replay lower blocks": run(True), "re-run lower blocks": run(False)}
             # FLOPs of 2 and 3 steps give the first step's and every later step's (all later steps are alike)
-            flops = {}
+            flops, products = {}, {}
             for name, replay in (("replay lower blocks", True), ("re-run lower blocks", False)):
                 two, three = counted_flops(run(replay, 2)), counted_flops(run(replay, 3))
                 flops[name] = two + (steps - 2) * (three - two)
+                two, three = recorded_matmuls(run(replay, 2)), recorded_matmuls(run(replay, 3))
+                later = three.copy()
+                later.subtract(two)  # one later step's products (every later step runs the same)
+                products[name] = matmul_seconds(Counter({key: two[key] + (steps - 2) * later[key]
+                                                         for key in three}))
             times = interleaved(variants, args.repeats, warmup=False)
             for name, values in times.items():
                 seconds = median(values)
@@ -134,7 +196,9 @@ def main() -> None:
                              "median s": seconds, "runs s": runs(values), "s per fact": seconds / len(facts),
                              "GFLOP per fact": flops[name] / len(facts) / 1e9,
                              "bound s per fact": flops[name] / rate / len(facts),
-                             "x bound": seconds / (flops[name] / rate)})
+                             "x bound": seconds / (flops[name] / rate),
+                             "products alone s per fact": products[name] / len(facts),
+                             "products alone x bound": products[name] / (flops[name] / rate)})
             replay, rerun = (median(times[n]) for n in ("replay lower blocks", "re-run lower blocks"))
             print(f"# {label}: replaying the lower blocks is {rerun / replay:.2f}x faster")
         print(f"\n## target values z, {len(facts)} facts in one chunk ({args.repeats} interleaved repeats)")

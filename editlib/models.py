@@ -181,14 +181,35 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 
 @torch.no_grad()
-def prefix_key_values(model: nn.Module, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, ...]] | None:
+def prefix_key_values(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor | None = None,
+                      groups: int = 4) -> list[tuple[torch.Tensor, ...]] | None:
     """Per-layer (keys, values) of right-padded prefixes, for `final_hidden_after`; None if empty.
 
     No padding mask: with causal attention and pads at the end, valid positions never see a pad,
     and pad positions stay finite (they are masked out when the continuation reads the cache).
+    With `lengths` (each row's real prefix length), the rows run in up to `groups` passes of
+    similar lengths, each padded only to its own longest row; the pads beyond it are zeros.
     """
     if input_ids.shape[1] == 0:
         return None
+    if lengths is None or groups <= 1 or len(lengths) < 2 * groups:
+        return _prefix_pass(model, input_ids)
+    lengths = lengths.to(input_ids.device)
+    parts = [(rows, _prefix_pass(model, input_ids[rows, : max(1, int(lengths[rows].max()))]))
+             for rows in torch.argsort(lengths, stable=True).tensor_split(groups)]
+    merged = []
+    for layer in range(len(parts[0][1])):  # each cache tensor is (rows, heads, positions, head dim)
+        tensors = []
+        for k, like in enumerate(parts[0][1][layer]):
+            full = like.new_zeros(len(lengths), *like.shape[1:-2], input_ids.shape[1], like.shape[-1])
+            for rows, cache in parts:
+                full[rows, ..., : cache[layer][k].shape[-2], :] = cache[layer][k]
+            tensors.append(full)
+        merged.append(tuple(tensors))
+    return merged
+
+
+def _prefix_pass(model: nn.Module, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
     # a plain cache keeps every position in every layer (a sliding-window layer's own cache would
     # drop the oldest ones); sliding masks are applied from positions when the cache is read back
     cache = model.base_model(input_ids=input_ids, past_key_values=DynamicCache(), use_cache=True).past_key_values

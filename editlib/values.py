@@ -14,6 +14,8 @@ Tokens before a prompt's subject-last token do not depend on delta (causal atten
 `cache_prefix` they run once, into a key/value cache, and every Adam step runs only the rest of
 each prompt: the subject-last token, the relation and the target tokens. The blocks below the
 edited one cannot depend on delta either: they run at the first step only and are replayed after.
+Models with grouped-query attention run it without copying keys and values per query head
+(`editlib.attention`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .attention import grouped_attention
 from .keys import build_context_prompts
 from .models import (continuation_exact, edit_output, final_hidden_after, lm_head, prefix_key_values,
                      replay_blocks_below)
@@ -97,17 +100,19 @@ def optimize_targets(
     """
     parts = []
     chunks = list(batches(requests, max(1, hparams.facts_per_chunk)))
-    for chunk in tqdm(chunks, desc=f"targets @ {hook_module}", disable=not progress or len(chunks) < 2):
-        parts.append(_optimize_chunk(model, tokenizer, chunk, templates, hook_module, hparams, replay_lower_blocks))
+    with grouped_attention(model):
+        for chunk in tqdm(chunks, desc=f"targets @ {hook_module}", disable=not progress or len(chunks) < 2):
+            parts.append(_optimize_chunk(model, tokenizer, chunk, templates, hook_module, hparams,
+                                         replay_lower_blocks))
     return TargetResult(*(torch.cat([getattr(p, f) for p in parts], dim=-1) for f in TargetResult.__dataclass_fields__))
 
 
-def _split_points(model, prompts, cache_prefix: bool) -> torch.Tensor:
+def _split_points(model, row_ids, subject_last: torch.Tensor, cache_prefix: bool) -> torch.Tensor:
     """Where each row is split: its subject-last token (the prefix before it runs once), or 0
     (no split: `cache_prefix` off, or a sliding window that a split would shift, see
     `continuation_exact`)."""
-    split = prompts.subject_last.clone()
-    longest = int(split.max()) + max(len(ids) - s for ids, s in zip(prompts.ids, split.tolist()))
+    split = subject_last.clone()
+    longest = int(split.max()) + max(len(ids) - s for ids, s in zip(row_ids, split.tolist()))
     return split if cache_prefix and continuation_exact(model, longest) else torch.zeros_like(split)
 
 
@@ -119,10 +124,14 @@ def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: Targ
     prompts = build_context_prompts(
         tokenizer, requests, templates, suffixes=[t[:-1] for t in targets], extra_prompts=[hp.kl_prompt]
     )
-    split = _split_points(model, prompts, hp.cache_prefix)
-    prefix = pad_right([ids[:s] for ids, s in zip(prompts.ids, split.tolist())], pad_id(tokenizer)).to(device)
-    batch = pad_right([ids[s:] for ids, s in zip(prompts.ids, split.tolist())], pad_id(tokenizer)).to(device)
-    prefix_cache = prefix_key_values(model, prefix.input_ids)
+    # the KL rows end at the subject's last token, where their KL is read: no later token of a row
+    # can change the hidden states before it, so the rest of "{subject} is a" never needs to run
+    row_ids = [ids[: s + 1] if kind == n_templates else ids
+               for ids, s, kind in zip(prompts.ids, prompts.subject_last.tolist(), prompts.template.tolist())]
+    split = _split_points(model, row_ids, prompts.subject_last, hp.cache_prefix)
+    prefix = pad_right([ids[:s] for ids, s in zip(row_ids, split.tolist())], pad_id(tokenizer)).to(device)
+    batch = pad_right([ids[s:] for ids, s in zip(row_ids, split.tolist())], pad_id(tokenizer)).to(device)
+    prefix_cache = prefix_key_values(model, prefix.input_ids, lengths=split)
     split = split.to(device)
     position_ids = split[:, None] + torch.arange(batch.input_ids.shape[1], device=device)
     fact = prompts.fact.to(device)
