@@ -14,9 +14,10 @@ z runs them, so "products alone x bound" is how far those shapes fall short of t
 copies, the optimiser, Python) adds.
 
 Scoring: the CounterFact prompts of N records (rewrite, paraphrases, neighbourhood; new and true
-target each) scored three ways:
+target each) scored four ways:
 - batched: `counterfact_scores` on all records (length-sorted padded passes, logits only at
-  target positions, each prompt run once and both targets scored as continuations);
+  target positions, each prompt run once into a cache, both targets' first tokens scored at its
+  last position and longer targets continued from the cache);
 - batched, whole rows: the same with every prompt + target row run whole (`share_prompts=False`);
 - per record, our code: the same function once per record;
 - per record, reference: a transcription of the reference implementations' scoring

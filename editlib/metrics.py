@@ -7,8 +7,9 @@ Every (prompt, target) pair is scored as prompt ids (with BOS) + target ids (" "
 BOS), so the first scored token is the target's first token on Llama-3 tokenizers too (the UME
 code scores the BOS there). Pairs from many records go through few right-padded passes, sorted
 by length; logits are computed only at target positions. A prompt scored with several targets
-(CounterFact: the new and the true object) runs once: all but its last token into a key/value
-cache, then each target as a continuation (`share_prompts`).
+(CounterFact: the new and the true object) runs once, into a key/value cache; every target's
+first token is scored at the prompt's last position and only the longer targets continue from
+the cache (`share_prompts`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[s
     """Per pair: the NLL of each target token given the prompt and the earlier target tokens, and
     whether that token is the argmax.
 
-    With `share_prompts`, each distinct prompt runs once (all but its last token, into a key/value
-    cache; length-sorted chunks of `max_rows` prompts) and every target of it continues from there;
+    With `share_prompts`, each distinct prompt runs once (into a key/value cache; length-sorted
+    chunks of `max_rows` prompts): the first token of each of its targets is scored at its last
+    position, and only targets of two or more tokens continue from the cache;
     otherwise one right-padded pass over prompt + target per length-sorted chunk of `max_rows`
     pairs. Both give the same numbers up to float rounding; scoring that must see whole rows
     (GRACE's prompt queries) uses the latter.
@@ -95,21 +97,31 @@ def _teacher_forced_shared(model, p_ids: list[list[int]], t_ids: list[list[int]]
     hits: list[np.ndarray] = [np.zeros(0, dtype=bool)] * len(p_ids)
     head = lm_head(model)
     for chunk in length_sorted_chunks([len(p) for p in prompts], max_rows=max_rows):
-        prefix = pad_right([list(prompts[u][:-1]) for u in chunk], pad).to(device)
-        cache = prefix_key_values(model, prefix.input_ids)
+        batch = pad_right([list(prompts[u]) for u in chunk], pad).to(device)
+        cache, prompt_hidden = prefix_key_values(model, batch.input_ids, return_hidden=True)
+        lengths = batch.attention_mask.sum(1)
+        # every target's first token is scored at its prompt's last position
+        hidden = [prompt_hidden[torch.arange(len(chunk), device=device), lengths - 1]]
         pairs = [pair for u in chunk for pair in pairs_of[u]]
         row_prompt = torch.tensor([k for k, u in enumerate(chunk) for _ in pairs_of[u]], device=device)
-        # each continuation: the prompt's last token, then the target; position j scores target token j
-        batch = pad_right([[p_ids[pair][-1], *t_ids[pair][:-1]] for pair in pairs], pad).to(device)
-        cached = None if cache is None else [tuple(t.index_select(0, row_prompt) for t in layer) for layer in cache]
-        starts = torch.tensor([len(p_ids[pair]) - 1 for pair in pairs], device=device)
-        position_ids = starts[:, None] + torch.arange(batch.input_ids.shape[1], device=device)
-        hidden = final_hidden_after(model, cached, prefix.attention_mask.index_select(0, row_prompt),
-                                    batch.input_ids, batch.attention_mask, position_ids)
         lens = torch.tensor([len(t_ids[pair]) for pair in pairs], device=device)
-        row, pos = _target_rows(lens)  # continuation position j scores target token j
+        row, offset = _target_rows(lens)
+        source = row_prompt[row]  # index into the stacked hidden states of the token's scoring position
+        longer = (lens > 1).nonzero().squeeze(1)
+        if len(longer):  # the rest continue from the cache: target token j is scored at position j - 1
+            rest = pad_right([t_ids[pairs[i]][:-1] for i in longer.tolist()], pad).to(device)
+            prompt_of = row_prompt[longer]
+            position_ids = lengths[prompt_of][:, None] + torch.arange(rest.input_ids.shape[1], device=device)
+            cached = [tuple(t.index_select(0, prompt_of) for t in layer) for layer in cache]
+            continued = final_hidden_after(model, cached, batch.attention_mask.index_select(0, prompt_of),
+                                           rest.input_ids, rest.attention_mask, position_ids)
+            hidden.append(continued.flatten(0, 1))
+            row_in_rest = torch.full((len(pairs),), -1, device=device)
+            row_in_rest[longer] = torch.arange(len(longer), device=device)
+            later = offset > 0
+            source[later] = (len(chunk) + row_in_rest[row[later]] * rest.input_ids.shape[1] + offset[later] - 1)
         labels = torch.tensor([token for pair in pairs for token in t_ids[pair]], device=device)
-        _score_targets(head, hidden[row, pos], labels, lens, pairs, nlls, hits)
+        _score_targets(head, torch.cat(hidden)[source], labels, lens, pairs, nlls, hits)
     return nlls, hits
 
 

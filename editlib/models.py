@@ -182,14 +182,18 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 @torch.no_grad()
 def prefix_key_values(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor | None = None,
-                      groups: int = 4) -> list[tuple[torch.Tensor, ...]] | None:
+                      groups: int = 4, return_hidden: bool = False):
     """Per-layer (keys, values) of right-padded prefixes, for `final_hidden_after`; None if empty.
 
     No padding mask: with causal attention and pads at the end, valid positions never see a pad,
     and pad positions stay finite (they are masked out when the continuation reads the cache).
     With `lengths` (each row's real prefix length), the rows run in up to `groups` passes of
     similar lengths, each padded only to its own longest row; the pads beyond it are zeros.
+    With `return_hidden` (one pass only), also the final hidden states (B, P, d): (cache, hidden).
     """
+    if return_hidden:
+        output = model.base_model(input_ids=input_ids, past_key_values=DynamicCache(), use_cache=True)
+        return _key_values(output.past_key_values), output.last_hidden_state
     if input_ids.shape[1] == 0:
         return None
     if lengths is None or groups <= 1 or len(lengths) < 2 * groups:
@@ -212,7 +216,11 @@ def prefix_key_values(model: nn.Module, input_ids: torch.Tensor, lengths: torch.
 def _prefix_pass(model: nn.Module, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
     # a plain cache keeps every position in every layer (a sliding-window layer's own cache would
     # drop the oldest ones); sliding masks are applied from positions when the cache is read back
-    cache = model.base_model(input_ids=input_ids, past_key_values=DynamicCache(), use_cache=True).past_key_values
+    return _key_values(model.base_model(input_ids=input_ids, past_key_values=DynamicCache(),
+                                        use_cache=True).past_key_values)
+
+
+def _key_values(cache: DynamicCache) -> list[tuple[torch.Tensor, ...]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
