@@ -192,14 +192,13 @@ def prefix_key_values(model: nn.Module, input_ids: torch.Tensor, lengths: torch.
     With `return_hidden` (one pass only), also the final hidden states (B, P, d): (cache, hidden).
     """
     if return_hidden:
-        output = model.base_model(input_ids=input_ids, past_key_values=DynamicCache(), use_cache=True)
-        return _key_values(output.past_key_values), output.last_hidden_state
+        return _prefix_pass(model, input_ids)
     if input_ids.shape[1] == 0:
         return None
     if lengths is None or groups <= 1 or len(lengths) < 2 * groups:
-        return _prefix_pass(model, input_ids)
+        return _prefix_pass(model, input_ids)[0]
     lengths = lengths.to(input_ids.device)
-    parts = [(rows, _prefix_pass(model, input_ids[rows, : max(1, int(lengths[rows].max()))]))
+    parts = [(rows, _prefix_pass(model, input_ids[rows, : max(1, int(lengths[rows].max()))])[0])
              for rows in torch.argsort(lengths, stable=True).tensor_split(groups)]
     merged = []
     for layer in range(len(parts[0][1])):  # each cache tensor is (rows, heads, positions, head dim)
@@ -213,15 +212,12 @@ def prefix_key_values(model: nn.Module, input_ids: torch.Tensor, lengths: torch.
     return merged
 
 
-def _prefix_pass(model: nn.Module, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+def _prefix_pass(model: nn.Module, input_ids: torch.Tensor) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
+    """One pass over the prefixes: per-layer (keys, values) and the final hidden states."""
     # a plain cache keeps every position in every layer (a sliding-window layer's own cache would
     # drop the oldest ones); sliding masks are applied from positions when the cache is read back
-    return _key_values(model.base_model(input_ids=input_ids, past_key_values=DynamicCache(),
-                                        use_cache=True).past_key_values)
-
-
-def _key_values(cache: DynamicCache) -> list[tuple[torch.Tensor, ...]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    output = model.base_model(input_ids=input_ids, past_key_values=DynamicCache(), use_cache=True)
+    return [(layer.keys, layer.values) for layer in output.past_key_values.layers], output.last_hidden_state
 
 
 def continuation_exact(model: nn.Module, longest: int) -> bool:
