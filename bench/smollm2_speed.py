@@ -2,8 +2,10 @@
 
 z: `optimize_targets` on one chunk of facts (early stop off, so every variant runs the same
 number of Adam steps; every step runs, the last one without an update), at ROME's hook (an MLP output, 21 context templates, 20 steps) and at
-MEMIT's (a block output, 6 templates, 25 steps), with the blocks below the edited one replayed
-(default) or re-run at every step. The matrix-multiply FLOPs each variant executes are counted
+MEMIT's (a block output, 6 templates, 25 steps), three ways: "own blocks" (the default: the blocks
+above the edited one run as editlib.upper_blocks, everything below once), and through the model's
+own modules with a hook, the blocks below the edited one replayed after the first step or re-run
+at every step. The matrix-multiply FLOPs each variant executes are counted
 with torch.utils.flop_counter (forward and backward; from runs of 2 and 3 steps, since every step
 after the first costs the same); the bound is those FLOPs at the fp32
 GEMM rate this process measures on the same threads, so "x bound" = time / (FLOPs / GEMM rate).
@@ -49,18 +51,22 @@ from editlib.tokens import pad_id, pad_right, prompt_ids, target_ids
 from editlib.values import TargetHparams, optimize_targets
 
 
+def _best_seconds(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def gemm_rate(threads_note: str, size: tuple[int, int, int] = (2048, 576, 1536), repeats: int = 20) -> float:
     """fp32 GEMM FLOP/s of this process: the best of `repeats` multiplies of SmolLM2's MLP shape."""
     m, k, n = size
     a, b = torch.randn(m, k), torch.randn(k, n)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    rate = 2 * m * k * n / best
+    rate = 2 * m * k * n / _best_seconds(lambda: a @ b, repeats)
     print(f"# fp32 GEMM {m}x{k} @ {k}x{n}: {rate / 1e9:.1f} GFLOP/s ({threads_note})")
     return rate
 
@@ -111,13 +117,7 @@ def matmul_seconds(calls: Counter, repeats: int = 5) -> float:
     total = 0.0
     for (func, operands), count in calls.items():
         args = [_operand(spec) for spec in operands]
-        func(*args)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            func(*args)
-            best = min(best, time.perf_counter() - start)
-        total += best * count
+        total += _best_seconds(lambda: func(*args), repeats) * count
     return total
 
 
@@ -174,18 +174,20 @@ def main() -> None:
         for label, module, lengths, steps in cases:
             templates = sample_context_templates(model, tokenizer, lengths, 0)
             hp = TargetHparams(v_num_grad_steps=steps, early_stop_loss=0.0, facts_per_chunk=len(facts))
-            def run(replay: bool, steps: int = steps):
+            def run(variant: str, steps: int = steps):
                 return lambda: optimize_targets(model, tokenizer, facts, templates, module,
                                                 dataclasses.replace(hp, v_num_grad_steps=steps), False,
-                                                replay_lower_blocks=replay)
+                                                replay_lower_blocks=variant != "modules, re-run lower blocks",
+                                                own_blocks=variant == "own blocks")
 
-            variants = {"replay lower blocks": run(True), "re-run lower blocks": run(False)}
+            names = ("own blocks", "modules, replay lower blocks", "modules, re-run lower blocks")
+            variants = {name: run(name) for name in names}
             # FLOPs of 2 and 3 steps give the first step's and every later step's (all later steps are alike)
             flops, products = {}, {}
-            for name, replay in (("replay lower blocks", True), ("re-run lower blocks", False)):
-                two, three = counted_flops(run(replay, 2)), counted_flops(run(replay, 3))
+            for name in names:
+                two, three = counted_flops(run(name, 2)), counted_flops(run(name, 3))
                 flops[name] = two + (steps - 2) * (three - two)
-                two, three = recorded_matmuls(run(replay, 2)), recorded_matmuls(run(replay, 3))
+                two, three = recorded_matmuls(run(name, 2)), recorded_matmuls(run(name, 3))
                 later = three.copy()
                 later.subtract(two)  # one later step's products (every later step runs the same)
                 products[name] = matmul_seconds(Counter({key: two[key] + (steps - 2) * later[key]
@@ -200,8 +202,9 @@ def main() -> None:
                              "x bound": seconds / (flops[name] / rate),
                              "products alone s per fact": products[name] / len(facts),
                              "products alone x bound": products[name] / (flops[name] / rate)})
-            replay, rerun = (median(times[n]) for n in ("replay lower blocks", "re-run lower blocks"))
-            print(f"# {label}: replaying the lower blocks is {rerun / replay:.2f}x faster")
+            own, replay, rerun = (median(times[n]) for n in names)
+            print(f"# {label}: replaying the lower blocks is {rerun / replay:.2f}x faster; own blocks "
+                  f"{replay / own:.2f}x faster than the model's modules with replay")
         print(f"\n## target values z, {len(facts)} facts in one chunk ({args.repeats} interleaved repeats)")
         print_table(rows)
 

@@ -15,7 +15,9 @@ Tokens before a prompt's subject-last token do not depend on delta (causal atten
 each prompt: the subject-last token, the relation and the target tokens. The blocks below the
 edited one cannot depend on delta either: they run at the first step only and are replayed after.
 Models with grouped-query attention run it without copying keys and values per query head
-(`editlib.attention`).
+(`editlib.attention`). On fp32 Llama models on CPU the blocks above the edited one run as
+`editlib.upper_blocks` (hand-written backward). The output matrix and the loss
+terms read from it are one function with a hand-written backward (`_TargetHead`).
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .attention import grouped_attention
 from .keys import build_context_prompts
-from .models import (continuation_exact, edit_output, final_hidden_after, lm_head, prefix_key_values,
-                     replay_blocks_below)
+from . import upper_blocks
+from .models import (StopForward, block_index, capture_outputs, continuation_exact, edit_output, final_hidden_after,
+                     lm_head, model_layout, prefix_key_values, replay_blocks_below, stop_forward_after)
 from .records import EditRequest, batches
 from .tokens import pad_id, pad_right, target_ids
 
@@ -59,6 +63,46 @@ class TargetResult:
     loss: torch.Tensor
     nll: torch.Tensor
     steps: torch.Tensor
+
+
+class _TargetHead(torch.autograd.Function):
+    """The output matrix and the loss terms read from it, with a hand-written backward.
+
+    `hidden` (n_tokens + n_kl, d): the target tokens' rows, then the KL rows. Returns the target
+    tokens' log-probabilities (n_tokens,) at `labels`, KL(P || P_ref) per KL row (n_kl,) and the
+    KL rows' log-probabilities (n_kl, V) (no gradient; the reference at the first step). One pass
+    over the vocabulary for the softmax; the backward reuses its buffer for the logits' gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, reference):
+        n_tokens = len(labels)
+        shifted = F.linear(hidden, weight)
+        shifted = shifted.to(torch.promote_types(shifted.dtype, torch.float32))  # half precision: fp32
+        if bias is not None:
+            shifted += bias
+        shifted -= shifted.amax(-1, keepdim=True)
+        token_shifted = shifted[torch.arange(n_tokens, device=labels.device), labels]
+        kl_shifted = shifted[n_tokens:].clone()
+        exp = shifted.exp_()  # the logits' buffer, reused; probabilities = exp / total
+        total = exp.sum(-1, keepdim=True)
+        log_total = total.log()
+        token_logp = token_shifted - log_total[:n_tokens, 0]
+        kl_logp = kl_shifted - log_total[n_tokens:]
+        excess = kl_logp - (kl_logp if reference is None else reference)
+        kl = (kl_logp.exp() * excess).sum(-1)
+        ctx.weight, ctx.labels, ctx.exp, ctx.total, ctx.excess, ctx.kl = weight, labels, exp, total, excess, kl
+        ctx.weight_dtype = hidden.dtype
+        ctx.mark_non_differentiable(kl_logp)
+        return token_logp, kl, kl_logp
+
+    @staticmethod
+    def backward(ctx, grad_token_logp, grad_kl, _):
+        n_tokens, grad = len(ctx.labels), ctx.exp  # d logp[label] / d logits = onehot - probs
+        grad[:n_tokens] *= -grad_token_logp[:, None] / ctx.total[:n_tokens]
+        grad[torch.arange(n_tokens, device=grad.device), ctx.labels] += grad_token_logp
+        grad[n_tokens:] *= (ctx.excess - ctx.kl[:, None]) * (grad_kl[:, None] / ctx.total[n_tokens:])
+        return grad.to(ctx.weight_dtype) @ ctx.weight, None, None, None, None
 
 
 class _PerFactAdam:
@@ -92,18 +136,22 @@ def optimize_targets(
     hparams: TargetHparams = TargetHparams(),
     progress: bool = True,
     replay_lower_blocks: bool = True,
+    own_blocks: bool = True,
 ) -> TargetResult:
     """Optimise the target of every request at `hook_module`'s output; chunks of facts share passes.
 
     `replay_lower_blocks`: the blocks below the edited one run at the first Adam step only (their
     outputs cannot depend on delta); off, every step runs them again (same result, for benchmarks).
+    `own_blocks`: on fp32 Llama models on CPU, the blocks above the edited one run as
+    `editlib.upper_blocks` (the same function, faster; everything below runs once); off, or on other
+    models, the model's own modules run with a hook that adds delta.
     """
     parts = []
     chunks = list(batches(requests, max(1, hparams.facts_per_chunk)))
     with grouped_attention(model):
         for chunk in tqdm(chunks, desc=f"targets @ {hook_module}", disable=not progress or len(chunks) < 2):
             parts.append(_optimize_chunk(model, tokenizer, chunk, templates, hook_module, hparams,
-                                         replay_lower_blocks))
+                                         replay_lower_blocks, own_blocks))
     return TargetResult(*(torch.cat([getattr(p, f) for p in parts], dim=-1) for f in TargetResult.__dataclass_fields__))
 
 
@@ -117,7 +165,7 @@ def _split_points(model, row_ids, subject_last: torch.Tensor, cache_prefix: bool
 
 
 def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: TargetHparams,
-                    replay_lower_blocks: bool = True) -> TargetResult:
+                    replay_lower_blocks: bool = True, own_blocks: bool = True) -> TargetResult:
     device = next(model.parameters()).device
     n_facts, n_templates = len(requests), len(templates)
     targets = target_ids(tokenizer, [r.target_new for r in requests])
@@ -163,23 +211,49 @@ def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: Targ
             h_init = out[plain_rows, subject_last[plain_rows]].detach().float().clone()
         return out.index_put((rows, subject_last), delta[fact].to(out.dtype), accumulate=True)
 
-    head = lm_head(model)
+    def model_continuation() -> torch.Tensor:
+        return final_hidden_after(model, prefix_cache, prefix.attention_mask, batch.input_ids,
+                                  batch.attention_mask, position_ids)
+
+    if own_blocks and upper_blocks.supports(model, hook_module):
+        # the edited block's output is its output without delta + delta: everything up to that block
+        # runs once, the blocks above it run as editlib's own Llama blocks at every step
+        layer = block_index(model, hook_module)
+        block = model_layout(model).block(layer)
+        with (torch.no_grad(), capture_outputs(model, dict.fromkeys([hook_module, block])) as captured,
+              stop_forward_after(model, block), contextlib.suppress(StopForward)):
+            model_continuation()
+        h_init = captured[hook_module][plain_rows, subject_last[plain_rows]].float().clone()
+        below = captured[block]
+        upper = upper_blocks.UpperBlocks(model, layer, prefix_cache, prefix.attention_mask, batch.attention_mask,
+                                         position_ids)
+        edit = contextlib.nullcontext()
+
+        def continuation() -> torch.Tensor:
+            return upper(below.index_put((rows, subject_last), delta[fact].to(below.dtype), accumulate=True))
+    else:
+        edit = contextlib.ExitStack()
+        edit.enter_context(edit_output(model, hook_module, add_delta))
+        if replay_lower_blocks:
+            edit.enter_context(replay_blocks_below(model, hook_module))
+        continuation = model_continuation
+
+    # one pass through the output matrix: the target tokens' rows, then the KL rows
+    head_row, head_pos = torch.cat([tok_row, kl_rows]), torch.cat([tok_pos, subject_last[kl_rows]])
+    head_bias = lm_head(model).bias
+    head = lm_head(model).weight.detach()
     adam = _PerFactAdam(delta.shape, hp.v_lr, device)
     active = torch.ones(n_facts, dtype=torch.bool, device=device)
     loss_f = nll_f = torch.zeros(n_facts, device=device)
     kl_init = None
-    replay = replay_blocks_below(model, hook_module) if replay_lower_blocks else contextlib.nullcontext()
-    with edit_output(model, hook_module, add_delta), replay:
+    with edit:
         for it in range(hp.v_num_grad_steps):
-            hidden = final_hidden_after(model, prefix_cache, prefix.attention_mask, batch.input_ids,
-                                        batch.attention_mask, position_ids)
-            token_logp = torch.log_softmax(head(hidden[tok_row, tok_pos]).float(), dim=-1)
-            token_nll = -token_logp.gather(1, tok_label[:, None]).squeeze(1)
-            nll = torch.zeros(n_facts, device=device).index_add(0, tok_fact, token_nll * tok_weight)
-            kl_logp = torch.log_softmax(head(hidden[kl_rows, subject_last[kl_rows]]).float(), dim=-1)
+            hidden = continuation()
+            token_logp, kl, kl_logp = _TargetHead.apply(hidden[head_row, head_pos], head, head_bias, tok_label,
+                                                        kl_init)
+            nll = torch.zeros(n_facts, device=device).index_add(0, tok_fact, -token_logp * tok_weight)
             if kl_init is None:
-                kl_init = kl_logp.detach()
-            kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)
+                kl_init = kl_logp
             decay = hp.v_weight_decay * delta.norm(dim=1) / h_init.norm(dim=1) ** 2
             loss = nll + hp.kl_factor * kl + decay
             with torch.no_grad():

@@ -85,7 +85,9 @@ def test_cached_prefix_equals_full_rerun(arch, llama_tokenizer, gpt2_tokenizer, 
         torch.testing.assert_close(cached.h_init, full.h_init, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cached.values, full.values, rtol=2e-4, atol=2e-4)
         torch.testing.assert_close(cached.loss, full.loss, rtol=1e-4, atol=1e-4)
-        assert (cached.values - cached.h_init).norm(dim=0).min() > 0  # the optimisation moved every fact
+        moved = (cached.values - cached.h_init).norm(dim=0) > 0
+        # with a window of 4 a fact's target tokens can lie out of the subject's reach: zero gradient
+        assert moved.all() if arch != "gemma3-window-4" else moved.sum() >= len(requests_) - 1
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3-window-512", "toy-local"])
@@ -105,12 +107,42 @@ def test_replayed_lower_blocks_give_identical_z_and_run_once(arch, cache_prefix,
             lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
     for module, edited in ((layout.block(2), 2), (layout.mlp(1), 1)):
         calls[:] = [0] * layout.n_layers
-        replayed = optimize_targets(model, tokenizer, requests_, templates, module, hp, progress=False)
+        replayed = optimize_targets(model, tokenizer, requests_, templates, module, hp, progress=False,
+                                    own_blocks=False)
         # (plus one prefix pass through every block when the prefix is cached)
         assert calls[:edited] == [calls[0]] * edited and calls[edited] - calls[0] == hp.v_num_grad_steps - 1
         rerun = optimize_targets(model, tokenizer, requests_, templates, module, hp, progress=False,
-                                 replay_lower_blocks=False)
+                                 replay_lower_blocks=False, own_blocks=False)
         assert torch.equal(replayed.values, rerun.values) and torch.equal(replayed.loss, rerun.loss)
-        assert (replayed.values - replayed.h_init).norm(dim=0).min() > 0
+        # (at the last block's output delta reaches only the subject's own token, and every prompt
+        # here goes on after the subject: no gradient; the KL term's is zero where it starts)
+        if edited < layout.n_layers - 1:
+            assert (replayed.values - replayed.h_init).norm(dim=0).min() > 0
     for i in range(layout.n_layers):  # nothing of the replay is left on the model
         assert "forward" not in model.get_submodule(layout.block(i)).__dict__
+
+
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_target_head_equals_autograd_through_log_softmax(with_reference):
+    """The output matrix + loss terms with their hand-written backward = autograd of the plain formulas."""
+    from editlib.values import _TargetHead
+
+    torch.manual_seed(0)
+    n_tokens, n_kl, width, vocab = 7, 3, 16, 50
+    weight, bias = torch.randn(vocab, width, dtype=torch.float64), torch.randn(vocab, dtype=torch.float64)
+    hidden = torch.randn(n_tokens + n_kl, width, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(vocab, (n_tokens,))
+    reference = torch.log_softmax(torch.randn(n_kl, vocab, dtype=torch.float64), -1) if with_reference else None
+    token_logp, kl, kl_logp = _TargetHead.apply(hidden, weight, bias, labels, reference)
+    logp = torch.log_softmax(hidden @ weight.T + bias, dim=-1)
+    expected_token = logp[torch.arange(n_tokens), labels]
+    expected_kl = (logp[n_tokens:].exp() * (logp[n_tokens:] - (logp[n_tokens:].detach() if reference is None
+                                                                else reference))).sum(-1)
+    torch.testing.assert_close(token_logp, expected_token)
+    torch.testing.assert_close(kl, expected_kl)
+    torch.testing.assert_close(kl_logp, logp[n_tokens:].detach())
+    a, b = torch.randn(n_tokens, dtype=torch.float64), torch.randn(n_kl, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((token_logp * a).sum() + (kl * b).sum(), hidden)
+    (plain,) = torch.autograd.grad((expected_token * a).sum() + (expected_kl * b).sum(), hidden)
+    torch.testing.assert_close(ours, plain, rtol=1e-10, atol=1e-12)
+    assert ours[n_tokens:].abs().max() > 0 if with_reference else ours[n_tokens:].abs().max() < 1e-12

@@ -1,0 +1,280 @@
+"""The blocks above an edited layer of a Llama model, as one function of that layer's output.
+
+Target optimisation adds the optimised vector at one layer's output and runs everything above it
+at every Adam step, over a few tokens per prompt (the subject's last token onwards) against a
+cached prefix, forward and backward. Through transformers' modules each step pays, besides the
+matrix products, for dozens of small operations per block (layout copies, the key/value cache
+concatenation, the mask, autograd's bookkeeping, the copies of keys and values per query head).
+Here each block is one autograd function with a hand-written backward (gradients for the hidden
+states only; the weights are fixed):
+
+- the query/key/value projections are one product, and so are the gate and up projections;
+- the prepared weights are kept while a block's parameters are unchanged, so every chunk and
+  every job on the same weights reuses them; the backward multiplies by the same matrices;
+- rotary embedding is one complex multiplication: the query and key dimensions are reordered
+  once (in the weights and the cached prefix keys) so that the pairs it rotates are adjacent,
+  which leaves every attention score unchanged; the 1/sqrt(head_dim) scaling rides along;
+- attention reads the cached prefix and the new tokens' keys and values without concatenating
+  them, with the query heads that share a key/value head stacked along the query axis.
+
+Only for Llama blocks in fp32 on CPU (SmolLM2, Llama-2, Llama-3; other devices and dtypes are not tested): `supports` says whether a model
+qualifies. `llama_block` is the same block written with plain differentiable operations; the tests
+check the fast block's output and gradient against it and against the model's own forward pass
+(tests/test_upper_blocks.py).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import model_layout
+
+
+def supports(model: nn.Module, hook_module: str) -> bool:
+    """Whether the blocks above `hook_module` can run here: an fp32 Llama model on CPU with SiLU
+    MLPs without biases and no sliding window, hooked at a block output or at an MLP output (which
+    its block adds to the residual last, so the block's output moves by the same vector)."""
+    config = model.config
+    if getattr(config, "model_type", None) != "llama" or getattr(config, "hidden_act", None) != "silu":
+        return False
+    if getattr(config, "mlp_bias", False) or getattr(config, "sliding_window", None):
+        return False
+    weight = next(model.parameters())
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return False
+    layout = model_layout(model)
+    return any(hook_module in (layout.block(layer), layout.mlp(layer)) for layer in range(layout.n_layers))
+
+
+def _pair_order(dim: int) -> torch.Tensor:
+    """Reordering of a head's dimensions that puts each rotary pair (i, i + dim/2) side by side."""
+    half = torch.arange(dim // 2)
+    return torch.stack([half, half + dim // 2], dim=1).flatten()
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _rms_backward(grad: torch.Tensor, normed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Gradient at x of normed = x * scale, scale = rsqrt(mean(x^2) + eps), given grad at normed."""
+    return scale * (grad - normed * (grad * normed).mean(-1, keepdim=True))
+
+
+def _versions(module: nn.Module) -> tuple:
+    return tuple((p.data_ptr(), p._version) for p in module.parameters())
+
+
+class _Prepared:
+    """Prepared weights per module, kept while the module's parameters are unchanged (same storage
+    and version): chunks and jobs on the same weights share them, an edited block prepares anew."""
+
+    def __init__(self):
+        self.entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def get(self, module: nn.Module, build):
+        versions = _versions(module)
+        entry = self.entries.get(module)
+        if entry is None or entry[0] != versions:
+            entry = self.entries[module] = (versions, build())
+        return entry[1]
+
+
+_PREPARED = _Prepared()
+
+
+class _BlockWeights:
+    """One Llama block's weights, prepared once: the query/key/value and the gate/up projections
+    concatenated, query and key rows in rotary-pair order. Products are x @ W^T forward and
+    grad @ W backward, on the same contiguous W."""
+
+    def __init__(self, block: nn.Module, heads: int, kv_heads: int, dim: int):
+        attn, mlp = block.self_attn, block.mlp
+        order = _pair_order(dim)
+
+        def rotary_rows(linear: nn.Linear, n_heads: int):
+            weight = linear.weight.view(n_heads, dim, -1)[:, order].reshape(n_heads * dim, -1)
+            bias = None if linear.bias is None else linear.bias.view(n_heads, dim)[:, order].reshape(-1)
+            return weight, bias
+
+        with torch.no_grad():
+            (q_weight, q_bias), (k_weight, k_bias) = rotary_rows(attn.q_proj, heads), rotary_rows(attn.k_proj, kv_heads)
+            self.qkv = torch.cat([q_weight, k_weight, attn.v_proj.weight])
+            biases = (q_bias, k_bias, attn.v_proj.bias)
+            self.qkv_bias = None if any(b is None for b in biases) else torch.cat(biases)
+            self.out, self.out_bias = attn.o_proj.weight.detach(), attn.o_proj.bias
+            self.gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            self.down = mlp.down_proj.weight.detach()
+        self.norm1, self.norm2 = block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach()
+        self.eps = block.input_layernorm.variance_epsilon
+
+
+class _Block:
+    """One block for one chunk: its prepared weights and its cached prefix (keys in pair order)."""
+
+    def __init__(self, weights: _BlockWeights, prefix_keys: torch.Tensor, prefix_values: torch.Tensor):
+        self.__dict__.update(weights.__dict__)
+        self.prefix_keys = prefix_keys[..., _pair_order(prefix_keys.shape[-1])].contiguous()
+        self.prefix_values = prefix_values
+
+
+class _BlockFunction(torch.autograd.Function):
+    """y = block(x) for x (R, T, d), with its backward for x; `chunk` holds the shared parts."""
+
+    @staticmethod
+    def forward(ctx, x, block: _Block, chunk: "UpperBlocks"):
+        rows, length, width = x.shape
+        heads, kv_heads, dim = chunk.heads, chunk.kv_heads, chunk.head_dim
+        groups = heads // kv_heads
+        scale1 = _rms(x, block.eps)
+        normed1 = x * scale1
+        projected = F.linear((normed1 * block.norm1).view(-1, width), block.qkv).view(rows, length, -1)
+        if block.qkv_bias is not None:
+            projected = projected + block.qkv_bias
+        query, key, value = projected.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        rotate = chunk.rotation[:, :, None]  # (R, T, 1, D/2) complex, query scaling included
+        query = torch.view_as_real(torch.view_as_complex(query.reshape(rows, length, heads, dim // 2, 2)) * rotate)
+        key = torch.view_as_real(torch.view_as_complex(key.reshape(rows, length, kv_heads, dim // 2, 2))
+                                 * chunk.key_rotation[:, :, None])
+        # query head h = k * groups + g reads key/value head k: stack its groups along the query axis
+        query = query.view(rows, length, kv_heads, groups, dim).permute(0, 2, 3, 1, 4).reshape(
+            rows, kv_heads, groups * length, dim)
+        key = key.view(rows, length, kv_heads, dim).transpose(1, 2)
+        value = value.reshape(rows, length, kv_heads, dim).transpose(1, 2)
+        scores = torch.cat([query @ block.prefix_keys.transpose(-1, -2), query @ key.transpose(-1, -2)], dim=-1)
+        probs = torch.softmax(scores.add_(chunk.bias), dim=-1)
+        prefix = block.prefix_keys.shape[-2]
+        attended = probs[..., :prefix] @ block.prefix_values
+        attended.add_(probs[..., prefix:] @ value)
+        attended = attended.view(rows, kv_heads, groups, length, dim).permute(0, 3, 1, 2, 4).reshape(-1, heads * dim)
+        hidden = F.linear(attended, block.out).view(rows, length, width)
+        if block.out_bias is not None:
+            hidden = hidden + block.out_bias
+        hidden.add_(x)
+        scale2 = _rms(hidden, block.eps)
+        normed2 = hidden * scale2
+        gate, up = F.linear((normed2 * block.norm2).view(-1, width), block.gate_up).chunk(2, dim=-1)
+        silu = F.silu(gate)
+        out = F.linear(silu * up, block.down).view(rows, length, width).add_(hidden)
+        ctx.block, ctx.chunk = block, chunk
+        ctx.save_for_backward(normed1, scale1, query, key, value, probs, normed2, scale2, gate, up, silu)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        block, chunk = ctx.block, ctx.chunk
+        normed1, scale1, query, key, value, probs, normed2, scale2, gate, up, silu = ctx.saved_tensors
+        rows, length, width = grad_out.shape
+        heads, kv_heads, dim = chunk.heads, chunk.kv_heads, chunk.head_dim
+        groups = heads // kv_heads
+        grad_out = grad_out.contiguous()
+        # MLP: out = hidden + down(silu(gate) * up), (gate, up) = gate_up(norm2 * normed2)
+        grad_act = grad_out.view(-1, width) @ block.down
+        grad_gate_up = grad_act.new_empty(grad_act.shape[0], 2 * grad_act.shape[1])
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.mul(grad_act, silu, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gate)
+        grad_normed2 = (grad_gate_up @ block.gate_up).view(rows, length, width)
+        grad_hidden = grad_out + _rms_backward(grad_normed2 * block.norm2, normed2, scale2)
+        # attention: hidden = x + out(attended)
+        grad_attended = (grad_hidden.view(-1, width) @ block.out).view(rows, length, kv_heads, groups, dim)
+        grad_attended = grad_attended.permute(0, 2, 3, 1, 4).reshape(rows, kv_heads, groups * length, dim)
+        prefix = block.prefix_keys.shape[-2]
+        grad_probs = torch.cat([grad_attended @ block.prefix_values.transpose(-1, -2),
+                                grad_attended @ value.transpose(-1, -2)], dim=-1)
+        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+        new_scores = grad_scores[..., prefix:]
+        grad_query = grad_scores[..., :prefix] @ block.prefix_keys
+        grad_query.add_(new_scores @ key)
+        grad_key = new_scores.transpose(-1, -2) @ query
+        grad_value = probs[..., prefix:].transpose(-1, -2) @ grad_attended
+        grad_query = grad_query.view(rows, kv_heads, groups, length, dim).permute(0, 3, 1, 2, 4).reshape(
+            rows, length, heads, dim // 2, 2)
+        grad_query = torch.view_as_real(torch.view_as_complex(grad_query.contiguous())
+                                        * chunk.rotation[:, :, None].conj())
+        grad_key = grad_key.transpose(1, 2).reshape(rows, length, kv_heads, dim // 2, 2)
+        grad_key = torch.view_as_real(torch.view_as_complex(grad_key.contiguous())
+                                      * chunk.key_rotation[:, :, None].conj())
+        grad_projected = torch.cat([grad_query.reshape(rows, length, -1), grad_key.reshape(rows, length, -1),
+                                    grad_value.transpose(1, 2).reshape(rows, length, -1)], dim=-1)
+        grad_normed1 = (grad_projected.view(-1, grad_projected.shape[-1]) @ block.qkv).view(rows, length, width)
+        return grad_hidden + _rms_backward(grad_normed1 * block.norm1, normed1, scale1), None, None
+
+
+class UpperBlocks:
+    """Blocks `layer + 1 ..` of a Llama `model` and its final norm, over continuation tokens.
+
+    `prefix` holds every layer's cached (keys, values) (R, K, P, D) of right-padded prefixes
+    (`models.prefix_key_values`, or None: no prefix), `prefix_mask` (R, P) their real tokens,
+    `attention_mask` (R, T) the continuation's real tokens and `position_ids` (R, T) their
+    positions. Calling it with block `layer`'s output at the continuation tokens (R, T, d) returns
+    the final-norm hidden states, differentiable in that input.
+    """
+
+    def __init__(self, model: nn.Module, layer: int, prefix, prefix_mask: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor):
+        config = model.config
+        base = model.base_model
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        rows, length = attention_mask.shape
+        sample = base.norm.weight.new_zeros(rows, length, config.hidden_size)
+        if prefix is None:  # no cached prefix: an empty one
+            empty = sample.new_zeros(rows, self.kv_heads, 0, self.head_dim)
+            prefix = [(empty, empty)] * len(base.layers)
+            prefix_mask = attention_mask.new_zeros(rows, 0)
+        self.blocks = [
+            _Block(_PREPARED.get(base.layers[index],
+                                 lambda i=index: _BlockWeights(base.layers[i], self.heads, self.kv_heads,
+                                                               self.head_dim)),
+                   *prefix[index][:2])
+            for index in range(layer + 1, len(base.layers))]
+        self.final_norm, self.eps = base.norm.weight, base.norm.variance_epsilon
+        cos, sin = base.rotary_emb(sample, position_ids)  # (R, T, D), both halves equal
+        half = self.head_dim // 2
+        self.key_rotation = torch.complex(cos[..., :half], sin[..., :half])
+        self.rotation = self.key_rotation * getattr(base.layers[0].self_attn, "scaling", self.head_dim**-0.5)
+        visible = torch.cat([prefix_mask.bool()[:, None, :].expand(rows, length, -1),
+                             torch.ones(length, length, dtype=torch.bool, device=sample.device).tril()
+                             & attention_mask.bool()[:, None, :]], dim=-1)
+        bias = torch.zeros(visible.shape, dtype=sample.dtype, device=sample.device).masked_fill(
+            ~visible, torch.finfo(sample.dtype).min)
+        groups = self.heads // self.kv_heads
+        self.bias = bias[:, None, None].expand(-1, -1, groups, -1, -1).reshape(rows, 1, groups * length, -1)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            hidden = _BlockFunction.apply(hidden, block, self)
+        return F.rms_norm(hidden, hidden.shape[-1:], self.final_norm, self.eps)
+
+
+def llama_block(block: nn.Module, x, prefix_keys, prefix_values, bias, cos, sin, heads: int, kv_heads: int):
+    """Reference for `_BlockFunction`: the same block in plain differentiable operations, in the
+    model's own dimension order (cos, sin (R, T, D) as the model's rotary embedding returns them;
+    `bias` (R, 1, T, P + T) additive)."""
+    rows, length, _ = x.shape
+    attn, mlp = block.self_attn, block.mlp
+    dim = prefix_keys.shape[-1]
+    def norm(t, module):  # the model's RMSNorm, in the input's precision
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + module.variance_epsilon) * module.weight
+
+    normed = norm(x, block.input_layernorm)
+    query = attn.q_proj(normed).view(rows, length, heads, dim).transpose(1, 2)
+    key = attn.k_proj(normed).view(rows, length, kv_heads, dim).transpose(1, 2)
+    value = attn.v_proj(normed).view(rows, length, kv_heads, dim).transpose(1, 2)
+
+    def rotate(t):
+        half = t.shape[-1] // 2
+        return t * cos[:, None] + torch.cat([-t[..., half:], t[..., :half]], dim=-1) * sin[:, None]
+
+    query, key = rotate(query), rotate(key)
+    keys = torch.cat([prefix_keys, key], dim=-2).repeat_interleave(heads // kv_heads, dim=1)
+    values = torch.cat([prefix_values, value], dim=-2).repeat_interleave(heads // kv_heads, dim=1)
+    probs = torch.softmax(query @ keys.transpose(-1, -2) * attn.scaling + bias, dim=-1)
+    hidden = x + attn.o_proj((probs @ values).transpose(1, 2).reshape(rows, length, -1))
+    return hidden + mlp(norm(hidden, block.post_attention_layernorm))
