@@ -17,10 +17,11 @@ states only; the weights are fixed):
 - attention reads the cached prefix and the new tokens' keys and values without concatenating
   them, with the query heads that share a key/value head stacked along the query axis.
 
-Only for Llama blocks in fp32 on CPU (SmolLM2, Llama-2, Llama-3; other devices and dtypes are not tested): `supports` says whether a model
-qualifies. `llama_block` is the same block written with plain differentiable operations; the tests
-check the fast block's output and gradient against it and against the model's own forward pass
-(tests/test_upper_blocks.py).
+Only for Llama blocks in fp32 on CPU (SmolLM2, Llama-2, Llama-3; other devices and dtypes are
+not tested): `supports` says whether a model qualifies. The prepared copies (the concatenated
+projections) stay in memory while the model does. `llama_block` is the same block written with
+plain differentiable operations; the tests check the fast block's output and gradient against it
+and against the model's own forward pass (tests/test_upper_blocks.py).
 """
 
 from __future__ import annotations
