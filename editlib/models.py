@@ -182,22 +182,72 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 @torch.no_grad()
 def prefix_key_values(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor | None = None,
-                      groups: int = 4, return_hidden: bool = False):
+                      groups: int = 4, return_hidden: bool = False, share_stems: bool = False):
     """Per-layer (keys, values) of right-padded prefixes, for `final_hidden_after`; None if empty.
 
     No padding mask: with causal attention and pads at the end, valid positions never see a pad,
     and pad positions stay finite (they are masked out when the continuation reads the cache).
     With `lengths` (each row's real prefix length), the rows run in up to `groups` passes of
     similar lengths, each padded only to its own longest row; the pads beyond it are zeros.
+    With `share_stems` too, rows that start with the same tokens (`shared_stems`) run those tokens
+    once and continue from their cache (same keys and values at every real position; only where
+    `continuation_exact` holds, else as without it).
     With `return_hidden` (one pass only), also the final hidden states (B, P, d): (cache, hidden).
     """
     if return_hidden:
         return _prefix_pass(model, input_ids)
     if input_ids.shape[1] == 0:
         return None
-    if lengths is None or groups <= 1 or len(lengths) < 2 * groups:
+    if lengths is None:
         return _prefix_pass(model, input_ids)[0]
     lengths = lengths.to(input_ids.device)
+    if share_stems and continuation_exact(model, 2 * input_ids.shape[1]):
+        rows = [ids[:n] for ids, n in zip(input_ids.tolist(), lengths.tolist())]
+        stems = shared_stems(rows)
+        if stems:
+            return _stem_prefix_pass(model, input_ids, lengths, stems, groups)
+    return _length_grouped_pass(model, input_ids, lengths, groups)
+
+
+def shared_stems(rows: Sequence[Sequence[int]], min_shared: int = 2) -> list[tuple[list[int], int]]:
+    """Groups of rows that start with the same tokens: (row indices, stem length) with every row of
+    a group starting with the same `stem length` >= `min_shared` tokens and longer than them.
+
+    Chosen to save the most tokens (stem length x (rows - 1), summed over groups): the rows sorted,
+    each run of rows is either one group (the run's common start) or split where that start is
+    shortest, whichever saves more. Rows in no group are left out.
+    """
+    order = sorted(range(len(rows)), key=lambda r: tuple(rows[r]))
+    common = [_common_start(rows[a], rows[b]) for a, b in zip(order, order[1:])]
+
+    def best(lo: int, hi: int) -> tuple[int, list[tuple[list[int], int]]]:  # order[lo..hi]
+        if lo == hi:
+            return 0, []
+        shortest = min(common[lo:hi])
+        members = order[lo: hi + 1]
+        stem = min(shortest, min(len(rows[r]) for r in members) - 1)
+        whole = (stem * (hi - lo), [(members, stem)]) if stem >= min_shared else (0, [])
+        saved, found, start = 0, [], lo
+        for cut in [i for i in range(lo, hi) if common[i] == shortest] + [hi]:
+            part_saved, part_groups = best(start, cut)
+            saved, found, start = saved + part_saved, found + part_groups, cut + 1
+        return whole if whole[0] >= saved else (saved, found)
+
+    return best(0, len(rows) - 1)[1] if rows else []
+
+
+def _common_start(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _length_grouped_pass(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor, groups: int):
+    if groups <= 1 or len(lengths) < 2 * groups:
+        return _prefix_pass(model, input_ids)[0]
     parts = [(rows, _prefix_pass(model, input_ids[rows, : max(1, int(lengths[rows].max()))])[0])
              for rows in torch.argsort(lengths, stable=True).tensor_split(groups)]
     merged = []
@@ -209,6 +259,55 @@ def prefix_key_values(model: nn.Module, input_ids: torch.Tensor, lengths: torch.
                 full[rows, ..., : cache[layer][k].shape[-2], :] = cache[layer][k]
             tensors.append(full)
         merged.append(tuple(tensors))
+    return merged
+
+
+def _stem_prefix_pass(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor,
+                      stems: list[tuple[list[int], int]], groups: int):
+    """`prefix_key_values` with each group's shared stem run once: the stems in one length-grouped
+    pass, then every row's rest (a row in no group: all of it) in passes of similar rest length
+    that read their stem's cache, the result laid out as one right-padded pass would be."""
+    device = input_ids.device
+    stem_of = torch.zeros(len(lengths), dtype=torch.long, device=device)
+    stem_len = torch.zeros(len(lengths), dtype=torch.long, device=device)
+    for index, (members, length) in enumerate(stems):
+        stem_of[members], stem_len[members] = index, length
+    stem_lengths = torch.tensor([n for _, n in stems], device=device)
+    stem_ids = input_ids[[members[0] for members, _ in stems], : int(stem_lengths.max())]
+    stem_cache = _length_grouped_pass(model, stem_ids, stem_lengths, groups)
+    rest_len = (lengths - stem_len).clamp(min=1)
+    n_positions = input_ids.shape[1]
+    merged = None
+    for rows in torch.argsort(rest_len, stable=True).tensor_split(min(groups, len(lengths))):
+        if len(rows) == 0:
+            continue
+        width, past_width = int(rest_len[rows].max()), int(stem_len[rows].max())
+        offset = torch.arange(width, device=device)
+        source = (stem_len[rows, None] + offset).clamp(max=n_positions - 1)
+        ids = input_ids[rows[:, None], source]
+        if past_width == 0:
+            layers = _prefix_pass(model, ids)[0]
+        else:
+            past = [tuple(t[stem_of[rows], ..., :past_width, :] for t in layer[:2]) for layer in stem_cache]
+            mask = torch.cat([torch.arange(past_width, device=device) < stem_len[rows, None],
+                              torch.ones(len(rows), width, dtype=torch.bool, device=device)], dim=1).long()
+            output = model.base_model(input_ids=ids, attention_mask=mask, position_ids=stem_len[rows, None] + offset,
+                                      past_key_values=DynamicCache(ddp_cache_data=past), use_cache=True)
+            layers = [(layer.keys, layer.values) for layer in output.past_key_values.layers]
+        # position p of a row: its stem's slot p below its stem length, else slot past_width + p - stem length
+        position = torch.arange(n_positions, device=device)
+        slot = torch.where(position < stem_len[rows, None], position, past_width + position - stem_len[rows, None])
+        computed = position < stem_len[rows, None] + width
+        slot = torch.where(computed, slot, 0)
+        if merged is None:
+            merged = [tuple(t.new_zeros(len(lengths), *t.shape[1:-2], n_positions, t.shape[-1]) for t in layer)
+                      for layer in layers]
+        for full_layer, layer in zip(merged, layers):
+            for full, tensor in zip(full_layer, layer):
+                moved = tensor.movedim(-2, 1)  # (rows, positions, heads..., head dim)
+                picked = moved[torch.arange(len(rows), device=device)[:, None], slot]
+                picked[~computed] = 0
+                full[rows] = picked.movedim(1, -2)
     return merged
 
 

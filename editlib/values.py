@@ -179,7 +179,7 @@ def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: Targ
     split = _split_points(model, row_ids, prompts.subject_last, hp.cache_prefix)
     prefix = pad_right([ids[:s] for ids, s in zip(row_ids, split.tolist())], pad_id(tokenizer)).to(device)
     batch = pad_right([ids[s:] for ids, s in zip(row_ids, split.tolist())], pad_id(tokenizer)).to(device)
-    prefix_cache = prefix_key_values(model, prefix.input_ids, lengths=split)
+    prefix_cache = prefix_key_values(model, prefix.input_ids, lengths=split, share_stems=True)
     split = split.to(device)
     position_ids = split[:, None] + torch.arange(batch.input_ids.shape[1], device=device)
     fact = prompts.fact.to(device)
