@@ -2,10 +2,11 @@
 
 z: `optimize_targets` on one chunk of facts (early stop off, so every variant runs the same
 number of Adam steps; every step runs, the last one without an update), at ROME's hook (an MLP output, 21 context templates, 20 steps) and at
-MEMIT's (a block output, 6 templates, 25 steps), three ways: "own blocks" (the default: the blocks
-above the edited one run as editlib.upper_blocks, everything below once), and through the model's
-own modules with a hook, the blocks below the edited one replayed after the first step or re-run
-at every step. The matrix-multiply FLOPs each variant executes are counted
+MEMIT's (a block output, 6 templates, 25 steps), four ways: "own blocks" (the default: the blocks
+above the edited one run as editlib.upper_blocks, everything below once; the tokens several cached
+prefixes start with run once), "own blocks, whole prefixes" (the same, every prefix run whole),
+and through the model's own modules with a hook, the blocks below the edited one replayed after
+the first step or re-run at every step. The matrix-multiply FLOPs each variant executes are counted
 with torch.utils.flop_counter (forward and backward; from runs of 2 and 3 steps, since every step
 after the first costs the same); the bound is those FLOPs at the fp32
 GEMM rate this process measures on the same threads, so "x bound" = time / (FLOPs / GEMM rate).
@@ -178,9 +179,11 @@ def main() -> None:
                 return lambda: optimize_targets(model, tokenizer, facts, templates, module,
                                                 dataclasses.replace(hp, v_num_grad_steps=steps), False,
                                                 replay_lower_blocks=variant != "modules, re-run lower blocks",
-                                                own_blocks=variant == "own blocks")
+                                                own_blocks=variant.startswith("own blocks"),
+                                                share_stems=variant != "own blocks, whole prefixes")
 
-            names = ("own blocks", "modules, replay lower blocks", "modules, re-run lower blocks")
+            names = ("own blocks", "own blocks, whole prefixes", "modules, replay lower blocks",
+                     "modules, re-run lower blocks")
             variants = {name: run(name) for name in names}
             # FLOPs of 2 and 3 steps give the first step's and every later step's (all later steps are alike)
             flops, products = {}, {}
@@ -202,9 +205,10 @@ def main() -> None:
                              "x bound": seconds / (flops[name] / rate),
                              "products alone s per fact": products[name] / len(facts),
                              "products alone x bound": products[name] / (flops[name] / rate)})
-            own, replay, rerun = (median(times[n]) for n in names)
+            own, whole, replay, rerun = (median(times[n]) for n in names)
             print(f"# {label}: replaying the lower blocks is {rerun / replay:.2f}x faster; own blocks "
-                  f"{replay / own:.2f}x faster than the model's modules with replay")
+                  f"{replay / own:.2f}x faster than the model's modules with replay; shared prefix stems "
+                  f"{whole / own:.2f}x faster than whole prefixes")
         print(f"\n## target values z, {len(facts)} facts in one chunk ({args.repeats} interleaved repeats)")
         print_table(rows)
 

@@ -137,6 +137,7 @@ def optimize_targets(
     progress: bool = True,
     replay_lower_blocks: bool = True,
     own_blocks: bool = True,
+    share_stems: bool = True,
 ) -> TargetResult:
     """Optimise the target of every request at `hook_module`'s output; chunks of facts share passes.
 
@@ -145,13 +146,15 @@ def optimize_targets(
     `own_blocks`: on fp32 Llama models on CPU, the blocks above the edited one run as
     `editlib.upper_blocks` (the same function, faster; everything below runs once); off, or on other
     models, the model's own modules run with a hook that adds delta.
+    `share_stems`: the tokens several cached prefixes start with run once (`models.shared_stems`);
+    off, every prefix runs whole (same keys and values, for benchmarks).
     """
     parts = []
     chunks = list(batches(requests, max(1, hparams.facts_per_chunk)))
     with grouped_attention(model):
         for chunk in tqdm(chunks, desc=f"targets @ {hook_module}", disable=not progress or len(chunks) < 2):
             parts.append(_optimize_chunk(model, tokenizer, chunk, templates, hook_module, hparams,
-                                         replay_lower_blocks, own_blocks))
+                                         replay_lower_blocks, own_blocks, share_stems))
     return TargetResult(*(torch.cat([getattr(p, f) for p in parts], dim=-1) for f in TargetResult.__dataclass_fields__))
 
 
@@ -165,7 +168,8 @@ def _split_points(model, row_ids, subject_last: torch.Tensor, cache_prefix: bool
 
 
 def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: TargetHparams,
-                    replay_lower_blocks: bool = True, own_blocks: bool = True) -> TargetResult:
+                    replay_lower_blocks: bool = True, own_blocks: bool = True,
+                    share_stems: bool = True) -> TargetResult:
     device = next(model.parameters()).device
     n_facts, n_templates = len(requests), len(templates)
     targets = target_ids(tokenizer, [r.target_new for r in requests])
@@ -179,7 +183,7 @@ def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: Targ
     split = _split_points(model, row_ids, prompts.subject_last, hp.cache_prefix)
     prefix = pad_right([ids[:s] for ids, s in zip(row_ids, split.tolist())], pad_id(tokenizer)).to(device)
     batch = pad_right([ids[s:] for ids, s in zip(row_ids, split.tolist())], pad_id(tokenizer)).to(device)
-    prefix_cache = prefix_key_values(model, prefix.input_ids, lengths=split, share_stems=True)
+    prefix_cache = prefix_key_values(model, prefix.input_ids, lengths=split, share_stems=share_stems)
     split = split.to(device)
     position_ids = split[:, None] + torch.arange(batch.input_ids.shape[1], device=device)
     fact = prompts.fact.to(device)
