@@ -90,8 +90,9 @@ _PREPARED = _Prepared()
 
 class _BlockWeights:
     """One Llama block's weights, prepared once: the query/key/value and the gate/up projections
-    concatenated, query and key rows in rotary-pair order. Products are x @ W^T forward and
-    grad @ W backward, on the same contiguous W."""
+    concatenated, query and key rows in rotary-pair order, each RMSNorm's weight folded into the
+    product after it (norm(x) * w @ W^T = norm(x) @ (W diag(w))^T). Products are x @ W^T forward
+    and grad @ W backward, on the same contiguous W."""
 
     def __init__(self, block: nn.Module, heads: int, kv_heads: int, dim: int):
         attn, mlp = block.self_attn, block.mlp
@@ -104,23 +105,34 @@ class _BlockWeights:
 
         with torch.no_grad():
             (q_weight, q_bias), (k_weight, k_bias) = rotary_rows(attn.q_proj, heads), rotary_rows(attn.k_proj, kv_heads)
-            self.qkv = torch.cat([q_weight, k_weight, attn.v_proj.weight])
+            self.qkv = torch.cat([q_weight, k_weight, attn.v_proj.weight]) * block.input_layernorm.weight
             biases = (q_bias, k_bias, attn.v_proj.bias)
             self.qkv_bias = None if any(b is None for b in biases) else torch.cat(biases)
             self.out, self.out_bias = attn.o_proj.weight.detach(), attn.o_proj.bias
-            self.gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            self.gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * block.post_attention_layernorm.weight
             self.down = mlp.down_proj.weight.detach()
-        self.norm1, self.norm2 = block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach()
         self.eps = block.input_layernorm.variance_epsilon
 
 
 class _Block:
-    """One block for one chunk: its prepared weights and its cached prefix (keys in pair order)."""
+    """One block for one chunk: its prepared weights, and every row's keys and values, the cached
+    prefix's (P positions, keys in pair order) followed by room for the `length` new tokens', which
+    each forward pass writes, so that attention reads one key and one value tensor per row."""
 
-    def __init__(self, weights: _BlockWeights, prefix_keys: torch.Tensor, prefix_values: torch.Tensor):
+    def __init__(self, weights: _BlockWeights, prefix_keys: torch.Tensor, prefix_values: torch.Tensor, length: int):
         self.__dict__.update(weights.__dict__)
-        self.prefix_keys = prefix_keys[..., _pair_order(prefix_keys.shape[-1])].contiguous()
-        self.prefix_values = prefix_values
+        rows, kv_heads, prefix, dim = prefix_keys.shape
+        self.prefix = prefix
+        self.keys = prefix_keys.new_empty(rows, kv_heads, prefix + length, dim)
+        self.keys[:, :, :prefix] = prefix_keys[..., _pair_order(dim)]
+        self.values = prefix_values.new_empty(rows, kv_heads, prefix + length, dim)
+        self.values[:, :, :prefix] = prefix_values
+        self.written_by = None  # the forward pass whose new keys and values the buffers hold
+
+
+def _complex(t: torch.Tensor) -> torch.Tensor:
+    """A view of `t` (..., D) as (..., D/2) complex numbers (adjacent pairs)."""
+    return torch.view_as_complex(t.unflatten(-1, (-1, 2)))
 
 
 class _BlockFunction(torch.autograd.Function):
@@ -130,80 +142,78 @@ class _BlockFunction(torch.autograd.Function):
     def forward(ctx, x, block: _Block, chunk: "UpperBlocks"):
         rows, length, width = x.shape
         heads, kv_heads, dim = chunk.heads, chunk.kv_heads, chunk.head_dim
-        groups = heads // kv_heads
+        groups, prefix = heads // kv_heads, block.prefix
         scale1 = _rms(x, block.eps)
         normed1 = x * scale1
-        projected = F.linear((normed1 * block.norm1).view(-1, width), block.qkv).view(rows, length, -1)
+        projected = F.linear(normed1.view(-1, width), block.qkv).view(rows, length, -1)
         if block.qkv_bias is not None:
             projected = projected + block.qkv_bias
         query, key, value = projected.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-        rotate = chunk.rotation[:, :, None]  # (R, T, 1, D/2) complex, query scaling included
-        query = torch.view_as_real(torch.view_as_complex(query.reshape(rows, length, heads, dim // 2, 2)) * rotate)
-        key = torch.view_as_real(torch.view_as_complex(key.reshape(rows, length, kv_heads, dim // 2, 2))
-                                 * chunk.key_rotation[:, :, None])
-        # query head h = k * groups + g reads key/value head k: stack its groups along the query axis
-        query = query.view(rows, length, kv_heads, groups, dim).permute(0, 2, 3, 1, 4).reshape(
-            rows, kv_heads, groups * length, dim)
-        key = key.view(rows, length, kv_heads, dim).transpose(1, 2)
-        value = value.reshape(rows, length, kv_heads, dim).transpose(1, 2)
-        scores = torch.cat([query @ block.prefix_keys.transpose(-1, -2), query @ key.transpose(-1, -2)], dim=-1)
-        probs = torch.softmax(scores.add_(chunk.bias), dim=-1)
-        prefix = block.prefix_keys.shape[-2]
-        attended = probs[..., :prefix] @ block.prefix_values
-        attended.add_(probs[..., prefix:] @ value)
-        attended = attended.view(rows, kv_heads, groups, length, dim).permute(0, 3, 1, 2, 4).reshape(-1, heads * dim)
+        # query head h = k * groups + g reads key/value head k: its groups stacked along the query
+        # axis, (R, K, G * T, D); rotary embedding (query scaling included) written straight there
+        query_rotated = x.new_empty(rows, kv_heads, groups, length, dim)
+        torch.mul(_complex(query.view(rows, length, kv_heads, groups, dim).permute(0, 2, 3, 1, 4)),
+                  chunk.rotation[:, None, None], out=_complex(query_rotated))
+        query = query_rotated.view(rows, kv_heads, groups * length, dim)
+        torch.mul(_complex(key.view(rows, length, kv_heads, dim).transpose(1, 2)), chunk.key_rotation[:, None],
+                  out=_complex(block.keys[:, :, prefix:]))
+        block.values[:, :, prefix:] = value.view(rows, length, kv_heads, dim).transpose(1, 2)
+        ctx.token = block.written_by = object()
+        probs = torch.softmax((query @ block.keys.transpose(-1, -2)).add_(chunk.bias), dim=-1)
+        attended = (probs @ block.values).view(rows, kv_heads, groups, length, dim)
+        attended = attended.permute(0, 3, 1, 2, 4).reshape(-1, heads * dim)
         hidden = F.linear(attended, block.out).view(rows, length, width)
         if block.out_bias is not None:
             hidden = hidden + block.out_bias
         hidden.add_(x)
         scale2 = _rms(hidden, block.eps)
         normed2 = hidden * scale2
-        gate, up = F.linear((normed2 * block.norm2).view(-1, width), block.gate_up).chunk(2, dim=-1)
+        gate, up = F.linear(normed2.view(-1, width), block.gate_up).chunk(2, dim=-1)
         silu = F.silu(gate)
         out = F.linear(silu * up, block.down).view(rows, length, width).add_(hidden)
         ctx.block, ctx.chunk = block, chunk
-        ctx.save_for_backward(normed1, scale1, query, key, value, probs, normed2, scale2, gate, up, silu)
+        ctx.save_for_backward(normed1, scale1, query, probs, normed2, scale2, gate, up, silu)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         block, chunk = ctx.block, ctx.chunk
-        normed1, scale1, query, key, value, probs, normed2, scale2, gate, up, silu = ctx.saved_tensors
+        if block.written_by is not ctx.token:
+            raise RuntimeError("upper_blocks: a block ran forward again before this backward pass (its new "
+                               "keys and values are overwritten); run each backward before the next forward")
+        normed1, scale1, query, probs, normed2, scale2, gate, up, silu = ctx.saved_tensors
         rows, length, width = grad_out.shape
         heads, kv_heads, dim = chunk.heads, chunk.kv_heads, chunk.head_dim
-        groups = heads // kv_heads
+        groups, prefix = heads // kv_heads, block.prefix
         grad_out = grad_out.contiguous()
-        # MLP: out = hidden + down(silu(gate) * up), (gate, up) = gate_up(norm2 * normed2)
+        # MLP: out = hidden + down(silu(gate) * up), (gate, up) = gate_up(normed2)
         grad_act = grad_out.view(-1, width) @ block.down
         grad_gate_up = grad_act.new_empty(grad_act.shape[0], 2 * grad_act.shape[1])
         grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
         torch.mul(grad_act, silu, out=grad_up)
         torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gate)
         grad_normed2 = (grad_gate_up @ block.gate_up).view(rows, length, width)
-        grad_hidden = grad_out + _rms_backward(grad_normed2 * block.norm2, normed2, scale2)
+        grad_hidden = grad_out + _rms_backward(grad_normed2, normed2, scale2)
         # attention: hidden = x + out(attended)
         grad_attended = (grad_hidden.view(-1, width) @ block.out).view(rows, length, kv_heads, groups, dim)
         grad_attended = grad_attended.permute(0, 2, 3, 1, 4).reshape(rows, kv_heads, groups * length, dim)
-        prefix = block.prefix_keys.shape[-2]
-        grad_probs = torch.cat([grad_attended @ block.prefix_values.transpose(-1, -2),
-                                grad_attended @ value.transpose(-1, -2)], dim=-1)
+        grad_probs = grad_attended @ block.values.transpose(-1, -2)
         grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+        grad_query = grad_scores @ block.keys
         new_scores = grad_scores[..., prefix:]
-        grad_query = grad_scores[..., :prefix] @ block.prefix_keys
-        grad_query.add_(new_scores @ key)
-        grad_key = new_scores.transpose(-1, -2) @ query
+        grad_key = new_scores.transpose(-1, -2) @ query  # (R, K, T, D)
         grad_value = probs[..., prefix:].transpose(-1, -2) @ grad_attended
-        grad_query = grad_query.view(rows, kv_heads, groups, length, dim).permute(0, 3, 1, 2, 4).reshape(
-            rows, length, heads, dim // 2, 2)
-        grad_query = torch.view_as_real(torch.view_as_complex(grad_query.contiguous())
-                                        * chunk.rotation[:, :, None].conj())
-        grad_key = grad_key.transpose(1, 2).reshape(rows, length, kv_heads, dim // 2, 2)
-        grad_key = torch.view_as_real(torch.view_as_complex(grad_key.contiguous())
-                                      * chunk.key_rotation[:, :, None].conj())
-        grad_projected = torch.cat([grad_query.reshape(rows, length, -1), grad_key.reshape(rows, length, -1),
-                                    grad_value.transpose(1, 2).reshape(rows, length, -1)], dim=-1)
-        grad_normed1 = (grad_projected.view(-1, grad_projected.shape[-1]) @ block.qkv).view(rows, length, width)
-        return grad_hidden + _rms_backward(grad_normed1 * block.norm1, normed1, scale1), None, None
+        # back through the rotation into one (R, T, q + k + v) gradient, each part written in place
+        grad_projected = grad_out.new_empty(rows, length, (heads + 2 * kv_heads) * dim)
+        grad_q, grad_k, grad_v = grad_projected.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        torch.mul(_complex(grad_query.view(rows, kv_heads, groups, length, dim)),
+                  chunk.rotation[:, None, None].conj(),
+                  out=_complex(grad_q.view(rows, length, kv_heads, groups, dim).permute(0, 2, 3, 1, 4)))
+        torch.mul(_complex(grad_key), chunk.key_rotation[:, None].conj(),
+                  out=_complex(grad_k.view(rows, length, kv_heads, dim).transpose(1, 2)))
+        grad_v.view(rows, length, kv_heads, dim).copy_(grad_value.transpose(1, 2))
+        grad_normed1 = (grad_projected.view(rows * length, -1) @ block.qkv).view(rows, length, width)
+        return grad_hidden + _rms_backward(grad_normed1, normed1, scale1), None, None
 
 
 class UpperBlocks:
@@ -233,7 +243,7 @@ class UpperBlocks:
             _Block(_PREPARED.get(base.layers[index],
                                  lambda i=index: _BlockWeights(base.layers[i], self.heads, self.kv_heads,
                                                                self.head_dim)),
-                   *prefix[index][:2])
+                   *prefix[index][:2], length)
             for index in range(layer + 1, len(base.layers))]
         self.final_norm, self.eps = base.norm.weight, base.norm.variance_epsilon
         cos, sin = base.rotary_emb(sample, position_ids)  # (R, T, D), both halves equal

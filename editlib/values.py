@@ -72,12 +72,17 @@ class _TargetHead(torch.autograd.Function):
     tokens' log-probabilities (n_tokens,) at `labels`, KL(P || P_ref) per KL row (n_kl,) and the
     KL rows' log-probabilities (n_kl, V) (no gradient; the reference at the first step). One pass
     over the vocabulary for the softmax; the backward reuses its buffer for the logits' gradient.
+    `logits`: a buffer (n_tokens + n_kl, V) of the logits' dtype to write them into (None: a new
+    one), so that the steps of one chunk reuse the same memory.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, reference):
+    def forward(ctx, hidden, weight, bias, labels, reference, logits=None):
         n_tokens = len(labels)
-        shifted = F.linear(hidden, weight)
+        if logits is not None and logits.dtype == hidden.dtype == weight.dtype:
+            shifted = torch.mm(hidden, weight.T, out=logits)
+        else:
+            shifted = F.linear(hidden, weight)
         shifted = shifted.to(torch.promote_types(shifted.dtype, torch.float32))  # half precision: fp32
         if bias is not None:
             shifted += bias
@@ -92,6 +97,7 @@ class _TargetHead(torch.autograd.Function):
         excess = kl_logp - (kl_logp if reference is None else reference)
         kl = (kl_logp.exp() * excess).sum(-1)
         ctx.weight, ctx.labels, ctx.exp, ctx.total, ctx.excess, ctx.kl = weight, labels, exp, total, excess, kl
+        ctx.exp_version = exp._version
         ctx.weight_dtype = hidden.dtype
         ctx.mark_non_differentiable(kl_logp)
         return token_logp, kl, kl_logp
@@ -99,10 +105,13 @@ class _TargetHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_token_logp, grad_kl, _):
         n_tokens, grad = len(ctx.labels), ctx.exp  # d logp[label] / d logits = onehot - probs
+        if grad._version != ctx.exp_version:
+            raise RuntimeError("_TargetHead: its logits buffer was overwritten (a later forward pass) before "
+                               "this backward pass")
         grad[:n_tokens] *= -grad_token_logp[:, None] / ctx.total[:n_tokens]
         grad[torch.arange(n_tokens, device=grad.device), ctx.labels] += grad_token_logp
         grad[n_tokens:] *= (ctx.excess - ctx.kl[:, None]) * (grad_kl[:, None] / ctx.total[n_tokens:])
-        return grad.to(ctx.weight_dtype) @ ctx.weight, None, None, None, None
+        return grad.to(ctx.weight_dtype) @ ctx.weight, None, None, None, None, None
 
 
 class _PerFactAdam:
@@ -246,6 +255,7 @@ def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: Targ
     head_row, head_pos = torch.cat([tok_row, kl_rows]), torch.cat([tok_pos, subject_last[kl_rows]])
     head_bias = lm_head(model).bias
     head = lm_head(model).weight.detach()
+    logits = head.new_empty(len(head_row), head.shape[0])  # reused at every step
     adam = _PerFactAdam(delta.shape, hp.v_lr, device)
     active = torch.ones(n_facts, dtype=torch.bool, device=device)
     loss_f = nll_f = torch.zeros(n_facts, device=device)
@@ -254,7 +264,7 @@ def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: Targ
         for it in range(hp.v_num_grad_steps):
             hidden = continuation()
             token_logp, kl, kl_logp = _TargetHead.apply(hidden[head_row, head_pos], head, head_bias, tok_label,
-                                                        kl_init)
+                                                        kl_init, logits)
             nll = torch.zeros(n_facts, device=device).index_add(0, tok_fact, -token_logp * tok_weight)
             if kl_init is None:
                 kl_init = kl_logp

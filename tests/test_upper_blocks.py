@@ -44,6 +44,10 @@ def test_block_function_equals_the_plain_block_and_its_gradient(variant, llama_t
     """In fp64: output and gradient of the hand-written blocks = autograd through the same blocks
     written as plain operations (`llama_block`, the model's own modules and dimension order)."""
     model = _llama(llama_tokenizer, variant).double()
+    with torch.no_grad():  # the prepared products carry the RMSNorm weights (initialised to ones)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
     config = model.config
     rows, prefix_length, length, dim = 5, 4, 3, config.hidden_size // config.num_attention_heads
     kv_heads = config.num_key_value_heads
@@ -121,6 +125,26 @@ def test_prepared_weights_follow_changes_to_the_model(llama_tokenizer):
     third, got, expected = both()
     assert third.blocks[0].gate_up is not first.blocks[0].gate_up and third.blocks[1].gate_up is first.blocks[1].gate_up
     torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # so is the query/key/value matrix, which carries the input norm's weight
+        model.model.layers[2].input_layernorm.weight.uniform_(0.5, 1.5)
+    fourth, got, expected = both()
+    assert fourth.blocks[1].qkv is not first.blocks[1].qkv and fourth.blocks[2].qkv is first.blocks[2].qkv
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+def test_a_backward_pass_after_a_later_forward_pass_is_refused(llama_tokenizer):
+    """Each block keeps one buffer for the new tokens' keys and values, which every forward pass
+    rewrites: a backward pass through an earlier forward pass would read the wrong ones."""
+    model = _llama(llama_tokenizer, "llama")
+    batch = pad_right(ROWS, 0)
+    positions = torch.arange(batch.input_ids.shape[1]).expand(len(ROWS), -1)
+    upper = upper_blocks.UpperBlocks(model, 0, None, batch.attention_mask[:, :0], batch.attention_mask, positions)
+    x = torch.randn(len(ROWS), batch.input_ids.shape[1], model.config.hidden_size, requires_grad=True)
+    first = upper(x).sum()
+    second = upper(x * 2).sum()
+    torch.autograd.grad(second, x, retain_graph=True)  # the latest forward pass: fine
+    with pytest.raises(RuntimeError, match="ran forward again"):
+        torch.autograd.grad(first, x)
 
 
 @pytest.mark.parametrize("cache_prefix", [True, False])

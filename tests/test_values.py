@@ -124,9 +124,11 @@ def test_replayed_lower_blocks_give_identical_z_and_run_once(arch, cache_prefix,
         assert "forward" not in model.get_submodule(layout.block(i)).__dict__
 
 
+@pytest.mark.parametrize("into_buffer", [False, True])
 @pytest.mark.parametrize("with_reference", [False, True])
-def test_target_head_equals_autograd_through_log_softmax(with_reference):
-    """The output matrix + loss terms with their hand-written backward = autograd of the plain formulas."""
+def test_target_head_equals_autograd_through_log_softmax(with_reference, into_buffer):
+    """The output matrix + loss terms with their hand-written backward = autograd of the plain
+    formulas, with the logits in a new tensor or written into a given buffer."""
     from editlib.values import _TargetHead
 
     torch.manual_seed(0)
@@ -135,7 +137,8 @@ def test_target_head_equals_autograd_through_log_softmax(with_reference):
     hidden = torch.randn(n_tokens + n_kl, width, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(vocab, (n_tokens,))
     reference = torch.log_softmax(torch.randn(n_kl, vocab, dtype=torch.float64), -1) if with_reference else None
-    token_logp, kl, kl_logp = _TargetHead.apply(hidden, weight, bias, labels, reference)
+    buffer = torch.full((n_tokens + n_kl, vocab), float("nan"), dtype=torch.float64) if into_buffer else None
+    token_logp, kl, kl_logp = _TargetHead.apply(hidden, weight, bias, labels, reference, buffer)
     logp = torch.log_softmax(hidden @ weight.T + bias, dim=-1)
     expected_token = logp[torch.arange(n_tokens), labels]
     expected_kl = (logp[n_tokens:].exp() * (logp[n_tokens:] - (logp[n_tokens:].detach() if reference is None
@@ -148,3 +151,9 @@ def test_target_head_equals_autograd_through_log_softmax(with_reference):
     (plain,) = torch.autograd.grad((expected_token * a).sum() + (expected_kl * b).sum(), hidden)
     torch.testing.assert_close(ours, plain, rtol=1e-10, atol=1e-12)
     assert ours[n_tokens:].abs().max() > 0 if with_reference else ours[n_tokens:].abs().max() < 1e-12
+    if into_buffer:  # the buffer held the logits, then their gradient
+        assert torch.isfinite(buffer).all()
+        token_logp, kl, _ = _TargetHead.apply(hidden, weight, bias, labels, reference, buffer)
+        _TargetHead.apply(hidden, weight, bias, labels, reference, buffer)  # overwrites the buffer
+        with pytest.raises(RuntimeError, match="overwritten"):
+            torch.autograd.grad(token_logp.sum() + kl.sum(), hidden)
