@@ -9,7 +9,9 @@ and through the model's own modules with a hook, the blocks below the edited one
 the first step or re-run at every step. The matrix-multiply FLOPs each variant executes are counted
 with torch.utils.flop_counter (forward and backward; from runs of 2 and 3 steps, since every step
 after the first costs the same); the bound is those FLOPs at the fp32
-GEMM rate this process measures on the same threads, so "x bound" = time / (FLOPs / GEMM rate).
+GEMM rate this process measures on the same threads, probed just before and just after each run
+(the rate drifts by 10-30% within minutes on a shared machine), so "x bound" = time / (FLOPs /
+GEMM rate around that run), the median over runs.
 "products alone": the same matrix products (operators, shapes, strides and counts recorded from
 those runs) timed on their own, nothing else in between: the time the products need at the shapes
 z runs them, so "products alone x bound" is how far those shapes fall short of the GEMM rate, and
@@ -70,6 +72,23 @@ def gemm_rate(threads_note: str, size: tuple[int, int, int] = (2048, 576, 1536),
     rate = 2 * m * k * n / _best_seconds(lambda: a @ b, repeats)
     print(f"# fp32 GEMM {m}x{k} @ {k}x{n}: {rate / 1e9:.1f} GFLOP/s ({threads_note})")
     return rate
+
+
+def probe_rate(size: tuple[int, int, int] = (2048, 576, 1536), repeats: int = 10) -> float:
+    """The same GEMM rate, measured quickly (best of `repeats`, about 0.2 s): taken before and
+    after every timed run, since this rate drifts by 10-30% within minutes on a shared machine."""
+    m, k, n = size
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    return 2 * m * k * n / _best_seconds(lambda: a @ b, repeats)
+
+
+def probed(fn):
+    """`fn` run once; (seconds, the mean of the GEMM rates probed just before and just after)."""
+    before = probe_rate()
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    return seconds, (before + probe_rate()) / 2
 
 
 def counted_flops(fn) -> int:
@@ -166,7 +185,7 @@ def main() -> None:
     print(f"# SmolLM2-135M-Instruct fp32 on cpu, {layout.n_layers} layers; {len(requests)} records in {args.records}")
 
     if not args.skip_z:
-        rate = gemm_rate(f"torch threads={args.threads}")
+        gemm_rate(f"torch threads={args.threads}")
         facts = requests[: args.facts]
         cases = [(f"ROME, layer {layer} MLP output", layout.mlp(int(layer)), ROME_LENGTHS, 20)
                  for layer in args.rome_layers.split(",")]
@@ -193,18 +212,25 @@ def main() -> None:
                 two, three = recorded_matmuls(run(name, 2)), recorded_matmuls(run(name, 3))
                 later = three.copy()
                 later.subtract(two)  # one later step's products (every later step runs the same)
-                products[name] = matmul_seconds(Counter({key: two[key] + (steps - 2) * later[key]
-                                                         for key in three}))
-            times = interleaved(variants, args.repeats, warmup=False)
-            for name, values in times.items():
-                seconds = median(values)
+                before = probe_rate()
+                seconds = matmul_seconds(Counter({key: two[key] + (steps - 2) * later[key] for key in three}))
+                products[name] = seconds, (before + probe_rate()) / 2
+            # each run against the GEMM rate probed around it; the variants alternate
+            measured = {name: [] for name in names}
+            for _ in range(args.repeats):
+                for name in names:
+                    measured[name].append(probed(variants[name]))
+            times = {name: [seconds for seconds, _ in values] for name, values in measured.items()}
+            for name, values in measured.items():
+                seconds, rates = median(times[name]), [r for _, r in values]
                 rows.append({"hook": label, "templates": len(templates), "steps": steps, "variant": name,
-                             "median s": seconds, "runs s": runs(values), "s per fact": seconds / len(facts),
+                             "median s": seconds, "runs s": runs(times[name]), "s per fact": seconds / len(facts),
                              "GFLOP per fact": flops[name] / len(facts) / 1e9,
-                             "bound s per fact": flops[name] / rate / len(facts),
-                             "x bound": seconds / (flops[name] / rate),
-                             "products alone s per fact": products[name] / len(facts),
-                             "products alone x bound": products[name] / (flops[name] / rate)})
+                             "GEMM GFLOP/s around runs": " ".join(f"{r / 1e9:.0f}" for r in rates),
+                             "bound s per fact": flops[name] / median(rates) / len(facts),
+                             "x bound": median([t * r / flops[name] for t, r in values]),
+                             "products alone s per fact": products[name][0] / len(facts),
+                             "products alone x bound": products[name][0] * products[name][1] / flops[name]})
             own, whole, replay, rerun = (median(times[n]) for n in names)
             print(f"# {label}: replaying the lower blocks is {rerun / replay:.2f}x faster; own blocks "
                   f"{replay / own:.2f}x faster than the model's modules with replay; shared prefix stems "
