@@ -182,7 +182,8 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 @torch.no_grad()
 def prefix_key_values(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor | None = None,
-                      groups: int = 4, return_hidden: bool = False, share_stems: bool = False):
+                      groups: int = 4, return_hidden: bool = False, share_stems: bool = False,
+                      own_blocks: bool = False):
     """Per-layer (keys, values) of right-padded prefixes, for `final_hidden_after`; None if empty.
 
     No padding mask: with causal attention and pads at the end, valid positions never see a pad,
@@ -192,12 +193,21 @@ def prefix_key_values(model: nn.Module, input_ids: torch.Tensor, lengths: torch.
     With `share_stems` too, rows that start with the same tokens (`shared_stems`) run those tokens
     once and continue from their cache (same keys and values at every real position; only where
     `continuation_exact` holds, else as without it).
+    With `own_blocks`, on models `upper_blocks.runs_on`, the pass runs forward only on the prepared
+    weights of `editlib.upper_blocks` (its `prefix_key_values`: one product per layer over every
+    token, no pads; the same keys and values to float rounding, zeros at the pads).
     With `return_hidden` (one pass only), also the final hidden states (B, P, d): (cache, hidden).
     """
     if return_hidden:
         return _prefix_pass(model, input_ids)
     if input_ids.shape[1] == 0:
         return None
+    if own_blocks and _own_blocks_run(model):
+        from . import upper_blocks  # it imports this module
+
+        lengths = torch.full((len(input_ids),), input_ids.shape[1]) if lengths is None else lengths
+        rows = [ids[:n] for ids, n in zip(input_ids.tolist(), lengths.tolist())]
+        return upper_blocks.prefix_key_values(model, input_ids, lengths, shared_stems(rows) if share_stems else [])
     if lengths is None:
         return _prefix_pass(model, input_ids)[0]
     lengths = lengths.to(input_ids.device)
@@ -309,6 +319,12 @@ def _stem_prefix_pass(model: nn.Module, input_ids: torch.Tensor, lengths: torch.
                 picked[~computed] = 0
                 full[rows] = picked.movedim(1, -2)
     return merged
+
+
+def _own_blocks_run(model: nn.Module) -> bool:
+    from . import upper_blocks
+
+    return upper_blocks.runs_on(model)
 
 
 def _prefix_pass(model: nn.Module, input_ids: torch.Tensor) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:

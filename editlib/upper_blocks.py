@@ -35,17 +35,23 @@ from torch import nn
 from .models import model_layout
 
 
-def supports(model: nn.Module, hook_module: str) -> bool:
-    """Whether the blocks above `hook_module` can run here: an fp32 Llama model on CPU with SiLU
-    MLPs without biases and no sliding window, hooked at a block output or at an MLP output (which
-    its block adds to the residual last, so the block's output moves by the same vector)."""
+def runs_on(model: nn.Module) -> bool:
+    """Whether the own blocks can run `model`: an fp32 Llama model on CPU with SiLU MLPs without
+    biases and no sliding window."""
     config = model.config
     if getattr(config, "model_type", None) != "llama" or getattr(config, "hidden_act", None) != "silu":
         return False
     if getattr(config, "mlp_bias", False) or getattr(config, "sliding_window", None):
         return False
     weight = next(model.parameters())
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+    return weight.device.type == "cpu" and weight.dtype == torch.float32
+
+
+def supports(model: nn.Module, hook_module: str) -> bool:
+    """Whether the blocks above `hook_module` can run here: `runs_on(model)`, hooked at a block
+    output or at an MLP output (which its block adds to the residual last, so the block's output
+    moves by the same vector)."""
+    if not runs_on(model):
         return False
     layout = model_layout(model)
     return any(hook_module in (layout.block(layer), layout.mlp(layer)) for layer in range(layout.n_layers))
@@ -239,12 +245,8 @@ class UpperBlocks:
             empty = sample.new_zeros(rows, self.kv_heads, 0, self.head_dim)
             prefix = [(empty, empty)] * len(base.layers)
             prefix_mask = attention_mask.new_zeros(rows, 0)
-        self.blocks = [
-            _Block(_PREPARED.get(base.layers[index],
-                                 lambda i=index: _BlockWeights(base.layers[i], self.heads, self.kv_heads,
-                                                               self.head_dim)),
-                   *prefix[index][:2], length)
-            for index in range(layer + 1, len(base.layers))]
+        self.blocks = [_Block(_prepared(model, index), *prefix[index][:2], length)
+                       for index in range(layer + 1, len(base.layers))]
         self.final_norm, self.eps = base.norm.weight, base.norm.variance_epsilon
         cos, sin = base.rotary_emb(sample, position_ids)  # (R, T, D), both halves equal
         half = self.head_dim // 2
@@ -262,6 +264,99 @@ class UpperBlocks:
         for block in self.blocks:
             hidden = _BlockFunction.apply(hidden, block, self)
         return F.rms_norm(hidden, hidden.shape[-1:], self.final_norm, self.eps)
+
+
+def _dims(model: nn.Module) -> tuple[int, int, int]:
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = config.num_key_value_heads or heads
+    return heads, kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def _prepared(model: nn.Module, index: int) -> _BlockWeights:
+    layers = model.base_model.layers
+    return _PREPARED.get(layers[index], lambda: _BlockWeights(layers[index], *_dims(model)))
+
+
+@torch.no_grad()
+def prefix_key_values(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor,
+                      stems: list[tuple[list[int], int]] = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's (keys, values) (R, K, P, D) of right-padded prefixes `input_ids` (R, P) with
+    real `lengths` (R,), forward only on the prepared weights (`runs_on(model)`), for
+    `models.prefix_key_values`: the same keys and values at every real position, zeros beyond.
+
+    Each of `stems` (row indices, stem length; `models.shared_stems`) runs its shared tokens once;
+    its rows continue from them. Layer by layer, every token that runs (each stem's, then each
+    row's rest, no pads) goes through the products as one matrix; only attention reads the rows'
+    padded layout. The last block runs only as far as its keys and values.
+    """
+    base = model.base_model
+    heads, kv_heads, dim = _dims(model)
+    groups = heads // kv_heads
+    device = input_ids.device
+    rows, width = input_ids.shape
+    lengths = lengths.to(device).clamp(max=width)
+    stem_len = torch.zeros(rows, dtype=torch.long, device=device)
+    stem_of = torch.full((rows,), -1, dtype=torch.long, device=device)
+    for index, (members, length) in enumerate(stems):
+        stem_len[members], stem_of[members] = length, index
+    # the tokens that run: each stem's from its first row, then each row's own; a query row each
+    query_row = torch.tensor([members[0] for members, _ in stems] + list(range(rows)), dtype=torch.long, device=device)
+    start = torch.cat([torch.zeros(len(stems), dtype=torch.long, device=device), stem_len])
+    end = torch.cat([torch.tensor([n for _, n in stems], dtype=torch.long, device=device), lengths])
+    count = (end - start).clamp(min=0)
+    token_query = torch.repeat_interleave(torch.arange(len(query_row), device=device), count)
+    token_slot = torch.arange(int(count.sum()), device=device) - torch.repeat_interleave(count.cumsum(0) - count, count)
+    token_pos = start[token_query] + token_slot
+    token_row = query_row[token_query]
+    # where each row's position p reads its keys from: its stem's token below the stem length, else its own
+    first = torch.cat([count.new_zeros(1), count.cumsum(0)[:-1]])
+    position = torch.arange(width, device=device)
+    in_stem = position < stem_len[:, None]
+    source = torch.where(in_stem, first[stem_of.clamp(min=0)][:, None] + position,
+                         first[len(stems) + torch.arange(rows, device=device)][:, None] + position - stem_len[:, None])
+    real = position < lengths[:, None]
+    source = torch.where(real, source, 0)
+
+    hidden = base.embed_tokens(input_ids[token_row, token_pos])  # (N, d)
+    cos, sin = base.rotary_emb(hidden[None], token_pos[None])
+    key_rotation = torch.complex(cos[0, :, : dim // 2], sin[0, :, : dim // 2])  # (N, D/2)
+    rotation = key_rotation * getattr(base.layers[0].self_attn, "scaling", dim**-0.5)
+    n_queries, query_width = len(query_row), int(count.max()) if len(count) else 0
+    # queries laid out (Q, K, G * W, D); query j of a row sees positions <= its own
+    query_pos = start[:, None] + torch.arange(query_width, device=device)
+    visible = position[None, None, :] <= query_pos[:, :, None]  # (Q, W, P)
+    bias = torch.zeros(visible.shape, dtype=hidden.dtype, device=device).masked_fill(~visible, torch.finfo(hidden.dtype).min)
+    bias = bias[:, None, None].expand(-1, -1, groups, -1, -1).reshape(n_queries, 1, groups * query_width, width)
+    back = torch.argsort(_pair_order(dim))
+    layers = []
+    for index in range(len(base.layers)):
+        block = _prepared(model, index)
+        projected = F.linear(hidden * _rms(hidden, block.eps), block.qkv)
+        if block.qkv_bias is not None:
+            projected = projected + block.qkv_bias
+        query, key, value = projected.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        key = torch.view_as_real(_complex(key.view(-1, kv_heads, dim)) * key_rotation[:, None]).flatten(-2)
+        value = value.reshape(-1, kv_heads, dim)
+        keys = key[source].masked_fill_(~real[..., None, None], 0).transpose(1, 2)  # (R, K, P, D), pair order
+        values = value[source].masked_fill_(~real[..., None, None], 0).transpose(1, 2)
+        layers.append((keys[..., back].contiguous(), values.contiguous()))
+        if index == len(base.layers) - 1:
+            break
+        query = torch.view_as_real(_complex(query.reshape(-1, heads, dim)) * rotation[:, None]).flatten(-2)
+        grid = query.new_zeros(n_queries, query_width, heads, dim)
+        grid[token_query, token_slot] = query
+        grid = grid.view(n_queries, query_width, kv_heads, groups, dim).permute(0, 2, 3, 1, 4).reshape(
+            n_queries, kv_heads, groups * query_width, dim)
+        probs = torch.softmax((grid @ keys[query_row].transpose(-1, -2)).add_(bias), dim=-1)
+        attended = (probs @ values[query_row]).view(n_queries, kv_heads, groups, query_width, dim)
+        attended = attended.permute(0, 3, 1, 2, 4)[token_query, token_slot].reshape(-1, heads * dim)
+        hidden = hidden + F.linear(attended, block.out)
+        if block.out_bias is not None:
+            hidden = hidden + block.out_bias
+        gate, up = F.linear(hidden * _rms(hidden, block.eps), block.gate_up).chunk(2, dim=-1)
+        hidden = hidden + F.linear(F.silu(gate) * up, block.down)
+    return layers
 
 
 def llama_block(block: nn.Module, x, prefix_keys, prefix_values, bias, cos, sin, heads: int, kv_heads: int):

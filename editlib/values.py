@@ -153,8 +153,9 @@ def optimize_targets(
     `replay_lower_blocks`: the blocks below the edited one run at the first Adam step only (their
     outputs cannot depend on delta); off, every step runs them again (same result, for benchmarks).
     `own_blocks`: on fp32 Llama models on CPU, the blocks above the edited one run as
-    `editlib.upper_blocks` (the same function, faster; everything below runs once); off, or on other
-    models, the model's own modules run with a hook that adds delta.
+    `editlib.upper_blocks` (the same function, faster; everything below runs once), and so does the
+    prefix pass (forward only); off, or on other models, the model's own modules run with a hook
+    that adds delta.
     `share_stems`: the tokens several cached prefixes start with run once (`models.shared_stems`);
     off, every prefix runs whole (same keys and values, for benchmarks).
     """
@@ -192,7 +193,8 @@ def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: Targ
     split = _split_points(model, row_ids, prompts.subject_last, hp.cache_prefix)
     prefix = pad_right([ids[:s] for ids, s in zip(row_ids, split.tolist())], pad_id(tokenizer)).to(device)
     batch = pad_right([ids[s:] for ids, s in zip(row_ids, split.tolist())], pad_id(tokenizer)).to(device)
-    prefix_cache = prefix_key_values(model, prefix.input_ids, lengths=split, share_stems=share_stems)
+    prefix_cache = prefix_key_values(model, prefix.input_ids, lengths=split, share_stems=share_stems,
+                                     own_blocks=own_blocks)
     split = split.to(device)
     position_ids = split[:, None] + torch.arange(batch.input_ids.shape[1], device=device)
     fact = prompts.fact.to(device)

@@ -179,3 +179,33 @@ def test_which_models_run_own_blocks(llama_tokenizer, gpt2_tokenizer):
     gpt2, toy = make_gpt2(gpt2_tokenizer), _toy_local(llama_tokenizer)
     assert not upper_blocks.supports(gpt2, model_layout(gpt2).block(1))
     assert not upper_blocks.supports(toy, model_layout(toy).block(1))  # Qwen2 with windows of one token
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_own_prefix_pass_equals_the_models(variant, llama_tokenizer, monkeypatch):
+    """Prefix keys and values from the prepared weights (whole rows, ragged rows, and with shared
+    stems that their rows continue) = the model's own pass at every real position."""
+    from test_attention import STEMMED, _assert_equal_at_real_positions
+
+    model = _llama(llama_tokenizer, variant)
+    with torch.no_grad():  # the prepared products carry the RMSNorm weights
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    calls = []
+    own = upper_blocks.prefix_key_values
+    monkeypatch.setattr(upper_blocks, "prefix_key_values", lambda *a: calls.append(len(a[3])) or own(*a))
+    lengths = torch.tensor([len(r) for r in STEMMED])
+    prefix = pad_right(STEMMED, 0)
+    expected = prefix_key_values(model, prefix.input_ids)
+    assert not calls
+    whole = prefix_key_values(model, prefix.input_ids, own_blocks=True)
+    _assert_equal_at_real_positions(whole, expected, torch.full_like(lengths, prefix.input_ids.shape[1]))
+    ragged = prefix_key_values(model, prefix.input_ids, lengths=lengths, own_blocks=True)
+    _assert_equal_at_real_positions(ragged, expected, lengths)
+    stemmed = prefix_key_values(model, prefix.input_ids, lengths=lengths, share_stems=True, own_blocks=True)
+    _assert_equal_at_real_positions(stemmed, expected, lengths)
+    assert calls == [0, 0, 2]  # all three ran on the own blocks, the last with STEMMED's two stems
+    for layer in stemmed:  # zeros beyond each row's length
+        for tensor in layer:
+            assert all(tensor[i, ..., n:, :].abs().max() == 0 for i, n in enumerate(lengths.tolist()) if n < tensor.shape[-2])
