@@ -202,12 +202,13 @@ def prefix_key_values(model: nn.Module, input_ids: torch.Tensor, lengths: torch.
         return _prefix_pass(model, input_ids)
     if input_ids.shape[1] == 0:
         return None
-    if own_blocks and _own_blocks_run(model):
+    if own_blocks:
         from . import upper_blocks  # it imports this module
 
-        lengths = torch.full((len(input_ids),), input_ids.shape[1]) if lengths is None else lengths
-        rows = [ids[:n] for ids, n in zip(input_ids.tolist(), lengths.tolist())]
-        return upper_blocks.prefix_key_values(model, input_ids, lengths, shared_stems(rows) if share_stems else [])
+        if upper_blocks.runs_on(model):
+            lengths = torch.full((len(input_ids),), input_ids.shape[1]) if lengths is None else lengths
+            rows = [ids[:n] for ids, n in zip(input_ids.tolist(), lengths.tolist())]
+            return upper_blocks.prefix_key_values(model, input_ids, lengths, shared_stems(rows) if share_stems else [])
     if lengths is None:
         return _prefix_pass(model, input_ids)[0]
     lengths = lengths.to(input_ids.device)
@@ -319,12 +320,6 @@ def _stem_prefix_pass(model: nn.Module, input_ids: torch.Tensor, lengths: torch.
                 picked[~computed] = 0
                 full[rows] = picked.movedim(1, -2)
     return merged
-
-
-def _own_blocks_run(model: nn.Module) -> bool:
-    from . import upper_blocks
-
-    return upper_blocks.runs_on(model)
 
 
 def _prefix_pass(model: nn.Module, input_ids: torch.Tensor) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:

@@ -8,17 +8,20 @@ concatenation, the mask, autograd's bookkeeping, the copies of keys and values p
 Here each block is one autograd function with a hand-written backward (gradients for the hidden
 states only; the weights are fixed):
 
-- the query/key/value projections are one product, and so are the gate and up projections;
+- the query/key/value projections are one product, and so are the gate and up projections,
+  each carrying the weight of the RMSNorm before it;
 - the prepared weights are kept while a block's parameters are unchanged, so every chunk and
   every job on the same weights reuses them; the backward multiplies by the same matrices;
 - rotary embedding is one complex multiplication: the query and key dimensions are reordered
   once (in the weights and the cached prefix keys) so that the pairs it rotates are adjacent,
   which leaves every attention score unchanged; the 1/sqrt(head_dim) scaling rides along;
-- attention reads the cached prefix and the new tokens' keys and values without concatenating
-  them, with the query heads that share a key/value head stacked along the query axis.
+- each row's keys and values sit in one buffer per block, the cached prefix's followed by the new
+  tokens', which each forward pass writes; the query heads that share a key/value head are
+  stacked along the query axis.
 
-Only for Llama blocks in fp32 on CPU (SmolLM2, Llama-2, Llama-3; other devices and dtypes are
-not tested): `supports` says whether a model qualifies. The prepared copies (the concatenated
+`prefix_key_values` runs the prefix pass on the same prepared weights, forward only, every token
+of a layer in one product. Only for Llama blocks in fp32 on CPU (SmolLM2, Llama-2, Llama-3; other
+devices and dtypes are not tested): `runs_on` and `supports` say whether a model qualifies. The prepared copies (the concatenated
 projections) stay in memory while the model does. `llama_block` is the same block written with
 plain differentiable operations; the tests check the fast block's output and gradient against it
 and against the model's own forward pass (tests/test_upper_blocks.py).
