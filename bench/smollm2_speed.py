@@ -68,8 +68,7 @@ def _best_seconds(fn, repeats: int) -> float:
 def gemm_rate(threads_note: str, size: tuple[int, int, int] = (2048, 576, 1536), repeats: int = 20) -> float:
     """fp32 GEMM FLOP/s of this process: the best of `repeats` multiplies of SmolLM2's MLP shape."""
     m, k, n = size
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    rate = 2 * m * k * n / _best_seconds(lambda: a @ b, repeats)
+    rate = probe_rate(size, repeats)
     print(f"# fp32 GEMM {m}x{k} @ {k}x{n}: {rate / 1e9:.1f} GFLOP/s ({threads_note})")
     return rate
 

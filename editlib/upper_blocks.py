@@ -239,9 +239,7 @@ class UpperBlocks:
                  position_ids: torch.Tensor):
         config = model.config
         base = model.base_model
-        self.heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.heads, self.kv_heads, self.head_dim = _dims(model)
         rows, length = attention_mask.shape
         sample = base.norm.weight.new_zeros(rows, length, config.hidden_size)
         if prefix is None:  # no cached prefix: an empty one
