@@ -26,7 +26,7 @@ import torch
 
 from .models import continuation_exact, final_hidden, final_hidden_after, lm_head, prefix_key_values
 from .records import EditRequest, batches, record_kind
-from .tokens import length_sorted_chunks, pad_id, pad_right, prompt_ids, target_ids
+from .tokens import length_sorted_chunks, pad_id, pad_right, prompt_ids, ragged_index, target_ids
 
 
 @torch.no_grad()
@@ -58,17 +58,10 @@ def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[s
         hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
         lens = torch.tensor([len(t_ids[i]) for i in chunk], device=device)
         starts = torch.tensor([len(p_ids[i]) - 1 for i in chunk], device=device)
-        row, offset = _target_rows(lens)
+        row, offset = ragged_index(lens)
         pos = starts[row] + offset  # position p scores token p + 1
         _score_targets(head, hidden[row, pos], batch.input_ids[row, pos + 1], lens, chunk, nlls, hits)
     return nlls, hits
-
-
-def _target_rows(lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For rows with `lens` target tokens each: every target token's row and its index in the row."""
-    row = torch.arange(len(lens), device=lens.device).repeat_interleave(lens)
-    offset = torch.arange(int(lens.sum()), device=lens.device) - (torch.cumsum(lens, 0) - lens).repeat_interleave(lens)
-    return row, offset
 
 
 def _score_targets(head, hidden: torch.Tensor, labels: torch.Tensor, lens: torch.Tensor, pairs: Sequence[int],
@@ -105,7 +98,7 @@ def _teacher_forced_shared(model, p_ids: list[list[int]], t_ids: list[list[int]]
         pairs = [pair for u in chunk for pair in pairs_of[u]]
         row_prompt = torch.tensor([k for k, u in enumerate(chunk) for _ in pairs_of[u]], device=device)
         lens = torch.tensor([len(t_ids[pair]) for pair in pairs], device=device)
-        row, offset = _target_rows(lens)
+        row, offset = ragged_index(lens)
         source = row_prompt[row]  # index into the stacked hidden states of the token's scoring position
         longer = (lens > 1).nonzero().squeeze(1)
         if len(longer):  # the rest continue from the cache: target token j is scored at position j - 1

@@ -87,6 +87,14 @@ def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> PaddedBatch:
     return PaddedBatch(input_ids, attention_mask, lengths)
 
 
+def ragged_index(lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows holding `lens` items each (e.g. target tokens): every item's row and its index in
+    its row, in row order."""
+    row = torch.arange(len(lens), device=lens.device).repeat_interleave(lens)
+    offset = torch.arange(int(lens.sum()), device=lens.device) - (torch.cumsum(lens, 0) - lens).repeat_interleave(lens)
+    return row, offset
+
+
 def pad_id(tokenizer) -> int:
     """The id used for padding (pad, else EOS, else 0)."""
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):

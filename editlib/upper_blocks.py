@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import model_layout
+from .tokens import ragged_index
 
 
 def runs_on(model: nn.Module) -> bool:
@@ -249,17 +250,11 @@ class UpperBlocks:
         self.blocks = [_Block(_prepared(model, index), *prefix[index][:2], length)
                        for index in range(layer + 1, len(base.layers))]
         self.final_norm, self.eps = base.norm.weight, base.norm.variance_epsilon
-        cos, sin = base.rotary_emb(sample, position_ids)  # (R, T, D), both halves equal
-        half = self.head_dim // 2
-        self.key_rotation = torch.complex(cos[..., :half], sin[..., :half])
-        self.rotation = self.key_rotation * getattr(base.layers[0].self_attn, "scaling", self.head_dim**-0.5)
+        self.key_rotation, self.rotation = _rotations(model, *base.rotary_emb(sample, position_ids))
         visible = torch.cat([prefix_mask.bool()[:, None, :].expand(rows, length, -1),
                              torch.ones(length, length, dtype=torch.bool, device=sample.device).tril()
                              & attention_mask.bool()[:, None, :]], dim=-1)
-        bias = torch.zeros(visible.shape, dtype=sample.dtype, device=sample.device).masked_fill(
-            ~visible, torch.finfo(sample.dtype).min)
-        groups = self.heads // self.kv_heads
-        self.bias = bias[:, None, None].expand(-1, -1, groups, -1, -1).reshape(rows, 1, groups * length, -1)
+        self.bias = _grouped_bias(visible, self.heads // self.kv_heads, sample.dtype)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -272,6 +267,22 @@ def _dims(model: nn.Module) -> tuple[int, int, int]:
     heads = config.num_attention_heads
     kv_heads = config.num_key_value_heads or heads
     return heads, kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def _rotations(model: nn.Module, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The complex rotary factors (..., D/2) for keys, and for queries with the attention scaling
+    folded in, from the rotary embedding's `cos`, `sin` (..., D) (both halves equal)."""
+    dim = _dims(model)[2]
+    key_rotation = torch.complex(cos[..., : dim // 2], sin[..., : dim // 2])
+    return key_rotation, key_rotation * getattr(model.base_model.layers[0].self_attn, "scaling", dim**-0.5)
+
+
+def _grouped_bias(visible: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention bias (R, 1, G * T, S) of `visible` (R, T, S), repeated for the `groups`
+    query heads that share a key head (queries laid out group by group)."""
+    rows, length, width = visible.shape
+    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
+    return bias[:, None, None].expand(-1, -1, groups, -1, -1).reshape(rows, 1, groups * length, width)
 
 
 def _prepared(model: nn.Module, index: int) -> _BlockWeights:
@@ -306,8 +317,7 @@ def prefix_key_values(model: nn.Module, input_ids: torch.Tensor, lengths: torch.
     start = torch.cat([torch.zeros(len(stems), dtype=torch.long, device=device), stem_len])
     end = torch.cat([torch.tensor([n for _, n in stems], dtype=torch.long, device=device), lengths])
     count = (end - start).clamp(min=0)
-    token_query = torch.repeat_interleave(torch.arange(len(query_row), device=device), count)
-    token_slot = torch.arange(int(count.sum()), device=device) - torch.repeat_interleave(count.cumsum(0) - count, count)
+    token_query, token_slot = ragged_index(count)
     token_pos = start[token_query] + token_slot
     token_row = query_row[token_query]
     # where each row's position p reads its keys from: its stem's token below the stem length, else its own
@@ -321,14 +331,11 @@ def prefix_key_values(model: nn.Module, input_ids: torch.Tensor, lengths: torch.
 
     hidden = base.embed_tokens(input_ids[token_row, token_pos])  # (N, d)
     cos, sin = base.rotary_emb(hidden[None], token_pos[None])
-    key_rotation = torch.complex(cos[0, :, : dim // 2], sin[0, :, : dim // 2])  # (N, D/2)
-    rotation = key_rotation * getattr(base.layers[0].self_attn, "scaling", dim**-0.5)
+    key_rotation, rotation = _rotations(model, cos[0], sin[0])  # (N, D/2)
     n_queries, query_width = len(query_row), int(count.max()) if len(count) else 0
     # queries laid out (Q, K, G * W, D); query j of a row sees positions <= its own
     query_pos = start[:, None] + torch.arange(query_width, device=device)
-    visible = position[None, None, :] <= query_pos[:, :, None]  # (Q, W, P)
-    bias = torch.zeros(visible.shape, dtype=hidden.dtype, device=device).masked_fill(~visible, torch.finfo(hidden.dtype).min)
-    bias = bias[:, None, None].expand(-1, -1, groups, -1, -1).reshape(n_queries, 1, groups * query_width, width)
+    bias = _grouped_bias(position[None, None, :] <= query_pos[:, :, None], groups, hidden.dtype)  # (Q, 1, G * W, P)
     back = torch.argsort(_pair_order(dim))
     layers = []
     for index in range(len(base.layers)):

@@ -36,7 +36,7 @@ from . import upper_blocks
 from .models import (StopForward, block_index, capture_outputs, continuation_exact, edit_output, final_hidden_after,
                      lm_head, model_layout, prefix_key_values, replay_blocks_below, stop_forward_after)
 from .records import EditRequest, batches
-from .tokens import pad_id, pad_right, target_ids
+from .tokens import pad_id, pad_right, ragged_index, target_ids
 
 
 @dataclass(frozen=True)
@@ -206,9 +206,8 @@ def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: Targ
     target_len = torch.tensor([len(t) for t in targets], device=device)
     rewrite_rows = rows[~is_kl]
     lens = target_len[fact[rewrite_rows]]
-    tok_row = rewrite_rows.repeat_interleave(lens)
-    starts = torch.cumsum(lens, 0) - lens
-    offset = torch.arange(int(lens.sum()), device=device) - starts.repeat_interleave(lens)
+    rewrite_index, offset = ragged_index(lens)
+    tok_row = rewrite_rows[rewrite_index]
     tok_pos = prompts.prompt_lengths.to(device)[tok_row] - 1 + offset - split[tok_row]
     tok_label = torch.tensor([tid for r in rewrite_rows.tolist() for tid in targets[prompts.fact[r]]], device=device)
     tok_fact = fact[tok_row]

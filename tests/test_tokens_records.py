@@ -3,9 +3,10 @@
 import json
 
 import pytest
+import torch
 
 from editlib.records import RecordError, load_requests, parse_records
-from editlib.tokens import TokenizationError, subject_last_indices, target_ids
+from editlib.tokens import TokenizationError, ragged_index, subject_last_indices, target_ids
 
 
 @pytest.mark.parametrize("fixture", ["llama_tokenizer", "gpt2_tokenizer"])
@@ -36,6 +37,14 @@ def test_target_ids_have_no_bos(llama_tokenizer):
     assert llama_tokenizer.bos_token_id not in ids[0] + ids[1]
     assert ids[0] == llama_tokenizer(" English", add_special_tokens=False)["input_ids"]
     assert ids[1] == llama_tokenizer(" Paris", add_special_tokens=False)["input_ids"]
+
+
+def test_ragged_index_lists_each_item_with_its_row_and_place():
+    row, offset = ragged_index(torch.tensor([2, 0, 3, 1]))
+    assert row.tolist() == [0, 0, 2, 2, 2, 3]
+    assert offset.tolist() == [0, 1, 0, 1, 2, 0]
+    empty_row, empty_offset = ragged_index(torch.tensor([0, 0], dtype=torch.long))
+    assert empty_row.numel() == empty_offset.numel() == 0
 
 
 def test_tokenization_errors(llama_tokenizer):
