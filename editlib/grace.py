@@ -40,13 +40,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from editlib import upper_blocks
 from editlib.io import load_tensors, save_tensors
-from editlib.models import StopForward, capture_inputs, capture_outputs, model_layout, module_dims
+from editlib.models import (StopForward, block_index, capture_inputs, capture_outputs, final_hidden_after, lm_head,
+                            model_layout, module_dims, prefix_key_values, stop_forward_after)
 from editlib.records import EditRequest
 from editlib.session import EditSession
-from editlib.tokens import TargetBatch, prompt_ids, target_batch, target_nll
+from editlib.tokens import TargetBatch, pad_id, pad_right, prompt_ids, target_batch, target_nll
 
 REPLACEMENTS = ("replace_last", "replace_prompt", "replace_all")
 
@@ -190,10 +193,16 @@ class GraceEditor:
     """GRACE on `module_name` of `model` (hooks attached on construction; `remove()` detaches).
 
     Sequential editing is the natural mode: every `edit` call adds to the same codebook.
+    `own_blocks`: with replace_last on fp32 Llama models on CPU, training runs the prompt before
+    its query token once and the blocks above the edited one as `editlib.upper_blocks` at every
+    step (the same values to float rounding, several times faster); off, every step is a forward
+    pass of the whole model through the hooks.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, module_name: str, hparams: GraceHparams | None = None):
+    def __init__(self, model: nn.Module, tokenizer, module_name: str, hparams: GraceHparams | None = None,
+                 own_blocks: bool = True):
         self.model = model
+        self.own_blocks = own_blocks
         self.tokenizer = tokenizer
         self.module_name = module_name
         self.hparams = hparams or GraceHparams()
@@ -322,7 +331,8 @@ class GraceEditor:
             value = self._initial_value(current_outputs[row])
             _, action = self.codebook.absorb(queries[row], request.target_new.strip(), value)
             actions.append(action)
-        losses = self._train_values(batch)
+        losses = (self._train_values_above(batch, queries) if self._trains_above()
+                  else self._train_values(batch))
         return {"action": actions, "nll_first_step": losses[0].tolist(), "nll_final": losses[-1].tolist()}
 
     # -- edit internals ---------------------------------------------------------------------
@@ -345,24 +355,80 @@ class GraceEditor:
         return torch.rand(current_output.shape, generator=self.generator).to(current_output.device)
 
     def _train_values(self, batch: TargetBatch) -> list[torch.Tensor]:
-        """n_iter Adam steps on the codebook values only; returns per-step (B,) target NLLs."""
+        """n_iter Adam steps on the codebook values only, each a forward pass of the whole model;
+        returns per-step (B,) target NLLs."""
+        def row_nll() -> torch.Tensor:
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+            return target_nll(logits, batch.labels)
+
+        with self.query_positions(batch.last_prompt_positions):
+            return self._adam_steps(row_nll)
+
+    def _trains_above(self) -> bool:
+        """Whether `_train_values_above` applies: replace_last at an MLP's output projection (what
+        the MLP, and so its block, adds to the residual) of a model `upper_blocks` runs."""
+        if not self.own_blocks or self.hparams.replacement != "replace_last":
+            return False
+        layer = block_index(self.model, self.module_name)
+        layout = model_layout(self.model)
+        return (self.module_name == layout.rewrite(layer) and self.module_name.endswith(".down_proj")
+                and upper_blocks.supports(self.model, layout.mlp(layer)))
+
+    def _train_values_above(self, batch: TargetBatch, queries: torch.Tensor) -> list[torch.Tensor]:
+        """`_train_values` on the blocks above the edited one: with replace_last only the query token's
+        module output changes, by value - its unedited output, and its block's output by the same
+        vector. So the tokens before each row's query token run once into a key/value cache, the
+        query and target tokens once up to the edited block, and every Adam step runs the blocks
+        above it (`upper_blocks.UpperBlocks`) and the output matrix at the target tokens only.
+        Which rows hit which key is read once: training changes values, never keys or radii."""
+        model, device = self.model, batch.input_ids.device
+        layer = block_index(model, self.module_name)
+        block = model_layout(model).block(layer)
+        split = batch.last_prompt_positions.to(device)  # (B,) each row's query token starts its continuation
+        ids, ends = batch.input_ids.tolist(), batch.attention_mask.sum(1).tolist()
+        prefix = pad_right([row[:s] for row, s in zip(ids, split.tolist())], pad_id(self.tokenizer)).to(device)
+        rest = pad_right([row[s:n] for row, s, n in zip(ids, split.tolist(), ends)], pad_id(self.tokenizer)).to(device)
+        cache = prefix_key_values(model, prefix.input_ids, lengths=split, share_stems=True, own_blocks=True)
+        position_ids = split[:, None] + torch.arange(rest.input_ids.shape[1], device=device)
+        with (torch.no_grad(), self.disabled(), capture_outputs(model, [self.module_name, block]) as captured,
+              stop_forward_after(model, block), contextlib.suppress(StopForward)):
+            final_hidden_after(model, cache, prefix.attention_mask, rest.input_ids, rest.attention_mask, position_ids)
+        below, unedited = captured[block], captured[self.module_name][:, 0].float()  # (B, T', d), (B, d)
+        upper = upper_blocks.UpperBlocks(model, layer, cache, prefix.attention_mask, rest.attention_mask, position_ids)
+        distance, nearest = self.codebook.nearest(queries)
+        hit = (distance <= self.codebook.epsilons[nearest])[:, None]  # (B, 1)
+        token_row, token_pos = (batch.labels != -100).nonzero(as_tuple=True)  # target tokens, in row order
+        labels = batch.labels[token_row, token_pos]
+        counts = torch.bincount(token_row, minlength=len(ids)).clamp(min=1)
+        head = lm_head(model)
+        rows = torch.arange(len(ids), device=device)
+
+        def row_nll() -> torch.Tensor:
+            shift = torch.where(hit, self.codebook.values[nearest] - unedited, torch.zeros_like(unedited))
+            hidden = upper(below.index_put((rows, torch.zeros_like(rows)), shift.to(below.dtype), accumulate=True))
+            logits = head(hidden[token_row, token_pos - split[token_row]]).float()
+            token_nll = F.cross_entropy(logits, labels, reduction="none")
+            return torch.zeros(len(ids), device=device).index_add(0, token_row, token_nll) / counts
+
+        return self._adam_steps(row_nll)
+
+    def _adam_steps(self, row_nll) -> list[torch.Tensor]:
+        """n_iter Adam steps on the codebook values of the loss `row_nll()` (B,) sums; per-step NLLs
+        and the NLL after the last step."""
         values = self.codebook.values
         values.requires_grad_(True)
         optimizer = torch.optim.Adam([values], lr=self.hparams.edit_lr)
         losses = []
         try:
-            with self.query_positions(batch.last_prompt_positions):
-                for _ in range(self.hparams.n_iter):
-                    logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-                    nll = target_nll(logits, batch.labels)  # (B,)
-                    (grad,) = torch.autograd.grad(nll.sum(), [values])
-                    values.grad = grad
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    losses.append(nll.detach())
-                with torch.no_grad():
-                    logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-                    losses.append(target_nll(logits, batch.labels))
+            for _ in range(self.hparams.n_iter):
+                nll = row_nll()
+                (grad,) = torch.autograd.grad(nll.sum(), [values])
+                values.grad = grad
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(nll.detach())
+            with torch.no_grad():
+                losses.append(row_nll())
         finally:
             values.requires_grad_(False)
         return losses

@@ -207,3 +207,20 @@ def test_experiment_scoring_of_a_grace_edit_scores_whole_rows(tokenizer, request
     pd_testing.assert_frame_equal(scores, whole)
     rewrite = scores[scores["kind"] == "rewrite"]
     assert (rewrite["nll_new"] < rewrite["nll_true"]).all()
+
+
+def test_training_above_the_edited_block_equals_whole_model_training(tokenizer, requests):
+    """The own-blocks path (prefix cached, blocks above run by editlib.upper_blocks) trains the same
+    values, with the same per-step losses, as forward passes of the whole model through the hooks,
+    also when later requests of a batch split earlier ones' keys (prompts ~5 apart, radius 3)."""
+    hparams = GraceHparams(n_iter=8, eps=3.0)
+    fast = GraceEditor(tiny_llama(tokenizer), tokenizer, MODULE, hparams)
+    slow = GraceEditor(tiny_llama(tokenizer), tokenizer, MODULE, hparams, own_blocks=False)
+    assert fast._trains_above() and not slow._trains_above()
+    for chunk, actions in ((requests[:3], ["add", "split", "split"]), (requests[3:], ["split"])):
+        fast_report, slow_report = fast.edit(chunk), slow.edit(chunk)
+        assert fast_report["action"] == slow_report["action"] == actions
+        for key in ("nll_first_step", "nll_final"):
+            torch.testing.assert_close(torch.tensor(fast_report[key]), torch.tensor(slow_report[key]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.codebook.values, slow.codebook.values, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.codebook.epsilons, slow.codebook.epsilons)

@@ -1,0 +1,68 @@
+"""GRACE edits on SmolLM2-135M: training above the edited block against whole-model steps.
+
+Each variant edits the same facts into a fresh codebook at the config's GRACE layer (n_iter Adam
+steps per edit, replace_last), in batches of `--batch-size` (1: one edit at a time, the sequential
+b=1 run): "own blocks" (the default: each prompt before its query token runs once into a cache,
+every step runs only the blocks above the edited one, at the query and target tokens) and "whole
+model" (every step a forward pass of the whole model through GRACE's hooks). Variants alternate
+(bench/common.py); the ratio is of medians. Both reach the same first-step loss and a near-zero
+target NLL (printed: the mean after each edit); the values themselves drift apart over 50 steps
+(float rounding amplified by Adam at lr 1 once the gradient is tiny), which is why
+tests/test_grace.py checks the two paths' equality over a few steps.
+At batch size 1 a step multiplies a couple of token rows by every weight matrix above the edited
+layer, forward and backward: it is bound by reading those weights from memory, not by FLOPs.
+
+    python bench/grace_training.py --model-dir resources/smollm2/SmolLM2-135M-Instruct/model \
+        --records resources/smollm2/SmolLM2-135M-Instruct/data/records.json
+"""
+
+from __future__ import annotations
+
+from common import base_parser, interleaved, median, print_table, setup
+from editlib.grace import GraceEditor, GraceHparams
+from editlib.models import load_model, model_layout
+from editlib.records import batches, load_requests
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", required=True, help="a prepared SmolLM2 folder (rule prepare_model)")
+    parser.add_argument("--records", required=True, help="its records.json (rule prepare_data)")
+    parser.add_argument("--facts", type=int, default=8)
+    parser.add_argument("--layer", type=int, default=6, help="GRACE layer (configs/smollm2.yaml: 6)")
+    parser.add_argument("--n-iter", type=int, default=50)
+    parser.add_argument("--batch-sizes", default="1,8")
+    args = parser.parse_args()
+    if args.quick:
+        args.facts, args.n_iter, args.repeats = 2, 5, 1
+    setup(args)
+    model, tokenizer = load_model(args.model_dir)
+    module = model_layout(model).rewrite(args.layer)
+    requests = load_requests(args.records)[: args.facts]
+    hparams = GraceHparams(n_iter=args.n_iter)
+    print(f"# SmolLM2-135M-Instruct fp32 on cpu; GRACE at {module}, {args.facts} facts, n_iter {args.n_iter}")
+    rows = []
+    for size in (int(b) for b in args.batch_sizes.split(",")):
+        final_nll = {}
+
+        def run(own_blocks: bool, label: str):
+            def edit():
+                editor = GraceEditor(model, tokenizer, module, hparams, own_blocks=own_blocks)
+                try:
+                    final_nll[label] = [nll for batch in batches(requests, size) for nll in editor.edit(batch)["nll_final"]]
+                finally:
+                    editor.remove()
+            return edit
+
+        times = interleaved({"own blocks": run(True, "own blocks"), "whole model": run(False, "whole model")},
+                            args.repeats, warmup=False)
+        rows.append({"batch size": size, "own blocks s/edit": median(times["own blocks"]) / args.facts,
+                     "whole model s/edit": median(times["whole model"]) / args.facts,
+                     "speed-up": median(times["whole model"]) / median(times["own blocks"]),
+                     "final NLL, own blocks": sum(final_nll["own blocks"]) / args.facts,
+                     "final NLL, whole model": sum(final_nll["whole model"]) / args.facts})
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
