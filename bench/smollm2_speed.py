@@ -54,6 +54,9 @@ from editlib.tokens import pad_id, pad_right, prompt_ids, target_ids
 from editlib.values import TargetHparams, optimize_targets
 
 
+Z_VARIANTS = ("own blocks", "own blocks, whole prefixes", "modules, replay lower blocks", "modules, re-run lower blocks")
+
+
 def _best_seconds(fn, repeats: int) -> float:
     for _ in range(3):
         fn()
@@ -174,6 +177,8 @@ def main() -> None:
     parser.add_argument("--memit-layer", type=int, default=6)
     parser.add_argument("--skip-z", action="store_true")
     parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--z-variants", default=",".join(Z_VARIANTS),
+                        help=f"comma-separated z variants to time, of: {', '.join(Z_VARIANTS)}")
     args = parser.parse_args()
     if args.quick:
         args.facts, args.eval_records, args.repeats = 8, 8, 1
@@ -200,8 +205,7 @@ def main() -> None:
                                                 own_blocks=variant.startswith("own blocks"),
                                                 share_stems=variant != "own blocks, whole prefixes")
 
-            names = ("own blocks", "own blocks, whole prefixes", "modules, replay lower blocks",
-                     "modules, re-run lower blocks")
+            names = [name for name in Z_VARIANTS if name in args.z_variants.split(",")]
             variants = {name: run(name) for name in names}
             # FLOPs of 2 and 3 steps give the first step's and every later step's (all later steps are alike)
             flops, products = {}, {}
@@ -230,10 +234,11 @@ def main() -> None:
                              "x bound": median([t * r / flops[name] for t, r in values]),
                              "products alone s per fact": products[name][0] / len(facts),
                              "products alone x bound": products[name][0] * products[name][1] / flops[name]})
-            own, whole, replay, rerun = (median(times[n]) for n in names)
-            print(f"# {label}: replaying the lower blocks is {rerun / replay:.2f}x faster; own blocks "
-                  f"{replay / own:.2f}x faster than the model's modules with replay; shared prefix stems "
-                  f"{whole / own:.2f}x faster than whole prefixes")
+            if len(names) == len(Z_VARIANTS):
+                own, whole, replay, rerun = (median(times[n]) for n in Z_VARIANTS)
+                print(f"# {label}: replaying the lower blocks is {rerun / replay:.2f}x faster; own blocks "
+                      f"{replay / own:.2f}x faster than the model's modules with replay; shared prefix stems "
+                      f"{whole / own:.2f}x faster than whole prefixes")
         print(f"\n## target values z, {len(facts)} facts in one chunk ({args.repeats} interleaved repeats)")
         print_table(rows)
 
