@@ -1,7 +1,7 @@
 """GRACE edits on SmolLM2-135M: training above the edited block against whole-model steps.
 
 Each variant edits the same facts into a fresh codebook at the config's GRACE layer (n_iter Adam
-steps per edit, replace_last), in batches of `--batch-size` (1: one edit at a time, the sequential
+steps per edit, replace_last), in batches of each of `--batch-sizes` (1: one edit at a time, the sequential
 b=1 run): "own blocks" (the default: each prompt before its query token runs once into a cache,
 every step runs only the blocks above the edited one, at the query and target tokens) and "whole
 model" (every step a forward pass of the whole model through GRACE's hooks). Variants alternate

@@ -46,10 +46,10 @@ from torch import nn
 from editlib import upper_blocks
 from editlib.io import load_tensors, save_tensors
 from editlib.models import (StopForward, block_index, capture_inputs, capture_outputs, final_hidden_after, lm_head,
-                            model_layout, module_dims, prefix_key_values, stop_forward_after)
+                            model_layout, module_dims, split_rows, stop_forward_after)
 from editlib.records import EditRequest
 from editlib.session import EditSession
-from editlib.tokens import TargetBatch, pad_id, pad_right, prompt_ids, target_batch, target_nll
+from editlib.tokens import TargetBatch, pad_id, prompt_ids, target_batch, target_nll
 
 REPLACEMENTS = ("replace_last", "replace_prompt", "replace_all")
 
@@ -385,16 +385,13 @@ class GraceEditor:
         layer = block_index(model, self.module_name)
         block = model_layout(model).block(layer)
         split = batch.last_prompt_positions.to(device)  # (B,) each row's query token starts its continuation
-        ids, ends = batch.input_ids.tolist(), batch.attention_mask.sum(1).tolist()
-        prefix = pad_right([row[:s] for row, s in zip(ids, split.tolist())], pad_id(self.tokenizer)).to(device)
-        rest = pad_right([row[s:n] for row, s, n in zip(ids, split.tolist(), ends)], pad_id(self.tokenizer)).to(device)
-        cache = prefix_key_values(model, prefix.input_ids, lengths=split, share_stems=True, own_blocks=True)
-        position_ids = split[:, None] + torch.arange(rest.input_ids.shape[1], device=device)
+        ids = [row[:n] for row, n in zip(batch.input_ids.tolist(), batch.attention_mask.sum(1).tolist())]
+        prefix_mask, rest, cache, position_ids = split_rows(model, ids, split, pad_id(self.tokenizer), device)
         with (torch.no_grad(), self.disabled(), capture_outputs(model, [self.module_name, block]) as captured,
               stop_forward_after(model, block), contextlib.suppress(StopForward)):
-            final_hidden_after(model, cache, prefix.attention_mask, rest.input_ids, rest.attention_mask, position_ids)
+            final_hidden_after(model, cache, prefix_mask, rest.input_ids, rest.attention_mask, position_ids)
         below, unedited = captured[block], captured[self.module_name][:, 0].float()  # (B, T', d), (B, d)
-        upper = upper_blocks.UpperBlocks(model, layer, cache, prefix.attention_mask, rest.attention_mask, position_ids)
+        upper = upper_blocks.UpperBlocks(model, layer, cache, prefix_mask, rest.attention_mask, position_ids)
         distance, nearest = self.codebook.nearest(queries)
         hit = (distance <= self.codebook.epsilons[nearest])[:, None]  # (B, 1)
         token_row, token_pos = (batch.labels != -100).nonzero(as_tuple=True)  # target tokens, in row order

@@ -330,6 +330,21 @@ def _prefix_pass(model: nn.Module, input_ids: torch.Tensor) -> tuple[list[tuple[
     return [(layer.keys, layer.values) for layer in output.past_key_values.layers], output.last_hidden_state
 
 
+def split_rows(model: nn.Module, rows: Sequence[Sequence[int]], split: torch.Tensor, pad: int, device,
+               share_stems: bool = True, own_blocks: bool = True):
+    """Token rows cut at `split` (R,): the prefixes run once into a key/value cache
+    (`prefix_key_values` with their lengths), the rests right-padded for `final_hidden_after`.
+    Returns (prefix mask (R, P), the rests (`tokens.PaddedBatch`), the cache, the rests' positions (R, T))."""
+    from .tokens import pad_right
+
+    cuts = split.tolist()
+    prefix = pad_right([ids[:s] for ids, s in zip(rows, cuts)], pad).to(device)
+    rest = pad_right([ids[s:] for ids, s in zip(rows, cuts)], pad).to(device)
+    cache = prefix_key_values(model, prefix.input_ids, lengths=split, share_stems=share_stems, own_blocks=own_blocks)
+    position_ids = split.to(device)[:, None] + torch.arange(rest.input_ids.shape[1], device=device)
+    return prefix.attention_mask, rest, cache, position_ids
+
+
 def continuation_exact(model: nn.Module, longest: int) -> bool:
     """Whether a cached prefix + continuation gives the logits of the whole row on `model`.
 

@@ -34,9 +34,9 @@ from .attention import grouped_attention
 from .keys import build_context_prompts
 from . import upper_blocks
 from .models import (StopForward, block_index, capture_outputs, continuation_exact, edit_output, final_hidden_after,
-                     lm_head, model_layout, prefix_key_values, replay_blocks_below, stop_forward_after)
+                     lm_head, model_layout, replay_blocks_below, split_rows, stop_forward_after)
 from .records import EditRequest, batches
-from .tokens import pad_id, pad_right, ragged_index, target_ids
+from .tokens import pad_id, ragged_index, target_ids
 
 
 @dataclass(frozen=True)
@@ -191,12 +191,9 @@ def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: Targ
     row_ids = [ids[: s + 1] if kind == n_templates else ids
                for ids, s, kind in zip(prompts.ids, prompts.subject_last.tolist(), prompts.template.tolist())]
     split = _split_points(model, row_ids, prompts.subject_last, hp.cache_prefix)
-    prefix = pad_right([ids[:s] for ids, s in zip(row_ids, split.tolist())], pad_id(tokenizer)).to(device)
-    batch = pad_right([ids[s:] for ids, s in zip(row_ids, split.tolist())], pad_id(tokenizer)).to(device)
-    prefix_cache = prefix_key_values(model, prefix.input_ids, lengths=split, share_stems=share_stems,
-                                     own_blocks=own_blocks)
+    prefix_mask, batch, prefix_cache, position_ids = split_rows(model, row_ids, split, pad_id(tokenizer), device,
+                                                                share_stems, own_blocks)
     split = split.to(device)
-    position_ids = split[:, None] + torch.arange(batch.input_ids.shape[1], device=device)
     fact = prompts.fact.to(device)
     subject_last = prompts.subject_last.to(device) - split  # in the re-run part
     rows = torch.arange(len(prompts.ids), device=device)
@@ -226,7 +223,7 @@ def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: Targ
         return out.index_put((rows, subject_last), delta[fact].to(out.dtype), accumulate=True)
 
     def model_continuation() -> torch.Tensor:
-        return final_hidden_after(model, prefix_cache, prefix.attention_mask, batch.input_ids,
+        return final_hidden_after(model, prefix_cache, prefix_mask, batch.input_ids,
                                   batch.attention_mask, position_ids)
 
     if own_blocks and upper_blocks.supports(model, hook_module):
@@ -239,7 +236,7 @@ def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: Targ
             model_continuation()
         h_init = captured[hook_module][plain_rows, subject_last[plain_rows]].float().clone()
         below = captured[block]
-        upper = upper_blocks.UpperBlocks(model, layer, prefix_cache, prefix.attention_mask, batch.attention_mask,
+        upper = upper_blocks.UpperBlocks(model, layer, prefix_cache, prefix_mask, batch.attention_mask,
                                          position_ids)
         edit = contextlib.nullcontext()
 
