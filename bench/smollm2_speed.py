@@ -1,6 +1,7 @@
 """Target values z and CounterFact scoring on SmolLM2-135M: measured time against the FLOP bound.
 
-z: `optimize_targets` on one chunk of facts (early stop off, so every variant runs the same
+z: `optimize_targets` on one chunk of facts, as many as the config's facts_per_chunk for ROME and for
+MEMIT (configs/smollm2.yaml: 16 and 32) (early stop off, so every variant runs the same
 number of Adam steps; every step runs, the last one without an update), at ROME's hook (an MLP output, 21 context templates, 20 steps) and at
 MEMIT's (a block output, 6 templates, 25 steps), four ways: "own blocks" (the default: the blocks
 above the edited one run as editlib.upper_blocks, everything below once; the tokens several cached
@@ -38,10 +39,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -171,9 +174,11 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--model-dir", required=True, help="a prepared SmolLM2 folder (rule prepare_model)")
     parser.add_argument("--records", required=True, help="its records.json (rule prepare_data)")
-    parser.add_argument("--facts", type=int, default=16, help="facts in the z chunk")
+    parser.add_argument("--config", default="configs/smollm2.yaml",
+                        help="the config whose ROME and MEMIT facts_per_chunk size the z chunks")
+    parser.add_argument("--facts", type=int, default=None, help="facts in every z chunk (default: the config's)")
     parser.add_argument("--eval-records", type=int, default=64)
-    parser.add_argument("--rome-layers", default="4,19", help="ROME hook layers (MLP outputs)")
+    parser.add_argument("--rome-layers", default="4,19", help="ROME hook layers (MLP outputs; empty: none)")
     parser.add_argument("--memit-layer", type=int, default=6)
     parser.add_argument("--skip-z", action="store_true")
     parser.add_argument("--skip-eval", action="store_true")
@@ -182,6 +187,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.facts, args.eval_records, args.repeats = 8, 8, 1
+    methods = yaml.safe_load(Path(args.config).read_text())["methods"]
+    chunk = {name: args.facts or methods[name]["targets"]["facts_per_chunk"] for name in ("rome", "memit")}
     setup(args)
     model, tokenizer = load_model(args.model_dir)
     layout = model_layout(model)
@@ -190,12 +197,13 @@ def main() -> None:
 
     if not args.skip_z:
         gemm_rate(f"torch threads={args.threads}")
-        facts = requests[: args.facts]
-        cases = [(f"ROME, layer {layer} MLP output", layout.mlp(int(layer)), ROME_LENGTHS, 20)
-                 for layer in args.rome_layers.split(",")]
-        cases.append((f"MEMIT, layer {args.memit_layer} block output", layout.block(args.memit_layer), MEMIT_LENGTHS, 25))
+        cases = [(f"ROME, layer {layer} MLP output", layout.mlp(int(layer)), ROME_LENGTHS, 20, chunk["rome"])
+                 for layer in args.rome_layers.split(",") if layer]
+        cases.append((f"MEMIT, layer {args.memit_layer} block output", layout.block(args.memit_layer), MEMIT_LENGTHS, 25,
+                      chunk["memit"]))
         rows = []
-        for label, module, lengths, steps in cases:
+        for label, module, lengths, steps, n_facts in cases:
+            facts = requests[:n_facts]
             templates = sample_context_templates(model, tokenizer, lengths, 0)
             hp = TargetHparams(v_num_grad_steps=steps, early_stop_loss=0.0, facts_per_chunk=len(facts))
             def run(variant: str, steps: int = steps):
@@ -226,7 +234,8 @@ def main() -> None:
             times = {name: [seconds for seconds, _ in values] for name, values in measured.items()}
             for name, values in measured.items():
                 seconds, rates = median(times[name]), [r for _, r in values]
-                rows.append({"hook": label, "templates": len(templates), "steps": steps, "variant": name,
+                rows.append({"hook": label, "facts": len(facts), "templates": len(templates), "steps": steps,
+                             "variant": name,
                              "median s": seconds, "runs s": runs(times[name]), "s per fact": seconds / len(facts),
                              "GFLOP per fact": flops[name] / len(facts) / 1e9,
                              "GEMM GFLOP/s around runs": " ".join(f"{r / 1e9:.0f}" for r in rates),
@@ -239,7 +248,7 @@ def main() -> None:
                 print(f"# {label}: replaying the lower blocks is {rerun / replay:.2f}x faster; own blocks "
                       f"{replay / own:.2f}x faster than the model's modules with replay; shared prefix stems "
                       f"{whole / own:.2f}x faster than whole prefixes")
-        print(f"\n## target values z, {len(facts)} facts in one chunk ({args.repeats} interleaved repeats)")
+        print(f"\n## target values z, one chunk of facts ({args.repeats} interleaved repeats)")
         print_table(rows)
 
     if not args.skip_eval:

@@ -15,6 +15,8 @@ states only; the weights are fixed):
 - rotary embedding is one complex multiplication: the query and key dimensions are reordered
   once (in the weights and the cached prefix keys) so that the pairs it rotates are adjacent,
   which leaves every attention score unchanged; the 1/sqrt(head_dim) scaling rides along;
+- the products run on the real tokens alone, one matrix of them (rows of different lengths leave
+  no pads in it); only attention reads the rows' padded layout;
 - each row's keys and values sit in one buffer per block, the cached prefix's followed by the new
   tokens', which each forward pass writes; the query heads that share a key/value head are
   stacked along the query axis.
@@ -127,15 +129,15 @@ class _BlockWeights:
 class _Block:
     """One block for one chunk: its prepared weights, and every row's keys and values, the cached
     prefix's (P positions, keys in pair order) followed by room for the `length` new tokens', which
-    each forward pass writes, so that attention reads one key and one value tensor per row."""
+    each forward pass writes (pads stay zero), so that attention reads one key and one value tensor per row."""
 
     def __init__(self, weights: _BlockWeights, prefix_keys: torch.Tensor, prefix_values: torch.Tensor, length: int):
         self.__dict__.update(weights.__dict__)
         rows, kv_heads, prefix, dim = prefix_keys.shape
         self.prefix = prefix
-        self.keys = prefix_keys.new_empty(rows, kv_heads, prefix + length, dim)
+        self.keys = prefix_keys.new_zeros(rows, kv_heads, prefix + length, dim)
         self.keys[:, :, :prefix] = prefix_keys[..., _pair_order(dim)]
-        self.values = prefix_values.new_empty(rows, kv_heads, prefix + length, dim)
+        self.values = prefix_values.new_zeros(rows, kv_heads, prefix + length, dim)
         self.values[:, :, :prefix] = prefix_values
         self.written_by = None  # the forward pass whose new keys and values the buffers hold
 
@@ -146,41 +148,43 @@ def _complex(t: torch.Tensor) -> torch.Tensor:
 
 
 class _BlockFunction(torch.autograd.Function):
-    """y = block(x) for x (R, T, d), with its backward for x; `chunk` holds the shared parts."""
+    """y = block(x) for the N real tokens x (N, d), with its backward for x; `chunk` holds the
+    shared parts. Every product runs on the N tokens alone; only attention reads the rows' padded
+    layout (R, T), token i at row `chunk.token_row[i]`, slot `chunk.token_slot[i]`."""
 
     @staticmethod
     def forward(ctx, x, block: _Block, chunk: "UpperBlocks"):
-        rows, length, width = x.shape
+        tokens, width = x.shape
         heads, kv_heads, dim = chunk.heads, chunk.kv_heads, chunk.head_dim
-        groups, prefix = heads // kv_heads, block.prefix
+        groups, prefix, rows, length = heads // kv_heads, block.prefix, chunk.rows, chunk.length
+        row, slot = chunk.token_row, chunk.token_slot
         scale1 = _rms(x, block.eps)
         normed1 = x * scale1
-        projected = F.linear(normed1.view(-1, width), block.qkv).view(rows, length, -1)
+        projected = F.linear(normed1, block.qkv)
         if block.qkv_bias is not None:
             projected = projected + block.qkv_bias
         query, key, value = projected.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
         # query head h = k * groups + g reads key/value head k: its groups stacked along the query
-        # axis, (R, K, G * T, D); rotary embedding (query scaling included) written straight there
-        query_rotated = x.new_empty(rows, kv_heads, groups, length, dim)
-        torch.mul(_complex(query.view(rows, length, kv_heads, groups, dim).permute(0, 2, 3, 1, 4)),
-                  chunk.rotation[:, None, None], out=_complex(query_rotated))
-        query = query_rotated.view(rows, kv_heads, groups * length, dim)
-        torch.mul(_complex(key.view(rows, length, kv_heads, dim).transpose(1, 2)), chunk.key_rotation[:, None],
-                  out=_complex(block.keys[:, :, prefix:]))
-        block.values[:, :, prefix:] = value.view(rows, length, kv_heads, dim).transpose(1, 2)
+        # axis, (R, K, G * T, D), pads zero; rotary embedding with the query scaling folded in
+        rotated = _complex(query.view(tokens, kv_heads, groups, dim)) * chunk.rotation[:, None, None]
+        grid = x.new_zeros(rows, kv_heads, groups, length, dim)
+        grid[row, :, :, slot] = torch.view_as_real(rotated).flatten(-2)
+        query = grid.view(rows, kv_heads, groups * length, dim)
+        rotated = _complex(key.view(tokens, kv_heads, dim)) * chunk.key_rotation[:, None]
+        block.keys[row, :, prefix + slot] = torch.view_as_real(rotated).flatten(-2)
+        block.values[row, :, prefix + slot] = value.view(tokens, kv_heads, dim)
         ctx.token = block.written_by = object()
         probs = torch.softmax((query @ block.keys.transpose(-1, -2)).add_(chunk.bias), dim=-1)
-        attended = (probs @ block.values).view(rows, kv_heads, groups, length, dim)
-        attended = attended.permute(0, 3, 1, 2, 4).reshape(-1, heads * dim)
-        hidden = F.linear(attended, block.out).view(rows, length, width)
+        attended = (probs @ block.values).view(rows, kv_heads, groups, length, dim)[row, :, :, slot]
+        hidden = F.linear(attended.reshape(tokens, heads * dim), block.out)
         if block.out_bias is not None:
             hidden = hidden + block.out_bias
         hidden.add_(x)
         scale2 = _rms(hidden, block.eps)
         normed2 = hidden * scale2
-        gate, up = F.linear(normed2.view(-1, width), block.gate_up).chunk(2, dim=-1)
+        gate, up = F.linear(normed2, block.gate_up).chunk(2, dim=-1)
         silu = F.silu(gate)
-        out = F.linear(silu * up, block.down).view(rows, length, width).add_(hidden)
+        out = F.linear(silu * up, block.down).add_(hidden)
         ctx.block, ctx.chunk = block, chunk
         ctx.save_for_backward(normed1, scale1, query, probs, normed2, scale2, gate, up, silu)
         return out
@@ -192,37 +196,35 @@ class _BlockFunction(torch.autograd.Function):
             raise RuntimeError("upper_blocks: a block ran forward again before this backward pass (its new "
                                "keys and values are overwritten); run each backward before the next forward")
         normed1, scale1, query, probs, normed2, scale2, gate, up, silu = ctx.saved_tensors
-        rows, length, width = grad_out.shape
+        tokens, width = grad_out.shape
         heads, kv_heads, dim = chunk.heads, chunk.kv_heads, chunk.head_dim
-        groups, prefix = heads // kv_heads, block.prefix
+        groups, prefix, rows, length = heads // kv_heads, block.prefix, chunk.rows, chunk.length
+        row, slot = chunk.token_row, chunk.token_slot
         grad_out = grad_out.contiguous()
         # MLP: out = hidden + down(silu(gate) * up), (gate, up) = gate_up(normed2)
-        grad_act = grad_out.view(-1, width) @ block.down
-        grad_gate_up = grad_act.new_empty(grad_act.shape[0], 2 * grad_act.shape[1])
+        grad_act = grad_out @ block.down
+        grad_gate_up = grad_act.new_empty(tokens, 2 * grad_act.shape[1])
         grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
         torch.mul(grad_act, silu, out=grad_up)
         torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gate)
-        grad_normed2 = (grad_gate_up @ block.gate_up).view(rows, length, width)
-        grad_hidden = grad_out + _rms_backward(grad_normed2, normed2, scale2)
-        # attention: hidden = x + out(attended)
-        grad_attended = (grad_hidden.view(-1, width) @ block.out).view(rows, length, kv_heads, groups, dim)
-        grad_attended = grad_attended.permute(0, 2, 3, 1, 4).reshape(rows, kv_heads, groups * length, dim)
+        grad_hidden = grad_out + _rms_backward(grad_gate_up @ block.gate_up, normed2, scale2)
+        # attention: hidden = x + out(attended), in the rows' padded layout (pads zero)
+        grad_attended = grad_out.new_zeros(rows, kv_heads, groups, length, dim)
+        grad_attended[row, :, :, slot] = (grad_hidden @ block.out).view(tokens, kv_heads, groups, dim)
+        grad_attended = grad_attended.view(rows, kv_heads, groups * length, dim)
         grad_probs = grad_attended @ block.values.transpose(-1, -2)
         grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
-        grad_query = grad_scores @ block.keys
-        new_scores = grad_scores[..., prefix:]
-        grad_key = new_scores.transpose(-1, -2) @ query  # (R, K, T, D)
-        grad_value = probs[..., prefix:].transpose(-1, -2) @ grad_attended
-        # back through the rotation into one (R, T, q + k + v) gradient, each part written in place
-        grad_projected = grad_out.new_empty(rows, length, (heads + 2 * kv_heads) * dim)
+        grad_query = (grad_scores @ block.keys).view(rows, kv_heads, groups, length, dim)[row, :, :, slot]
+        grad_key = (grad_scores[..., prefix:].transpose(-1, -2) @ query)[row, :, slot]  # (N, K, D)
+        grad_value = (probs[..., prefix:].transpose(-1, -2) @ grad_attended)[row, :, slot]
+        # back through the rotation into one (N, q + k + v) gradient, each part written in place
+        grad_projected = grad_out.new_empty(tokens, (heads + 2 * kv_heads) * dim)
         grad_q, grad_k, grad_v = grad_projected.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-        torch.mul(_complex(grad_query.view(rows, kv_heads, groups, length, dim)),
-                  chunk.rotation[:, None, None].conj(),
-                  out=_complex(grad_q.view(rows, length, kv_heads, groups, dim).permute(0, 2, 3, 1, 4)))
-        torch.mul(_complex(grad_key), chunk.key_rotation[:, None].conj(),
-                  out=_complex(grad_k.view(rows, length, kv_heads, dim).transpose(1, 2)))
-        grad_v.view(rows, length, kv_heads, dim).copy_(grad_value.transpose(1, 2))
-        grad_normed1 = (grad_projected.view(rows * length, -1) @ block.qkv).view(rows, length, width)
+        torch.mul(_complex(grad_query), chunk.rotation[:, None, None].conj(),
+                  out=_complex(grad_q.view(tokens, kv_heads, groups, dim)))
+        torch.mul(_complex(grad_key), chunk.key_rotation[:, None].conj(), out=_complex(grad_k.view(tokens, kv_heads, dim)))
+        grad_v.view(tokens, kv_heads, dim).copy_(grad_value)
+        grad_normed1 = grad_projected @ block.qkv
         return grad_hidden + _rms_backward(grad_normed1, normed1, scale1), None, None
 
 
@@ -233,7 +235,8 @@ class UpperBlocks:
     (`models.prefix_key_values`, or None: no prefix), `prefix_mask` (R, P) their real tokens,
     `attention_mask` (R, T) the continuation's real tokens and `position_ids` (R, T) their
     positions. Calling it with block `layer`'s output at the continuation tokens (R, T, d) returns
-    the final-norm hidden states, differentiable in that input.
+    the final-norm hidden states (zero at pads), differentiable in that input. Only the real
+    tokens run through the blocks' products.
     """
 
     def __init__(self, model: nn.Module, layer: int, prefix, prefix_mask: torch.Tensor, attention_mask: torch.Tensor,
@@ -241,25 +244,30 @@ class UpperBlocks:
         config = model.config
         base = model.base_model
         self.heads, self.kv_heads, self.head_dim = _dims(model)
-        rows, length = attention_mask.shape
-        sample = base.norm.weight.new_zeros(rows, length, config.hidden_size)
+        self.rows, self.length = attention_mask.shape
+        self.token_row, self.token_slot = attention_mask.bool().nonzero(as_tuple=True)
+        sample = base.norm.weight.new_zeros(1, len(self.token_row), config.hidden_size)
         if prefix is None:  # no cached prefix: an empty one
-            empty = sample.new_zeros(rows, self.kv_heads, 0, self.head_dim)
+            empty = sample.new_zeros(self.rows, self.kv_heads, 0, self.head_dim)
             prefix = [(empty, empty)] * len(base.layers)
-            prefix_mask = attention_mask.new_zeros(rows, 0)
-        self.blocks = [_Block(_prepared(model, index), *prefix[index][:2], length)
+            prefix_mask = attention_mask.new_zeros(self.rows, 0)
+        self.blocks = [_Block(_prepared(model, index), *prefix[index][:2], self.length)
                        for index in range(layer + 1, len(base.layers))]
         self.final_norm, self.eps = base.norm.weight, base.norm.variance_epsilon
-        self.key_rotation, self.rotation = _rotations(model, *base.rotary_emb(sample, position_ids))
-        visible = torch.cat([prefix_mask.bool()[:, None, :].expand(rows, length, -1),
-                             torch.ones(length, length, dtype=torch.bool, device=sample.device).tril()
+        cos, sin = base.rotary_emb(sample, position_ids[self.token_row, self.token_slot][None])
+        self.key_rotation, self.rotation = _rotations(model, cos[0], sin[0])  # (N, D/2)
+        visible = torch.cat([prefix_mask.bool()[:, None, :].expand(self.rows, self.length, -1),
+                             torch.ones(self.length, self.length, dtype=torch.bool, device=sample.device).tril()
                              & attention_mask.bool()[:, None, :]], dim=-1)
         self.bias = _grouped_bias(visible, self.heads // self.kv_heads, sample.dtype)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        index = (self.token_row, self.token_slot)
+        tokens = hidden[index]
         for block in self.blocks:
-            hidden = _BlockFunction.apply(hidden, block, self)
-        return F.rms_norm(hidden, hidden.shape[-1:], self.final_norm, self.eps)
+            tokens = _BlockFunction.apply(tokens, block, self)
+        tokens = F.rms_norm(tokens, tokens.shape[-1:], self.final_norm, self.eps)
+        return tokens.new_zeros(hidden.shape).index_put(index, tokens)
 
 
 def _dims(model: nn.Module) -> tuple[int, int, int]:

@@ -72,7 +72,10 @@ class _TargetHead(torch.autograd.Function):
     tokens' log-probabilities (n_tokens,) at `labels`, KL(P || P_ref) per KL row (n_kl,) and the
     KL rows' log-probabilities (n_kl, V) (no gradient; the reference at the first step). One pass
     over the vocabulary for the softmax; the backward reuses its buffer for the logits' gradient.
-    `logits`: a buffer (n_tokens + n_kl, V) of the logits' dtype to write them into (None: a new
+    The logits are laid out vocabulary-major, (V, n_tokens + n_kl) = W @ hidden^T: with the long
+    vocabulary axis as the product's rows, BLAS runs these products at about its full rate, where
+    hidden @ W^T for a few hundred rows runs at about half of it (docs/performance.md).
+    `logits`: a buffer (V, n_tokens + n_kl) of the logits' dtype to write them into (None: a new
     one), so that the steps of one chunk reuse the same memory.
     """
 
@@ -80,20 +83,20 @@ class _TargetHead(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, reference, logits=None):
         n_tokens = len(labels)
         if logits is not None and logits.dtype == hidden.dtype == weight.dtype:
-            shifted = torch.mm(hidden, weight.T, out=logits)
+            shifted = torch.mm(weight, hidden.T, out=logits)
         else:
-            shifted = F.linear(hidden, weight)
+            shifted = weight @ hidden.T
         shifted = shifted.to(torch.promote_types(shifted.dtype, torch.float32))  # half precision: fp32
         if bias is not None:
-            shifted += bias
-        shifted -= shifted.amax(-1, keepdim=True)
-        token_shifted = shifted[torch.arange(n_tokens, device=labels.device), labels]
-        kl_shifted = shifted[n_tokens:].clone()
+            shifted += bias[:, None]
+        shifted -= shifted.amax(0)
+        token_shifted = shifted[labels, torch.arange(n_tokens, device=labels.device)]
+        kl_shifted = shifted[:, n_tokens:].T.contiguous()  # (n_kl, V)
         exp = shifted.exp_()  # the logits' buffer, reused; probabilities = exp / total
-        total = exp.sum(-1, keepdim=True)
+        total = exp.sum(0)
         log_total = total.log()
-        token_logp = token_shifted - log_total[:n_tokens, 0]
-        kl_logp = kl_shifted - log_total[n_tokens:]
+        token_logp = token_shifted - log_total[:n_tokens]
+        kl_logp = kl_shifted - log_total[n_tokens:, None]
         excess = kl_logp - (kl_logp if reference is None else reference)
         kl = (kl_logp.exp() * excess).sum(-1)
         ctx.weight, ctx.labels, ctx.exp, ctx.total, ctx.excess, ctx.kl = weight, labels, exp, total, excess, kl
@@ -104,14 +107,14 @@ class _TargetHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_token_logp, grad_kl, _):
-        n_tokens, grad = len(ctx.labels), ctx.exp  # d logp[label] / d logits = onehot - probs
+        n_tokens, grad = len(ctx.labels), ctx.exp  # d logp[label] / d logits = onehot - probs; (V, n)
         if grad._version != ctx.exp_version:
             raise RuntimeError("_TargetHead: its logits buffer was overwritten (a later forward pass) before "
                                "this backward pass")
-        grad[:n_tokens] *= -grad_token_logp[:, None] / ctx.total[:n_tokens]
-        grad[torch.arange(n_tokens, device=grad.device), ctx.labels] += grad_token_logp
-        grad[n_tokens:] *= (ctx.excess - ctx.kl[:, None]) * (grad_kl[:, None] / ctx.total[n_tokens:])
-        return grad.to(ctx.weight_dtype) @ ctx.weight, None, None, None, None, None
+        grad[:, :n_tokens] *= -grad_token_logp / ctx.total[:n_tokens]
+        grad[ctx.labels, torch.arange(n_tokens, device=grad.device)] += grad_token_logp
+        grad[:, n_tokens:] *= ((ctx.excess - ctx.kl[:, None]) * (grad_kl / ctx.total[n_tokens:])[:, None]).T
+        return (ctx.weight.T @ grad.to(ctx.weight_dtype)).T, None, None, None, None, None
 
 
 class _PerFactAdam:
@@ -253,7 +256,7 @@ def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: Targ
     head_row, head_pos = torch.cat([tok_row, kl_rows]), torch.cat([tok_pos, subject_last[kl_rows]])
     head_bias = lm_head(model).bias
     head = lm_head(model).weight.detach()
-    logits = head.new_empty(len(head_row), head.shape[0])  # reused at every step
+    logits = head.new_empty(head.shape[0], len(head_row))  # reused at every step
     adam = _PerFactAdam(delta.shape, hp.v_lr, device)
     active = torch.ones(n_facts, dtype=torch.bool, device=device)
     loss_f = nll_f = torch.zeros(n_facts, device=device)

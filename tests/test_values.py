@@ -137,7 +137,7 @@ def test_target_head_equals_autograd_through_log_softmax(with_reference, into_bu
     hidden = torch.randn(n_tokens + n_kl, width, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(vocab, (n_tokens,))
     reference = torch.log_softmax(torch.randn(n_kl, vocab, dtype=torch.float64), -1) if with_reference else None
-    buffer = torch.full((n_tokens + n_kl, vocab), float("nan"), dtype=torch.float64) if into_buffer else None
+    buffer = torch.full((vocab, n_tokens + n_kl), float("nan"), dtype=torch.float64) if into_buffer else None
     token_logp, kl, kl_logp = _TargetHead.apply(hidden, weight, bias, labels, reference, buffer)
     logp = torch.log_softmax(hidden @ weight.T + bias, dim=-1)
     expected_token = logp[torch.arange(n_tokens), labels]
