@@ -25,7 +25,8 @@ import torch
 from common import base_parser, interleaved, load_bench, median, print_table, runs, setup, take_requests
 from editlib.metrics import counterfact_scores
 from editlib.models import model_layout
-from editlib.templates import MEMIT_LENGTHS, sample_context_templates
+from editlib.hparams import MEMIT_LENGTHS
+from editlib.templates import sample_context_templates
 from editlib.values import TargetHparams, optimize_targets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

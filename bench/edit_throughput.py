@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import time
 
-import torch
 
 from common import base_parser, load_bench, print_table, setup, synchronize, take_requests
 from editlib.editing import Editor
 from editlib.hparams import make_hparams
-from editlib.templates import MEMIT_LENGTHS, sample_context_templates
+from editlib.hparams import MEMIT_LENGTHS
+from editlib.templates import sample_context_templates
 
 
 def main() -> None:

@@ -392,8 +392,7 @@ def _check_values(config: dict, source: str) -> None:
     """Ranges the schema cannot state: hyperparameters, the toy model and world, record counts,
     downstream tasks."""
     from .methods import make_spec
-    from .mend import MendHparams
-    from .pretrain import TrainConfig
+    from .hparams import MendHparams, TrainConfig
     from .toyworld import WorldConfig
 
     for method, block in config["methods"].items():

@@ -1,6 +1,6 @@
 """The studies' experiments: layer sweep, single edits, batched edits, sequential-batched edits.
 
-Each returns a tidy pandas frame with RESULT_COLUMNS (one observation per row). Sequential runs
+Each returns a tidy pandas frame with `tables.RESULT_COLUMNS` (one observation per row). Sequential runs
 checkpoint after every batch into one safetensors file (edit state + rows so far) written
 atomically, and resume from it with bit-identical results.
 """
@@ -24,23 +24,11 @@ from .metrics import edit_metrics, edit_scores, generation_entropy
 from .methods import get_method, make_spec
 from .records import EditRequest, batches, record_kind
 from .session import EditSession
+from .tables import DOWNSTREAM_COLUMNS, INTERVALS, METRICS, RESULT_COLUMNS, SENSITIVITY_COLUMNS
 from .target_store import TargetStore
 from .templates import sample_context_templates
 
 log = logging.getLogger(__name__)
-
-METRICS = ["ES", "PS", "NS", "S", "EM", "PM", "NM", "GE"]
-# 95% bootstrap interval over facts of every metric but GE (editlib.metrics.bootstrap_intervals)
-INTERVALS = [f"{name}_{bound}" for name in METRICS if name != "GE" for bound in ("lo", "hi")]
-# `records`: counterfact (ES/PS/NS: the new object beats the true one) or zsre (ES/PS/NS: token
-# accuracy of the edit, paraphrase and neighbourhood prompts), editlib.metrics.per_record_metrics
-# `sample`: which disjoint edit sample a sequential run edited (0 for the other experiments)
-RESULT_COLUMNS = ["experiment", "model", "method", "layers", "batch_size", "sample", "n_edits", "step", "scope",
-                  "records", *METRICS, *INTERVALS, "n_records"]
-DOWNSTREAM_COLUMNS = ["experiment", "model", "method", "batch_size", "sample", "n_edits", "task", "metric", "value",
-                      "stderr"]
-# the sensitivity stage: single edits with one hyperparameter (`parameter`) set to `value`
-SENSITIVITY_COLUMNS = [*RESULT_COLUMNS, "parameter", "value"]
 
 Downstream = Callable[[object, object], list[dict]]
 
@@ -68,13 +56,6 @@ class ExperimentContext:
     def session(self, spec) -> EditSession:
         """An editing session of `spec`'s method (editlib.methods) on this context's model."""
         return get_method(spec.method).open(self, spec)
-
-
-def read_results(path: str | Path) -> pd.DataFrame:
-    """A results or downstream CSV written by the workflow (layer labels kept as strings); an
-    empty file (no rows, no header) reads as an empty frame."""
-    path = Path(path)
-    return pd.read_csv(path, dtype={"layers": str}) if path.stat().st_size > 1 else pd.DataFrame()
 
 
 def layers_label(layers: Sequence[int]) -> str:

@@ -35,15 +35,15 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from editlib import upper_blocks
+from editlib.hparams import GraceHparams, GraceSpec  # noqa: F401  (defined there)
 from editlib.io import load_tensors, save_tensors
 from editlib.models import (StopForward, block_index, capture_inputs, capture_outputs, final_hidden_after, lm_head,
                             model_layout, module_dims, split_rows, stop_forward_after)
@@ -51,31 +51,7 @@ from editlib.records import EditRequest
 from editlib.session import EditSession
 from editlib.tokens import TargetBatch, pad_id, prompt_ids, target_batch, target_nll
 
-REPLACEMENTS = ("replace_last", "replace_prompt", "replace_all")
 
-
-@dataclass(frozen=True)
-class GraceHparams:
-    """GRACE hyperparameters; defaults as docs/methods.md §11 (EasyEdit's Llama-2 file: n_iter 50, replace_last)."""
-
-    eps: float = 1.0  # initial radius of a new key
-    edit_lr: float = 1.0  # Adam learning rate on the values
-    n_iter: int = 50  # Adam steps per edit
-    replacement: Literal["replace_last", "replace_prompt", "replace_all"] = "replace_last"
-    val_init: Literal["cold", "warm"] = "cold"  # cold: uniform [0, 1); warm: the module's current output
-    dist: Literal["euc"] = "euc"
-    eps_expand: Literal["coverage"] = "coverage"
-    seed: int = 0  # seeds the cold value initialisation
-
-    def __post_init__(self):
-        if self.replacement not in REPLACEMENTS:
-            raise ValueError(f"replacement must be one of {REPLACEMENTS}, got {self.replacement!r}")
-        if self.val_init not in ("cold", "warm"):
-            raise ValueError(f"val_init must be 'cold' or 'warm', got {self.val_init!r}")
-        if self.dist != "euc" or self.eps_expand != "coverage":
-            raise ValueError("only dist='euc' and eps_expand='coverage' are implemented")
-        if self.eps <= 0 or self.n_iter < 0 or self.edit_lr <= 0:
-            raise ValueError(f"need eps > 0, edit_lr > 0, n_iter >= 0; got {self}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,18 +428,6 @@ class GraceEditor:
 
 # --------------------------------------------------------------------------------------------
 # Session (editlib.session.EditSession)
-
-
-@dataclass(frozen=True)
-class GraceSpec:
-    """GRACE on the edited module (the MLP's output projection) of one layer."""
-
-    layers: tuple[int, ...]
-    hparams: GraceHparams = GraceHparams()
-    method: str = "grace"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class GraceSession(EditSession):

@@ -1,16 +1,35 @@
-"""Editing hyperparameters as typed dataclasses: method defaults (docs/methods.md §11) plus overrides."""
+"""Hyperparameters as typed dataclasses, one home for all of them: the locate-and-edit methods'
+(method defaults, docs/methods.md §11, plus overrides) and their target optimisation, GRACE, MEND
+and its training, and the toy model's training. Plain data with checks, no torch: the workflow
+validates a config against them before any job starts."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
-from .templates import MEMIT_LENGTHS, ROME_LENGTHS
-from .values import TargetHparams
+# Context templates (docs/methods.md §3): (length, count) pairs of sampled prefixes
+MEMIT_LENGTHS = ((10, 5),)
+ROME_LENGTHS = ((5, 10), (10, 10))
 
 # The locate-and-edit family (editlib.editing.Editor); each is registered in editlib.methods.
 LOCATE_AND_EDIT = ("rome", "r-rome", "memit", "emmet", "alphaedit")
+
+
+@dataclass(frozen=True)
+class TargetHparams:
+    """Hyperparameters of the target optimisation (the names of the published hyperparameter files)."""
+
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 5e-2
+    kl_prompt: str = "{} is a"
+    facts_per_chunk: int = 32
+    cache_prefix: bool = True
 
 
 @dataclass(frozen=True)
@@ -92,3 +111,136 @@ def make_hparams(method: str, **overrides: Any) -> EditHparams:
         values["context_lengths"] = tuple(tuple(x) for x in values["context_lengths"])
     return EditHparams(method=method, targets=TargetHparams(**targets), **values)
 
+
+# ---------------------------------------------------------------------------- GRACE
+
+REPLACEMENTS = ("replace_last", "replace_prompt", "replace_all")
+
+
+@dataclass(frozen=True)
+class GraceHparams:
+    """GRACE hyperparameters; defaults as docs/methods.md §11 (EasyEdit's Llama-2 file: n_iter 50, replace_last)."""
+
+    eps: float = 1.0  # initial radius of a new key
+    edit_lr: float = 1.0  # Adam learning rate on the values
+    n_iter: int = 50  # Adam steps per edit
+    replacement: Literal["replace_last", "replace_prompt", "replace_all"] = "replace_last"
+    val_init: Literal["cold", "warm"] = "cold"  # cold: uniform [0, 1); warm: the module's current output
+    dist: Literal["euc"] = "euc"
+    eps_expand: Literal["coverage"] = "coverage"
+    seed: int = 0  # seeds the cold value initialisation
+
+    def __post_init__(self):
+        if self.replacement not in REPLACEMENTS:
+            raise ValueError(f"replacement must be one of {REPLACEMENTS}, got {self.replacement!r}")
+        if self.val_init not in ("cold", "warm"):
+            raise ValueError(f"val_init must be 'cold' or 'warm', got {self.val_init!r}")
+        if self.dist != "euc" or self.eps_expand != "coverage":
+            raise ValueError("only dist='euc' and eps_expand='coverage' are implemented")
+        if self.eps <= 0 or self.n_iter < 0 or self.edit_lr <= 0:
+            raise ValueError(f"need eps > 0, edit_lr > 0, n_iter >= 0; got {self}")
+
+
+@dataclass(frozen=True)
+class GraceSpec:
+    """GRACE on the edited module (the MLP's output projection) of one layer."""
+
+    layers: tuple[int, ...]
+    hparams: GraceHparams = GraceHparams()
+    method: str = "grace"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------- MEND
+
+
+@dataclass(frozen=True)
+class MendHparams:
+    """MEND hyperparameters. Defaults follow the reference configs (rank 1920, n_hidden 1,
+    edit_lr 1e-4, lr 1e-6, lr_lr 1e-4, c_edit 0.1, c_loc 1.0, grad_clip 100), which are tuned for
+    billion-parameter models and ~100k outer steps; tiny CPU models need larger lr and lr_lr."""
+
+    modules: tuple[str, ...] = ()  # dotted module names; () = the last n_edit_layers rewrite modules
+    n_edit_layers: int = 2
+    rank: int = 1920
+    n_hidden: int = 1
+    norm: bool = True
+    edit_lr: float = 1e-4  # initial alpha
+    lr: float = 1e-6  # Adam lr of the hypernetwork
+    lr_lr: float = 1e-4  # Adam lr of alpha
+    c_edit: float = 0.1
+    c_loc: float = 1.0
+    grad_clip: float = 100.0
+    steps: int = 300
+    batch_size: int = 4  # edits per outer step (edited jointly)
+    n_locality: int = 1  # locality prompts per request
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "modules", tuple(self.modules))
+        if self.steps < 0 or self.batch_size < 1 or self.rank < 1 or self.n_hidden < 0:
+            raise ValueError(f"invalid MEND hyperparameters: {self}")
+
+
+@dataclass(frozen=True)
+class MendSpec:
+    """MEND with the hypernetwork saved at `checkpoint` (train_mend, then MendEditor.save)."""
+
+    checkpoint: str
+    layers: tuple[int, ...] = ()
+    method: str = "mend"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------- the toy model's training
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Model size, optimisation and acceptance threshold of the toy-world model.
+
+    `threads` fixes torch's intra-op threads (results depend on it). Give training the cores
+    when it runs alone (500 steps of the tests' model on a 2-core machine: 48 s with 2 threads,
+    71-77 s with 1), and 1 when other jobs share them (spinning OpenMP threads of jobs side by
+    side slow each other down).
+    """
+
+    layers: int = 4
+    hidden: int = 128
+    intermediate: int = 512
+    heads: int = 4
+    vocab_size: int = 2048
+    steps: int = 1600
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 60
+    weight_decay: float = 0.01
+    batch_size: int = 64
+    seq_len: int = 48
+    bucket_batches: int = 32
+    max_position_embeddings: int = 512
+    seed: int = 0
+    threads: int = 1
+    recall_threshold: float = 0.9
+    eval_batch_size: int = 256
+    local_layers: int = 0
+    local_window: int = 4
+    mlp_layers: int | None = None
+    prefix_space: bool = True
+    # the toy "chat" variant: after pretraining, `dialogue_steps` more steps at `dialogue_lr` on the
+    # world's question-answer dialogues (toyworld.dialogue_corpus) mixed 1:1 with corpus sentences
+    dialogue_steps: int = 0
+    dialogue_lr: float = 5e-4
+
+    def __post_init__(self):
+        if not 0 <= self.local_layers <= self.layers:
+            raise ValueError(f"local_layers must be in [0, layers={self.layers}], got {self.local_layers}")
+        if self.mlp_layers is not None and not 1 <= self.mlp_layers <= self.layers:
+            raise ValueError(f"mlp_layers must be in [1, layers={self.layers}], got {self.mlp_layers}")
+        if self.local_window < 1:
+            raise ValueError(f"local_window must be >= 1, got {self.local_window}")

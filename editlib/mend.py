@@ -33,40 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from editlib.hparams import MendHparams, MendSpec  # noqa: F401  (defined there)
 from editlib.io import load_tensors, save_tensors
 from editlib.models import model_fingerprint, model_layout, module_dims, weight_layout
 from editlib.records import EditRequest
 from editlib.session import EditSession
 from editlib.tokens import TargetBatch, pad_id, pad_right, prompt_ids, target_argmax_correct, target_batch, target_nll
-
-
-@dataclass(frozen=True)
-class MendHparams:
-    """MEND hyperparameters. Defaults follow the reference configs (rank 1920, n_hidden 1,
-    edit_lr 1e-4, lr 1e-6, lr_lr 1e-4, c_edit 0.1, c_loc 1.0, grad_clip 100), which are tuned for
-    billion-parameter models and ~100k outer steps; tiny CPU models need larger lr and lr_lr."""
-
-    modules: tuple[str, ...] = ()  # dotted module names; () = the last n_edit_layers rewrite modules
-    n_edit_layers: int = 2
-    rank: int = 1920
-    n_hidden: int = 1
-    norm: bool = True
-    edit_lr: float = 1e-4  # initial alpha
-    lr: float = 1e-6  # Adam lr of the hypernetwork
-    lr_lr: float = 1e-4  # Adam lr of alpha
-    c_edit: float = 0.1
-    c_loc: float = 1.0
-    grad_clip: float = 100.0
-    steps: int = 300
-    batch_size: int = 4  # edits per outer step (edited jointly)
-    n_locality: int = 1  # locality prompts per request
-    log_every: int = 10
-    seed: int = 0
-
-    def __post_init__(self):
-        object.__setattr__(self, "modules", tuple(self.modules))
-        if self.steps < 0 or self.batch_size < 1 or self.rank < 1 or self.n_hidden < 0:
-            raise ValueError(f"invalid MEND hyperparameters: {self}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,18 +362,6 @@ class MendEditor:
 
 # --------------------------------------------------------------------------------------------
 # Session (editlib.session.EditSession)
-
-
-@dataclass(frozen=True)
-class MendSpec:
-    """MEND with the hypernetwork saved at `checkpoint` (train_mend, then MendEditor.save)."""
-
-    checkpoint: str
-    layers: tuple[int, ...] = ()
-    method: str = "mend"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class MendSession(EditSession):

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .session import EditSession
+if TYPE_CHECKING:  # the sessions import torch; the registry itself does not (config checks read it)
+    from .session import EditSession
 
 
 @dataclass(frozen=True)
@@ -69,31 +71,40 @@ def make_spec(name: str, hyperparameters: dict, layers: Sequence[int] = (), trai
 
 def _locate_and_edit(name: str) -> Method:
     """ROME, r-ROME, MEMIT, EMMET, AlphaEdit: editlib.editing.Editor with EditHparams."""
-    from .editing import Editor
     from .hparams import make_hparams
+
+    def open_editor(ctx, spec):
+        from .editing import Editor
+
+        return Editor.open(ctx, spec)
 
     return Method(
         name=name,
         spec=lambda hyperparameters, layers, _: make_hparams(name, **{**hyperparameters, "layers": layers}),
-        open=Editor.open,
+        open=open_editor,
         uses_statistics=True,
     )
 
 
 def _grace() -> Method:
-    from .grace import GraceHparams, GraceSession, GraceSpec
+    from .hparams import GraceHparams, GraceSpec
+
+    def open_session(ctx, spec):
+        from .grace import GraceSession
+
+        return GraceSession(ctx.model, ctx.tokenizer, spec)
 
     return Method(
         name="grace",
         spec=lambda hyperparameters, layers, _: GraceSpec(layers=layers, hparams=GraceHparams(**hyperparameters)),
-        open=lambda ctx, spec: GraceSession(ctx.model, ctx.tokenizer, spec),
+        open=open_session,
         writes_mlp=False,  # wraps the module whatever its weights
         downstream_batch_size=1,  # the codebook reads each sequence's last token: one sequence per batch
     )
 
 
 def _mend() -> Method:
-    from .mend import MendSession, MendSpec
+    from .hparams import MendSpec
 
     def spec(hyperparameters: dict, layers: tuple[int, ...], trained_editor: str | None) -> MendSpec:
         if hyperparameters:
@@ -101,7 +112,12 @@ def _mend() -> Method:
                              "its training settings go under n_train, n_eval and hparams")
         return MendSpec(checkpoint=str(trained_editor))
 
-    return Method(name="mend", spec=spec, open=lambda ctx, s: MendSession(ctx.model, ctx.tokenizer, s),
+    def open_session(ctx, spec):
+        from .mend import MendSession
+
+        return MendSession(ctx.model, ctx.tokenizer, spec)
+
+    return Method(name="mend", spec=spec, open=open_session,
                   chooses_layers=False, trained_editor=True)
 
 

@@ -93,7 +93,7 @@ def load_model(
 
     A missing pad token is set to EOS (all scoring uses explicit attention masks).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, revision=revision)

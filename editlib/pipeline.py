@@ -8,29 +8,22 @@ part of the validated config that the stage reads, and nothing else.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import random
 import shutil
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from . import assets
 from .config import configured_method, edit_records, method_name, method_overrides
 from .corpus import load_corpus
 from .downstream import evaluate_downstream, write_mc_task
 from .experiments import (
-    DOWNSTREAM_COLUMNS,
     ExperimentContext,
     batched_edits,
     best_layer,
     layer_sweep,
-    read_results,
     sensitivity,
     sequential_edits,
     single_edits,
@@ -42,41 +35,10 @@ from .methods import make_spec
 from .models import load_model, model_fingerprint, model_layout
 from .records import EditRequest, load_requests
 from .stats import StatsConfig, layer_second_moments, load_moments, save_moments
+from .tables import DOWNSTREAM_COLUMNS, read_results
 from .target_store import TargetStore
 
 log = logging.getLogger("editlib.pipeline")
-
-
-# ---------------------------------------------------------------------------- running a stage
-
-
-@contextlib.contextmanager
-def stage_logging(log_path: str | Path | None, threads: int | None = None, seed: int = 0) -> Iterator[None]:
-    """Log (and tqdm's stderr) into `log_path`; fix torch threads and every RNG seed."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    stream = None
-    if log_path is not None:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        stream = open(log_path, "a", encoding="utf-8", buffering=1)
-        handlers = [logging.StreamHandler(stream)]
-    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if threads:
-        torch.set_num_threads(int(threads))
-    random.seed(seed)
-    torch.manual_seed(seed)
-    saved_stderr = sys.stderr
-    if stream is not None:
-        sys.stderr = stream
-    try:
-        yield
-    except Exception:
-        log.exception("stage failed")
-        raise
-    finally:
-        sys.stderr = saved_stderr
-        if stream is not None:
-            stream.close()
 
 
 # ---------------------------------------------------------------------------- preparation
@@ -462,16 +424,8 @@ def train_mend_editor(config: dict, model_dir, records_path, out_path) -> dict:
 # ---------------------------------------------------------------------------- tidy tables
 
 
-def tidy(inputs: Sequence[str | Path], out_path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """Concatenate per-job CSVs into one tidy table (empty inputs skipped)."""
-    frames = [frame for frame in map(read_results, inputs) if not frame.empty]
-    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(columns or []))
-    write_csv(out_path, frame)
-    return frame
-
-
 __all__ = [
-    "DOWNSTREAM_COLUMNS", "compute_statistics", "downstream_function", "edit_spec", "prepare_data", "prepare_model",
+    "compute_statistics", "downstream_function", "edit_spec", "prepare_data", "prepare_model",
     "resolve_layers", "run_batched", "run_downstream", "run_downstream_base", "run_layer_sweep", "run_sensitivity", "run_sequential",
-    "run_single", "stage_logging", "state_points", "tidy", "train_mend_editor",
+    "run_single", "state_points", "train_mend_editor",
 ]

@@ -20,8 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from .experiments import read_results  # noqa: E402
-from .tables import Z95, edits_over_samples, model_labelled, over_samples, primary_metric  # noqa: E402
+from .tables import Z95, edits_over_samples, model_labelled, over_samples, primary_metric, read_results  # noqa: E402
 from .io import atomic_path  # noqa: E402
 
 EDIT_METRICS = ["ES", "PS", "NS", "S"]

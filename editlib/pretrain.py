@@ -16,12 +16,13 @@ import random
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from editlib.hparams import TrainConfig  # noqa: F401  (defined there)
 from editlib.io import atomic_dir, content_key, sha256_file, write_json
 from editlib.metrics import score_continuations
 from editlib.tokens import pad_right, prompt_ids, target_ids
@@ -30,50 +31,6 @@ from editlib.vocab import train_bpe_tokenizer
 
 class RecallError(RuntimeError):
     """The trained model does not know the world well enough for editing experiments."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Model size, optimisation and acceptance threshold of the toy-world model.
-
-    `threads` fixes torch's intra-op threads (results depend on it; 1 is also fastest on a
-    shared 2-core machine, where 2 spinning OpenMP threads can be several times slower).
-    """
-
-    layers: int = 4
-    hidden: int = 128
-    intermediate: int = 512
-    heads: int = 4
-    vocab_size: int = 2048
-    steps: int = 1600
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.05
-    warmup_steps: int = 60
-    weight_decay: float = 0.01
-    batch_size: int = 64
-    seq_len: int = 48
-    bucket_batches: int = 32
-    max_position_embeddings: int = 512
-    seed: int = 0
-    threads: int = 1
-    recall_threshold: float = 0.9
-    eval_batch_size: int = 256
-    local_layers: int = 0
-    local_window: int = 4
-    mlp_layers: int | None = None
-    prefix_space: bool = True
-    # the toy "chat" variant: after pretraining, `dialogue_steps` more steps at `dialogue_lr` on the
-    # world's question-answer dialogues (toyworld.dialogue_corpus) mixed 1:1 with corpus sentences
-    dialogue_steps: int = 0
-    dialogue_lr: float = 5e-4
-
-    def __post_init__(self):
-        if not 0 <= self.local_layers <= self.layers:
-            raise ValueError(f"local_layers must be in [0, layers={self.layers}], got {self.local_layers}")
-        if self.mlp_layers is not None and not 1 <= self.mlp_layers <= self.layers:
-            raise ValueError(f"mlp_layers must be in [1, layers={self.layers}], got {self.mlp_layers}")
-        if self.local_window < 1:
-            raise ValueError(f"local_window must be >= 1, got {self.local_window}")
 
 
 def read_corpus(world_dir: str | Path) -> list[str]:

@@ -1,14 +1,47 @@
-"""Views of the tidy tables that the findings, the ablations and the figures share."""
+"""The tidy tables: their columns, reading and gathering them, and the views of them that the
+findings, the ablations and the figures share. pandas only (the reporting jobs import no torch)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .io import write_csv
+
+METRICS = ["ES", "PS", "NS", "S", "EM", "PM", "NM", "GE"]
+# 95% bootstrap interval over facts of every metric but GE (editlib.metrics.bootstrap_intervals)
+INTERVALS = [f"{name}_{bound}" for name in METRICS if name != "GE" for bound in ("lo", "hi")]
+# `records`: counterfact (ES/PS/NS: the new object beats the true one) or zsre (ES/PS/NS: token
+# accuracy of the edit, paraphrase and neighbourhood prompts), editlib.metrics.per_record_metrics
+# `sample`: which disjoint edit sample a sequential run edited (0 for the other experiments)
+RESULT_COLUMNS = ["experiment", "model", "method", "layers", "batch_size", "sample", "n_edits", "step", "scope",
+                  "records", *METRICS, *INTERVALS, "n_records"]
+DOWNSTREAM_COLUMNS = ["experiment", "model", "method", "batch_size", "sample", "n_edits", "task", "metric", "value",
+                      "stderr"]
+# the sensitivity stage: single edits with one hyperparameter (`parameter`) set to `value`
+SENSITIVITY_COLUMNS = [*RESULT_COLUMNS, "parameter", "value"]
+
 Z95 = 1.959964
 DOWNSTREAM_KEYS = ["experiment", "model", "method", "batch_size", "n_edits", "task", "metric"]
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """A results or downstream CSV written by the workflow (layer labels kept as strings); an
+    empty file (no rows, no header) reads as an empty frame."""
+    path = Path(path)
+    return pd.read_csv(path, dtype={"layers": str}) if path.stat().st_size > 1 else pd.DataFrame()
+
+
+def tidy(inputs: Sequence[str | Path], out_path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Concatenate per-job CSVs into one tidy table (empty inputs skipped)."""
+    frames = [frame for frame in map(read_results, inputs) if not frame.empty]
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(columns or []))
+    write_csv(out_path, frame)
+    return frame
 
 
 def primary_metric(downstream: pd.DataFrame) -> pd.DataFrame:

@@ -23,7 +23,7 @@ import torch
 
 from .io import content_key, load_tensors, save_tensors
 from .records import EditRequest
-from .values import TargetHparams
+from .hparams import TargetHparams
 
 log = logging.getLogger(__name__)
 

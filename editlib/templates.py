@@ -16,12 +16,11 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from .hparams import MEMIT_LENGTHS
 from .io import content_key, write_json
 from .models import model_fingerprint
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
-MEMIT_LENGTHS = ((10, 5),)
-ROME_LENGTHS = ((5, 10), (10, 10))
 
 
 def clean_generated(text: str) -> str:

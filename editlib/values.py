@@ -27,31 +27,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .attention import grouped_attention
+from .hparams import TargetHparams
 from .keys import build_context_prompts
 from . import upper_blocks
 from .models import (StopForward, block_index, capture_outputs, continuation_exact, edit_output, final_hidden_after,
                      lm_head, model_layout, replay_blocks_below, split_rows, stop_forward_after)
 from .records import EditRequest, batches
 from .tokens import pad_id, ragged_index, target_ids
-
-
-@dataclass(frozen=True)
-class TargetHparams:
-    """Hyperparameters of the target optimisation (the names of the published hyperparameter files)."""
-
-    v_num_grad_steps: int = 25
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 0.75
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2
-    kl_prompt: str = "{} is a"
-    facts_per_chunk: int = 32
-    cache_prefix: bool = True
 
 
 @dataclass

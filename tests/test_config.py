@@ -168,3 +168,21 @@ def test_toy_record_count_is_what_the_data_stage_writes(tmp_path):
     build_world(tmp_path, **world)
     config = {"data": {"source": "toyworld", "world": world}}
     assert toy_record_count(config) == len(load_requests(tmp_path / "counterfact.json"))
+
+
+@pytest.mark.parametrize("config_file", ["config.yaml", "configs/smollm2.yaml", "configs/llama2-7b.yaml"])
+def test_checking_a_config_imports_no_torch(config_file):
+    """The Snakefile checks the config on every snakemake call (`-n` included): the registry and
+    the hyperparameter dataclasses it builds must not pull in torch or transformers (seconds of
+    imports per call)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, yaml\n"
+            "from editlib.config import validate_config\n"
+            f"config = yaml.safe_load(open({str(REPO / config_file)!r}))\n"
+            f"validate_config(config, {str(SCHEMA)!r})\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules)\n"
+            "assert not heavy, heavy\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -184,3 +184,21 @@ def test_edit_metrics_are_averaged_over_samples_bounds_included():
     assert mean.loc[8, ["ES", "ES_lo", "ES_hi", "n_samples"]].tolist() == [85.0, 84.0, 86.0, 2]
     assert mean.loc[4, ["ES", "n_samples"]].tolist() == [70.0, 1]
     assert edits_over_samples(edits[edits["sample"] == 0]).equals(edits[edits["sample"] == 0])  # one sample: as is
+
+
+@pytest.mark.parametrize("script", ["tidy_results", "findings", "figures"])
+def test_reporting_jobs_import_no_torch(script):
+    """The jobs that only read and write tables (tidy_results, findings, figures) import neither
+    torch nor transformers: seconds saved on every run and every `--forcerun figures`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
+    imports = [line for line in (scripts / f"{script}.py").read_text().splitlines()
+               if line.startswith(("import ", "from "))]
+    code = "\n".join([f"import sys; sys.path.append({str(scripts)!r})", *imports,
+                      "heavy = sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules)",
+                      "assert not heavy, heavy"])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

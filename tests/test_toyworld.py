@@ -36,7 +36,8 @@ WORLD_FILES = (
     "world.json",
 )
 # Small enough to train in well under a minute on one core; recall must still reach 0.9.
-SMALL_TRAIN = TrainConfig(steps=500, vocab_size=768, warmup_steps=30, recall_threshold=0.9)
+# the tests run one at a time: training takes both cores
+SMALL_TRAIN = TrainConfig(steps=500, vocab_size=768, warmup_steps=30, recall_threshold=0.9, threads=2)
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +282,7 @@ def test_profile_lines_name_the_subject_then_all_its_objects(tmp_path):
 # A key in a self-only layer depends on its token alone, so C has rank <= the number of distinct
 # tokens in the small world's statistics corpus: the MLP is narrower than that.
 LOCAL_TRAIN = TrainConfig(layers=4, local_layers=2, local_window=1, mlp_layers=2, intermediate=256, steps=600,
-                          vocab_size=768, warmup_steps=30, recall_threshold=0.8)
+                          vocab_size=768, warmup_steps=30, recall_threshold=0.8, threads=2)
 
 
 def test_toy_architecture_stores_facts_where_locate_and_edit_writes(tmp_path):

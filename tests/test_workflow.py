@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -248,6 +247,7 @@ def test_zsre_records_run_end_to_end(tmp_path):
     assert "causal tracing: the model knows" in (tmp_path / "logs" / "tiny" / "tiny-llama" / "causal_trace.log").read_text()
 
 
+@pytest.mark.slow  # about 3 minutes of 35 jobs: in `make test-all` and CI; `make test` dry-runs the same features
 def test_models_samples_and_ablations_run_end_to_end(tmp_path):
     """Two models (the second a "chat" variant trained further on the world's dialogues), two
     disjoint edit samples per sequential run, the instruction-tuning and batch-size ablations and a
@@ -257,6 +257,7 @@ def test_models_samples_and_ablations_run_end_to_end(tmp_path):
     del config["methods"]["mend"]
     config["models"] = {"tiny-chat": {"train": {"dialogue_steps": 20, "seq_len": 64}}}  # this vocabulary splits names
     config["experiments"]["sequential"].update(methods=["memit"], batch_sizes=[1, 2], samples=2)
+    config["experiments"]["batched"]["downstream"] = False  # what this test reads comes from the sequential runs
     config["ablations"] = {"instruction_tuning": [{"base": "tiny-llama", "chat": "tiny-chat"}], "batch_size": ["memit"]}
     config["experiments"]["sensitivity"] = {"n_records": 2, "grid": {"memit": {"mom2_update_weight": [1.0, 10.0]}}}
     snakemake(tmp_path, config)

@@ -2,12 +2,12 @@
 and one tidy table per configured ablation."""
 import _checkout  # noqa: F401  (editlib from this checkout)
 from editlib.ablations import ablation_tables, sample_table
-from editlib.experiments import read_results
 from editlib.findings import assess, write_findings_html
 from editlib.io import write_csv
-from editlib.pipeline import stage_logging
+from editlib.jobs import stage_logging
+from editlib.tables import read_results
 
-with stage_logging(snakemake.log[0]):
+with stage_logging(snakemake.log[0], uses_torch=False):
     tables = {name: read_results(path) for name, path in snakemake.input.items()}
     ablations = ablation_tables(tables["downstream"], snakemake.params.stage.get("ablations"))
     written = {**ablations, "samples": sample_table(tables["downstream"])}  # samples.csv: with several edit samples

@@ -1,6 +1,7 @@
 """Rule single_edits: one fact at a time, the model restored between facts."""
 import _checkout  # noqa: F401  (editlib from this checkout)
-from editlib.pipeline import run_single, stage_logging
+from editlib.jobs import stage_logging
+from editlib.pipeline import run_single
 
 with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["seed"]):
     run_single(snakemake.params.stage, snakemake.wildcards.method, snakemake.input.model,

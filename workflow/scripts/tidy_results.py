@@ -1,9 +1,9 @@
 """Rule tidy_results: one table per kind of result under results/<run>/, all models together."""
 import _checkout  # noqa: F401  (editlib from this checkout)
-from editlib.experiments import DOWNSTREAM_COLUMNS, RESULT_COLUMNS, SENSITIVITY_COLUMNS
-from editlib.pipeline import stage_logging, tidy
+from editlib.jobs import stage_logging
+from editlib.tables import DOWNSTREAM_COLUMNS, RESULT_COLUMNS, SENSITIVITY_COLUMNS, tidy
 
-with stage_logging(snakemake.log[0]):
+with stage_logging(snakemake.log[0], uses_torch=False):
     tidy(snakemake.input.edits, snakemake.output.edits, RESULT_COLUMNS)
     tidy(snakemake.input.sweeps, snakemake.output.layer_sweep, RESULT_COLUMNS)
     tidy(snakemake.input.sensitivity, snakemake.output.sensitivity, SENSITIVITY_COLUMNS)
