@@ -50,6 +50,15 @@ class TargetResult:
     steps: torch.Tensor
 
 
+# below this many rows the output matrix runs row-major (hidden @ W^T): for a single fact's few
+# rows the vocabulary-major product and its column-wise reductions are slower (docs/performance.md)
+VOCAB_MAJOR_MIN_ROWS = 16
+
+
+def _vocab_major(rows: int) -> bool:
+    return rows >= VOCAB_MAJOR_MIN_ROWS
+
+
 class _TargetHead(torch.autograd.Function):
     """The output matrix and the loss terms read from it, with a hand-written backward.
 
@@ -57,28 +66,39 @@ class _TargetHead(torch.autograd.Function):
     tokens' log-probabilities (n_tokens,) at `labels`, KL(P || P_ref) per KL row (n_kl,) and the
     KL rows' log-probabilities (n_kl, V) (no gradient; the reference at the first step). One pass
     over the vocabulary for the softmax; the backward reuses its buffer for the logits' gradient.
-    The logits are laid out vocabulary-major, (V, n_tokens + n_kl) = W @ hidden^T: with the long
-    vocabulary axis as the product's rows, BLAS runs these products at about its full rate, where
-    hidden @ W^T for a few hundred rows runs at about half of it (docs/performance.md).
-    `logits`: a buffer (V, n_tokens + n_kl) of the logits' dtype to write them into (None: a new
-    one), so that the steps of one chunk reuse the same memory.
+    From `VOCAB_MAJOR_MIN_ROWS` rows on, the logits are laid out vocabulary-major, (V, n) = W @
+    hidden^T: with the long vocabulary axis as the product's rows, BLAS runs these products at
+    about its full rate, where hidden @ W^T for a few hundred rows runs at about half of it; below
+    it, row-major (n, V). Either way the loss terms read an (n, V) view.
+    `logits`: a buffer of the logits' dtype from `logits_buffer` (None: a new one), so that the
+    steps of one chunk reuse the same memory.
     """
 
     @staticmethod
+    def logits_buffer(weight: torch.Tensor, rows: int) -> torch.Tensor:
+        """An uninitialised logits buffer for `rows` rows, in the layout `forward` uses for them."""
+        vocab = weight.shape[0]
+        return weight.new_empty((vocab, rows) if _vocab_major(rows) else (rows, vocab))
+
+    @staticmethod
     def forward(ctx, hidden, weight, bias, labels, reference, logits=None):
-        n_tokens = len(labels)
-        if logits is not None and logits.dtype == hidden.dtype == weight.dtype:
-            shifted = torch.mm(weight, hidden.T, out=logits)
+        n_tokens, vocab_major = len(labels), _vocab_major(len(hidden))
+        product = (lambda **out: torch.mm(weight, hidden.T, **out)) if vocab_major else (
+            lambda **out: torch.mm(hidden, weight.T, **out))
+        shape = (weight.shape[0], len(hidden)) if vocab_major else (len(hidden), weight.shape[0])
+        if logits is not None and logits.dtype == hidden.dtype == weight.dtype and logits.shape == shape:
+            buffer = product(out=logits)
         else:
-            shifted = weight @ hidden.T
-        shifted = shifted.to(torch.promote_types(shifted.dtype, torch.float32))  # half precision: fp32
+            buffer = product()
+        buffer = buffer.to(torch.promote_types(buffer.dtype, torch.float32))  # half precision: fp32
+        shifted = buffer.T if vocab_major else buffer  # (n, V) either way
         if bias is not None:
-            shifted += bias[:, None]
-        shifted -= shifted.amax(0)
-        token_shifted = shifted[labels, torch.arange(n_tokens, device=labels.device)]
-        kl_shifted = shifted[:, n_tokens:].T.contiguous()  # (n_kl, V)
+            shifted += bias
+        shifted -= shifted.amax(-1, keepdim=True)
+        token_shifted = shifted[torch.arange(n_tokens, device=labels.device), labels]
+        kl_shifted = shifted[n_tokens:].clone(memory_format=torch.contiguous_format)  # (n_kl, V), a copy
         exp = shifted.exp_()  # the logits' buffer, reused; probabilities = exp / total
-        total = exp.sum(0)
+        total = exp.sum(-1)
         log_total = total.log()
         token_logp = token_shifted - log_total[:n_tokens]
         kl_logp = kl_shifted - log_total[n_tokens:, None]
@@ -86,20 +106,22 @@ class _TargetHead(torch.autograd.Function):
         kl = (kl_logp.exp() * excess).sum(-1)
         ctx.weight, ctx.labels, ctx.exp, ctx.total, ctx.excess, ctx.kl = weight, labels, exp, total, excess, kl
         ctx.exp_version = exp._version
-        ctx.weight_dtype = hidden.dtype
+        ctx.weight_dtype, ctx.vocab_major = hidden.dtype, vocab_major
         ctx.mark_non_differentiable(kl_logp)
         return token_logp, kl, kl_logp
 
     @staticmethod
     def backward(ctx, grad_token_logp, grad_kl, _):
-        n_tokens, grad = len(ctx.labels), ctx.exp  # d logp[label] / d logits = onehot - probs; (V, n)
+        n_tokens, grad = len(ctx.labels), ctx.exp  # d logp[label] / d logits = onehot - probs; (n, V)
         if grad._version != ctx.exp_version:
             raise RuntimeError("_TargetHead: its logits buffer was overwritten (a later forward pass) before "
                                "this backward pass")
-        grad[:, :n_tokens] *= -grad_token_logp / ctx.total[:n_tokens]
-        grad[ctx.labels, torch.arange(n_tokens, device=grad.device)] += grad_token_logp
-        grad[:, n_tokens:] *= ((ctx.excess - ctx.kl[:, None]) * (grad_kl / ctx.total[n_tokens:])[:, None]).T
-        return (ctx.weight.T @ grad.to(ctx.weight_dtype)).T, None, None, None, None, None
+        grad[:n_tokens] *= (-grad_token_logp / ctx.total[:n_tokens])[:, None]
+        grad[torch.arange(n_tokens, device=grad.device), ctx.labels] += grad_token_logp
+        grad[n_tokens:] *= (ctx.excess - ctx.kl[:, None]) * (grad_kl / ctx.total[n_tokens:])[:, None]
+        grad = grad.to(ctx.weight_dtype)
+        grad_hidden = (ctx.weight.T @ grad.T).T if ctx.vocab_major else grad @ ctx.weight
+        return grad_hidden, None, None, None, None, None
 
 
 class _PerFactAdam:
@@ -241,7 +263,7 @@ def _optimize_chunk(model, tokenizer, requests, templates, hook_module, hp: Targ
     head_row, head_pos = torch.cat([tok_row, kl_rows]), torch.cat([tok_pos, subject_last[kl_rows]])
     head_bias = lm_head(model).bias
     head = lm_head(model).weight.detach()
-    logits = head.new_empty(head.shape[0], len(head_row))  # reused at every step
+    logits = _TargetHead.logits_buffer(head, len(head_row))  # reused at every step
     adam = _PerFactAdam(delta.shape, hp.v_lr, device)
     active = torch.ones(n_facts, dtype=torch.bool, device=device)
     loss_f = nll_f = torch.zeros(n_facts, device=device)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import NAMES, fact_object, make_llama, RELATIONS
+from conftest import NAMES, fact_object, make_llama
 from editlib.editing import Editor
 from editlib.hparams import make_hparams
 from editlib.keys import build_context_prompts, compute_keys

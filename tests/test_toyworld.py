@@ -143,7 +143,7 @@ def test_dialogue_phase_continues_training_on_dialogues(world_dir, tmp_path):
     config = replace(SMALL_TRAIN, steps=60, recall_threshold=0.0, seq_len=64, dialogue_steps=10)
     report = train_model(world_dir, tmp_path / "chat", config)
     base = train_model(world_dir, tmp_path / "base", replace(config, dialogue_steps=0))
-    assert report["train_config"]["dialogue_steps"] == 10
+    assert report["train_config"]["dialogue_steps"] == 10 and base["train_config"]["dialogue_steps"] == 0
     assert (tmp_path / "chat" / "model.safetensors").read_bytes() != (tmp_path / "base" / "model.safetensors").read_bytes()
 
 

@@ -126,18 +126,21 @@ def test_replayed_lower_blocks_give_identical_z_and_run_once(arch, cache_prefix,
 
 @pytest.mark.parametrize("into_buffer", [False, True])
 @pytest.mark.parametrize("with_reference", [False, True])
-def test_target_head_equals_autograd_through_log_softmax(with_reference, into_buffer):
+@pytest.mark.parametrize("n_tokens", [7, 20])
+def test_target_head_equals_autograd_through_log_softmax(n_tokens, with_reference, into_buffer):
     """The output matrix + loss terms with their hand-written backward = autograd of the plain
-    formulas, with the logits in a new tensor or written into a given buffer."""
-    from editlib.values import _TargetHead
+    formulas, with the logits in a new tensor or written into a given buffer, in both layouts
+    (10 rows: row-major, 23: vocabulary-major)."""
+    from editlib.values import VOCAB_MAJOR_MIN_ROWS, _TargetHead
 
     torch.manual_seed(0)
-    n_tokens, n_kl, width, vocab = 7, 3, 16, 50
+    n_kl, width, vocab = 3, 16, 50
+    assert (n_tokens + n_kl >= VOCAB_MAJOR_MIN_ROWS) == (n_tokens == 20)
     weight, bias = torch.randn(vocab, width, dtype=torch.float64), torch.randn(vocab, dtype=torch.float64)
     hidden = torch.randn(n_tokens + n_kl, width, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(vocab, (n_tokens,))
     reference = torch.log_softmax(torch.randn(n_kl, vocab, dtype=torch.float64), -1) if with_reference else None
-    buffer = torch.full((vocab, n_tokens + n_kl), float("nan"), dtype=torch.float64) if into_buffer else None
+    buffer = _TargetHead.logits_buffer(weight, n_tokens + n_kl).fill_(float("nan")) if into_buffer else None
     token_logp, kl, kl_logp = _TargetHead.apply(hidden, weight, bias, labels, reference, buffer)
     logp = torch.log_softmax(hidden @ weight.T + bias, dim=-1)
     expected_token = logp[torch.arange(n_tokens), labels]
