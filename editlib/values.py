@@ -83,13 +83,10 @@ class _TargetHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, reference, logits=None):
         n_tokens, vocab_major = len(labels), _vocab_major(len(hidden))
-        product = (lambda **out: torch.mm(weight, hidden.T, **out)) if vocab_major else (
-            lambda **out: torch.mm(hidden, weight.T, **out))
-        shape = (weight.shape[0], len(hidden)) if vocab_major else (len(hidden), weight.shape[0])
-        if logits is not None and logits.dtype == hidden.dtype == weight.dtype and logits.shape == shape:
-            buffer = product(out=logits)
-        else:
-            buffer = product()
+        left, right = (weight, hidden.T) if vocab_major else (hidden, weight.T)
+        reuse = (logits is not None and logits.dtype == hidden.dtype == weight.dtype
+                 and logits.shape == (left.shape[0], right.shape[1]))
+        buffer = torch.mm(left, right, out=logits) if reuse else left @ right
         buffer = buffer.to(torch.promote_types(buffer.dtype, torch.float32))  # half precision: fp32
         shifted = buffer.T if vocab_major else buffer  # (n, V) either way
         if bias is not None:
