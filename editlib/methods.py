@@ -35,6 +35,9 @@ class Method:
     writes_mlp: bool = True  # writes MLP weights: layers without an MLP cannot be edited
     trained_editor: bool = False  # needs the hypernetwork of the train_mend rule
     downstream_batch_size: int | None = None  # lm-eval batch size it requires (None: the config's)
+    # its outputs at a position depend on the tokens up to it only, so downstream scoring may run
+    # each context once for all its continuations (editlib.downstream.shared_context_lm_class)
+    downstream_shares_contexts: bool = True
 
 
 METHODS: dict[str, Method] = {}
@@ -100,6 +103,7 @@ def _grace() -> Method:
         open=open_session,
         writes_mlp=False,  # wraps the module whatever its weights
         downstream_batch_size=1,  # the codebook reads each sequence's last token: one sequence per batch
+        downstream_shares_contexts=False,  # ... so a continuation run over a cached context would read another token
     )
 
 

@@ -302,12 +302,15 @@ def downstream_function(config: dict, tasks_dir: str | Path, method: str | None)
         return None
     local = Path(tasks_dir).resolve()
 
+    registered = configured_method(config, method) if method else None
+
     def evaluate(model, tokenizer) -> list[dict]:
         return evaluate_downstream(
             model, tokenizer, settings["tasks"], include_path=local, limit=settings.get("limit"),
-            batch_size=(method and configured_method(config, method).downstream_batch_size) or settings.get("batch_size", 16),
+            batch_size=(registered and registered.downstream_batch_size) or settings.get("batch_size", 16),
             num_fewshot=settings.get("num_fewshot", 0), seed=config["seed"],
             include_defaults=settings.get("include_defaults", False), offline=settings.get("offline", True),
+            share_contexts=registered is None or registered.downstream_shares_contexts,
         )
 
     return evaluate

@@ -118,6 +118,57 @@ def test_acc_matches_direct_loglikelihood_argmax(tokenizer, mc_task):
     assert max(gaps) > 1e-2
 
 
+def _scores(results: dict) -> dict:
+    """(task, doc_id) -> [(log-likelihood, is_greedy) per choice] from lm-eval's logged samples."""
+    return {(task, sample["doc_id"]): [(float(r[0]), bool(r[1])) for r in sample["filtered_resps"]]
+            for task, samples in results["samples"].items() for sample in samples}
+
+
+@pytest.mark.parametrize("batch_tokens", [1, 1024])  # one context per batch; all contexts in one padded batch
+def test_shared_contexts_score_as_lm_eval_does(tokenizer, mc_task, monkeypatch, batch_tokens):
+    """Each distinct context runs once (its continuations over its KV cache) and every choice gets
+    HFLM's own log-likelihood and greedy flag: 2-shot contexts of different lengths, choices of
+    one and several tokens, and requests longer than the window (HFLM's own loop)."""
+    import editlib.downstream as downstream
+
+    monkeypatch.setattr(downstream, "CONTEXT_BATCH_TOKENS", batch_tokens)
+    model = tiny_llama(tokenizer)
+    context_rows = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: context_rows.append(kwargs["input_ids"].shape[0])
+        if kwargs.get("past_key_values") is None else None, with_kwargs=True)
+    try:
+        shared = lm_eval_results(model, tokenizer, ["tiny_mc"], include_path=mc_task, num_fewshot=2, log_samples=True)
+    finally:
+        hook.remove()
+    plain = lm_eval_results(model, tokenizer, ["tiny_mc"], include_path=mc_task, num_fewshot=2, log_samples=True,
+                            share_contexts=False)
+    shared_scores, plain_scores = _scores(shared), _scores(plain)
+    assert shared_scores.keys() == plain_scores.keys() and len(shared_scores) == len(MC_ITEMS)
+    for key, expected in plain_scores.items():
+        np.testing.assert_allclose([s for s, _ in shared_scores[key]], [s for s, _ in expected], rtol=0, atol=1e-4)
+        assert [g for _, g in shared_scores[key]] == [g for _, g in expected]
+    lengths = {len(tokenizer(choice)["input_ids"]) - 1 for item in MC_ITEMS for choice in item["choices"]}
+    assert lengths & {1} and max(lengths) > 1  # BOS + tokens: one-token and longer choices both occur
+    contexts = {sample["arguments"][0][0] for sample in shared["samples"]["tiny_mc"]}
+    assert sum(context_rows) == len(contexts) == len(MC_ITEMS)  # one context pass per item, not per choice
+    assert len(context_rows) == (len(MC_ITEMS) if batch_tokens == 1 else 1)
+
+    # a window shorter than the longest requests: those go through HFLM's truncating loop
+    sizes = sorted(len(tokenizer(context + choice)["input_ids"])
+                   for sample in shared["samples"]["tiny_mc"] for context, choice in sample["arguments"])
+    window = sizes[len(sizes) // 2] - 1  # about half the requests longer than window + 1
+    short = lm_eval_results(model, tokenizer, ["tiny_mc"], include_path=mc_task, num_fewshot=2, log_samples=True,
+                            max_length=window)
+    short_plain = lm_eval_results(model, tokenizer, ["tiny_mc"], include_path=mc_task, num_fewshot=2, log_samples=True,
+                                  max_length=window, share_contexts=False)
+    for key, expected in _scores(short_plain).items():
+        np.testing.assert_allclose([s for s, _ in _scores(short)[key]], [s for s, _ in expected], rtol=0, atol=1e-4)
+    overlong = [size for size in sizes if size > window + 1]
+    assert 0 < len(overlong) < len(sizes)
+    assert _scores(short) != shared_scores  # truncation changed the scores of those requests
+
+
 def test_tidy_rows_limit_and_state_restored(tokenizer, mc_task):
     model = tiny_llama(tokenizer).train()
     torch.manual_seed(99)
@@ -256,7 +307,8 @@ def test_grace_edit_takes_but_leaves_downstream_items_unchanged(tokenizer, mc_ta
     model = tiny_llama(tokenizer)
 
     def items():
-        results = lm_eval_results(model, tokenizer, ["tiny_mc"], include_path=mc_task, batch_size=1, log_samples=True)
+        results = lm_eval_results(model, tokenizer, ["tiny_mc"], include_path=mc_task, batch_size=1, log_samples=True,
+                                  share_contexts=False)  # as the pipeline runs GRACE (editlib.methods)
         return sorted(item_rows(results), key=lambda row: row["doc_id"])
 
     before = items()
