@@ -316,13 +316,13 @@ def shared_context_lm_class():
 
     HFLM runs every (context, continuation) pair as its own sequence, so a k-choice item runs its
     few-shot context k times, and computes the output matrix and a log-softmax at every position.
-    This subclass runs each distinct context once, in batches of similar length (right-padded, up
-    to `CONTEXT_BATCH_TOKENS`), with a KV cache and logits at each context's last token only; then
-    all the batch's continuations (minus their last token) run as one batch over the cached
-    contexts (pads masked, positions continuing each context's own). For a model whose output at a
-    position depends only on the tokens up to it (any causal LM with its weights edited) the scores
-    equal HFLM's up to float rounding. A GRACE-style adaptor that reads the sequence's last token is
-    not such a model: evaluate it with HFLM itself (`lm_eval_results(..., share_contexts=False)`).
+    This subclass scores the requests with `editlib.metrics.teacher_forced_ids`, as the edit
+    metrics are scored: each distinct context runs once into a KV cache (batches of similar length,
+    up to `CONTEXT_BATCH_TOKENS` padded tokens), logits only where a continuation token is scored,
+    the continuations' later tokens in one batch over the cached contexts. For a model whose output
+    at a position depends only on the tokens up to it (any causal LM with its weights edited) the
+    scores equal HFLM's up to float rounding. A GRACE-style adaptor that reads the sequence's last
+    token is not such a model: evaluate it with HFLM itself (`lm_eval_results(..., share_contexts=False)`).
     Requests longer than the model's window, and seq2seq models, go to HFLM's own loop.
     """
     global _SHARED_CONTEXT_LM
@@ -330,6 +330,9 @@ def shared_context_lm_class():
         return _SHARED_CONTEXT_LM
     from lm_eval.models.huggingface import HFLM
     from tqdm import tqdm
+
+    from editlib.metrics import teacher_forced_ids
+    from editlib.tokens import length_sorted_chunks, pad_id
 
     class SharedContextHFLM(HFLM):
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
@@ -347,62 +350,21 @@ def shared_context_lm_class():
                 if fits[index]:
                     assert len(ctx) > 0 and len(cont) > 0
                     groups.setdefault(tuple(ctx), []).append(index)
-            ordered = sorted(groups, key=len, reverse=True)
+            contexts = list(groups)
             bar = tqdm(total=sum(fits), disable=disable_tqdm or self.rank != 0,
                        desc="Running loglikelihood requests (one pass per context)")
-            start = 0
-            while start < len(ordered):  # longest first: a batch's first context sets its padded length
-                rows = max(1, CONTEXT_BATCH_TOKENS // len(ordered[start]))
-                batch = ordered[start : start + rows]
-                start += len(batch)
-                members = [groups[context] for context in batch]
-                scored = self._score_contexts(batch, [[requests[i][2] for i in group] for group in members])
-                for group, answers in zip(members, scored, strict=True):
-                    for index, answer in zip(group, answers, strict=True):
-                        results[index] = answer
-                        if requests[index][0] is not None:
-                            self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
-                    bar.update(len(group))
+            for chunk in length_sorted_chunks([len(c) for c in contexts], len(contexts), CONTEXT_BATCH_TOKENS):
+                members = [index for u in chunk for index in groups[contexts[u]]]
+                nlls, hits = teacher_forced_ids(self.model, [requests[i][1] for i in members],
+                                                [requests[i][2] for i in members], pad_id(self.tokenizer),
+                                                max_rows=len(chunk))
+                for index, nll, hit in zip(members, nlls, hits, strict=True):
+                    results[index] = answer = (-float(nll.sum()), bool(hit.all()))
+                    if requests[index][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
+                bar.update(len(members))
             bar.close()
             return results
-
-        @torch.no_grad()
-        def _score_contexts(self, contexts: list[tuple[int, ...]],
-                            continuations: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
-            """Per context, per continuation: (sum of log p(continuation | context), whether it is greedy)."""
-            device = self.device
-            lengths = torch.tensor([len(context) for context in contexts], device=device)
-            width = int(lengths.max())
-            ids = torch.tensor([list(c) + [c[0]] * (width - len(c)) for c in contexts], dtype=torch.long, device=device)
-            last = lengths - 1
-            keep = torch.unique(last)  # sorted positions whose logits are needed
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep)
-            rows = torch.arange(len(contexts), device=device)
-            first = torch.log_softmax(out.logits[rows, torch.searchsorted(keep, last)].float(), dim=-1)  # (B, V)
-
-            flat = [cont for conts in continuations for cont in conts]
-            owner = torch.tensor([b for b, conts in enumerate(continuations) for _ in conts], device=device)
-            rest_width = max(len(cont) for cont in flat) - 1
-            rest = None
-            if rest_width > 0:  # tokens 1.. of every continuation, one batch over the cached contexts
-                rest_ids = torch.tensor([cont[:-1] + [cont[0]] * (rest_width + 1 - len(cont)) for cont in flat],
-                                        dtype=torch.long, device=device)
-                cached = torch.arange(width, device=device)[None, :] < lengths[owner][:, None]  # context pads masked
-                mask = torch.cat([cached, torch.ones(len(flat), rest_width, dtype=torch.bool, device=device)], 1)
-                positions = lengths[owner][:, None] + torch.arange(rest_width, device=device)[None, :]
-                cache = out.past_key_values
-                cache.batch_select_indices(owner)
-                rest = self.model(input_ids=rest_ids, past_key_values=cache, attention_mask=mask.long(),
-                                  position_ids=positions, use_cache=False).logits
-                rest = torch.log_softmax(rest.float(), dim=-1)  # (R, rest_width, V)
-            answers: list[list[tuple[float, bool]]] = [[] for _ in contexts]
-            for row, cont in enumerate(flat):
-                b = int(owner[row])
-                logprobs = first[b][None] if len(cont) == 1 else torch.cat([first[b][None], rest[row, : len(cont) - 1]])
-                targets = torch.tensor(cont, dtype=torch.long, device=device)
-                greedy = bool((logprobs.argmax(dim=-1) == targets).all())
-                answers[b].append((float(logprobs.gather(1, targets[:, None]).sum()), greedy))
-            return answers
 
     _SHARED_CONTEXT_LM = SharedContextHFLM
     return SharedContextHFLM

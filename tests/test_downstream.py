@@ -133,10 +133,14 @@ def test_shared_contexts_score_as_lm_eval_does(tokenizer, mc_task, monkeypatch, 
 
     monkeypatch.setattr(downstream, "CONTEXT_BATCH_TOKENS", batch_tokens)
     model = tiny_llama(tokenizer)
-    context_rows = []
-    hook = model.register_forward_pre_hook(
-        lambda module, args, kwargs: context_rows.append(kwargs["input_ids"].shape[0])
-        if kwargs.get("past_key_values") is None else None, with_kwargs=True)
+    context_rows = []  # rows of every pass that starts from an empty cache
+
+    def count(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is None or cache.get_seq_length() == 0:
+            context_rows.append(kwargs["input_ids"].shape[0])
+
+    hook = model.model.register_forward_pre_hook(count, with_kwargs=True)
     try:
         shared = lm_eval_results(model, tokenizer, ["tiny_mc"], include_path=mc_task, num_fewshot=2, log_samples=True)
     finally:
