@@ -306,7 +306,7 @@ def hub_offline(enabled: bool = True) -> Iterator[None]:
                 os.environ[key] = value
 
 
-CONTEXT_BATCH_TOKENS = 1024  # distinct contexts run together, up to this many (padded) tokens
+CONTEXT_BATCH_TOKENS = 1024  # on CPU, distinct contexts run together up to this many padded tokens
 _SHARED_CONTEXT_LM = None
 
 
@@ -318,7 +318,8 @@ def shared_context_lm_class():
     few-shot context k times, and computes the output matrix and a log-softmax at every position.
     This subclass scores the requests with `editlib.metrics.teacher_forced_ids`, as the edit
     metrics are scored: each distinct context runs once into a KV cache (batches of similar length,
-    up to `CONTEXT_BATCH_TOKENS` padded tokens), logits only where a continuation token is scored,
+    as many contexts as lm-eval's batch size, on CPU at most `CONTEXT_BATCH_TOKENS` padded tokens:
+    thin products run as fast per token there), logits only where a continuation token is scored,
     the continuations' later tokens in one batch over the cached contexts. For a model whose output
     at a position depends only on the tokens up to it (any causal LM with its weights edited) the
     scores equal HFLM's up to float rounding. A GRACE-style adaptor that reads the sequence's last
@@ -351,9 +352,11 @@ def shared_context_lm_class():
                     assert len(ctx) > 0 and len(cont) > 0
                     groups.setdefault(tuple(ctx), []).append(index)
             contexts = list(groups)
+            rows = self.batch_size if isinstance(self.batch_size, int) else 16  # "auto": a fixed 16
+            budget = CONTEXT_BATCH_TOKENS if self.device.type == "cpu" else None
             bar = tqdm(total=sum(fits), disable=disable_tqdm or self.rank != 0,
                        desc="Running loglikelihood requests (one pass per context)")
-            for chunk in length_sorted_chunks([len(c) for c in contexts], len(contexts), CONTEXT_BATCH_TOKENS):
+            for chunk in length_sorted_chunks([len(c) for c in contexts], rows, budget):
                 members = [index for u in chunk for index in groups[contexts[u]]]
                 nlls, hits = teacher_forced_ids(self.model, [requests[i][1] for i in members],
                                                 [requests[i][2] for i in members], pad_id(self.tokenizer),

@@ -124,8 +124,9 @@ def _scores(results: dict) -> dict:
             for task, samples in results["samples"].items() for sample in samples}
 
 
-@pytest.mark.parametrize("batch_tokens", [1, 1024])  # one context per batch; all contexts in one padded batch
-def test_shared_contexts_score_as_lm_eval_does(tokenizer, mc_task, monkeypatch, batch_tokens):
+# one context per pass (token budget 1); all 12 in one padded pass; passes of lm-eval's batch size
+@pytest.mark.parametrize(("batch_size", "batch_tokens", "passes"), [(16, 1, 12), (16, 1024, 1), (5, 1024, 3)])
+def test_shared_contexts_score_as_lm_eval_does(tokenizer, mc_task, monkeypatch, batch_size, batch_tokens, passes):
     """Each distinct context runs once (its continuations over its KV cache) and every choice gets
     HFLM's own log-likelihood and greedy flag: 2-shot contexts of different lengths, choices of
     one and several tokens, and requests longer than the window (HFLM's own loop)."""
@@ -142,7 +143,8 @@ def test_shared_contexts_score_as_lm_eval_does(tokenizer, mc_task, monkeypatch, 
 
     hook = model.model.register_forward_pre_hook(count, with_kwargs=True)
     try:
-        shared = lm_eval_results(model, tokenizer, ["tiny_mc"], include_path=mc_task, num_fewshot=2, log_samples=True)
+        shared = lm_eval_results(model, tokenizer, ["tiny_mc"], include_path=mc_task, num_fewshot=2, log_samples=True,
+                                 batch_size=batch_size)
     finally:
         hook.remove()
     plain = lm_eval_results(model, tokenizer, ["tiny_mc"], include_path=mc_task, num_fewshot=2, log_samples=True,
@@ -156,7 +158,7 @@ def test_shared_contexts_score_as_lm_eval_does(tokenizer, mc_task, monkeypatch, 
     assert lengths & {1} and max(lengths) > 1  # BOS + tokens: one-token and longer choices both occur
     contexts = {sample["arguments"][0][0] for sample in shared["samples"]["tiny_mc"]}
     assert sum(context_rows) == len(contexts) == len(MC_ITEMS)  # one context pass per item, not per choice
-    assert len(context_rows) == (len(MC_ITEMS) if batch_tokens == 1 else 1)
+    assert len(context_rows) == passes
 
     # a window shorter than the longest requests: those go through HFLM's truncating loop
     sizes = sorted(len(tokenizer(context + choice)["input_ids"])

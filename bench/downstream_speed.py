@@ -1,0 +1,78 @@
+"""Downstream evaluation (lm-eval multiple choice) on a prepared model: one pass per context vs lm-eval's loop.
+
+Two ways to score the same lm-eval requests on the same in-memory model, timed interleaved:
+- "one pass per context": `editlib.downstream.shared_context_lm_class` (the default of
+  `evaluate_downstream`): each distinct few-shot context runs once into a key/value cache, in
+  length-sorted batches, logits only where a continuation token is scored, every choice continued
+  from the cache;
+- "lm-eval per request": lm-eval's own HFLM loop (`share_contexts=False`), one right-padded row per
+  (context, choice) at the config's batch size, full-vocabulary log-softmax at every position.
+
+It prints the seconds of each, the ratio, the largest difference between the two log-likelihoods
+of any choice, how many predictions differ, and the token counts: the tokens HFLM runs (every
+request whole) against the tokens of the distinct contexts plus the choices.
+
+    python bench/downstream_speed.py --model-dir resources/smollm2/SmolLM2-135M-Instruct/model \
+        --tasks-dir resources/smollm2/SmolLM2-135M-Instruct/data/tasks
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from common import base_parser, interleaved, median, print_table, runs, setup
+
+from editlib.downstream import item_rows, lm_eval_results
+from editlib.models import load_model
+
+VARIANTS = {"one pass per context": True, "lm-eval per request": False}
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", required=True, help="a prepared model folder (rule prepare_model)")
+    parser.add_argument("--tasks-dir", required=True, help="its lm-eval task YAMLs (rule prepare_data)")
+    parser.add_argument("--config", default="configs/smollm2.yaml", help="the config whose downstream block to run")
+    args = parser.parse_args()
+    settings = yaml.safe_load(Path(args.config).read_text())["downstream"]
+    if args.quick:
+        settings["limit"], args.repeats = 5, 1
+    setup(args)
+    model, tokenizer = load_model(args.model_dir)
+    tasks = settings["tasks"]
+    print(f"# {args.model_dir}: {', '.join(tasks)}; {settings['limit']} items each, "
+          f"{settings['num_fewshot']}-shot, lm-eval batch size {settings['batch_size']}")
+
+    results: dict[str, dict] = {}
+
+    def run(name: str):
+        def evaluate():
+            results[name] = lm_eval_results(
+                model, tokenizer, tasks, include_path=Path(args.tasks_dir).resolve(), limit=settings["limit"],
+                batch_size=settings["batch_size"], num_fewshot=settings["num_fewshot"], log_samples=True,
+                share_contexts=VARIANTS[name])
+        return evaluate
+
+    times = interleaved({name: run(name) for name in VARIANTS}, args.repeats, warmup=False)
+    items = {name: {(row["task"], row["doc_id"]): row for row in item_rows(result)} for name, result in results.items()}
+    shared, plain = items["one pass per context"], items["lm-eval per request"]
+    gap = max(abs(a - b) for key in plain for a, b in zip(shared[key]["loglikelihoods"], plain[key]["loglikelihoods"]))
+    flipped = sum(shared[key]["prediction"] != plain[key]["prediction"] for key in plain)
+
+    samples = [sample for task in results["lm-eval per request"]["samples"].values() for sample in task]
+    whole = sum(len(tokenizer(c + x)["input_ids"]) for s in samples for c, x in s["arguments"])
+    contexts = {c for s in samples for c, _ in s["arguments"]}
+    distinct = sum(len(tokenizer(c)["input_ids"]) for c in contexts) + sum(
+        len(tokenizer(c + x)["input_ids"]) - len(tokenizer(c)["input_ids"]) for s in samples for c, x in s["arguments"])
+    base = median(times["lm-eval per request"])
+    print_table([{"variant": name, "median s": median(times[name]), "runs s": runs(times[name]),
+                  "x faster than lm-eval": base / median(times[name])} for name in VARIANTS])
+    print(f"# {len(samples)} items, {sum(len(s['arguments']) for s in samples)} requests; tokens run by lm-eval "
+          f"{whole}, distinct contexts + choices {distinct} ({whole / distinct:.2f}x fewer)")
+    print(f"# largest |log-likelihood difference| {gap:.3g}; predictions that differ: {flipped} of {len(plain)}")
+
+
+if __name__ == "__main__":
+    main()
