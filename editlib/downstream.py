@@ -12,7 +12,8 @@ Three pieces:
   reload, so edits are seen as they are) and returns tidy rows ``{task, metric, value, stderr, n_items}``;
   callers add method / model / n_edits columns. By default the wrapper is HFLM's subclass from
   `shared_context_lm_class`, which runs each distinct context once for all its continuations
-  (2.1x faster on SmolLM2's 3-shot BIG-bench tasks, same scores; docs/performance.md).
+  (2.5x faster on SmolLM2's 3-shot BIG-bench tasks, the same scores to float rounding;
+  docs/performance.md).
 
 Scoring is lm-eval's multiple-choice log-likelihood: for each choice the continuation is
 ``target_delimiter + choice`` (" A", " positive", ...), context and continuation are tokenized
