@@ -48,23 +48,23 @@ def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[s
 
 @torch.no_grad()
 def teacher_forced_ids(model, p_ids: Sequence[Sequence[int]], t_ids: Sequence[Sequence[int]], pad: int,
-                       max_rows: int = 64, max_tokens: int | None = None, share_prompts: bool = True
+                       max_rows: int = 64, share_prompts: bool = True
                        ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """`teacher_forced` on token ids: prompts `p_ids` (BOS included where the model wants one),
     targets `t_ids` (non-empty), `pad` the padding id; chunks hold at most `max_rows` rows (distinct
-    prompts when shared) and, with `max_tokens`, at most that many padded prompt tokens."""
+    prompts when shared)."""
     p_ids, t_ids = [list(p) for p in p_ids], [list(t) for t in t_ids]
     if not p_ids:
         return [], []
     longest = max(len(p) for p in p_ids) + max(len(t) for t in t_ids)
     if share_prompts and continuation_exact(model, longest):
-        return _teacher_forced_shared(model, p_ids, t_ids, max_rows, pad, max_tokens)
+        return _teacher_forced_shared(model, p_ids, t_ids, max_rows, pad)
     device = next(model.parameters()).device
     sequences = [p + t for p, t in zip(p_ids, t_ids)]
     nlls: list[np.ndarray] = [np.zeros(0)] * len(sequences)
     hits: list[np.ndarray] = [np.zeros(0, dtype=bool)] * len(sequences)
     head = lm_head(model)
-    for chunk in length_sorted_chunks([len(s) for s in sequences], max_rows=max_rows, max_tokens=max_tokens):
+    for chunk in length_sorted_chunks([len(s) for s in sequences], max_rows=max_rows):
         batch = pad_right([sequences[i] for i in chunk], pad).to(device)
         hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
         lens = torch.tensor([len(t_ids[i]) for i in chunk], device=device)
@@ -87,8 +87,8 @@ def _score_targets(head, hidden: torch.Tensor, labels: torch.Tensor, lens: torch
         nlls[pair], hits[pair] = nll.numpy(), hit.numpy()
 
 
-def _teacher_forced_shared(model, p_ids: list[list[int]], t_ids: list[list[int]], max_rows: int, pad: int,
-                           max_tokens: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _teacher_forced_shared(model, p_ids: list[list[int]], t_ids: list[list[int]], max_rows: int, pad: int
+                           ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """`teacher_forced` with each distinct prompt run once into a key/value cache."""
     device = next(model.parameters()).device
     distinct: dict[tuple[int, ...], int] = {}
@@ -100,7 +100,7 @@ def _teacher_forced_shared(model, p_ids: list[list[int]], t_ids: list[list[int]]
     nlls: list[np.ndarray] = [np.zeros(0)] * len(p_ids)
     hits: list[np.ndarray] = [np.zeros(0, dtype=bool)] * len(p_ids)
     head = lm_head(model)
-    for chunk in length_sorted_chunks([len(p) for p in prompts], max_rows=max_rows, max_tokens=max_tokens):
+    for chunk in length_sorted_chunks([len(p) for p in prompts], max_rows=max_rows):
         batch = pad_right([list(prompts[u]) for u in chunk], pad).to(device)
         cache, prompt_hidden = prefix_key_values(model, batch.input_ids, return_hidden=True)
         lengths = batch.attention_mask.sum(1)
