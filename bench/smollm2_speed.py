@@ -14,10 +14,15 @@ GEMM rate this process measures on the same threads, probed just before and just
 (the rate drifts by 10-30% within minutes on a shared machine), so "x bound" = time / (FLOPs /
 GEMM rate around that run), the median over runs.
 "products alone": the same matrix products (operators, shapes, strides and counts recorded from
-those runs) timed on their own, nothing else in between: the time the products need at the shapes
-z runs them, so "products alone x bound" is how far those shapes fall short of the GEMM rate, and
-"x bound" / "products alone x bound" what everything else (attention softmax, norms, activations,
-copies, the optimiser, Python) adds.
+those runs, `out=` overloads included) timed on their own, each distinct product best of 5, nothing
+else in between: the time the products need at the shapes z runs them, so "products alone x bound"
+is how far those shapes fall short of the GEMM rate.
+"products in sequence" (`--products-in-sequence`): every product of one whole z run replayed in the
+order it ran, back to back, on operands laid out as the originals were (the same weights, buffers
+that shared memory share it again), nothing else in between, timed once per repeat between the z
+runs: what z's products cost on this machine as they run, one after another, at its sustained
+rate. "x bound" / "products in sequence x bound" is then what everything that is not a matrix
+product (attention softmax, norms, activations, rotary, gathers, the optimiser, Python) adds.
 
 Scoring: the CounterFact prompts of N records (rewrite, paraphrases, neighbourhood; new and true
 target each) scored four ways:
@@ -111,48 +116,95 @@ def counted_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default)
+# every overload of the products z runs, `out=` ones included (the output matrix writes its logits
+# into one buffer per chunk with mm.out)
+MATMULS = (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm)
+
+
+def _spec(value):
+    """A product's operand as (shape, stride, storage, offset) for a tensor (storage: its data
+    pointer and size in elements, so that operands sharing memory share it again when replayed)."""
+    if not isinstance(value, torch.Tensor):
+        return ("value", value)
+    storage = value.untyped_storage()
+    return ("tensor", tuple(value.shape), value.stride(),
+            (storage.data_ptr(), storage.nbytes() // value.element_size()), value.storage_offset())
 
 
 class RecordMatmuls(TorchDispatchMode):
-    """Counts every matrix product a function runs, by operator and operand shapes and strides."""
+    """Every matrix product a function runs, in order: operator, positional and keyword operands."""
 
     def __init__(self):
         super().__init__()
-        self.calls: Counter = Counter()
+        self.sequence: list = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in MATMULS:
-            operands = tuple(("tensor", tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else ("value", a)
-                             for a in args)
-            self.calls[(func, operands)] += 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func.overloadpacket in MATMULS:
+            self.sequence.append((func, tuple(_spec(a) for a in args),
+                                  tuple((k, _spec(v)) for k, v in sorted(kwargs.items()))))
+        return func(*args, **kwargs)
 
 
-def _operand(spec):
+def recorded_matmuls(fn) -> list:
+    """The matrix products `fn` runs, in order: (operator, operands, keyword operands)."""
+    with RecordMatmuls() as recorder:
+        fn()
+    return recorder.sequence
+
+
+def _fresh(spec):
     if spec[0] == "value":
         return spec[1]
-    _, shape, stride = spec
+    _, shape, stride, _, _ = spec
     size = 1 + sum((n - 1) * step for n, step in zip(shape, stride)) if all(shape) else 0
     return torch.randn(size).as_strided(shape, stride)
 
 
-def recorded_matmuls(fn) -> Counter:
-    """(operator, operands) -> how many times `fn` runs that matrix product."""
-    with RecordMatmuls() as recorder:
-        fn()
-    return recorder.calls
-
-
 def matmul_seconds(calls: Counter, repeats: int = 5) -> float:
-    """Time of the matrix products in `calls`, each replayed alone on fresh operands of the same
-    shapes and strides (best of `repeats` per distinct product, times its count): what they cost
-    with nothing else in between, at the shapes they run at."""
+    """Time of the products in `calls` ((operator, operands, keyword operands) with shapes and
+    strides -> count), each replayed alone on fresh operands (best of `repeats` per distinct
+    product, times its count): what they cost with nothing else in between, at the shapes they
+    run at."""
     total = 0.0
-    for (func, operands), count in calls.items():
-        args = [_operand(spec) for spec in operands]
-        total += _best_seconds(lambda: func(*args), repeats) * count
+    for (func, operands, keywords), count in calls.items():
+        args, kwargs = [_fresh(spec) for spec in operands], {k: _fresh(spec) for k, spec in keywords}
+        total += _best_seconds(lambda: func(*args, **kwargs), repeats) * count
     return total
+
+
+def shapes_only(sequence: list) -> Counter:
+    """(operator, operands, keyword operands) by shape and stride -> count, for `matmul_seconds`."""
+    def strip(spec):
+        return spec if spec[0] == "value" else spec[:3] + (None, None)
+    return Counter((func, tuple(strip(a) for a in args), tuple((k, strip(v)) for k, v in kwargs))
+                   for func, args, kwargs in sequence)
+
+
+def replay_in_order(sequence: list):
+    """A function that runs the products of `sequence` in their order, back to back, on operands
+    laid out as the originals were (operands that shared memory share it again), nothing else in
+    between: what z's products cost on this machine in the order they run, without the rest."""
+    storages: dict = {}
+    for _, args, kwargs in sequence:
+        for spec in (*args, *(v for _, v in kwargs)):
+            if spec[0] == "tensor":
+                key, size = spec[3]
+                storages[key] = max(storages.get(key, 0), size)
+    memory = {key: torch.randn(size) for key, size in storages.items()}
+
+    def operand(spec):
+        if spec[0] == "value":
+            return spec[1]
+        _, shape, stride, (key, _), offset = spec
+        return memory[key].as_strided(shape, stride, offset)
+
+    calls = [(func, [operand(a) for a in args], {k: operand(v) for k, v in kwargs}) for func, args, kwargs in sequence]
+
+    def run():
+        for func, args, kwargs in calls:
+            func(*args, **kwargs)
+    return run
 
 
 def reference_scores(model, tokenizer, request) -> pd.DataFrame:
@@ -189,6 +241,9 @@ def main() -> None:
     parser.add_argument("--eval-records", type=int, default=64)
     parser.add_argument("--rome-layers", default="4,19", help="ROME hook layers (MLP outputs; empty: none)")
     parser.add_argument("--memit-layer", type=int, default=6)
+    parser.add_argument("--products-in-sequence", action="store_true",
+                        help="also time each z variant's matrix products replayed in their order, back to back, "
+                             "nothing else in between (interleaved with the z runs; needs memory for every operand)")
     parser.add_argument("--skip-z", action="store_true")
     parser.add_argument("--skip-eval", action="store_true")
     parser.add_argument("--z-variants", default=",".join(Z_VARIANTS),
@@ -225,21 +280,27 @@ def main() -> None:
             names = [name for name in Z_VARIANTS if name in args.z_variants.split(",")]
             variants = {name: run(name) for name in names}
             # FLOPs of 2 and 3 steps give the first step's and every later step's (all later steps are alike)
-            flops, products = {}, {}
+            flops, products, sequences = {}, {}, {}
             for name in names:
                 two, three = counted_flops(run(name, 2)), counted_flops(run(name, 3))
                 flops[name] = two + (steps - 2) * (three - two)
-                two, three = recorded_matmuls(run(name, 2)), recorded_matmuls(run(name, 3))
+                two, three = shapes_only(recorded_matmuls(run(name, 2))), shapes_only(recorded_matmuls(run(name, 3)))
                 later = three.copy()
                 later.subtract(two)  # one later step's products (every later step runs the same)
                 before = probe_rate()
                 seconds = matmul_seconds(Counter({key: two[key] + (steps - 2) * later[key] for key in three}))
                 products[name] = seconds, (before + probe_rate()) / 2
-            # each run against the GEMM rate probed around it; the variants alternate
+                if args.products_in_sequence:
+                    sequences[name] = replay_in_order(recorded_matmuls(variants[name]))
+            # each run against the GEMM rate probed around it; the variants (and the replays of
+            # their products in sequence) alternate
             measured = {name: [] for name in names}
+            in_sequence = {name: [] for name in sequences}
             for _ in range(args.repeats):
                 for name in names:
                     measured[name].append(probed(variants[name]))
+                    if name in sequences:
+                        in_sequence[name].append(probed(sequences[name]))
             times = {name: [seconds for seconds, _ in values] for name, values in measured.items()}
             for name, values in measured.items():
                 seconds, rates = median(times[name]), [r for _, r in values]
@@ -251,7 +312,10 @@ def main() -> None:
                              "bound s per fact": flops[name] / median(rates) / len(facts),
                              "x bound": median([t * r / flops[name] for t, r in values]),
                              "products alone s per fact": products[name][0] / len(facts),
-                             "products alone x bound": products[name][0] * products[name][1] / flops[name]})
+                             "products alone x bound": products[name][0] * products[name][1] / flops[name],
+                             **({"products in sequence x bound": median([t * r / flops[name] for t, r in in_sequence[name]]),
+                                 "products in sequence runs s": runs([t for t, _ in in_sequence[name]])}
+                                if name in in_sequence else {})})
             if len(names) == len(Z_VARIANTS):
                 own, whole, replay, rerun = (median(times[n]) for n in Z_VARIANTS)
                 print(f"# {label}: replaying the lower blocks is {rerun / replay:.2f}x faster; own blocks "
