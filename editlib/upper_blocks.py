@@ -17,6 +17,8 @@ states only; the weights are fixed):
   which leaves every attention score unchanged; the 1/sqrt(head_dim) scaling rides along;
 - the products run on the real tokens alone, one matrix of them (rows of different lengths leave
   no pads in it); only attention reads the rows' padded layout;
+- for `MLP_WEIGHT_MAJOR_TOKENS` tokens the MLP runs weight-major, its activations laid out
+  (features, tokens): W @ x^T, which BLAS runs faster than x @ W^T at those shapes;
 - each row's keys and values sit in one buffer per block, the cached prefix's followed by the new
   tokens', which each forward pass writes; the query heads that share a key/value head are
   stacked along the query axis.
@@ -76,6 +78,13 @@ def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 def _rms_backward(grad: torch.Tensor, normed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Gradient at x of normed = x * scale, scale = rsqrt(mean(x^2) + eps), given grad at normed."""
     return scale * (grad - normed * (grad * normed).mean(-1, keepdim=True))
+
+
+# token counts (N) for which the MLP's products run weight-major, (2I, d) @ (d, N), instead of
+# (N, d) @ (d, 2I): on SmolLM2's MLP shapes, 2 cores, MKL, the MLP forward and backward 1.05-1.14x
+# faster at 16-416 tokens, as fast at 512, 0.93x at 700, 0.78x at 13 (bench/mlp_layout.py,
+# docs/performance.md); z on SmolLM2 came out the same to the bit either way
+MLP_WEIGHT_MAJOR_TOKENS = range(16, 512)
 
 
 def _versions(module: nn.Module) -> tuple:
@@ -182,10 +191,17 @@ class _BlockFunction(torch.autograd.Function):
         hidden.add_(x)
         scale2 = _rms(hidden, block.eps)
         normed2 = hidden * scale2
-        gate, up = F.linear(normed2, block.gate_up).chunk(2, dim=-1)
+        weight_major = tokens in MLP_WEIGHT_MAJOR_TOKENS
+        if weight_major:  # gate and up (I, N)
+            gate, up = (block.gate_up @ normed2.T).chunk(2, dim=0)
+        else:  # (N, I)
+            gate, up = F.linear(normed2, block.gate_up).chunk(2, dim=-1)
         silu = F.silu(gate)
-        out = F.linear(silu * up, block.down).add_(hidden)
-        ctx.block, ctx.chunk = block, chunk
+        if weight_major:
+            out = torch.add(hidden, (block.down @ (silu * up)).T)
+        else:
+            out = F.linear(silu * up, block.down).add_(hidden)
+        ctx.block, ctx.chunk, ctx.weight_major = block, chunk, weight_major
         ctx.save_for_backward(normed1, scale1, query, probs, normed2, scale2, gate, up, silu)
         return out
 
@@ -201,13 +217,19 @@ class _BlockFunction(torch.autograd.Function):
         groups, prefix, rows, length = heads // kv_heads, block.prefix, chunk.rows, chunk.length
         row, slot = chunk.token_row, chunk.token_slot
         grad_out = grad_out.contiguous()
-        # MLP: out = hidden + down(silu(gate) * up), (gate, up) = gate_up(normed2)
-        grad_act = grad_out @ block.down
-        grad_gate_up = grad_act.new_empty(tokens, 2 * grad_act.shape[1])
-        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        # MLP: out = hidden + down(silu(gate) * up), (gate, up) = gate_up(normed2), in the forward's layout
+        if ctx.weight_major:
+            grad_act = block.down.T @ grad_out.T  # (I, N)
+            grad_gate_up = grad_act.new_empty(2 * grad_act.shape[0], tokens)
+            grad_gate, grad_up = grad_gate_up.chunk(2, dim=0)
+        else:
+            grad_act = grad_out @ block.down  # (N, I)
+            grad_gate_up = grad_act.new_empty(tokens, 2 * grad_act.shape[1])
+            grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
         torch.mul(grad_act, silu, out=grad_up)
         torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gate)
-        grad_hidden = grad_out + _rms_backward(grad_gate_up @ block.gate_up, normed2, scale2)
+        grad_normed2 = grad_gate_up.T @ block.gate_up if ctx.weight_major else grad_gate_up @ block.gate_up
+        grad_hidden = grad_out + _rms_backward(grad_normed2, normed2, scale2)
         # attention: hidden = x + out(attended), in the rows' padded layout (pads zero)
         grad_attended = grad_out.new_zeros(rows, kv_heads, groups, length, dim)
         grad_attended[row, :, :, slot] = (grad_hidden @ block.out).view(tokens, kv_heads, groups, dim)

@@ -39,10 +39,14 @@ def _masks(rows, prefix_length, length):
     return prefix_mask, attention_mask
 
 
+@pytest.mark.parametrize("mlp_weight_major", [False, True])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_block_function_equals_the_plain_block_and_its_gradient(variant, llama_tokenizer):
+def test_block_function_equals_the_plain_block_and_its_gradient(variant, mlp_weight_major, llama_tokenizer,
+                                                                 monkeypatch):
     """In fp64: output and gradient of the hand-written blocks = autograd through the same blocks
-    written as plain operations (`llama_block`, the model's own modules and dimension order)."""
+    written as plain operations (`llama_block`, the model's own modules and dimension order), with
+    the MLP token-major and weight-major."""
+    monkeypatch.setattr(upper_blocks, "MLP_WEIGHT_MAJOR_TOKENS", range(1, 10**9) if mlp_weight_major else range(0))
     model = _llama(llama_tokenizer, variant).double()
     with torch.no_grad():  # the prepared products carry the RMSNorm weights (initialised to ones)
         for name, p in model.named_parameters():

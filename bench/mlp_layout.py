@@ -1,0 +1,156 @@
+"""The own upper blocks' MLP token-major or weight-major on SmolLM2: the MLP alone, and target values z.
+
+`editlib.upper_blocks` runs the MLP's products weight-major, (2I, d) @ (d, N), for token counts
+N in `MLP_WEIGHT_MAJOR_TOKENS`, token-major, (N, d) @ (d, 2I), otherwise. Two measurements, each
+alternating the two layouts in one process:
+- "MLP alone": the MLP's products and element-wise work, forward and backward, through the prepared
+  weights of every block above MEMIT's layer, for N tokens (random activations), token-major vs
+  weight-major;
+- "z": `optimize_targets` at MEMIT's hook (a block output, 6 templates, 25 steps, early stop off)
+  for chunks of the first k facts, with the window as configured against token-major throughout
+  (the window emptied), and the largest difference between the two results' values.
+
+    python bench/mlp_layout.py --model-dir resources/smollm2/SmolLM2-135M-Instruct/model \
+        --records resources/smollm2/SmolLM2-135M-Instruct/data/records.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import base_parser, median, print_table, runs, setup
+
+from editlib import upper_blocks
+from editlib.hparams import MEMIT_LENGTHS
+from editlib.models import load_model, model_layout
+from editlib.records import load_requests
+from editlib.templates import sample_context_templates
+from editlib.values import TargetHparams, optimize_targets
+
+
+def mlp_pass(weights: list, x: torch.Tensor, grad: torch.Tensor, weight_major: bool) -> None:
+    """The MLP of every block in `weights`, forward and backward, as `upper_blocks` runs it."""
+    tokens = len(x)
+    for block in weights:
+        if weight_major:
+            gate, up = (block.gate_up @ x.T).chunk(2, dim=0)
+            silu = F.silu(gate)
+            torch.add(x, (block.down @ (silu * up)).T)
+            grad_act = block.down.T @ grad.T
+            grad_gate_up = grad_act.new_empty(2 * grad_act.shape[0], tokens)
+            grad_gate, grad_up = grad_gate_up.chunk(2, dim=0)
+        else:
+            gate, up = F.linear(x, block.gate_up).chunk(2, dim=-1)
+            silu = F.silu(gate)
+            F.linear(silu * up, block.down).add_(x)
+            grad_act = grad @ block.down
+            grad_gate_up = grad_act.new_empty(tokens, 2 * grad_act.shape[1])
+            grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.mul(grad_act, silu, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gate)
+        grad_gate_up.T @ block.gate_up if weight_major else grad_gate_up @ block.gate_up
+
+
+def paired(first, second, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of `first` and `second`, `repeats` runs each after one warm-up each, alternating
+    which of the two runs first (A B, B A, A B, ...)."""
+    first(), second()
+    times = ([], [])
+    for repeat in range(repeats):
+        order = ((first, times[0]), (second, times[1]))
+        for fn, out in order[::-1] if repeat % 2 else order:
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return times
+
+
+def continuation_tokens(fn) -> int:
+    """The number of tokens the upper blocks run per step in `fn` (the N of their products)."""
+    seen = []
+    original = upper_blocks.UpperBlocks.__init__
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(len(self.token_row))
+    upper_blocks.UpperBlocks.__init__ = record
+    try:
+        fn()
+    finally:
+        upper_blocks.UpperBlocks.__init__ = original
+    return seen[0]
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", required=True, help="a prepared SmolLM2 folder (rule prepare_model)")
+    parser.add_argument("--records", required=True, help="its records.json (rule prepare_data)")
+    parser.add_argument("--tokens", default="13,16,24,32,64,128,256,416,512,700",
+                        help="token counts for the MLP alone")
+    parser.add_argument("--facts", default="1,4,8,32", help="chunk sizes (facts) for z")
+    parser.add_argument("--memit-layer", type=int, default=6)
+    parser.add_argument("--mlp-repeats", type=int, default=12)
+    args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.facts, args.repeats, args.mlp_repeats = "13,64", "2", 1, 2
+    setup(args)
+    model, tokenizer = load_model(args.model_dir)
+    layout = model_layout(model)
+    window = upper_blocks.MLP_WEIGHT_MAJOR_TOKENS
+    print(f"# MLP_WEIGHT_MAJOR_TOKENS = {window}")
+    weights = [upper_blocks._prepared(model, index) for index in range(args.memit_layer + 1, layout.n_layers)]
+
+    rows = []
+    for tokens in (int(n) for n in args.tokens.split(",") if n):
+        x, grad = torch.randn(tokens, model.config.hidden_size), torch.randn(tokens, model.config.hidden_size)
+        token_major, weight_major = paired(lambda: mlp_pass(weights, x, grad, False),
+                                           lambda: mlp_pass(weights, x, grad, True), args.mlp_repeats)
+        ratios = sorted(a / b for a, b in zip(token_major, weight_major))
+        rows.append({"tokens": tokens, "in window": tokens in window, "token-major ms": 1e3 * median(token_major),
+                     "weight-major ms": 1e3 * median(weight_major),
+                     "token-major / weight-major, median of pairs": statistics.median(ratios),
+                     "range of pairs": f"{ratios[0]:.3f}-{ratios[-1]:.3f}"})
+    if rows:
+        print(f"\n## MLP alone, forward and backward through {len(weights)} blocks ({args.mlp_repeats} pairs)")
+        print_table(rows)
+
+    requests = load_requests(args.records)
+    templates = sample_context_templates(model, tokenizer, MEMIT_LENGTHS, 0)
+    module = layout.block(args.memit_layer)
+    rows = []
+    for n_facts in (int(n) for n in args.facts.split(",") if n):
+        hp = TargetHparams(v_num_grad_steps=25, early_stop_loss=0.0, facts_per_chunk=n_facts)
+        results = {}
+
+        def z(name: str, tokens: range):
+            def run():
+                upper_blocks.MLP_WEIGHT_MAJOR_TOKENS = tokens
+                try:
+                    results[name] = optimize_targets(model, tokenizer, requests[:n_facts], templates, module, hp,
+                                                     progress=False)
+                finally:
+                    upper_blocks.MLP_WEIGHT_MAJOR_TOKENS = window
+            return run
+
+        as_configured, token_major = paired(z("as configured", window), z("token-major", range(0)), args.repeats)
+        rows.append({"facts": n_facts, "tokens": continuation_tokens(lambda: optimize_targets(
+                         model, tokenizer, requests[:n_facts], templates, module,
+                         dataclasses.replace(hp, v_num_grad_steps=1), progress=False)),
+                     "as configured s": median(as_configured), "runs s": runs(as_configured),
+                     "token-major s": median(token_major), "token-major runs s": runs(token_major),
+                     "token-major / as configured": median(token_major) / median(as_configured),
+                     "max |z diff|": float((results["as configured"].values
+                                            - results["token-major"].values).abs().max())})
+    if rows:
+        print(f"\n## z at layer {args.memit_layer}'s block output, 25 steps ({args.repeats} interleaved repeats; "
+              "a chunk whose tokens are outside the window runs the same code both ways)")
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
