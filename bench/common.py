@@ -65,6 +65,12 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_prepared_smollm2_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model-dir and --records: a SmolLM2 folder and its records as the DAG prepares them."""
+    parser.add_argument("--model-dir", required=True, help="a prepared SmolLM2 folder (rule prepare_model)")
+    parser.add_argument("--records", required=True, help="its records.json (rule prepare_data)")
+
+
 def setup(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

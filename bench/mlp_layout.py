@@ -21,9 +21,8 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-from common import base_parser, median, print_table, runs, setup
+from common import add_prepared_smollm2_arguments, base_parser, median, print_table, runs, setup
 
 from editlib import upper_blocks
 from editlib.hparams import MEMIT_LENGTHS
@@ -35,25 +34,9 @@ from editlib.values import TargetHparams, optimize_targets
 
 def mlp_pass(weights: list, x: torch.Tensor, grad: torch.Tensor, weight_major: bool) -> None:
     """The MLP of every block in `weights`, forward and backward, as `upper_blocks` runs it."""
-    tokens = len(x)
     for block in weights:
-        if weight_major:
-            gate, up = (block.gate_up @ x.T).chunk(2, dim=0)
-            silu = F.silu(gate)
-            torch.add(x, (block.down @ (silu * up)).T)
-            grad_act = block.down.T @ grad.T
-            grad_gate_up = grad_act.new_empty(2 * grad_act.shape[0], tokens)
-            grad_gate, grad_up = grad_gate_up.chunk(2, dim=0)
-        else:
-            gate, up = F.linear(x, block.gate_up).chunk(2, dim=-1)
-            silu = F.silu(gate)
-            F.linear(silu * up, block.down).add_(x)
-            grad_act = grad @ block.down
-            grad_gate_up = grad_act.new_empty(tokens, 2 * grad_act.shape[1])
-            grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
-        torch.mul(grad_act, silu, out=grad_up)
-        torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gate)
-        grad_gate_up.T @ block.gate_up if weight_major else grad_gate_up @ block.gate_up
+        _, gate, up, silu = upper_blocks.mlp_forward(block, x, x, weight_major)
+        upper_blocks.mlp_backward(block, grad, gate, up, silu, weight_major)
 
 
 def paired(first, second, repeats: int) -> tuple[list[float], list[float]]:
@@ -88,8 +71,7 @@ def continuation_tokens(fn) -> int:
 
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", required=True, help="a prepared SmolLM2 folder (rule prepare_model)")
-    parser.add_argument("--records", required=True, help="its records.json (rule prepare_data)")
+    add_prepared_smollm2_arguments(parser)
     parser.add_argument("--tokens", default="13,16,24,32,64,128,256,416,512,700",
                         help="token counts for the MLP alone")
     parser.add_argument("--facts", default="1,4,8,32", help="chunk sizes (facts) for z")

@@ -53,7 +53,7 @@ import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import base_parser, interleaved, median, print_table, runs, setup
+from common import add_prepared_smollm2_arguments, base_parser, interleaved, median, print_table, runs, setup
 from editlib.metrics import PROMPT_KINDS, counterfact_scores
 from editlib.models import load_model, model_layout
 from editlib.records import load_requests
@@ -233,8 +233,7 @@ def reference_scores(model, tokenizer, request) -> pd.DataFrame:
 
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", required=True, help="a prepared SmolLM2 folder (rule prepare_model)")
-    parser.add_argument("--records", required=True, help="its records.json (rule prepare_data)")
+    add_prepared_smollm2_arguments(parser)
     parser.add_argument("--config", default="configs/smollm2.yaml",
                         help="the config whose ROME and MEMIT facts_per_chunk size the z chunks")
     parser.add_argument("--facts", type=int, default=None, help="facts in every z chunk (default: the config's)")

@@ -156,6 +156,37 @@ def _complex(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_complex(t.unflatten(-1, (-1, 2)))
 
 
+def mlp_forward(block: "_BlockWeights", normed: torch.Tensor, hidden: torch.Tensor, weight_major: bool):
+    """A block's MLP with its residual: hidden + down(silu(gate) * up), (gate, up) = gate_up(normed),
+    for N tokens (N, d). Returns that (N, d) and (gate, up, silu) for `mlp_backward`, laid out
+    (I, N) when `weight_major` (W @ x^T products), else (N, I)."""
+    if weight_major:
+        gate, up = (block.gate_up @ normed.T).chunk(2, dim=0)
+    else:
+        gate, up = F.linear(normed, block.gate_up).chunk(2, dim=-1)
+    silu = F.silu(gate)
+    if weight_major:
+        return torch.add(hidden, (block.down @ (silu * up)).T), gate, up, silu
+    return F.linear(silu * up, block.down).add_(hidden), gate, up, silu
+
+
+def mlp_backward(block: "_BlockWeights", grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                 silu: torch.Tensor, weight_major: bool) -> torch.Tensor:
+    """The gradient at `normed` of `mlp_forward`'s MLP term, given `grad_out` (N, d) contiguous at
+    its output and the forward's (gate, up, silu) in the forward's layout."""
+    if weight_major:
+        grad_act = block.down.T @ grad_out.T  # (I, N)
+        grad_gate_up = grad_act.new_empty(2 * grad_act.shape[0], grad_act.shape[1])
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=0)
+    else:
+        grad_act = grad_out @ block.down  # (N, I)
+        grad_gate_up = grad_act.new_empty(grad_act.shape[0], 2 * grad_act.shape[1])
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+    torch.mul(grad_act, silu, out=grad_up)
+    torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gate)
+    return grad_gate_up.T @ block.gate_up if weight_major else grad_gate_up @ block.gate_up
+
+
 class _BlockFunction(torch.autograd.Function):
     """y = block(x) for the N real tokens x (N, d), with its backward for x; `chunk` holds the
     shared parts. Every product runs on the N tokens alone; only attention reads the rows' padded
@@ -192,15 +223,7 @@ class _BlockFunction(torch.autograd.Function):
         scale2 = _rms(hidden, block.eps)
         normed2 = hidden * scale2
         weight_major = tokens in MLP_WEIGHT_MAJOR_TOKENS
-        if weight_major:  # gate and up (I, N)
-            gate, up = (block.gate_up @ normed2.T).chunk(2, dim=0)
-        else:  # (N, I)
-            gate, up = F.linear(normed2, block.gate_up).chunk(2, dim=-1)
-        silu = F.silu(gate)
-        if weight_major:
-            out = torch.add(hidden, (block.down @ (silu * up)).T)
-        else:
-            out = F.linear(silu * up, block.down).add_(hidden)
+        out, gate, up, silu = mlp_forward(block, normed2, hidden, weight_major)
         ctx.block, ctx.chunk, ctx.weight_major = block, chunk, weight_major
         ctx.save_for_backward(normed1, scale1, query, probs, normed2, scale2, gate, up, silu)
         return out
@@ -217,18 +240,7 @@ class _BlockFunction(torch.autograd.Function):
         groups, prefix, rows, length = heads // kv_heads, block.prefix, chunk.rows, chunk.length
         row, slot = chunk.token_row, chunk.token_slot
         grad_out = grad_out.contiguous()
-        # MLP: out = hidden + down(silu(gate) * up), (gate, up) = gate_up(normed2), in the forward's layout
-        if ctx.weight_major:
-            grad_act = block.down.T @ grad_out.T  # (I, N)
-            grad_gate_up = grad_act.new_empty(2 * grad_act.shape[0], tokens)
-            grad_gate, grad_up = grad_gate_up.chunk(2, dim=0)
-        else:
-            grad_act = grad_out @ block.down  # (N, I)
-            grad_gate_up = grad_act.new_empty(tokens, 2 * grad_act.shape[1])
-            grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
-        torch.mul(grad_act, silu, out=grad_up)
-        torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gate)
-        grad_normed2 = grad_gate_up.T @ block.gate_up if ctx.weight_major else grad_gate_up @ block.gate_up
+        grad_normed2 = mlp_backward(block, grad_out, gate, up, silu, ctx.weight_major)
         grad_hidden = grad_out + _rms_backward(grad_normed2, normed2, scale2)
         # attention: hidden = x + out(attended), in the rows' padded layout (pads zero)
         grad_attended = grad_out.new_zeros(rows, kv_heads, groups, length, dim)
