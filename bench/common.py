@@ -206,6 +206,25 @@ def take_requests(bench: Bench, n: int) -> list[EditRequest]:
     return bench.requests[:n]
 
 
+def built_upper_blocks(fn) -> list:
+    """Every `editlib.upper_blocks.UpperBlocks` that `fn` builds, in order (one per chunk of facts;
+    each holds its chunk's token layout and its blocks' key/value buffers)."""
+    from editlib import upper_blocks
+
+    seen = []
+    original = upper_blocks.UpperBlocks.__init__
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(self)
+    upper_blocks.UpperBlocks.__init__ = record
+    try:
+        fn()
+    finally:
+        upper_blocks.UpperBlocks.__init__ = original
+    return seen
+
+
 # ----------------------------------------------------------------------------- timing
 
 
@@ -224,6 +243,21 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup:
             fn()
             synchronize()
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def paired(first, second, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of `first` and `second`, `repeats` runs each after one warm-up each, alternating
+    which of the two runs first (A B, B A, A B, ...)."""
+    first(), second()
+    times = ([], [])
+    for repeat in range(repeats):
+        order = ((first, times[0]), (second, times[1]))
+        for fn, out in order[::-1] if repeat % 2 else order:
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            out.append(time.perf_counter() - start)
     return times
 
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 
 import torch
 
-from common import add_prepared_smollm2_arguments, base_parser, median, print_table, runs, setup
+from common import (add_prepared_smollm2_arguments, base_parser, built_upper_blocks, median, paired, print_table,
+                    runs, setup)
 
 from editlib import upper_blocks
 from editlib.hparams import MEMIT_LENGTHS
@@ -39,34 +39,9 @@ def mlp_pass(weights: list, x: torch.Tensor, grad: torch.Tensor, weight_major: b
         upper_blocks.mlp_backward(block, grad, gate, up, silu, weight_major)
 
 
-def paired(first, second, repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds of `first` and `second`, `repeats` runs each after one warm-up each, alternating
-    which of the two runs first (A B, B A, A B, ...)."""
-    first(), second()
-    times = ([], [])
-    for repeat in range(repeats):
-        order = ((first, times[0]), (second, times[1]))
-        for fn, out in order[::-1] if repeat % 2 else order:
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    return times
-
-
 def continuation_tokens(fn) -> int:
     """The number of tokens the upper blocks run per step in `fn` (the N of their products)."""
-    seen = []
-    original = upper_blocks.UpperBlocks.__init__
-
-    def record(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        seen.append(len(self.token_row))
-    upper_blocks.UpperBlocks.__init__ = record
-    try:
-        fn()
-    finally:
-        upper_blocks.UpperBlocks.__init__ = original
-    return seen[0]
+    return len(built_upper_blocks(fn)[0].token_row)
 
 
 def main() -> None:
