@@ -15,11 +15,9 @@ activations through the caches as a step does; a third variant runs that product
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from common import add_prepared_smollm2_arguments, base_parser, built_upper_blocks, median, print_table, setup
+from common import add_prepared_smollm2_arguments, base_parser, built_upper_blocks, median, print_table, rotating, setup
 
 from editlib import upper_blocks
 from editlib.hparams import MEMIT_LENGTHS, ROME_LENGTHS
@@ -57,20 +55,6 @@ def attention_passes(chunk: upper_blocks.UpperBlocks) -> dict:
     shape = f"{rows}x{kv_heads} of ({queries}, {dim}) x ({dim}, {width})"
     return shape, {"positions last": positions_last, "positions second-last": positions_second_last,
                    "gate/up alone": gate_up_alone}
-
-
-def rotating(variants: dict, repeats: int) -> dict[str, list[float]]:
-    """Seconds per run of each variant, `repeats` rounds after a warm-up, each round starting one later."""
-    names = list(variants)
-    for fn in variants.values():
-        fn()
-    times = {name: [] for name in names}
-    for repeat in range(repeats):
-        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
-            start = time.perf_counter()
-            variants[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:

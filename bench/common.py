@@ -246,19 +246,27 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup:
     return times
 
 
-def paired(first, second, repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds of `first` and `second`, `repeats` runs each after one warm-up each, alternating
-    which of the two runs first (A B, B A, A B, ...)."""
-    first(), second()
-    times = ([], [])
+def rotating(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per run of each variant: one warm-up each, then `repeats` rounds, each round starting
+    one variant later than the one before (A B C, B C A, C A B, ...)."""
+    names = list(variants)
+    for fn in variants.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in names}
     for repeat in range(repeats):
-        order = ((first, times[0]), (second, times[1]))
-        for fn, out in order[::-1] if repeat % 2 else order:
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            fn()
+            variants[name]()
             synchronize()
-            out.append(time.perf_counter() - start)
+            times[name].append(time.perf_counter() - start)
     return times
+
+
+def paired(first, second, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of `first` and `second` (`rotating`: A B, B A, A B, ...)."""
+    times = rotating({"first": first, "second": second}, repeats)
+    return times["first"], times["second"]
 
 
 def synchronize() -> None:
