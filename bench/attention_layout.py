@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from common import add_prepared_smollm2_arguments, base_parser, built_upper_blocks, median, print_table, rotating, setup
+from common import (add_prepared_smollm2_arguments, base_parser, built_upper_blocks, interleaved, median, print_table,
+                    setup)
 
 from editlib import upper_blocks
 from editlib.hparams import MEMIT_LENGTHS, ROME_LENGTHS
@@ -82,7 +83,7 @@ def main() -> None:
         chunk = built_upper_blocks(lambda: optimize_targets(model, tokenizer, requests[:n_facts], templates, module, hp,
                                                             progress=False))[0]
         shape, variants = attention_passes(chunk)
-        times = rotating(variants, args.rounds)
+        times = interleaved(variants, args.rounds, rotate=True)
         alone = median(times["gate/up alone"])
         last, second_last = (median(times[name]) - alone for name in ("positions last", "positions second-last"))
         blocks = len(chunk.blocks)

@@ -228,33 +228,21 @@ def built_upper_blocks(fn) -> list:
 # ----------------------------------------------------------------------------- timing
 
 
-def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: bool = True) -> dict[str, list[float]]:
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: bool = True,
+                rotate: bool = False) -> dict[str, list[float]]:
     """Run each variant `repeats` times, alternating between variants; seconds per run.
 
-    With `warmup`, every variant runs once untimed first (allocator, first-call overheads).
+    With `warmup`, every variant runs once untimed first (allocator, first-call overheads). With
+    `rotate`, each round starts one variant later than the one before (A B C, B C A, C A B, ...),
+    so that no variant always runs right after the same other one.
     """
+    names = list(variants)
     if warmup:
         for fn in variants.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            synchronize()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def rotating(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per run of each variant: one warm-up each, then `repeats` rounds, each round starting
-    one variant later than the one before (A B C, B C A, C A B, ...)."""
-    names = list(variants)
-    for fn in variants.values():
-        fn()
     times: dict[str, list[float]] = {name: [] for name in names}
     for repeat in range(repeats):
-        shift = repeat % len(names)
+        shift = repeat % len(names) if rotate else 0
         for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
             variants[name]()
@@ -264,8 +252,8 @@ def rotating(variants: dict[str, Callable[[], object]], repeats: int) -> dict[st
 
 
 def paired(first, second, repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds of `first` and `second` (`rotating`: A B, B A, A B, ...)."""
-    times = rotating({"first": first, "second": second}, repeats)
+    """Seconds of `first` and `second` (`interleaved`, rotating: A B, B A, A B, ...)."""
+    times = interleaved({"first": first, "second": second}, repeats, rotate=True)
     return times["first"], times["second"]
 
 
