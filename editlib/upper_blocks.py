@@ -407,8 +407,7 @@ def prefix_key_values(model: nn.Module, input_ids: torch.Tensor, lengths: torch.
         hidden = hidden + F.linear(attended, block.out)
         if block.out_bias is not None:
             hidden = hidden + block.out_bias
-        gate, up = F.linear(hidden * _rms(hidden, block.eps), block.gate_up).chunk(2, dim=-1)
-        hidden = hidden + F.linear(F.silu(gate) * up, block.down)
+        hidden = mlp_forward(block, hidden * _rms(hidden, block.eps), hidden, weight_major=False)[0]
     return layers
 
 
