@@ -326,7 +326,11 @@ def _tasks_from_mirror(tasks: Sequence[str], cache_dir: Path, mirror: TaskFileMi
     except AssetUnavailable as error:
         if index_error is None:
             raise
-        raise AssetUnavailable(f"{index_error}\n\nThe single task files could not be had either: {error}") from error
+        raise AssetUnavailable(
+            f"{index_error}\n\nThe single task files could not be had either: {error}\n"
+            f"Either source will do; or copy each task's task.json from a BIG-bench checkout to "
+            f"{cache_dir / mirror.cache_subdir}/<task>/task.json (checked against the pinned SHA-256)"
+        ) from error
     return {task: json.loads(path.read_text(encoding="utf-8")) for task, path in paths.items()}
 
 

@@ -384,6 +384,7 @@ def test_bigbench_mirror_refuses_other_bytes_and_reports_both_sources(tmp_path, 
     message = str(error.value)
     assert "pip download --no-deps --no-binary :all:" in message and "bigbench==1.0.0" in message
     assert "nowhere/toy_mc/task.json" in message
+    assert f"{tmp_path / 'cache' / gone.cache_subdir}/<task>/task.json" in message  # where to put files by hand
     # a task without a pinned checksum can only come from the sdist
     with pytest.raises(AssetUnavailable, match="'other_task' has no pinned SHA-256"):
         prepare_bigbench_mc(tmp_path / "cache", tmp_path / "out", ["other_task"], archive=missing, mirror=gone)
