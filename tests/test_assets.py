@@ -165,7 +165,7 @@ def test_missing_package_gives_pip_command(tmp_path):
     empty_index.mkdir()
     archive = PackageArchive("editlib-no-such-asset", "0.0.0", "editlib_no_such_asset-0.0.0-py3-none-any.whl", "0" * 64)
     start = time.perf_counter()
-    with pytest.raises(AssetUnavailable) as error:  # the index has no such release: a second source may
+    with pytest.raises(AssetUnavailable) as error:  # no such release on the index: a second source may serve
         fetch_archive(archive, tmp_path / "cache", pip_args=["--no-index", "--find-links", str(empty_index)])
     message = str(error.value)
     assert "could not fetch editlib-no-such-asset==0.0.0" in message
@@ -344,7 +344,7 @@ def test_bigbench_tasks_come_from_the_mirror_when_the_index_lacks_the_sdist(tmp_
     sdist = bigbench_sdist(tmp_path / "sdist_cache")  # the same bytes, through the sdist, for comparison
     from_sdist = prepare_bigbench_mc(tmp_path / "sdist_cache", tmp_path / "via_sdist", ["toy_mc", "parent/sub"], limit=5, archive=sdist)
     qa_from_sdist = prepare_qa_wikidata(tmp_path / "sdist_cache", tmp_path / "via_sdist" / "qa.json", archive=sdist)
-    missing = PackageArchive(sdist.name, sdist.version, sdist.filename, sdist.sha256, binary=False)
+    missing = sdist  # not in the `cache` used below, and the index will not offer it
     files = {"qa_wikidata": json.dumps(QA_TASK).encode(), "toy_mc": json.dumps(MC_TASK).encode(), "parent/sub": json.dumps(MC_TASK).encode()}
     mirror = task_mirror(tmp_path / "mirror", files)
     calls = []
@@ -509,7 +509,7 @@ def test_known_fact_mask_criteria(model, tokenizer):
 
 
 def real_asset(prepare, *args, **kwargs):
-    """Call a prepare function on the real sources; skip (with every source's reason) only when no
+    """Call a prepare or fetch function on the real sources; skip (with every source's reason) only when no
     source offers the asset at all. A wrong checksum or a failed conversion still fails the test."""
     try:
         return prepare(*args, **kwargs)
