@@ -238,6 +238,10 @@ class TaskFileMirror:
     sha256: Mapping[str, str]
     cache_subdir: str = "bigbench-1.0.0-task-files"
 
+    def cache_path(self, cache_dir: str | Path, task: str) -> Path:
+        """Where `task`'s file from this mirror is kept in `cache_dir` (and where a copy by hand goes)."""
+        return Path(cache_dir) / self.cache_subdir / task.strip("/") / "task.json"
+
 
 # The task files editlib reads, pinned to the bytes of the same members of bigbench-1.0.0.tar.gz.
 BIGBENCH_TASK_SHA256: dict[str, str] = {
@@ -275,7 +279,7 @@ def fetch_task_file(task: str, cache_dir: str | Path, mirror: TaskFileMirror = B
             f"BIG-bench task {task!r} has no pinned SHA-256 for single-file download (pinned: "
             f"{sorted(mirror.sha256)}); it can only come from the sdist"
         )
-    target = Path(cache_dir) / mirror.cache_subdir / task / "task.json"
+    target = mirror.cache_path(cache_dir, task)
     if target.exists():
         return verify_sha256(target, expected)
     url = mirror.url.format(task=task)
@@ -305,9 +309,8 @@ def read_bigbench_tasks(
     (`fetch_task_file`). Files already fetched from the mirror are used without asking the index.
     Raises AssetUnavailable, carrying both sources' reasons, when neither has the files.
     """
-    tasks = [task.strip("/") for task in tasks]
     cache_dir = Path(cache_dir)
-    mirrored = mirror is not None and all((cache_dir / mirror.cache_subdir / task / "task.json").exists() for task in tasks)
+    mirrored = mirror is not None and all(mirror.cache_path(cache_dir, task).exists() for task in tasks)
     if mirrored and not (cache_dir / archive.filename).exists():
         return _tasks_from_mirror(tasks, cache_dir, mirror)
     try:
@@ -329,7 +332,7 @@ def _tasks_from_mirror(tasks: Sequence[str], cache_dir: Path, mirror: TaskFileMi
         raise AssetUnavailable(
             f"{index_error}\n\nThe single task files could not be had either: {error}\n"
             f"Either source will do; or copy each task's task.json from a BIG-bench checkout to "
-            f"{cache_dir / mirror.cache_subdir}/<task>/task.json (checked against the pinned SHA-256)"
+            f"{mirror.cache_path(cache_dir, '<task>')} (checked against the pinned SHA-256)"
         ) from error
     return {task: json.loads(path.read_text(encoding="utf-8")) for task, path in paths.items()}
 
@@ -632,7 +635,7 @@ def qa_wikidata_records(
     return records
 
 
-QA_WIKIDATA_MEMBER = f"{BIGBENCH_TASK_ROOT}/qa_wikidata/task.json"
+QA_WIKIDATA_MEMBER = bigbench_task_member("qa_wikidata")
 
 
 def prepare_qa_wikidata(
@@ -787,7 +790,7 @@ def prepare_bigbench_mc(
     if stale:
         task_files = read_bigbench_tasks(cache_dir, stale, archive=archive, mirror=mirror)
         for task in stale:
-            rows = bigbench_mc_rows(task_files[task.strip("/")], limit=limit, seed=seed, name=task)
+            rows = bigbench_mc_rows(task_files[task], limit=limit, seed=seed, name=task)
             write_jsonl(paths[task], rows)
             write_json(_file_manifest_path(paths[task]), {**manifests[task], "n_rows": len(rows)})
     return paths
