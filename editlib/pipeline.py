@@ -202,11 +202,12 @@ def run_causal_trace(config: dict, model_dir, records_path, out_path) -> pd.Data
 
 
 def load_context(config: dict, model_dir: str | Path, moments_path: str | Path | None,
-                 records: Sequence[EditRequest] | None = None) -> ExperimentContext:
-    """The unedited model, its statistics, and (with `records`, all of the records file) the
-    on-disk store of z for those facts, under config `target_cache` (null: no store)."""
+                 records: Sequence[EditRequest] | None = None, layers: Sequence[int] | None = None) -> ExperimentContext:
+    """The unedited model, the statistics C of `layers` (the layers the job edits; None: every
+    layer in the file), and (with `records`, all of the records file) the on-disk store of z for
+    those facts, under config `target_cache` (null: no store)."""
     model, tokenizer = load_configured_model(config, model_dir)
-    moments = load_moments(moments_path) if moments_path else {}
+    moments = load_moments(moments_path, layers) if moments_path else {}
     root = config.get("target_cache", ".cache/targets")
     store = None
     if records is not None and root:
@@ -254,7 +255,7 @@ def labelled(frame: pd.DataFrame, method: str) -> pd.DataFrame:
 def run_layer_sweep(config: dict, method: str, model_dir, moments_path, records_path, out_path) -> pd.DataFrame:
     sweep = config["experiments"]["layer_sweep"]
     records = read_records(config, records_path)
-    ctx = load_context(config, model_dir, moments_path, records)
+    ctx = load_context(config, model_dir, moments_path, records, sweep["layers"])
     requests = edit_requests(records, sweep["n_records"], records_path)
     frame = labelled(layer_sweep(ctx, requests, method_name(config, method), sweep["layers"],
                                  method_overrides(config, method)), method)
@@ -270,9 +271,10 @@ def method_layers(config: dict, method: str, sweep_path: str | Path | None) -> t
 def run_single(config: dict, method: str, model_dir, moments_path, records_path, sweep_path, out_path,
                trained_editor=None) -> pd.DataFrame:
     records = read_records(config, records_path)
-    ctx = load_context(config, model_dir, moments_path, records)
+    layers = method_layers(config, method, sweep_path)
+    ctx = load_context(config, model_dir, moments_path, records, layers)
     requests = edit_requests(records, config["experiments"]["single"]["n_records"], records_path)
-    hparams = edit_spec(config, method, method_layers(config, method, sweep_path), trained_editor)
+    hparams = edit_spec(config, method, layers, trained_editor)
     frame = labelled(single_edits(ctx, requests, hparams), method)
     write_csv(out_path, frame)
     return frame
@@ -284,10 +286,11 @@ def run_sensitivity(config: dict, method: str, model_dir, moments_path, records_
     of experiments.sensitivity.batch_sizes (default [1]: single edits)."""
     settings = config["experiments"]["sensitivity"]
     records = read_records(config, records_path)
-    ctx = load_context(config, model_dir, moments_path, records)
+    layers = method_layers(config, method, sweep_path)
+    ctx = load_context(config, model_dir, moments_path, records, layers)
     requests = edit_requests(records, settings["n_records"], records_path)
     [(parameter, values)] = settings["grid"][method].items()
-    frame = labelled(sensitivity(ctx, requests, method_name(config, method), method_layers(config, method, sweep_path),
+    frame = labelled(sensitivity(ctx, requests, method_name(config, method), layers,
                                  method_overrides(config, method), parameter, values,
                                  settings.get("batch_sizes", [1])), method)
     write_csv(out_path, frame)
@@ -322,10 +325,11 @@ def run_batched(config: dict, method: str, model_dir, moments_path, records_path
     size are saved under `states_dir` (b<size>.safetensors) for the downstream stage."""
     settings = config["experiments"]["batched"]
     records = read_records(config, records_path)
-    ctx = load_context(config, model_dir, moments_path, records)
+    layers = method_layers(config, method, sweep_path)
+    ctx = load_context(config, model_dir, moments_path, records, layers)
     sizes = settings["batch_sizes"]
     requests = edit_requests(records, settings.get("n_records", max(sizes)), records_path)
-    hparams = edit_spec(config, method, method_layers(config, method, sweep_path), trained_editor)
+    hparams = edit_spec(config, method, layers, trained_editor)
     with atomic_dir(states_dir) as staging:
         states = {size: staging / f"b{size}.safetensors" for size in sizes} if settings.get("downstream") else {}
         frame, _ = batched_edits(ctx, requests, hparams, sizes, states=states)
@@ -347,10 +351,11 @@ def run_sequential(config: dict, method: str, batch_size: int, model_dir, moment
     staged beside the checkpoint, so a resumed run keeps those saved before it was killed."""
     settings = config["experiments"]["sequential"]
     records = read_records(config, records_path)
-    ctx = load_context(config, model_dir, moments_path, records)
+    layers = method_layers(config, method, sweep_path)
+    ctx = load_context(config, model_dir, moments_path, records, layers)
     total = settings["total_edits"]
     requests = edit_requests(records, total, records_path, sample)
-    spec = edit_spec(config, method, method_layers(config, method, sweep_path), trained_editor)
+    spec = edit_spec(config, method, layers, trained_editor)
     staging = Path(checkpoint_path).with_suffix(".states")
     points = state_points(total, batch_size, settings.get("downstream_at", []))
     frame, _ = sequential_edits(ctx, requests, spec, batch_size, total, checkpoint_path, eval_at=settings.get("eval_at"),
@@ -394,8 +399,10 @@ def run_downstream(config: dict, experiment: str, method: str, batch_size: int, 
     evaluate = downstream_function(config, tasks_dir, method)
     if paths and evaluate is not None:
         model, tokenizer = load_configured_model(config, model_dir)
-        ctx = ExperimentContext(model, tokenizer, config["model"]["name"], load_moments(moments_path) if moments_path else {})
-        spec = edit_spec(config, method, state_labels(paths[0])["layers"], trained_editor)
+        layers = state_labels(paths[0])["layers"]  # every state of a run edits the same layers
+        ctx = ExperimentContext(model, tokenizer, config["model"]["name"],
+                                load_moments(moments_path, layers) if moments_path else {})
+        spec = edit_spec(config, method, layers, trained_editor)
         frames.append(labelled(states_downstream(ctx, spec, paths, evaluate), method).assign(sample=sample))
     frame = pd.concat(frames, ignore_index=True)[DOWNSTREAM_COLUMNS] if frames else pd.DataFrame(columns=DOWNSTREAM_COLUMNS)
     write_csv(out_path, frame)
