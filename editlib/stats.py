@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,40 +69,43 @@ def collect_second_moments(
     texts: tuple[str, ...] | list[str],
     config: StatsConfig = StatsConfig(),
     progress: bool = True,
+    on_group: Callable[[dict[int, SecondMoment]], None] | None = None,
 ) -> dict[int, SecondMoment]:
     """k k^T summed over every non-pad token of `texts`, for every layer in `layers`.
 
     The layers are collected in groups of `config.layers_per_pass` (None: all in one pass on
-    CPU, as many as fit on CUDA; see `layers_per_pass`), one pass over the corpus per group.
-    Each layer's sum depends only on its own inputs, in the same batches and order, so the
-    result is the same bit for bit whatever the grouping.
+    CPU, as many as fit on CUDA; see `layers_per_pass`), one pass over the corpus per group,
+    and each group's moments (on CPU) go to `on_group` as soon as its pass ends. Each layer's
+    sum depends only on its own inputs, in the same batches and order, so the result is the
+    same bit for bit whatever the grouping.
     """
     if not layers:
         return {}
     device = next(model.parameters()).device
     encoded = tokenizer(list(texts), truncation=True, max_length=config.max_length)["input_ids"]
     lengths = [len(ids) for ids in encoded]
+    if not sum(lengths):
+        raise StatisticsError(f"no tokens to collect statistics from ({len(lengths)} documents)")
     chunks = length_sorted_chunks(lengths, max_rows=10**9, max_tokens=config.batch_tokens)
     ordered = sorted(set(layers))
     size = layers_per_pass(model, layout, len(ordered), config)
     groups = [ordered[start : start + size] for start in range(0, len(ordered), size)]
     bar = tqdm(total=sum(lengths) * len(groups), unit="tok", desc="stats", disable=not progress)
-    totals: dict[int, torch.Tensor] = {}
-    counts = set()
+    moments: dict[int, SecondMoment] = {}
     for group in groups:
         bar.set_description(f"stats layers {group}")
-        group_totals, count = _accumulate_pass(model, layout, group, encoded, chunks, pad_id(tokenizer),
-                                               getattr(torch, config.dtype), device, bar)
-        totals.update({layer: total.cpu() for layer, total in group_totals.items()})
-        del group_totals
-        counts.add(count)
+        totals, count = _accumulate_pass(model, layout, group, encoded, chunks, pad_id(tokenizer),
+                                         getattr(torch, config.dtype), device, bar)
+        done = {}
+        for layer in group:
+            done[layer] = SecondMoment(symmetric_from_upper(totals.pop(layer).cpu()), count)
+            check_finite(done[layer].total, f"second moment of layer {layer}")
+        moments.update(done)
+        if on_group is not None:
+            on_group(done)
     bar.close()
-    assert len(counts) == 1, counts  # every pass reads the same tokens
-    count = counts.pop()
-    result = {layer: SecondMoment(symmetric_from_upper(totals[layer]), count) for layer in layers}
-    for layer, moment in result.items():
-        check_finite(moment.total, f"second moment of layer {layer}")
-    return result
+    assert len({m.count for m in moments.values()}) == 1  # every pass reads the same tokens
+    return {layer: moments[layer] for layer in layers}
 
 
 def _accumulate_pass(model, layout: ModelLayout, group: list[int], encoded: list[list[int]], chunks, pad: int,
@@ -275,7 +279,8 @@ def layer_second_moments(
     config: StatsConfig = StatsConfig(),
     progress: bool = True,
 ) -> dict[int, SecondMoment]:
-    """Statistics for `layers`, from cache where valid; missing layers computed in ONE pass."""
+    """Statistics for `layers`, from cache where valid; the missing ones collected together
+    (collect_second_moments), each group's cache files written as soon as its pass ends."""
     fingerprint = model_fingerprint(model)
     keys = {layer: stats_key(fingerprint, layout.rewrite(layer), corpus, config) for layer in layers}
     paths = {layer: stats_path(cache_dir, layout.rewrite(layer), keys[layer]) for layer in layers}
@@ -286,11 +291,13 @@ def layer_second_moments(
             result[layer] = cached
     missing = [layer for layer in layers if layer not in result]
     if missing:
-        computed = collect_second_moments(model, tokenizer, layout, missing, corpus.texts, config, progress)
-        for layer, moment in computed.items():
-            save_second_moment(paths[layer], moment, keys[layer])
-            result[layer] = moment
-    return result
+        def save_group(moments: dict[int, SecondMoment]) -> None:  # a later pass's failure keeps these
+            for layer, moment in moments.items():
+                save_second_moment(paths[layer], moment, keys[layer])
+
+        result.update(collect_second_moments(model, tokenizer, layout, missing, corpus.texts, config, progress,
+                                             on_group=save_group))
+    return {layer: result[layer] for layer in layers}
 
 
 def save_moments(path: str | Path, moments: dict[int, SecondMoment], metadata: dict[str, str] | None = None) -> None:

@@ -308,3 +308,34 @@ def test_a_damaged_unrelated_layer_does_not_stop_a_job(tmp_path):
     assert torch.equal(load_moments(path, [0])[0], good)
     with pytest.raises(StatisticsError, match="layer 1"):
         load_moments(path)
+
+
+def test_a_failed_later_pass_keeps_the_earlier_groups_cached(tiny_llama, llama_tokenizer, corpus, tmp_path, monkeypatch):
+    import editlib.stats as stats
+
+    layout = model_layout(tiny_llama)
+    docs = load_corpus_from(corpus[:20], tmp_path)
+    config = StatsConfig(batch_tokens=256, layers_per_pass=1)
+    real_pass, passes = stats._accumulate_pass, []
+
+    def failing_second(*args, **kwargs):
+        passes.append(args[2])
+        if len(passes) == 2:
+            raise KeyboardInterrupt  # the job is killed during the second pass
+        return real_pass(*args, **kwargs)
+
+    monkeypatch.setattr(stats, "_accumulate_pass", failing_second)
+    with pytest.raises(KeyboardInterrupt):
+        layer_second_moments(tiny_llama, llama_tokenizer, layout, [0, 2], docs, tmp_path / "cache", config, False)
+    assert passes == [[0], [2]]
+    assert [p.name.split(".")[2] for p in (tmp_path / "cache").glob("*.safetensors")] == ["0"]  # model.layers.0...
+    passes.clear()
+    monkeypatch.setattr(stats, "_accumulate_pass", lambda *a, **k: passes.append(a[2]) or real_pass(*a, **k))
+    layer_second_moments(tiny_llama, llama_tokenizer, layout, [0, 2], docs, tmp_path / "cache", config, False)
+    assert passes == [[2]]  # the rerun collects only what is missing
+
+
+def load_corpus_from(texts, tmp_path):
+    path = tmp_path / "wiki.jsonl"
+    write_jsonl(path, [{"text": t} for t in texts])
+    return load_corpus(str(path), n_samples=len(texts), seed=1)
