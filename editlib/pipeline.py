@@ -17,7 +17,7 @@ import pandas as pd
 
 from . import assets
 from .config import configured_method, edit_records, method_name, method_overrides
-from .corpus import load_corpus
+from .corpus import load_corpus, read_prepared, sample_hf, write_corpus
 from .downstream import evaluate_downstream, write_mc_task
 from .experiments import (
     ExperimentContext,
@@ -46,7 +46,9 @@ log = logging.getLogger("editlib.pipeline")
 
 def prepare_data(config: dict, out_dir: str | Path, model_dir: str | Path | None = None) -> dict:
     """Edit records (records.json), statistics corpus (corpus.jsonl) and local lm-eval tasks
-    (tasks/*.yaml) under `out_dir`, from the toy world or the offline real assets."""
+    (tasks/*.yaml) under `out_dir`, from the toy world or the offline real assets. With
+    `corpus_sample` (editlib.config.stage_config: a streamed HF corpus), corpus.jsonl is its
+    sample of n_samples documents (editlib.corpus.sample_hf), which the statistics job reads."""
     out_dir = Path(out_dir)
     data = config["data"]
     tasks_dir = out_dir / "tasks"
@@ -81,12 +83,18 @@ def prepare_data(config: dict, out_dir: str | Path, model_dir: str | Path | None
         corpus = data.get("corpus")
         if corpus and not corpus.startswith("hf:"):
             shutil.copyfile(corpus, out_dir / "corpus.jsonl")
-        else:
+        elif "corpus_sample" not in config:  # no local corpus, none streamed below
             (out_dir / "corpus.jsonl").write_text("", encoding="utf-8")
         local_tasks = {}
         summary = {}
     else:  # the schema rejects this; kept for direct callers
         raise ValueError(f"config data.source: unknown source {data['source']!r}")
+    if "corpus_sample" in config:  # a streamed HF corpus: its sample replaces any corpus.jsonl above
+        sample = config["corpus_sample"]
+        corpus = sample_hf(sample["corpus"], sample["n_samples"], config["seed"])
+        write_corpus(out_dir / "corpus.jsonl", corpus)
+        summary = {**summary, "corpus": corpus.name, "corpus_documents": len(corpus.texts),
+                   "corpus_fingerprint": corpus.fingerprint}
     tasks_dir.mkdir(parents=True, exist_ok=True)
     for name, path in local_tasks.items():
         write_mc_task(name, path, tasks_dir)
@@ -160,15 +168,25 @@ def prepare_model(config: dict, out_dir: str | Path, data_dir: str | Path | None
 
 
 def compute_statistics(config: dict, model_dir: str | Path, corpus_path: str | Path, out_path: str | Path) -> dict:
-    """C for every layer in `statistics_layers` in ONE pass over the corpus (cached per layer)."""
+    """C for every layer in `statistics_layers` (cached per layer), in one pass over the corpus
+    per group of stats.layers_per_pass layers (default: all on CPU, as many as fit on CUDA).
+
+    The corpus: stats.corpus "data" (default) is `corpus_path` sampled to stats.n_samples
+    documents, a path that file sampled likewise, and "hf:..." the sample prepare_data already
+    streamed into `corpus_path` (read whole, in its order)."""
     model, tokenizer = load_configured_model(config, model_dir)
     stats = config["stats"]
     layout = model_layout(model)
     layers = [layout.check_layer(layer) for layer in config["statistics_layers"]]
-    spec = stats.get("corpus") or str(corpus_path)
-    corpus = load_corpus(spec if spec != "data" else str(corpus_path), n_samples=stats["n_samples"], seed=config["seed"])
+    spec = stats.get("corpus") or "data"
+    if spec.startswith("hf:"):
+        corpus = read_prepared(corpus_path, name=spec)
+    else:
+        corpus = load_corpus(str(corpus_path) if spec == "data" else spec, n_samples=stats["n_samples"], seed=config["seed"])
+    if not corpus.texts:
+        raise ValueError(f"statistics corpus {corpus.name}: no documents (config stats.corpus {spec!r})")
     stats_config = StatsConfig(max_length=stats["max_length"], batch_tokens=stats.get("batch_tokens", 8192),
-                               dtype=stats.get("dtype", "float32"))
+                               dtype=stats.get("dtype", "float32"), layers_per_pass=stats.get("layers_per_pass"))
     moments = layer_second_moments(model, tokenizer, layout, layers, corpus, stats.get("cache_dir", ".cache/stats"), stats_config)
     save_moments(out_path, moments, {"corpus": corpus.name, "fingerprint": corpus.fingerprint})
     return {"layers": layers, "tokens": {layer: m.count for layer, m in moments.items()}}
