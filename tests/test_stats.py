@@ -339,3 +339,13 @@ def load_corpus_from(texts, tmp_path):
     path = tmp_path / "wiki.jsonl"
     write_jsonl(path, [{"text": t} for t in texts])
     return load_corpus(str(path), n_samples=len(texts), seed=1)
+
+
+def test_the_memory_plan_imports_no_torch():
+    """A resource plan can size the statistics job without torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, editlib.stats_memory; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
