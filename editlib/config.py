@@ -216,13 +216,18 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
     if stage == "prepare_data":
         part["data"] = config["data"]
         part["records"] = edit_records(config)
+        if (streamed := streamed_corpus(config)) is not None:  # sampled here into corpus.jsonl
+            part["corpus_sample"] = {"corpus": streamed, "n_samples": config["stats"]["n_samples"]}
         if config["data"]["source"] == "toyworld":
             del part["model"]  # the world does not depend on the model
         else:
             part["asset_cache"] = config.get("asset_cache", ".cache/assets")
         return part
     if stage == "statistics":
-        return {**part, "stats": config["stats"], "statistics_layers": statistics_layers(config)}
+        stats = config["stats"]
+        if (streamed := streamed_corpus(config)) is not None:  # corpus.jsonl is prepare_data's sample of it
+            stats = {**{k: v for k, v in stats.items() if k != "n_samples"}, "corpus": streamed}
+        return {**part, "stats": stats, "statistics_layers": statistics_layers(config)}
     if stage == "causal_trace":
         return {**part, "model": {**loaded, "name": model["name"]}, "tracing": config["tracing"],
                 "records": edit_records(config)}
@@ -306,6 +311,17 @@ def sequential_samples(config: dict) -> int:
     """How many disjoint edit samples each sequential run edits (sample s: records
     s * total_edits to (s + 1) * total_edits - 1 of the prepared, seeded order)."""
     return config["experiments"]["sequential"].get("samples", 1)
+
+
+def streamed_corpus(config: dict) -> str | None:
+    """The HF dataset ("hf:path:config:split") the statistics corpus is streamed from, or None
+    for a local corpus: stats.corpus, or with stats.corpus "data" (the default) a counterfact
+    source's data.corpus. The prepare_data job samples stats.n_samples documents of it into
+    corpus.jsonl; the statistics job reads that sample."""
+    spec = config["stats"].get("corpus") or "data"
+    if spec == "data" and config["data"]["source"] == "counterfact":
+        spec = config["data"].get("corpus") or "data"
+    return spec if spec.startswith("hf:") else None
 
 
 def statistics_layers(config: dict) -> list[int]:

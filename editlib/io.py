@@ -1,4 +1,5 @@
-"""Atomic file output and content-derived cache keys."""
+"""Atomic file output, content-derived cache keys, and safetensors reads whose errors name the
+file and how to rebuild it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from safetensors import SafetensorError
 
 
 @contextlib.contextmanager
@@ -68,20 +71,45 @@ def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | Non
         save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(tmp), metadata=metadata)
 
 
-def load_tensors(path: str | Path, device: str = "cpu") -> tuple[dict, dict[str, str]]:
-    """(tensors, metadata) of a safetensors file; safetensors' own errors for a damaged file."""
+class ArtifactError(ValueError, SafetensorError):
+    """A file the workflow wrote cannot be read (truncated or corrupt); the message names it and
+    how to rebuild it. Also a SafetensorError, so code that treats an unreadable safetensors
+    cache file as a miss keeps doing so."""
+
+
+def unreadable(path: str | Path, err: Exception, rule: str | None = None) -> ArtifactError:
+    """The ArtifactError for safetensors file `path` that failed to read with `err`: names the
+    file and how to rebuild it (`rule`: the Snakemake rule that writes it, where known)."""
+    rerun = (f"delete it (rm {path}) and rerun the same snakemake command, or rerun with --forcerun {rule}"
+             if rule else f"delete it (rm {path}) and rerun the same snakemake command (Snakemake rebuilds a "
+             "missing output; a cache file is recomputed)")
+    return ArtifactError(f"{path}: unreadable safetensors file, truncated or corrupt (a job killed while "
+                         f"copying it, a full disk or a damaged transfer?): {err}. To rebuild it, {rerun}.")
+
+
+def load_tensors(path: str | Path, device: str = "cpu", names=None, rule: str | None = None) -> tuple[dict, dict[str, str]]:
+    """(tensors, metadata) of a safetensors file: all its tensors, or only those in `names`
+    (the others are not read). A truncated or corrupt file raises ArtifactError naming it and how
+    to rebuild it (`rule`: the rule that writes it, for the message); a missing one FileNotFoundError."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt", device=str(device)) as handle:
-        return {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            wanted = handle.keys() if names is None else [name for name in handle.keys() if name in set(names)]
+            return {name: handle.get_tensor(name) for name in wanted}, handle.metadata() or {}
+    except SafetensorError as err:
+        raise unreadable(path, err, rule) from err
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata of a safetensors file, without reading its tensors."""
+def read_metadata(path: str | Path, rule: str | None = None) -> dict[str, str]:
+    """The string metadata of a safetensors file, without reading its tensors (errors: as load_tensors)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except SafetensorError as err:
+        raise unreadable(path, err, rule) from err
 
 
 def write_text(path: str | Path, text: str) -> None:

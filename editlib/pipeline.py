@@ -17,7 +17,7 @@ import pandas as pd
 
 from . import assets
 from .config import configured_method, edit_records, method_name, method_overrides
-from .corpus import load_corpus
+from .corpus import load_corpus, read_prepared, sample_hf, write_corpus
 from .downstream import evaluate_downstream, write_mc_task
 from .experiments import (
     ExperimentContext,
@@ -46,7 +46,9 @@ log = logging.getLogger("editlib.pipeline")
 
 def prepare_data(config: dict, out_dir: str | Path, model_dir: str | Path | None = None) -> dict:
     """Edit records (records.json), statistics corpus (corpus.jsonl) and local lm-eval tasks
-    (tasks/*.yaml) under `out_dir`, from the toy world or the offline real assets."""
+    (tasks/*.yaml) under `out_dir`, from the toy world or the offline real assets. With
+    `corpus_sample` (editlib.config.stage_config: a streamed HF corpus), corpus.jsonl is its
+    sample of n_samples documents (editlib.corpus.sample_hf), which the statistics job reads."""
     out_dir = Path(out_dir)
     data = config["data"]
     tasks_dir = out_dir / "tasks"
@@ -81,12 +83,18 @@ def prepare_data(config: dict, out_dir: str | Path, model_dir: str | Path | None
         corpus = data.get("corpus")
         if corpus and not corpus.startswith("hf:"):
             shutil.copyfile(corpus, out_dir / "corpus.jsonl")
-        else:
+        elif "corpus_sample" not in config:  # no local corpus, none streamed below
             (out_dir / "corpus.jsonl").write_text("", encoding="utf-8")
         local_tasks = {}
         summary = {}
     else:  # the schema rejects this; kept for direct callers
         raise ValueError(f"config data.source: unknown source {data['source']!r}")
+    if "corpus_sample" in config:  # a streamed HF corpus: its sample replaces any corpus.jsonl above
+        sample = config["corpus_sample"]
+        corpus = sample_hf(sample["corpus"], sample["n_samples"], config["seed"])
+        write_corpus(out_dir / "corpus.jsonl", corpus)
+        summary = {**summary, "corpus": corpus.name, "corpus_documents": len(corpus.texts),
+                   "corpus_fingerprint": corpus.fingerprint}
     tasks_dir.mkdir(parents=True, exist_ok=True)
     for name, path in local_tasks.items():
         write_mc_task(name, path, tasks_dir)
@@ -160,15 +168,25 @@ def prepare_model(config: dict, out_dir: str | Path, data_dir: str | Path | None
 
 
 def compute_statistics(config: dict, model_dir: str | Path, corpus_path: str | Path, out_path: str | Path) -> dict:
-    """C for every layer in `statistics_layers` in ONE pass over the corpus (cached per layer)."""
+    """C for every layer in `statistics_layers` (cached per layer), in one pass over the corpus
+    per group of stats.layers_per_pass layers (default: all on CPU, as many as fit on CUDA).
+
+    The corpus: stats.corpus "data" (default) is `corpus_path` sampled to stats.n_samples
+    documents, a path that file sampled likewise, and "hf:..." the sample prepare_data already
+    streamed into `corpus_path` (read whole, in its order)."""
     model, tokenizer = load_configured_model(config, model_dir)
     stats = config["stats"]
     layout = model_layout(model)
     layers = [layout.check_layer(layer) for layer in config["statistics_layers"]]
-    spec = stats.get("corpus") or str(corpus_path)
-    corpus = load_corpus(spec if spec != "data" else str(corpus_path), n_samples=stats["n_samples"], seed=config["seed"])
+    spec = stats.get("corpus") or "data"
+    if spec.startswith("hf:"):
+        corpus = read_prepared(corpus_path, name=spec)
+    else:
+        corpus = load_corpus(str(corpus_path) if spec == "data" else spec, n_samples=stats["n_samples"], seed=config["seed"])
+    if not corpus.texts:
+        raise ValueError(f"statistics corpus {corpus.name}: no documents (config stats.corpus {spec!r})")
     stats_config = StatsConfig(max_length=stats["max_length"], batch_tokens=stats.get("batch_tokens", 8192),
-                               dtype=stats.get("dtype", "float32"))
+                               dtype=stats.get("dtype", "float32"), layers_per_pass=stats.get("layers_per_pass"))
     moments = layer_second_moments(model, tokenizer, layout, layers, corpus, stats.get("cache_dir", ".cache/stats"), stats_config)
     save_moments(out_path, moments, {"corpus": corpus.name, "fingerprint": corpus.fingerprint})
     return {"layers": layers, "tokens": {layer: m.count for layer, m in moments.items()}}
@@ -202,11 +220,12 @@ def run_causal_trace(config: dict, model_dir, records_path, out_path) -> pd.Data
 
 
 def load_context(config: dict, model_dir: str | Path, moments_path: str | Path | None,
-                 records: Sequence[EditRequest] | None = None) -> ExperimentContext:
-    """The unedited model, its statistics, and (with `records`, all of the records file) the
-    on-disk store of z for those facts, under config `target_cache` (null: no store)."""
+                 records: Sequence[EditRequest] | None = None, layers: Sequence[int] | None = None) -> ExperimentContext:
+    """The unedited model, the statistics C of `layers` (the layers the job edits; None: every
+    layer in the file), and (with `records`, all of the records file) the on-disk store of z for
+    those facts, under config `target_cache` (null: no store)."""
     model, tokenizer = load_configured_model(config, model_dir)
-    moments = load_moments(moments_path) if moments_path else {}
+    moments = load_moments(moments_path, layers) if moments_path else {}
     root = config.get("target_cache", ".cache/targets")
     store = None
     if records is not None and root:
@@ -254,7 +273,7 @@ def labelled(frame: pd.DataFrame, method: str) -> pd.DataFrame:
 def run_layer_sweep(config: dict, method: str, model_dir, moments_path, records_path, out_path) -> pd.DataFrame:
     sweep = config["experiments"]["layer_sweep"]
     records = read_records(config, records_path)
-    ctx = load_context(config, model_dir, moments_path, records)
+    ctx = load_context(config, model_dir, moments_path, records, sweep["layers"])
     requests = edit_requests(records, sweep["n_records"], records_path)
     frame = labelled(layer_sweep(ctx, requests, method_name(config, method), sweep["layers"],
                                  method_overrides(config, method)), method)
@@ -270,9 +289,10 @@ def method_layers(config: dict, method: str, sweep_path: str | Path | None) -> t
 def run_single(config: dict, method: str, model_dir, moments_path, records_path, sweep_path, out_path,
                trained_editor=None) -> pd.DataFrame:
     records = read_records(config, records_path)
-    ctx = load_context(config, model_dir, moments_path, records)
+    layers = method_layers(config, method, sweep_path)
+    ctx = load_context(config, model_dir, moments_path, records, layers)
     requests = edit_requests(records, config["experiments"]["single"]["n_records"], records_path)
-    hparams = edit_spec(config, method, method_layers(config, method, sweep_path), trained_editor)
+    hparams = edit_spec(config, method, layers, trained_editor)
     frame = labelled(single_edits(ctx, requests, hparams), method)
     write_csv(out_path, frame)
     return frame
@@ -284,10 +304,11 @@ def run_sensitivity(config: dict, method: str, model_dir, moments_path, records_
     of experiments.sensitivity.batch_sizes (default [1]: single edits)."""
     settings = config["experiments"]["sensitivity"]
     records = read_records(config, records_path)
-    ctx = load_context(config, model_dir, moments_path, records)
+    layers = method_layers(config, method, sweep_path)
+    ctx = load_context(config, model_dir, moments_path, records, layers)
     requests = edit_requests(records, settings["n_records"], records_path)
     [(parameter, values)] = settings["grid"][method].items()
-    frame = labelled(sensitivity(ctx, requests, method_name(config, method), method_layers(config, method, sweep_path),
+    frame = labelled(sensitivity(ctx, requests, method_name(config, method), layers,
                                  method_overrides(config, method), parameter, values,
                                  settings.get("batch_sizes", [1])), method)
     write_csv(out_path, frame)
@@ -322,10 +343,11 @@ def run_batched(config: dict, method: str, model_dir, moments_path, records_path
     size are saved under `states_dir` (b<size>.safetensors) for the downstream stage."""
     settings = config["experiments"]["batched"]
     records = read_records(config, records_path)
-    ctx = load_context(config, model_dir, moments_path, records)
+    layers = method_layers(config, method, sweep_path)
+    ctx = load_context(config, model_dir, moments_path, records, layers)
     sizes = settings["batch_sizes"]
     requests = edit_requests(records, settings.get("n_records", max(sizes)), records_path)
-    hparams = edit_spec(config, method, method_layers(config, method, sweep_path), trained_editor)
+    hparams = edit_spec(config, method, layers, trained_editor)
     with atomic_dir(states_dir) as staging:
         states = {size: staging / f"b{size}.safetensors" for size in sizes} if settings.get("downstream") else {}
         frame, _ = batched_edits(ctx, requests, hparams, sizes, states=states)
@@ -347,10 +369,11 @@ def run_sequential(config: dict, method: str, batch_size: int, model_dir, moment
     staged beside the checkpoint, so a resumed run keeps those saved before it was killed."""
     settings = config["experiments"]["sequential"]
     records = read_records(config, records_path)
-    ctx = load_context(config, model_dir, moments_path, records)
+    layers = method_layers(config, method, sweep_path)
+    ctx = load_context(config, model_dir, moments_path, records, layers)
     total = settings["total_edits"]
     requests = edit_requests(records, total, records_path, sample)
-    spec = edit_spec(config, method, method_layers(config, method, sweep_path), trained_editor)
+    spec = edit_spec(config, method, layers, trained_editor)
     staging = Path(checkpoint_path).with_suffix(".states")
     points = state_points(total, batch_size, settings.get("downstream_at", []))
     frame, _ = sequential_edits(ctx, requests, spec, batch_size, total, checkpoint_path, eval_at=settings.get("eval_at"),
@@ -394,8 +417,10 @@ def run_downstream(config: dict, experiment: str, method: str, batch_size: int, 
     evaluate = downstream_function(config, tasks_dir, method)
     if paths and evaluate is not None:
         model, tokenizer = load_configured_model(config, model_dir)
-        ctx = ExperimentContext(model, tokenizer, config["model"]["name"], load_moments(moments_path) if moments_path else {})
-        spec = edit_spec(config, method, state_labels(paths[0])["layers"], trained_editor)
+        layers = state_labels(paths[0])["layers"]  # every state of a run edits the same layers
+        ctx = ExperimentContext(model, tokenizer, config["model"]["name"],
+                                load_moments(moments_path, layers) if moments_path else {})
+        spec = edit_spec(config, method, layers, trained_editor)
         frames.append(labelled(states_downstream(ctx, spec, paths, evaluate), method).assign(sample=sample))
     frame = pd.concat(frames, ignore_index=True)[DOWNSTREAM_COLUMNS] if frames else pd.DataFrame(columns=DOWNSTREAM_COLUMNS)
     write_csv(out_path, frame)

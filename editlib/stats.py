@@ -1,8 +1,10 @@
 """Second-moment statistics C = E[k k^T] of the edited module's input, over a text corpus.
 
-One pass over the corpus serves every requested layer: hooks read the input of each layer's
-edited module and the forward stops after the deepest one. Features are accumulated in fp32
-(or fp64) on the model's device whatever the model dtype. Each layer is cached in its own
+One pass over the corpus serves a group of layers (all requested layers unless device memory
+calls for several passes; editlib.stats_memory): a hook on each layer's edited module folds its
+input into that layer's sum as the forward passes through it, and the forward stops after the
+group's deepest layer. Features are accumulated in fp32 (or fp64, never TF32) on the model's
+device whatever the model dtype. Each layer is cached in its own
 safetensors file keyed by content (model fingerprint, module, corpus fingerprint, sample count,
 max length, dtype), so a sweep over other layers reuses what exists.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +26,8 @@ from tqdm.auto import tqdm
 
 from .corpus import Corpus
 from .io import content_key, load_tensors, save_tensors
-from .models import ModelLayout, StopForward, capture_inputs, model_fingerprint
+from .models import ModelLayout, StopForward, model_fingerprint, stop_forward_after
+from .stats_memory import statistics_memory
 from .tokens import length_sorted_chunks, pad_right, pad_id
 
 log = logging.getLogger(__name__)
@@ -35,11 +39,14 @@ class StatisticsError(RuntimeError):
 
 @dataclass(frozen=True)
 class StatsConfig:
-    """How statistics are collected (all fields enter the cache key)."""
+    """How statistics are collected. `max_length` and `dtype` enter the cache key; `batch_tokens`
+    changes only the batching (so the float rounding of the sums) and `layers_per_pass` only how
+    many passes over the corpus collect the layers (not the result)."""
 
     max_length: int = 1024
     batch_tokens: int = 8192
     dtype: str = "float32"
+    layers_per_pass: int | None = None
 
 
 @dataclass
@@ -62,38 +69,142 @@ def collect_second_moments(
     texts: tuple[str, ...] | list[str],
     config: StatsConfig = StatsConfig(),
     progress: bool = True,
+    on_group: Callable[[dict[int, SecondMoment]], None] | None = None,
 ) -> dict[int, SecondMoment]:
-    """One pass over `texts` accumulating k k^T for every layer in `layers`."""
+    """k k^T summed over every non-pad token of `texts`, for every layer in `layers`.
+
+    The layers are collected in groups of `config.layers_per_pass` (None: all in one pass on
+    CPU, as many as fit on CUDA; see `layers_per_pass`), one pass over the corpus per group,
+    and each group's moments (on CPU) go to `on_group` as soon as its pass ends. Each layer's
+    sum depends only on its own inputs, in the same batches and order, so the result is the
+    same bit for bit whatever the grouping.
+    """
     if not layers:
         return {}
     device = next(model.parameters()).device
-    acc_dtype = getattr(torch, config.dtype)
-    names = {layer: layout.rewrite(layer) for layer in layers}
-    deepest = names[max(layers)]
     encoded = tokenizer(list(texts), truncation=True, max_length=config.max_length)["input_ids"]
     lengths = [len(ids) for ids in encoded]
+    if not sum(lengths):
+        raise StatisticsError(f"no tokens to collect statistics from ({len(lengths)} documents)")
     chunks = length_sorted_chunks(lengths, max_rows=10**9, max_tokens=config.batch_tokens)
-    totals = {layer: None for layer in layers}
-    count = 0
-    bar = tqdm(total=sum(lengths), unit="tok", desc=f"stats layers {layers}", disable=not progress)
-    with torch.no_grad(), capture_inputs(model, list(names.values()), stop_after=deepest) as captured:
-        for chunk in chunks:
-            batch = pad_right([encoded[i] for i in chunk], pad_id(tokenizer)).to(device)
-            with contextlib.suppress(StopForward):
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            mask = batch.attention_mask.bool()
-            for layer, name in names.items():
-                feats = captured[name][mask].to(acc_dtype)  # (n_tok, d_k)
-                if totals[layer] is None:
-                    totals[layer] = feats.new_zeros(feats.shape[1], feats.shape[1])
-                accumulate_upper_gram(totals[layer], feats)
-            count += int(mask.sum())
-            bar.update(int(mask.sum()))
+    ordered = sorted(set(layers))
+    size = layers_per_pass(model, layout, len(ordered), config)
+    groups = [ordered[start : start + size] for start in range(0, len(ordered), size)]
+    bar = tqdm(total=sum(lengths) * len(groups), unit="tok", desc="stats", disable=not progress)
+    moments: dict[int, SecondMoment] = {}
+    for group in groups:
+        bar.set_description(f"stats layers {group}")
+        totals, count = _accumulate_pass(model, layout, group, encoded, chunks, pad_id(tokenizer),
+                                         getattr(torch, config.dtype), device, bar)
+        done = {}
+        for layer in group:
+            done[layer] = SecondMoment(symmetric_from_upper(totals.pop(layer).cpu()), count)
+            check_finite(done[layer].total, f"second moment of layer {layer}")
+        moments.update(done)
+        if on_group is not None:
+            on_group(done)
     bar.close()
-    result = {layer: SecondMoment(symmetric_from_upper(totals[layer]).cpu(), count) for layer in layers}
-    for layer, moment in result.items():
-        check_finite(moment.total, f"second moment of layer {layer}")
-    return result
+    assert len({m.count for m in moments.values()}) == 1  # every pass reads the same tokens
+    return {layer: moments[layer] for layer in layers}
+
+
+def _accumulate_pass(model, layout: ModelLayout, group: list[int], encoded: list[list[int]], chunks, pad: int,
+                     acc_dtype: torch.dtype, device, bar) -> tuple[dict[int, torch.Tensor], int]:
+    """One pass over the batches `chunks` of `encoded`: {layer: upper triangle of sum k k^T} for
+    the layers in `group`, and the token count. Each layer's hook folds its input of the current
+    batch into its sum as the forward passes through it, so no input outlives its layer; the
+    forward stops after the group's deepest layer."""
+    totals: dict[int, torch.Tensor] = {}
+    batch_mask: list[torch.Tensor] = []  # the current batch's non-pad positions
+
+    def hook_for(layer: int):
+        def accumulate(module, args, kwargs):
+            inputs = args[0] if args else next(iter(kwargs.values()))
+            feats = inputs[batch_mask[0]].to(acc_dtype)  # (n_tok, d_k)
+            if layer not in totals:
+                totals[layer] = feats.new_zeros(feats.shape[1], feats.shape[1])
+            with full_precision_matmul():
+                accumulate_upper_gram(totals[layer], feats)
+
+        return accumulate
+
+    handles = [model.get_submodule(layout.rewrite(layer)).register_forward_pre_hook(hook_for(layer), with_kwargs=True)
+               for layer in group]
+    count = 0
+    try:
+        with torch.no_grad(), stop_forward_after(model, layout.rewrite(max(group))):
+            for chunk in chunks:
+                batch = pad_right([encoded[i] for i in chunk], pad).to(device)
+                batch_mask[:] = [batch.attention_mask.bool()]
+                with contextlib.suppress(StopForward):
+                    model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                tokens = int(batch_mask[0].sum())
+                count += tokens
+                bar.update(tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return totals, count
+
+
+def layers_per_pass(model, layout: ModelLayout, n_layers: int, config: StatsConfig) -> int:
+    """How many layers one pass collects: `config.layers_per_pass` if set; else all `n_layers`
+    on CPU (or MPS), and on CUDA as many as `statistics_memory` fits in the device's memory
+    (its free memory plus what this process holds, the loaded model included)."""
+    device = next(model.parameters()).device
+    available = device_memory_available(device) if config.layers_per_pass is None else None
+    model_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if t.device == device)
+    module = model.get_submodule(layout.rewrite(0))  # the edited module: d_k is its input width
+    d_k = module.weight.shape[1] if isinstance(module, torch.nn.Linear) else module.weight.shape[0]  # GPT-2's Conv1D: (in, out)
+    plan = statistics_memory(
+        intermediate_size=d_k, hidden_size=model.config.hidden_size, n_layers=n_layers, batch_tokens=config.batch_tokens,
+        model_bytes=model_bytes, model_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        acc_dtype=config.dtype, available_bytes=available, layers_per_pass=config.layers_per_pass,
+    )
+    if available is not None:
+        log.info("statistics: %d of %d layers per pass (%d passes): peak %.1f GiB of %.1f GiB available "
+                 "(model %.1f, %.2f per layer's Gram, capture %.2f, activations %.2f)", plan.group_size, n_layers,
+                 plan.passes, plan.peak_bytes / 2**30, available / 2**30, plan.model_bytes / 2**30,
+                 plan.gram_bytes / 2**30, plan.capture_bytes / 2**30, plan.activation_bytes / 2**30)
+        if plan.peak_bytes > available:
+            log.warning("statistics: even one layer per pass needs %.1f GiB, %.1f GiB available; lower "
+                        "stats.batch_tokens", plan.peak_bytes / 2**30, available / 2**30)
+    return plan.group_size
+
+
+def device_memory_available(device: torch.device) -> int | None:
+    """Bytes of CUDA memory this process may use (free plus what it already holds, the loaded
+    model included); None on other devices (no per-pass limit)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device)
+
+
+@contextlib.contextmanager
+def full_precision_matmul():
+    """Run float32 matmuls inside the block in full IEEE fp32 on CUDA (no TF32), restoring the
+    setting after, so a model that runs its forward in TF32 still accumulates statistics in fp32.
+
+    Uses torch.backends.cuda.matmul.fp32_precision where torch has it (reading the legacy
+    allow_tf32 flag raises once the new API was used), else allow_tf32. CPU matmuls never use
+    TF32, so on CPU this changes nothing.
+    """
+    matmul = torch.backends.cuda.matmul
+    try:
+        previous = matmul.fp32_precision
+        attribute, full = "fp32_precision", "ieee"
+    except AttributeError:
+        previous = matmul.allow_tf32
+        attribute, full = "allow_tf32", False
+    if previous == full:
+        yield
+        return
+    setattr(matmul, attribute, full)
+    try:
+        yield
+    finally:
+        setattr(matmul, attribute, previous)
 
 
 def accumulate_upper_gram(total: torch.Tensor, feats: torch.Tensor) -> None:
@@ -168,7 +279,8 @@ def layer_second_moments(
     config: StatsConfig = StatsConfig(),
     progress: bool = True,
 ) -> dict[int, SecondMoment]:
-    """Statistics for `layers`, from cache where valid; missing layers computed in ONE pass."""
+    """Statistics for `layers`, from cache where valid; the missing ones collected together
+    (collect_second_moments), each group's cache files written as soon as its pass ends."""
     fingerprint = model_fingerprint(model)
     keys = {layer: stats_key(fingerprint, layout.rewrite(layer), corpus, config) for layer in layers}
     paths = {layer: stats_path(cache_dir, layout.rewrite(layer), keys[layer]) for layer in layers}
@@ -179,11 +291,13 @@ def layer_second_moments(
             result[layer] = cached
     missing = [layer for layer in layers if layer not in result]
     if missing:
-        computed = collect_second_moments(model, tokenizer, layout, missing, corpus.texts, config, progress)
-        for layer, moment in computed.items():
-            save_second_moment(paths[layer], moment, keys[layer])
-            result[layer] = moment
-    return result
+        def save_group(moments: dict[int, SecondMoment]) -> None:  # a later pass's failure keeps these
+            for layer, moment in moments.items():
+                save_second_moment(paths[layer], moment, keys[layer])
+
+        result.update(collect_second_moments(model, tokenizer, layout, missing, corpus.texts, config, progress,
+                                             on_group=save_group))
+    return {layer: result[layer] for layer in layers}
 
 
 def save_moments(path: str | Path, moments: dict[int, SecondMoment], metadata: dict[str, str] | None = None) -> None:
@@ -193,10 +307,24 @@ def save_moments(path: str | Path, moments: dict[int, SecondMoment], metadata: d
     save_tensors(path, tensors, meta)
 
 
-def load_moments(path: str | Path) -> dict[int, torch.Tensor]:
-    """Read a file written by `save_moments`: {layer: C}; non-finite values raise StatisticsError."""
-    tensors, _ = load_tensors(path)
+def load_moments(path: str | Path, layers=None) -> dict[int, torch.Tensor]:
+    """Read a file written by `save_moments`: {layer: C} for every layer in it, or for `layers`
+    only (the other layers' tensors are not read). A requested layer the file lacks raises
+    ValueError; an unreadable file editlib.io.ArtifactError; non-finite values StatisticsError."""
+    names = None if layers is None else {f"layer.{layer}" for layer in layers}
+    tensors, _ = load_tensors(path, names=names, rule="statistics")
     moments = {int(name.split(".", 1)[1]): tensor for name, tensor in tensors.items() if name.startswith("layer.")}
+    if layers is not None and (missing := sorted(set(layers) - set(moments))):
+        present = sorted(int(name.split(".", 1)[1]) for name in _tensor_names(path) if name.startswith("layer."))
+        raise ValueError(f"{path}: no statistics for layers {missing} (it holds layers {present}); the statistics "
+                         "rule collects the layers of experiments.layer_sweep.layers and of explicit methods.<m>.layers")
     for layer, tensor in moments.items():
         check_finite(tensor, f"{path}: layer {layer}")
     return moments
+
+
+def _tensor_names(path: str | Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())

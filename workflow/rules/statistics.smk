@@ -1,4 +1,5 @@
-# Second-moment statistics C of every edited layer, in ONE pass over the corpus (cached per layer).
+# Second-moment statistics C of every edited layer, in one pass over the corpus per group of layers
+# (all layers unless GPU memory or stats.layers_per_pass says otherwise; cached per layer).
 
 rule statistics:
     input:
