@@ -204,7 +204,7 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
     if stage == "report":
         return {"run": config["run"], **({"ablations": config["ablations"]} if config.get("ablations") else {})}
     model = config["model"]
-    loaded = {key: model[key] for key in ("dtype", "device") if key in model}  # how the prepared model is loaded
+    loaded = {key: model[key] for key in ("dtype", "device", "tf32") if key in model}  # how the prepared model is loaded
     part: dict[str, Any] = {"seed": config["seed"], "model": loaded}
     if stage == "prepare_model":
         part["model"] = model
