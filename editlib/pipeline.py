@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import assets
-from .config import configured_method, edit_records, method_name, method_overrides
+from .config import configured_method, edit_records, method_name, method_overrides, state_points
 from .corpus import load_corpus
 from .downstream import evaluate_downstream, write_mc_task
 from .experiments import (
@@ -337,12 +337,6 @@ def run_batched(config: dict, method: str, model_dir, moments_path, records_path
         frame = labelled(frame, method)
         write_csv(out_path, frame)
     return frame
-
-
-def state_points(total_edits: int, batch_size: int, downstream_at: Sequence[int]) -> list[int]:
-    """The edit counts in `downstream_at` that a sequential run of `batch_size` reaches (> 0)."""
-    reached = {min(step * batch_size, total_edits) for step in range(1, -(-total_edits // batch_size) + 1)}
-    return sorted(n for n in set(downstream_at) if n in reached)
 
 
 def run_sequential(config: dict, method: str, batch_size: int, model_dir, moments_path, records_path, sweep_path,
