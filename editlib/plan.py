@@ -368,7 +368,7 @@ class Job:
 
 def architecture(config: dict, model_dir: Path | None = None) -> dict:
     """The config.json fields of the model: HUB_ARCHITECTURES for a paper model, the toy model's
-    training config, or a prepared model folder's config.json."""
+    training config, a model folder's config.json, or a hub model's in the Hugging Face cache."""
     model = config["model"]
     if model["source"] == "hub" and model.get("path") in HUB_ARCHITECTURES:
         return HUB_ARCHITECTURES[model["path"]]
@@ -382,6 +382,12 @@ def architecture(config: dict, model_dir: Path | None = None) -> dict:
     path = Path(model_dir or model.get("path", "")) / "config.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
+    if model["source"] == "hub":  # a hub model downloaded before: its config.json in the Hugging Face cache
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model["path"], "config.json", revision=model.get("revision", "main"))
+        if isinstance(cached, str):
+            return json.loads(Path(cached).read_text(encoding="utf-8"))
     raise ValueError(f"config model: the plan knows no architecture for {model.get('path') or model['name']!r}; add "
                      f"its config.json fields to editlib.architectures.HUB_ARCHITECTURES or prepare the model first")
 

@@ -182,3 +182,19 @@ def test_tf32_off_makes_float32_jobs_slower():
     config["model"]["tf32"] = False
     slow = sum(j.hours for j in plan.plan_jobs(config) if j.rule == "downstream_base")
     assert slow > 2 * fast
+
+
+def test_an_unlisted_hub_model_is_sized_from_its_cached_config_json(tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    arch = {**HUB_ARCHITECTURES["meta-llama/Llama-2-7b-hf"], "num_hidden_layers": 2}
+    (snapshot / "config.json").write_text(__import__("json").dumps(arch))
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    config = {"model": {"source": "hub", "name": "tiny", "path": "org/tiny"}}
+    assert plan.architecture(config)["num_hidden_layers"] == 2
+    with pytest.raises(ValueError, match="HUB_ARCHITECTURES"):
+        plan.architecture({"model": {"source": "hub", "name": "x", "path": "org/unknown"}})
