@@ -379,9 +379,9 @@ def architecture(config: dict, model_dir: Path | None = None) -> dict:
         return {"hidden_size": t.hidden, "intermediate_size": t.intermediate, "num_hidden_layers": t.layers,
                 "num_attention_heads": t.heads, "num_key_value_heads": t.heads, "vocab_size": t.vocab_size,
                 "dtype": model.get("dtype", "float32")}
-    path = Path(model_dir or model.get("path", "")) / "config.json"
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
+    for folder in (model_dir, model.get("path")):
+        if folder and (Path(folder) / "config.json").is_file():
+            return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     if model["source"] == "hub":  # a hub model downloaded before: its config.json in the Hugging Face cache
         from huggingface_hub import try_to_load_from_cache
 
@@ -389,7 +389,8 @@ def architecture(config: dict, model_dir: Path | None = None) -> dict:
         if isinstance(cached, str):
             return json.loads(Path(cached).read_text(encoding="utf-8"))
     raise ValueError(f"config model: the plan knows no architecture for {model.get('path') or model['name']!r}; add "
-                     f"its config.json fields to editlib.architectures.HUB_ARCHITECTURES or prepare the model first")
+                     f"its config.json fields to editlib.architectures.HUB_ARCHITECTURES, or prepare the model first "
+                     f"(snakemake --until prepare_model) so that {model_dir or 'its folder'} holds its config.json")
 
 
 def plan_jobs(config: dict, gpu: Gpu = H100) -> list[Job]:
@@ -410,7 +411,8 @@ def _needs(config: dict, attribute: str) -> list[str]:
 
 
 def model_jobs(config: dict, model: str, gpu: Gpu = H100) -> list[Job]:
-    m = dims(architecture(config), config["model"].get("dtype", "float32"), config["model"].get("tf32", True), gpu)
+    prepared = Path("resources") / config["run"] / model / "model"  # the workflow's model folder (rules/common.smk)
+    m = dims(architecture(config, prepared), config["model"].get("dtype", "float32"), config["model"].get("tf32", True), gpu)
     kind = config["data"].get("records", "counterfact") if config["data"]["source"] != "toyworld" else "counterfact"
     generation = config["metrics"].get("generation_entropy", False)
     experiments = config["experiments"]
@@ -427,8 +429,10 @@ def model_jobs(config: dict, model: str, gpu: Gpu = H100) -> list[Job]:
     corpus_bytes = 0.0
     if str(config["stats"].get("corpus", "")).startswith("hf:"):
         corpus_bytes = config["stats"]["n_samples"] * PROMPT_TOKENS["wiki_article"] * 4 * 8  # articles streamed ~8x sampled
+    loads = config["data"]["source"] == "qa_wikidata" and config["data"].get("known_filter", True)
     jobs.append(Job("prepare_data", dict(w), host_gib=8.0, disk_gib=gib(corpus_bytes / 8 + 0.5e9),
-                    hours=0.25 + corpus_bytes / DOWNLOAD_RATE / 3600))
+                    hours=0.25 + corpus_bytes / DOWNLOAD_RATE / 3600,
+                    notes=["loads the model (data.known_filter) but has no GPU in the SLURM profile"] if loads else []))
 
     # statistics: one or more passes over the corpus, a Gram matrix per layer
     stat_layers = statistics_layers(config)
@@ -659,8 +663,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="config.yaml", help="the workflow config (a --configfile)")
     parser.add_argument("--profile", help="a SLURM profile folder: check every job against its requests")
     args = parser.parse_args(argv)
-    config = load_config(args.config)
-    jobs = plan_jobs(config)
+    try:
+        config = load_config(args.config)
+        jobs = plan_jobs(config)
+    except ValueError as error:  # ConfigError included: the message names the file and field
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     profile = profile_resources(args.profile) if args.profile else None
     print(format_plan(config, jobs, profile))
     if profile is not None:

@@ -198,3 +198,9 @@ def test_an_unlisted_hub_model_is_sized_from_its_cached_config_json(tmp_path, mo
     assert plan.architecture(config)["num_hidden_layers"] == 2
     with pytest.raises(ValueError, match="HUB_ARCHITECTURES"):
         plan.architecture({"model": {"source": "hub", "name": "x", "path": "org/unknown"}})
+
+
+def test_the_plan_imports_no_torch():
+    code = ("import sys, io, contextlib\nfrom editlib import plan\nwith contextlib.redirect_stdout(io.StringIO()):\n"
+            "    plan.main(['--config', 'configs/llama3-8b.yaml'])\nassert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
