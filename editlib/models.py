@@ -150,6 +150,18 @@ def set_tf32(allow: bool | None) -> None:
     torch.backends.cudnn.allow_tf32 = allow
 
 
+@contextlib.contextmanager
+def full_fp32_matmul() -> Iterator[None]:
+    """Matrix products in full fp32 inside the block (TF32 off), the previous settings after it:
+    for sums whose small terms matter (the statistics' Gram matrices)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def load_model(
     name_or_path: str,
     dtype: str | torch.dtype = "float32",

@@ -89,6 +89,9 @@ PROMPT_TOKENS = {"scored": 18, "prefix": 14, "suffix": 8, "wiki_article": 700, "
 SCORED_PROMPTS = {"counterfact": 13 * 2, "zsre": 3}
 GENERATION_PROMPTS, GENERATED_TOKENS, GENERATION_BATCH = 10, 100, 16
 SCORING_ROWS = 64  # editlib.metrics.edit_scores max_rows
+# Records the causal-trace job filters for facts the model knows: CounterFact's 21,919; ZsRE's
+# (MEND's evaluation split) 19,086
+KNOWN_FILTER_RECORDS = {"counterfact": 21919, "zsre": 19086}
 
 
 @dataclass(frozen=True)
@@ -461,7 +464,8 @@ def model_jobs(config: dict, model: str, gpu: Gpu = H100) -> list[Job]:
     passes = 3 * 2 * m.layers
     cost = Cost().add(forward_flops(m, rows * PROMPT_TOKENS["trace"] * passes), m.rate,
                       math.ceil(tracing["n_facts"] / 16) * passes * m.weight_bytes)
-    scoring_cost(m, kind, 22000 if kind == "counterfact" else 20000, 1, False, cost)  # the known-fact filter
+    records = KNOWN_FILTER_RECORDS.get(kind, 0)  # the known-fact filter: one prompt per record
+    cost.add(forward_flops(m, records * PROMPT_TOKENS["scored"]), m.rate, records / SCORING_ROWS * m.weight_bytes)
     jobs.append(Job("causal_trace", dict(w), gpu_gib=gib(base_gpu + activation_bytes(m, 16 * 11 * PROMPT_TOKENS["trace"], 1)),
                     hours=cost.seconds / 3600))
 
@@ -619,7 +623,7 @@ def format_plan(config: dict, jobs: list[Job], profile: tuple[dict, int] | None 
              "ESTIMATES, NOT MEASUREMENTS: no GPU run of this project has been measured. Assumed utilisation "
              + ", ".join(f"{k} {v:.0%}" for k, v in ASSUMED_UTILISATION.items())
              + "; token counts per prompt and per lm-eval task assumed (editlib/plan.py).", ""]
-    header = f"{'job':<48} {'GPU GiB':>8} {'host GiB':>9} {'disk GiB':>9} {'GPU h':>8} {'tries':>5}  notes"
+    header = f"{'job':<48} {'GPU GiB':>8} {'host GiB':>9} {'disk GiB':>9} {'hours':>8} {'tries':>5}  notes"
     problems_total = []
     checkpoint_minutes = config["experiments"]["sequential"].get("checkpoint_minutes", 30)
     by_rule: dict[str, list[Job]] = {}

@@ -13,7 +13,7 @@ import yaml
 
 from conftest import make_llama
 from editlib.config import stage_config, validate_config
-from editlib.models import set_tf32, use_tf32
+from editlib.models import full_fp32_matmul, set_tf32, use_tf32
 from editlib.pipeline import load_configured_model, prepare_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,6 +110,17 @@ def test_set_tf32_sets_both_backends_and_none_leaves_them():
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         set_tf32(False)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_full_fp32_matmul_turns_tf32_off_inside_and_restores_it():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        set_tf32(True)
+        with full_fp32_matmul():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
