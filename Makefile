@@ -8,9 +8,11 @@ CORES ?= all
 # Extra pip arguments, e.g. PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for a CPU torch.
 PIP_ARGS ?=
 RUN := $(shell sed -n 's/^run: *\([A-Za-z0-9_.-]*\).*/\1/p' $(CONFIG))
+# The SLURM profile `make plan` checks the jobs against
+PROFILE ?= workflow/profiles/slurm
 SNAKEMAKE := $(BIN)/snakemake --configfile $(CONFIG) --profile workflow/profiles/default --cores $(CORES)
 
-.PHONY: install reproduce report dry-run test test-all clean-results
+.PHONY: install reproduce report dry-run plan test test-all clean-results
 
 install: $(VENV)/.installed
 
@@ -30,6 +32,11 @@ report: install
 
 dry-run: install
 	$(SNAKEMAKE) -n
+
+# Every job of CONFIG with its estimated GPU memory, host memory, disk and time on an H100, the
+# run's GPU-hours, and whether each job fits PROFILE's requests (editlib/plan.py)
+plan: install
+	$(BIN)/python -m editlib.plan --config $(CONFIG) --profile $(PROFILE)
 
 test: install
 	$(BIN)/python -m pytest -q

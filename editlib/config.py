@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -204,7 +205,7 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
     if stage == "report":
         return {"run": config["run"], **({"ablations": config["ablations"]} if config.get("ablations") else {})}
     model = config["model"]
-    loaded = {key: model[key] for key in ("dtype", "device") if key in model}  # how the prepared model is loaded
+    loaded = {key: model[key] for key in ("dtype", "device", "tf32") if key in model}  # how the prepared model is loaded
     part: dict[str, Any] = {"seed": config["seed"], "model": loaded}
     if stage == "prepare_model":
         part["model"] = model
@@ -305,6 +306,12 @@ def sequential_runs(config: dict) -> list[tuple[str, int, int]]:
     overrides = sequential.get("method_batch_sizes", {})
     return [(method, size, sample) for method in sequential["methods"]
             for size in overrides.get(method, sequential["batch_sizes"]) for sample in range(sequential_samples(config))]
+
+
+def state_points(total_edits: int, batch_size: int, downstream_at: Sequence[int]) -> list[int]:
+    """The edit counts in `downstream_at` that a sequential run of `batch_size` reaches (> 0)."""
+    reached = {min(step * batch_size, total_edits) for step in range(1, -(-total_edits // batch_size) + 1)}
+    return sorted(n for n in set(downstream_at) if n in reached)
 
 
 def sequential_samples(config: dict) -> int:

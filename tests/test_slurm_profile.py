@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -35,7 +36,10 @@ elif name == "scontrol":
 """
 
 
-def test_slurm_submission_is_well_formed(tmp_path):
+def submit(tmp_path, until: str, prepared: bool = False):
+    """Run the profile against the stubs up to rule `until`; the sbatch calls' argument lists,
+    the stub log's calls and the result. `prepared`: the toy run's model and data folders exist
+    already, so a job that reads them is submitted first."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stub = bin_dir / "stub"
@@ -46,23 +50,36 @@ def test_slurm_submission_is_well_formed(tmp_path):
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config["run"] = "slurm-stub"
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    if prepared:
+        resources = tmp_path / "resources" / "slurm-stub" / "toy-5L"
+        (resources / "data" / "tasks").mkdir(parents=True)
+        for name in ("records.json", "corpus.jsonl", "summary.json", "train_corpus.txt"):
+            (resources / "data" / name).write_text("{}")
+        (resources / "model").mkdir()
+        os.utime(resources / "model", (time.time() + 60, time.time() + 60))  # newer than its input
     log = tmp_path / "stub.log"
     env = {**os.environ, "SLURM_STUB_LOG": str(log), "PATH": f"{bin_dir}{os.pathsep}{SNAKEMAKE.parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(
         [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--profile", str(REPO / "workflow/profiles/slurm"),
-         "--configfile", "c.yaml", "--until", "prepare_data", "--retries", "0", "--latency-wait", "1",
+         "--configfile", "c.yaml", "--until", until, "--retries", "0", "--latency-wait", "1",
          "--slurm-status-command", "sacct", "--slurm-init-seconds-before-status-checks", "1"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     calls = [json.loads(line) for line in log.read_text().splitlines()]
-    submissions = [call for call in calls if call["cmd"] == "sbatch"]
+    submissions = [shlex.split(" ".join(shlex.quote(a) for a in call["args"])) for call in calls if call["cmd"] == "sbatch"]
+    return submissions, calls, result
+
+
+def test_slurm_submission_is_well_formed(tmp_path):
+    submissions, calls, result = submit(tmp_path, "prepare_data")
     assert len(submissions) == 1, calls
-    argv = shlex.split(" ".join(shlex.quote(a) for a in submissions[0]["args"]))
+    argv = submissions[0]
     text = " ".join(argv)
-    assert "--gres=gpu:1" in argv, text                     # set-resources: prepare_data
-    assert ["-p", "gpu"] == argv[argv.index("-p"):argv.index("-p") + 2]
-    assert ["--mem", "32000"] == argv[argv.index("--mem"):argv.index("--mem") + 2]
-    assert ["-t", "120"] == argv[argv.index("-t"):argv.index("-t") + 2]
+    # set-resources: prepare_data loads no model (a download): the cpu partition, no GPU
+    assert not any(a.startswith("--gres") or a == "--gpus" for a in argv), text
+    assert ["-p", "cpu"] == argv[argv.index("-p"):argv.index("-p") + 2]
+    assert ["--mem", "16000"] == argv[argv.index("--mem"):argv.index("--mem") + 2]
+    assert ["-t", "240"] == argv[argv.index("-t"):argv.index("-t") + 2]
     assert ["-A", "stub_account"] == argv[argv.index("-A"):argv.index("-A") + 2]
     comment = argv[argv.index("--comment") + 1]
     assert "--cpus-per-task=8" in argv and comment.startswith("rule_prepare_data"), text
@@ -72,3 +89,14 @@ def test_slurm_submission_is_well_formed(tmp_path):
     # the job never ran (stub), so snakemake reports the SLURM failure and exits non-zero
     assert result.returncode != 0 and "4242" in result.stdout + result.stderr
     assert not (tmp_path / "resources" / "slurm-stub" / "toy-5L" / "data" / "records.json").exists()
+
+
+def test_a_job_that_loads_the_model_gets_a_gpu(tmp_path):
+    submissions, calls, result = submit(tmp_path, "causal_trace", prepared=True)
+    assert len(submissions) == 1, calls
+    argv = submissions[0]
+    text = " ".join(argv)
+    assert argv[argv.index("--comment") + 1].startswith("rule_causal_trace"), text
+    assert "--gres=gpu:1" in argv, text
+    assert ["-p", "gpu"] == argv[argv.index("-p"):argv.index("-p") + 2]
+    assert ["-t", "180"] == argv[argv.index("-t"):argv.index("-t") + 2]
