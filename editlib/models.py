@@ -142,24 +142,38 @@ def use_tf32(dtype: str | torch.dtype, device: str | torch.device, enabled: bool
     return bool(enabled)
 
 
+def _fp32_precision_flags() -> list[tuple[object, str, object, object]]:
+    """(settings object, attribute, TF32 value, full-fp32 value) of torch's CUDA matmul and cuDNN
+    convolution precision: the fp32_precision API where torch has it (once it is used, reading the
+    legacy allow_tf32 flags raises), else the legacy allow_tf32 flags."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision"):
+        return [(matmul, "fp32_precision", "tf32", "ieee"), (conv.conv, "fp32_precision", "tf32", "ieee")]
+    return [(matmul, "allow_tf32", True, False), (conv, "allow_tf32", True, False)]
+
+
 def set_tf32(allow: bool | None) -> None:
     """Apply use_tf32's decision to torch's CUDA matmul and cuDNN settings (None: unchanged)."""
     if allow is None:
         return
-    torch.backends.cuda.matmul.allow_tf32 = allow
-    torch.backends.cudnn.allow_tf32 = allow
+    for settings, attribute, tf32, full in _fp32_precision_flags():
+        setattr(settings, attribute, tf32 if allow else full)
 
 
 @contextlib.contextmanager
-def full_fp32_matmul() -> Iterator[None]:
-    """Matrix products in full fp32 inside the block (TF32 off), the previous settings after it:
-    for sums whose small terms matter (the statistics' Gram matrices)."""
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+def full_precision_matmul() -> Iterator[None]:
+    """Matrix products in full IEEE fp32 inside the block (TF32 off), the previous settings after
+    it: for sums whose small terms matter (the statistics' Gram matrices), while the model's own
+    forward may run in TF32. CPU products never use TF32: there this changes nothing."""
+    flags = _fp32_precision_flags()
+    before = [getattr(settings, attribute) for settings, attribute, _, _ in flags]
+    for settings, attribute, _, full in flags:
+        setattr(settings, attribute, full)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        for (settings, attribute, _, _), value in zip(flags, before, strict=True):
+            setattr(settings, attribute, value)
 
 
 def load_model(

@@ -16,9 +16,8 @@ downstream task are assumptions too (PROMPT_TOKENS, TASKS). Treat every number a
 size SLURM requests with margin, and replace the assumptions by measurements from the first jobs'
 benchmark files (benchmarks/<run>/...).
 
-All formulas are in this module's "formulas" section; the statistics' memory terms follow the
-design of the per-layer Gram accumulation (statistics_peak_bytes) and are to be reconciled with
-editlib.stats once that lands.
+All formulas are in this module's "formulas" section, but the statistics' memory terms, which
+are the statistics job's own (editlib.stats_memory.statistics_memory).
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from .architectures import HUB_ARCHITECTURES, parameter_count
+from .stats_memory import DTYPE_BYTES, StatisticsMemory, statistics_memory
 from .config import (configured_method, method_name, method_overrides, model_config, model_names,
                      sensitivity_methods, sequential_runs, state_points, statistics_layers, validate_config)
 
@@ -158,9 +158,6 @@ class Dims:
         return (self.layers - layer) * self.layer_params + self.vocab * self.hidden
 
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-
-
 def dims(arch: dict, dtype: str, tf32: bool = True, gpu: Gpu = H100) -> Dims:
     precision = {"float32": "tf32" if tf32 else "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
     d = arch["hidden_size"]
@@ -196,22 +193,16 @@ def activation_bytes(m: Dims, tokens: float, layers: int) -> float:
     return tokens * layers * (4 * m.hidden + 3 * m.intermediate) * 4
 
 
-def statistics_peak_bytes(m: Dims, layers_per_pass: int, batch_tokens: int, stats_dtype_bytes: int = 4) -> dict:
-    """Peak GPU memory terms of the statistics job (the design of per-layer Gram accumulation in
-    the layer's hook, at most one layer's captured input alive): the model's weights, one Gram
-    matrix d_k x d_k per layer of the pass, one layer's captured input (batch_tokens x d_k), and
-    the forward activations of a batch of batch_tokens (no gradients: a few d- and d_k-wide
-    tensors of one block at a time, attention by the fused kernel)."""
-    return {"weights": m.weight_bytes, "grams": layers_per_pass * m.intermediate ** 2 * stats_dtype_bytes,
-            "captured_input": batch_tokens * m.intermediate * 4,
-            "activations": batch_tokens * (3 * m.hidden + 3 * m.intermediate) * m.dtype_bytes}
-
-
-def stats_layers_per_pass(m: Dims, n_layers: int, batch_tokens: int, stats_dtype_bytes: int, gpu: Gpu = H100) -> int:
-    """The most layers one pass over the corpus can accumulate within the GPU's memory."""
-    fixed = statistics_peak_bytes(m, 0, batch_tokens, stats_dtype_bytes)
-    free = (gpu.memory_gib - GPU_OVERHEAD_GIB) * GIB - sum(fixed.values())
-    return max(1, min(n_layers, int(free // (m.intermediate ** 2 * stats_dtype_bytes))))
+def statistics_plan(m: Dims, n_layers: int, batch_tokens: int, acc_dtype: str, layers_per_pass: int | None = None,
+                    gpu: Gpu = H100) -> StatisticsMemory:
+    """The statistics job's memory terms and layers per pass on `gpu`: the formula the job itself
+    uses to group its layers (editlib.stats_memory.statistics_memory), with the GPU's memory less
+    GPU_OVERHEAD_GIB as what it may use."""
+    model_dtype = {"tf32": "float32", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[m.precision]
+    return statistics_memory(intermediate_size=m.intermediate, hidden_size=m.hidden, n_layers=n_layers,
+                             batch_tokens=batch_tokens, model_bytes=m.weight_bytes, model_dtype=model_dtype,
+                             acc_dtype=acc_dtype, available_bytes=int((gpu.memory_gib - GPU_OVERHEAD_GIB) * GIB),
+                             layers_per_pass=layers_per_pass)
 
 
 @dataclass(frozen=True)
@@ -442,18 +433,17 @@ def model_jobs(config: dict, model: str, gpu: Gpu = H100) -> list[Job]:
     uses_stats = bool(experiments["layer_sweep"]["methods"] or sensitivity_methods(config) or _needs(config, "uses_statistics"))
     if uses_stats:
         stats = config["stats"]
-        stats_bytes = DTYPE_BYTES[stats.get("dtype", "float32")]
+        acc_dtype = stats.get("dtype", "float32")
         batch_tokens = stats.get("batch_tokens", 8192)
-        per_pass = stats.get("layers_per_pass") or stats_layers_per_pass(m, len(stat_layers), batch_tokens, stats_bytes, gpu)
-        passes = math.ceil(len(stat_layers) / per_pass)
+        memory = statistics_plan(m, len(stat_layers), batch_tokens, acc_dtype, stats.get("layers_per_pass"), gpu)
+        per_pass, passes = memory.group_size, memory.passes
         tokens = stats["n_samples"] * min(PROMPT_TOKENS["wiki_article"], stats["max_length"])
         cost = Cost().add(passes * forward_flops(m, tokens) + 4 * m.layers * m.hidden * tokens * min(
             PROMPT_TOKENS["wiki_article"], stats["max_length"]) / 2 * passes, m.rate)
-        gram_rate = gpu.tflops["fp64" if stats_bytes == 8 else "fp32"] * 1e12 * ASSUMED_UTILISATION["matmul"]
+        gram_rate = gpu.tflops["fp64" if acc_dtype == "float64" else "fp32"] * 1e12 * ASSUMED_UTILISATION["matmul"]
         cost.add(2 * tokens * m.intermediate ** 2 * len(stat_layers), gram_rate)  # TF32 off for the Grams
         c_bytes = len(stat_layers) * m.intermediate ** 2 * 4
-        jobs.append(Job("statistics", dict(w), gpu_gib=gib(sum(statistics_peak_bytes(m, per_pass, batch_tokens, stats_bytes).values())
-                                                           + GPU_OVERHEAD_GIB * GIB),
+        jobs.append(Job("statistics", dict(w), gpu_gib=gib(memory.peak_bytes + GPU_OVERHEAD_GIB * GIB),
                         host_gib=HOST_BASE_GIB + gib(2 * c_bytes), disk_gib=gib(2 * c_bytes), hours=cost.seconds / 3600,
                         notes=[f"{len(stat_layers)} layers, {passes} pass(es) of {per_pass} layers"]))
     c_layer = m.intermediate ** 2 * 4

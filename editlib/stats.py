@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .corpus import Corpus
 from .io import content_key, load_tensors, save_tensors
-from .models import ModelLayout, StopForward, model_fingerprint, stop_forward_after
+from .models import ModelLayout, StopForward, full_precision_matmul, model_fingerprint, stop_forward_after
 from .stats_memory import statistics_memory
 from .tokens import length_sorted_chunks, pad_right, pad_id
 
@@ -179,32 +179,6 @@ def device_memory_available(device: torch.device) -> int | None:
         return None
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device)
-
-
-@contextlib.contextmanager
-def full_precision_matmul():
-    """Run float32 matmuls inside the block in full IEEE fp32 on CUDA (no TF32), restoring the
-    setting after, so a model that runs its forward in TF32 still accumulates statistics in fp32.
-
-    Uses torch.backends.cuda.matmul.fp32_precision where torch has it (reading the legacy
-    allow_tf32 flag raises once the new API was used), else allow_tf32. CPU matmuls never use
-    TF32, so on CPU this changes nothing.
-    """
-    matmul = torch.backends.cuda.matmul
-    try:
-        previous = matmul.fp32_precision
-        attribute, full = "fp32_precision", "ieee"
-    except AttributeError:
-        previous = matmul.allow_tf32
-        attribute, full = "allow_tf32", False
-    if previous == full:
-        yield
-        return
-    setattr(matmul, attribute, full)
-    try:
-        yield
-    finally:
-        setattr(matmul, attribute, previous)
 
 
 def accumulate_upper_gram(total: torch.Tensor, feats: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ import yaml
 
 from conftest import make_llama
 from editlib.config import stage_config, validate_config
-from editlib.models import full_fp32_matmul, set_tf32, use_tf32
+from editlib.models import full_precision_matmul, set_tf32, use_tf32
 from editlib.pipeline import load_configured_model, prepare_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,28 +101,22 @@ def test_tf32_only_for_float32_models_on_cuda():
     assert use_tf32("float32", "cpu") is None and use_tf32("float32", "mps") is None
 
 
-def test_set_tf32_sets_both_backends_and_none_leaves_them():
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+def test_set_tf32_sets_matmul_and_convolution_precision_and_none_leaves_them():
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
     try:
         set_tf32(True)
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
         set_tf32(None)
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
         set_tf32(False)
-        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
-
-def test_full_fp32_matmul_turns_tf32_off_inside_and_restores_it():
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    try:
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
         set_tf32(True)
-        with full_fp32_matmul():
-            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        with full_precision_matmul():  # the statistics' Gram accumulation inside a TF32 model
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        matmul.fp32_precision, conv.fp32_precision = before
 
 
 def test_model_tf32_reaches_every_job_that_loads_the_model():

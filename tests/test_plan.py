@@ -167,13 +167,13 @@ def test_a_sequential_run_costs_linear_in_its_edits_with_eval_at_and_quadratic_w
 
 def test_statistics_passes_follow_gpu_memory():
     m = plan.dims(HUB_ARCHITECTURES["meta-llama/Meta-Llama-3-8B"], "float32")
-    assert plan.stats_layers_per_pass(m, 32, 16384, 4) == 32  # all 32 layers' Grams fit next to the model
+    assert plan.statistics_plan(m, 32, 16384, "float32").group_size == 32  # all 32 layers' Grams fit next to the model
     small = replace(plan.H100, memory_gib=48.0)
-    per_pass = plan.stats_layers_per_pass(m, 32, 16384, 4, small)
-    assert 1 <= per_pass < 32
-    peak = plan.statistics_peak_bytes(m, per_pass, 16384)
-    assert peak["grams"] == per_pass * 14336 ** 2 * 4 and peak["weights"] == m.params * 4
-    assert sum(peak.values()) / 2 ** 30 + plan.GPU_OVERHEAD_GIB <= small.memory_gib
+    memory = plan.statistics_plan(m, 32, 16384, "float32", gpu=small)
+    assert 1 <= memory.group_size < 32 and memory.passes == -(-32 // memory.group_size)
+    assert memory.gram_bytes == 14336 ** 2 * 4 and memory.model_bytes == m.params * 4
+    assert memory.peak_bytes / 2 ** 30 + plan.GPU_OVERHEAD_GIB <= small.memory_gib
+    assert plan.statistics_plan(m, 32, 16384, "float32", layers_per_pass=4).passes == 8  # stats.layers_per_pass
 
 
 def test_tf32_off_makes_float32_jobs_slower():

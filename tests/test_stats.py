@@ -231,7 +231,7 @@ def tf32_setting():
 
 @pytest.mark.parametrize("api", ["new", "legacy"])
 def test_full_precision_matmul_disables_tf32_and_restores(tf32_setting, api):
-    from editlib.stats import full_precision_matmul
+    from editlib.models import full_precision_matmul
 
     if api == "new":
         tf32_setting.fp32_precision = "tf32"
