@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import assets
-from .config import configured_method, edit_records, method_name, method_overrides
+from .config import CHECKPOINT_MINUTES, configured_method, edit_records, method_name, method_overrides
 from .corpus import load_corpus
 from .downstream import evaluate_downstream, write_mc_task
 from .experiments import (
@@ -354,7 +354,8 @@ def run_sequential(config: dict, method: str, batch_size: int, model_dir, moment
     staging = Path(checkpoint_path).with_suffix(".states")
     points = state_points(total, batch_size, settings.get("downstream_at", []))
     frame, _ = sequential_edits(ctx, requests, spec, batch_size, total, checkpoint_path, eval_at=settings.get("eval_at"),
-                                states={n: staging / f"n{n}.safetensors" for n in points})
+                                states={n: staging / f"n{n}.safetensors" for n in points},
+                                checkpoint_minutes=settings.get("checkpoint_minutes", CHECKPOINT_MINUTES))
     with atomic_dir(states_dir) as final:
         for n in points:
             shutil.copyfile(staging / f"n{n}.safetensors", final / f"n{n}.safetensors")
