@@ -534,7 +534,8 @@ def edited_scores(editor: MendEditor, deltas: dict[str, torch.Tensor], gen: Targ
         missed = torch.zeros(labels.shape, dtype=torch.long, device=device)
         missed[scored] = (logits.detach().argmax(-1) != labels[scored]).long()
         misses[rows] = missed.sum(1)
-        edit_sum += nll.detach().sum()
+        # nll_loss over the (b, T) layout of the (B, V, T) cross entropy: its sum, bit for bit
+        edit_sum += F.nll_loss(-nll.detach()[:, None], torch.where(scored, 0, -100), reduction="sum")
     locality_sum = torch.zeros((), device=device)
     attended_total = loc_mask.sum()
     loc_lengths = loc_mask.sum(1).tolist()
