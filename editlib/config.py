@@ -380,7 +380,9 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
                                               **{k: sensitivity[k] for k in ("batch_sizes",) if k in sensitivity}}
         return part
     # a sequential job's batch size and edit sample are its wildcards; the lists choose which jobs exist
-    part["experiments"][stage] = _job_settings(experiments[stage], *(("batch_sizes", "samples") if stage == "sequential" else ()))
+    # how often the checkpoint is written changes no result: the job script reads it from the whole config
+    part["experiments"][stage] = _job_settings(experiments[stage], *(("batch_sizes", "samples", "checkpoint_minutes")
+                                                                     if stage == "sequential" else ()))
     return part
 
 

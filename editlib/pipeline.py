@@ -341,10 +341,13 @@ def state_points(total_edits: int, batch_size: int, downstream_at: Sequence[int]
 
 
 def run_sequential(config: dict, method: str, batch_size: int, model_dir, moments_path, records_path, sweep_path,
-                   trained_editor, out_path, states_dir, checkpoint_path, sample: int = 0) -> pd.DataFrame:
+                   trained_editor, out_path, states_dir, checkpoint_path, sample: int = 0,
+                   checkpoint_minutes: float | None = None) -> pd.DataFrame:
     """Sequential edits of edit sample `sample`; the edits after each count in `downstream_at`
     are saved under `states_dir` (n<count>.safetensors) for the downstream stage. States are
-    staged beside the checkpoint, so a resumed run keeps those saved before it was killed."""
+    staged beside the checkpoint, so a resumed run keeps those saved before it was killed.
+    The checkpoint is written at most every `checkpoint_minutes` (None: the config's
+    experiments.sequential.checkpoint_minutes, else CHECKPOINT_MINUTES) and after the last batch."""
     settings = config["experiments"]["sequential"]
     records = read_records(config, records_path)
     ctx = load_context(config, model_dir, moments_path, records)
@@ -355,7 +358,8 @@ def run_sequential(config: dict, method: str, batch_size: int, model_dir, moment
     points = state_points(total, batch_size, settings.get("downstream_at", []))
     frame, _ = sequential_edits(ctx, requests, spec, batch_size, total, checkpoint_path, eval_at=settings.get("eval_at"),
                                 states={n: staging / f"n{n}.safetensors" for n in points},
-                                checkpoint_minutes=settings.get("checkpoint_minutes", CHECKPOINT_MINUTES))
+                                checkpoint_minutes=settings.get("checkpoint_minutes", CHECKPOINT_MINUTES)
+                                if checkpoint_minutes is None else checkpoint_minutes)
     with atomic_dir(states_dir) as final:
         for n in points:
             shutil.copyfile(staging / f"n{n}.safetensors", final / f"n{n}.safetensors")

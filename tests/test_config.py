@@ -374,3 +374,15 @@ def test_a_count_or_rate_out_of_range_is_rejected_naming_it(field, value):
     parent = ".".join(parents)
     # the field is named: by its full path, or by its block and its own name
     assert field in message or (parent in message and re.search(rf"\b{last}\b", message)), message
+
+
+def test_the_checkpoint_interval_is_not_a_parameter_of_the_sequential_jobs():
+    """How often a run writes its checkpoint changes none of its numbers: changing it reruns no job."""
+    from editlib.config import stage_config
+
+    changed = copy.deepcopy(DEFAULT)
+    changed["experiments"]["sequential"]["checkpoint_minutes"] = 0
+    validate_config(changed, SCHEMA)
+    for method in DEFAULT["experiments"]["sequential"]["methods"]:
+        assert stage_config(changed, "sequential", method) == stage_config(DEFAULT, "sequential", method)
+    assert "eval_at" in stage_config(DEFAULT, "sequential", "rome")["experiments"]["sequential"]
