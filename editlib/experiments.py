@@ -221,7 +221,8 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
                      total_edits: int, checkpoint_path: str | Path | None = None, downstream: Downstream | None = None,
                      downstream_at: Sequence[int] | None = None, eval_at: Sequence[int] | None = None,
                      states: Mapping[int, str | Path] | None = None, checkpoint_minutes: float = 0.0,
-                     clock: Callable[[], float] = time.monotonic) -> tuple[pd.DataFrame, pd.DataFrame]:
+                     clock: Callable[[], float] = time.monotonic, entropy_records: int | None = None
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Batches of `batch_size` applied one after another without reverting, up to `total_edits`.
 
     After every batch: metrics on the current batch ("current_batch"); on every fact edited so far
@@ -235,8 +236,10 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
     evaluation, sum(eval_at) + N at most; without `eval_at` every batch rescores every fact edited so
     far, N(k+1)/2 in all (quadratic; editlib.config requires eval_at for runs of more than 64
     batches). Generation entropy (ctx.generation_entropy) is computed on the edited-so-far rows
-    only, never on the current-batch rows (those rows' GE is NaN): its generations number the
-    records of those evaluations, times their generation prompts, times 100 tokens.
+    only, never on the current-batch rows (those rows' GE is NaN), over the generation prompts of
+    at most `entropy_records` of the facts edited so far (evenly spaced over the edit order; None:
+    all): 100 sampled tokens per prompt, so at most len(eval_at) x entropy_records x prompts per
+    record generations in a run.
 
     With `checkpoint_path`, the edit state and the rows so far are saved after the first batch
     that ends `checkpoint_minutes` (by `clock`, seconds) after the previous save or the start,
@@ -284,8 +287,11 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
             rows.append(result_row("sequential", ctx, hparams, batch_size, n_edits, step + 1, "current_batch",
                                    records_metrics(ctx, scores, batch, entropy=False), len(batch), kind))
             if whole:
+                metrics = records_metrics(ctx, scores, edited, entropy=False)
+                if ctx.generation_entropy:
+                    metrics["GE"] = generation_entropy(ctx.model, ctx.tokenizer, evenly_spaced(edited, entropy_records))
                 rows.append(result_row("sequential", ctx, hparams, batch_size, n_edits, step + 1, "edited_so_far",
-                                       records_metrics(ctx, scores, edited), len(edited), kind))
+                                       metrics, len(edited), kind))
             if downstream is not None and (downstream_at is None or n_edits in set(downstream_at)):
                 downstream_rows += _downstream_rows(ctx, hparams, batch_size, n_edits, downstream)
             if states and n_edits in states:
@@ -296,6 +302,14 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
     finally:
         editor.close()
     return pd.DataFrame(rows, columns=RESULT_COLUMNS), pd.DataFrame(downstream_rows, columns=DOWNSTREAM_COLUMNS)
+
+
+def evenly_spaced(items: Sequence, n: int | None) -> list:
+    """At most `n` of `items`, evenly spaced (the first included); all of them when n is None or
+    there are no more than n."""
+    if n is None or len(items) <= n:
+        return list(items)
+    return [items[index * len(items) // n] for index in range(n)]
 
 
 def _downstream_rows(ctx, hparams, batch_size, n_edits, downstream: Downstream, experiment: str = "sequential") -> list[dict]:

@@ -359,7 +359,8 @@ def run_sequential(config: dict, method: str, batch_size: int, model_dir, moment
     frame, _ = sequential_edits(ctx, requests, spec, batch_size, total, checkpoint_path, eval_at=settings.get("eval_at"),
                                 states={n: staging / f"n{n}.safetensors" for n in points},
                                 checkpoint_minutes=settings.get("checkpoint_minutes", CHECKPOINT_MINUTES)
-                                if checkpoint_minutes is None else checkpoint_minutes)
+                                if checkpoint_minutes is None else checkpoint_minutes,
+                                entropy_records=config["metrics"].get("generation_entropy_records"))
     with atomic_dir(states_dir) as final:
         for n in points:
             shutil.copyfile(staging / f"n{n}.safetensors", final / f"n{n}.safetensors")

@@ -286,6 +286,9 @@ def test_sequential_evaluation_cost_is_linear_in_the_edits(tiny_llama, llama_tok
         assert len(current) == n and current["GE"].isna().all()
         assert frame.loc[frame["scope"] == "edited_so_far", "GE"].eq(1.0).all()
         assert frame.loc[frame["scope"] == "edited_so_far", "S"].tolist() == [float(k) for k in eval_at]
+    generated.clear()  # GE over at most 4 facts edited so far (evenly spaced) per evaluation
+    sequential_edits(ctx, requests[:64], GraceSpec(layers=(1,)), 1, 64, eval_at=log_spaced_counts(64), entropy_records=4)
+    assert generated == [1, 2, 4, 4, 4, 4, 4]
     scored.clear()
     sequential_edits(ctx, requests[:16], GraceSpec(layers=(1,)), 1, 16)
     assert sum(scored) == sequential_scorings(16, 1, None) == 16 * 17 // 2
