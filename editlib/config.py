@@ -265,7 +265,7 @@ def hub_config(path: str, revision: str | None, source: str = "config") -> tuple
         downloaded = hf_hub_download(path, "config.json", revision=revision)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:  # before EntryNotFoundError, its base
         warnings.warn(f"{source}: model.path: the hub cannot be reached for {path!r}'s config.json ({error}); "
-                      f"its layers are not checked against its depth")
+                      f"its layers are not checked against its depth (HF_HUB_OFFLINE=1 skips the attempt)")
         return None
     except GatedRepoError:
         raise ConfigError(f"{source}: model.path: {path!r} is a gated model: accept its licence on "
