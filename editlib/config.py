@@ -125,26 +125,7 @@ def _check_cross_fields(config: dict, source: str) -> None:
             if used:
                 raise ConfigError(f"{source}: methods.{method}.layers: 'auto' takes the best layer of {method}'s own "
                                   f"layer sweep, but {method} is not in experiments.layer_sweep.methods")
-    train = config["model"].get("train", {}) if config["model"]["source"] == "toyworld" else {}
-    n_layers = train.get("layers")
-    if n_layers is not None:
-        # layers >= mlp_layers of the toy model have no MLP: nothing there for an editor to change
-        editable = train.get("mlp_layers") or n_layers
-        field = "model.train.mlp_layers" if editable < n_layers else "model.train.layers"
-        what = f"the toy model, whose MLPs are in layers 0..{editable - 1} only" if editable < n_layers else \
-            f"a {n_layers}-layer model"
-        for index, layer in enumerate(sweep["layers"]):
-            if layer >= editable:
-                raise ConfigError(f"{source}: experiments.layer_sweep.layers[{index}]: layer {layer} out of range "
-                                  f"for {what} ({field})")
-        for method, block in methods.items():
-            # a method that does not write MLP weights (GRACE wraps the module) may use any layer
-            limit, limit_what, limit_field = (editable, what, field) if configured_method(config, method).writes_mlp else \
-                (n_layers, f"a {n_layers}-layer model", "model.train.layers")
-            for index, layer in enumerate(block.get("layers") if isinstance(block.get("layers"), list) else []):
-                if layer >= limit:
-                    raise ConfigError(f"{source}: methods.{method}.layers[{index}]: layer {layer} out of range "
-                                      f"for {limit_what} ({limit_field})")
+    _check_layers(config, source)
     sequential = experiments["sequential"]
     for index, n in enumerate(sequential.get("downstream_at", [])):
         if n > sequential["total_edits"]:
@@ -162,6 +143,147 @@ def _check_cross_fields(config: dict, source: str) -> None:
             if size > sequential["total_edits"]:
                 raise ConfigError(f"{source}: experiments.sequential.method_batch_sizes.{method}[{index}]: {size} "
                                   f"exceeds total_edits {sequential['total_edits']}")
+
+
+def _check_layers(config: dict, source: str) -> None:
+    """Every layer a config names is a layer of its model: the sweep's layers and the MLP-writing
+    methods' layers have an MLP there, other methods' (GRACE wraps the module) are < the depth."""
+    depth = model_depth(config["model"], source)
+    if depth is None:
+        return
+    methods, sweep = config["methods"], config["experiments"]["layer_sweep"]
+    for index, layer in enumerate(sweep["layers"]):
+        if layer >= depth.editable:
+            raise ConfigError(f"{source}: experiments.layer_sweep.layers[{index}]: layer {layer} out of range for "
+                              f"{depth.editable_what} ({depth.editable_field}); allowed: 0..{depth.editable - 1}")
+    for method, block in methods.items():
+        # a method that does not write MLP weights (GRACE wraps the module) may use any layer
+        writes_mlp = configured_method(config, method).writes_mlp
+        limit = depth.editable if writes_mlp else depth.layers
+        what, where = (depth.editable_what, depth.editable_field) if writes_mlp else (depth.what, depth.field)
+        for index, layer in enumerate(block.get("layers") if isinstance(block.get("layers"), list) else []):
+            if layer >= limit:
+                raise ConfigError(f"{source}: methods.{method}.layers[{index}]: layer {layer} out of range for "
+                                  f"{what} ({where}); allowed: 0..{limit - 1}")
+
+
+# SmolLM2-135M-Instruct (model.source: smollm2, editlib.assets.prepare_smollm2): num_hidden_layers
+SMOLLM2_LAYERS = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDepth:
+    """A model's number of layers, the first `editable` of which have an MLP, and where the numbers
+    come from (for error messages)."""
+
+    layers: int
+    what: str
+    field: str
+    editable: int | None = None
+    editable_what: str | None = None
+    editable_field: str | None = None
+
+    def __post_init__(self):
+        if self.editable is None:
+            object.__setattr__(self, "editable", self.layers)
+            object.__setattr__(self, "editable_what", self.what)
+            object.__setattr__(self, "editable_field", self.field)
+
+
+def model_depth(model: dict, source: str = "config") -> ModelDepth | None:
+    """The depth of model block `model`, read before any job runs.
+
+    toyworld: model.train.layers (and mlp_layers: the layers with an MLP); smollm2: 30; hub: the
+    `num_hidden_layers` (or `n_layer`) of the model's config.json at `model.revision`, read from a
+    local folder `model.path`, else the local Hugging Face cache, else editlib.architectures
+    (revision main only), else downloaded from the hub (config.json only). A gated model the user
+    may not read, an unknown repository or revision raise ConfigError saying how to fix it; when the
+    hub cannot be reached the check is skipped with a warning (returns None): the job loading the
+    model fails with the loader's own error then.
+    """
+    if model["source"] == "toyworld":
+        from .hparams import TrainConfig
+
+        train = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **model.get("train", {})}
+        n_layers = train["layers"]
+        if not isinstance(n_layers, int) or n_layers < 1:
+            return None  # TrainConfig's own check names the field
+        whole = ModelDepth(n_layers, f"a {n_layers}-layer model", "model.train.layers")
+        editable = train.get("mlp_layers") or n_layers
+        if editable >= n_layers:
+            return whole
+        # layers >= mlp_layers of the toy model have no MLP: nothing there for an editor to change
+        return dataclasses.replace(whole, editable=editable, editable_field="model.train.mlp_layers",
+                                   editable_what=f"the toy model, whose MLPs are in layers 0..{editable - 1} only")
+    if model["source"] == "smollm2":
+        return ModelDepth(SMOLLM2_LAYERS, f"SmolLM2-135M-Instruct ({SMOLLM2_LAYERS} layers)", "model.source smollm2")
+    path, revision = model["path"], model.get("revision")
+    found = hub_config(path, revision, source)
+    if found is None:
+        return None
+    fields, origin = found
+    n_layers = fields.get("num_hidden_layers", fields.get("n_layer"))
+    if not isinstance(n_layers, int):
+        import warnings
+
+        warnings.warn(f"{source}: model.path: {origin} has no num_hidden_layers or n_layer; layers not checked")
+        return None
+    at = f"@{revision}" if revision else ""
+    return ModelDepth(n_layers, f"{path}{at}, a {n_layers}-layer model per {origin}", "model.path")
+
+
+def hub_config(path: str, revision: str | None, source: str = "config") -> tuple[dict, str] | None:
+    """(fields of config.json, where they were read) of hub model `path` at `revision`; None (with a
+    warning) when the hub cannot be reached. See `model_depth` for the order of the sources."""
+    import json
+    import warnings
+
+    local = Path(path).expanduser()
+    if local.is_dir():
+        try:
+            return json.loads((local / "config.json").read_text(encoding="utf-8")), f"{local / 'config.json'}"
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"{source}: model.path: {path!r} is a folder without a readable config.json "
+                              f"({error}); give a hub id or a saved model folder") from None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(path, "config.json", revision=revision)
+    except ValueError:  # not a valid repository id
+        raise ConfigError(f"{source}: model.path: {path!r} is neither a local folder nor a hub id "
+                          f"(owner/name)") from None
+    if isinstance(cached, str):
+        return json.loads(Path(cached).read_text(encoding="utf-8")), "the Hugging Face cache's config.json"
+    from .architectures import HUB_ARCHITECTURES
+
+    if path in HUB_ARCHITECTURES and revision in (None, "main"):
+        return HUB_ARCHITECTURES[path], "editlib.architectures.HUB_ARCHITECTURES"
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+
+    try:
+        downloaded = hf_hub_download(path, "config.json", revision=revision)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:  # before EntryNotFoundError, its base
+        warnings.warn(f"{source}: model.path: the hub cannot be reached for {path!r}'s config.json ({error}); "
+                      f"its layers are not checked against its depth (HF_HUB_OFFLINE=1 skips the attempt)")
+        return None
+    except GatedRepoError:
+        raise ConfigError(f"{source}: model.path: {path!r} is a gated model: accept its licence on "
+                          f"https://huggingface.co/{path} and log in (`huggingface-cli login`, or set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise ConfigError(f"{source}: model.revision: {revision!r} is not a commit, branch or tag of {path!r}") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{source}: model.path: no hub model {path!r} (or a private one: log in with "
+                          f"`huggingface-cli login` or set HF_TOKEN)") from None
+    except EntryNotFoundError:
+        raise ConfigError(f"{source}: model.path: hub repository {path!r} has no config.json; not a "
+                          f"transformers model") from None
+    except (HfHubHTTPError, OSError) as error:
+        warnings.warn(f"{source}: model.path: the hub cannot be reached for {path!r}'s config.json ({error}); "
+                      f"its layers are not checked against its depth")
+        return None
+    return json.loads(Path(downloaded).read_text(encoding="utf-8")), "the hub's config.json"
 
 
 def _check_ablations(config: dict, source: str) -> None:
@@ -264,7 +386,9 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
                                               **{k: sensitivity[k] for k in ("batch_sizes",) if k in sensitivity}}
         return part
     # a sequential job's batch size and edit sample are its wildcards; the lists choose which jobs exist
-    part["experiments"][stage] = _job_settings(experiments[stage], *(("batch_sizes", "samples") if stage == "sequential" else ()))
+    # how often the checkpoint is written changes no result: the job script reads it from the whole config
+    part["experiments"][stage] = _job_settings(experiments[stage], *(("batch_sizes", "samples", "checkpoint_minutes")
+                                                                     if stage == "sequential" else ()))
     return part
 
 
@@ -346,7 +470,7 @@ def statistics_layers(config: dict) -> list[int]:
 # Hyperparameters that must be > 0 wherever they appear in a method's block (all others >= 0).
 POSITIVE_HPARAMS = {"v_num_grad_steps", "v_lr", "clamp_norm_factor", "mom2_update_weight", "nullspace_threshold",
                     "eps", "edit_lr", "lr", "lr_lr", "rank", "batch_size", "n_edit_layers", "n_train", "n_eval",
-                    "facts_per_chunk"}
+                    "facts_per_chunk", "n_iter", "steps", "log_every", "n_locality", "grad_clip"}
 
 
 def _check_sign(field: str, key: str, value) -> None:
@@ -439,6 +563,7 @@ def _check_values(config: dict, source: str) -> None:
             if size > batched["n_records"]:
                 raise ConfigError(f"{source}: experiments.batched.batch_sizes[{index}]: {size} exceeds "
                                   f"experiments.batched.n_records {batched['n_records']}")
+    _check_evaluation_cost(config, source)
     for index, n in enumerate(experiments["sequential"].get("eval_at", [])):
         if n > experiments["sequential"]["total_edits"]:
             raise ConfigError(f"{source}: experiments.sequential.eval_at[{index}]: {n} exceeds total_edits "
@@ -470,6 +595,59 @@ def _check_values(config: dict, source: str) -> None:
                 raise ConfigError(f"{source}: downstream.tasks[{index}]: {task!r} is not a task of data.source "
                                   f"{config['data']['source']!r} (those are {sorted(local) or 'none'}); set "
                                   f"downstream.include_defaults: true for lm-evaluation-harness's own tasks")
+
+
+# experiments.sequential.checkpoint_minutes when unset: a sequential run's checkpoint is written at
+# most this often (and after the last batch)
+CHECKPOINT_MINUTES = 10.0
+
+# A sequential run with more batches than this needs experiments.sequential.eval_at.
+MAX_BATCHES_WITHOUT_EVAL_AT = 64
+
+
+def sequential_scorings(total_edits: int, batch_size: int, eval_at: list[int] | None) -> int:
+    """Records a sequential run of `total_edits` edits in batches of `batch_size` scores
+    (editlib.experiments.sequential_edits): each batch's own records, plus every record edited so
+    far after the batches whose count is in `eval_at` and after the last one (every batch when
+    `eval_at` is None: b*k(k+1)/2 for k full batches, quadratic in the edits)."""
+    counts = [min((step + 1) * batch_size, total_edits) for step in range(-(-total_edits // batch_size))]
+    points = set(eval_at) if eval_at is not None else set(counts)
+    evaluated = [n for step, n in enumerate(counts) if n in points or step == len(counts) - 1]
+    current = sum(n - (counts[step - 1] if step else 0) for step, n in enumerate(counts) if n not in evaluated)
+    return current + sum(evaluated)  # an evaluated batch is scored within its edited-so-far pass
+
+
+def log_spaced_counts(total: int, extra: list[int] = ()) -> list[int]:
+    """1, 2, 4, ... below `total`, then `total`, with the positive counts of `extra` (e.g. downstream_at)."""
+    counts = {total, *(n for n in extra if 0 < n <= total)}
+    power = 1
+    while power < total:
+        counts.add(power)
+        power *= 2
+    return sorted(counts)
+
+
+def _check_evaluation_cost(config: dict, source: str) -> None:
+    """Long sequential runs name their evaluation points: without experiments.sequential.eval_at
+    the scoring of every fact edited so far after every batch is quadratic in the edits."""
+    sequential = config["experiments"]["sequential"]
+    if "eval_at" in sequential:
+        return
+    total = sequential["total_edits"]
+    runs = sorted({(size, method) for method, size, _ in sequential_runs(config)})
+    if not runs:
+        return
+    size, method = runs[0]
+    n_batches = -(-total // size)
+    if n_batches <= MAX_BATCHES_WITHOUT_EVAL_AT:
+        return
+    suggestion = log_spaced_counts(total, sequential.get("downstream_at", []))
+    raise ConfigError(
+        f"{source}: experiments.sequential.eval_at: required when a run has more than "
+        f"{MAX_BATCHES_WITHOUT_EVAL_AT} batches: {method} at batch size {size} has {n_batches}, and scoring "
+        f"every fact edited so far after each batch takes {sequential_scorings(total, size, None):,} record "
+        f"scorings ({sequential_scorings(total, size, suggestion):,} with log-spaced counts); set e.g. "
+        f"eval_at: {suggestion}")
 
 
 def method_overrides(config: dict, method: str) -> dict[str, Any]:

@@ -1,14 +1,16 @@
 """The studies' experiments: layer sweep, single edits, batched edits, sequential-batched edits.
 
 Each returns a tidy pandas frame with `tables.RESULT_COLUMNS` (one observation per row). Sequential runs
-checkpoint after every batch into one safetensors file (edit state + rows so far) written
-atomically, and resume from it with bit-identical results.
+checkpoint at most every `checkpoint_minutes` (and after the last batch) into one safetensors file
+(edit state + rows so far) written atomically, and resume from it, replaying the batches after
+it, with bit-identical results.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,11 +80,14 @@ def score_records(ctx: ExperimentContext, requests: Sequence[EditRequest], sessi
         return edit_scores(ctx.model, ctx.tokenizer, requests, share_prompts=session.scores_prompts_once)
 
 
-def records_metrics(ctx: ExperimentContext, scores: pd.DataFrame, requests: Sequence[EditRequest]) -> dict:
-    """Edit metrics of `requests`' rows of `scores` (and GE of the current model when enabled)."""
+def records_metrics(ctx: ExperimentContext, scores: pd.DataFrame, requests: Sequence[EditRequest],
+                    entropy: bool = True) -> dict:
+    """Edit metrics of `requests`' rows of `scores`, and with `entropy` GE of the current model when
+    enabled (ctx.generation_entropy): 100 sampled tokens per generation prompt of every request,
+    the costliest metric by far."""
     cases = {request.case_id for request in requests}
     metrics = edit_metrics(scores[scores["case_id"].isin(cases)])
-    if ctx.generation_entropy:
+    if entropy and ctx.generation_entropy:
         metrics["GE"] = generation_entropy(ctx.model, ctx.tokenizer, requests)
     return metrics
 
@@ -215,7 +220,9 @@ def _load_checkpoint(path: Path, key: str):
 def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hparams, batch_size: int,
                      total_edits: int, checkpoint_path: str | Path | None = None, downstream: Downstream | None = None,
                      downstream_at: Sequence[int] | None = None, eval_at: Sequence[int] | None = None,
-                     states: Mapping[int, str | Path] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                     states: Mapping[int, str | Path] | None = None, checkpoint_minutes: float = 0.0,
+                     clock: Callable[[], float] = time.monotonic, entropy_records: int | None = None
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Batches of `batch_size` applied one after another without reverting, up to `total_edits`.
 
     After every batch: metrics on the current batch ("current_batch"); on every fact edited so far
@@ -223,8 +230,22 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
     last one (default: every batch). `downstream(model, tokenizer)` runs before editing (n_edits 0)
     and after the batches whose cumulative edit count is in `downstream_at` (default: every batch).
     `states` maps cumulative edit counts to paths: the session's edits are saved there (save_state)
-    when the count is reached, for `states_downstream`. With `checkpoint_path`, state is saved
-    after every batch and a rerun resumes from it.
+    when the count is reached, for `states_downstream`.
+
+    Cost: for N edits in k batches the records scored are N plus the edited-so-far count of each
+    evaluation, sum(eval_at) + N at most; without `eval_at` every batch rescores every fact edited so
+    far, N(k+1)/2 in all (quadratic; editlib.config requires eval_at for runs of more than 64
+    batches). Generation entropy (ctx.generation_entropy) is computed on the edited-so-far rows
+    only, never on the current-batch rows (those rows' GE is NaN), over the generation prompts of
+    at most `entropy_records` of the facts edited so far (evenly spaced over the edit order; None:
+    all): 100 sampled tokens per prompt, so at most len(eval_at) x entropy_records x prompts per
+    record generations in a run.
+
+    With `checkpoint_path`, the edit state and the rows so far are saved after the first batch
+    that ends `checkpoint_minutes` (by `clock`, seconds) after the previous save or the start,
+    and after the last batch; 0 saves after every batch. A rerun resumes from the checkpoint and
+    replays the batches after it (the edits, scores and saved `states` come out bit-identical to an
+    uninterrupted run); when a state the checkpoint is past is missing on disk it starts over.
     `hparams` is the spec of any registered method (editlib.methods).
     """
     if total_edits > len(requests):
@@ -240,11 +261,20 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
     start = 0
     resumed = _load_checkpoint(path, key) if path is not None else None
     if resumed is not None:
+        done = min(resumed[1] * batch_size, total_edits)
+        missing = sorted(n for n, state_path in (states or {}).items() if n <= done and not Path(state_path).exists())
+        if missing:
+            log.warning("checkpoint %s is past the edit states for n_edits %s, which are missing; starting over",
+                        path, missing)
+            resumed = None
+    if resumed is not None:
         state, start, rows, downstream_rows = resumed
         editor.load_state_dict(state)
         log.info("resuming %s from batch %d of %d", path, start, len(plan))
     elif downstream is not None:
         downstream_rows += _downstream_rows(ctx, hparams, batch_size, 0, downstream)
+    interval = 60.0 * checkpoint_minutes
+    saved_at = clock()
     try:
         for step in tqdm(range(start, len(plan)), desc=f"{hparams.method} sequential b={batch_size}",
                          disable=not ctx.progress, initial=start, total=len(plan)):
@@ -255,19 +285,31 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
             whole = eval_at is None or n_edits in set(eval_at) or step == len(plan) - 1
             scores = score_records(ctx, edited if whole else batch, editor)  # one pass; the batch is part of it
             rows.append(result_row("sequential", ctx, hparams, batch_size, n_edits, step + 1, "current_batch",
-                                   records_metrics(ctx, scores, batch), len(batch), kind))
+                                   records_metrics(ctx, scores, batch, entropy=False), len(batch), kind))
             if whole:
+                metrics = records_metrics(ctx, scores, edited, entropy=False)
+                if ctx.generation_entropy:
+                    metrics["GE"] = generation_entropy(ctx.model, ctx.tokenizer, evenly_spaced(edited, entropy_records))
                 rows.append(result_row("sequential", ctx, hparams, batch_size, n_edits, step + 1, "edited_so_far",
-                                       records_metrics(ctx, scores, edited), len(edited), kind))
+                                       metrics, len(edited), kind))
             if downstream is not None and (downstream_at is None or n_edits in set(downstream_at)):
                 downstream_rows += _downstream_rows(ctx, hparams, batch_size, n_edits, downstream)
             if states and n_edits in states:
                 save_state(states[n_edits], editor, hparams, "sequential", batch_size, n_edits)
-            if path is not None:
+            if path is not None and (step == len(plan) - 1 or clock() - saved_at >= interval):
                 _save_checkpoint(path, editor, key, step + 1, rows, downstream_rows)
+                saved_at = clock()
     finally:
         editor.close()
     return pd.DataFrame(rows, columns=RESULT_COLUMNS), pd.DataFrame(downstream_rows, columns=DOWNSTREAM_COLUMNS)
+
+
+def evenly_spaced(items: Sequence, n: int | None) -> list:
+    """At most `n` of `items`, evenly spaced (the first included); all of them when n is None or
+    there are no more than n."""
+    if n is None or len(items) <= n:
+        return list(items)
+    return [items[index * len(items) // n] for index in range(n)]
 
 
 def _downstream_rows(ctx, hparams, batch_size, n_edits, downstream: Downstream, experiment: str = "sequential") -> list[dict]:

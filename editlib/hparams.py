@@ -17,6 +17,25 @@ ROME_LENGTHS = ((5, 10), (10, 10))
 LOCATE_AND_EDIT = ("rome", "r-rome", "memit", "emmet", "alphaedit")
 
 
+def check_ranges(owner: str, values: Any, counts: tuple[str, ...] = (), positive: tuple[str, ...] = (),
+                 non_negative: tuple[str, ...] = (), fractions: tuple[str, ...] = ()) -> None:
+    """Raise ValueError naming the first field of `values` (a dataclass) out of its range: `counts`
+    integers >= 1, `positive` numbers > 0, `non_negative` numbers >= 0, `fractions` in [0, 1]."""
+    for name in counts:
+        value = getattr(values, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
+    for name in positive:
+        if not getattr(values, name) > 0:
+            raise ValueError(f"{owner}: {name} must be > 0, got {getattr(values, name)!r}")
+    for name in non_negative:
+        if not getattr(values, name) >= 0:
+            raise ValueError(f"{owner}: {name} must be >= 0, got {getattr(values, name)!r}")
+    for name in fractions:
+        if not 0 <= getattr(values, name) <= 1:
+            raise ValueError(f"{owner}: {name} must be in [0, 1], got {getattr(values, name)!r}")
+
+
 @dataclass(frozen=True)
 class TargetHparams:
     """Hyperparameters of the target optimisation (the names of the published hyperparameter files)."""
@@ -30,6 +49,11 @@ class TargetHparams:
     kl_prompt: str = "{} is a"
     facts_per_chunk: int = 32
     cache_prefix: bool = True
+
+    def __post_init__(self):
+        check_ranges("targets", self, counts=("v_num_grad_steps", "facts_per_chunk"),
+                     positive=("v_lr", "clamp_norm_factor"),
+                     non_negative=("v_weight_decay", "kl_factor", "early_stop_loss"))
 
 
 @dataclass(frozen=True)
@@ -57,6 +81,12 @@ class EditHparams:
             raise ValueError(f"{self.method} edits exactly one layer, got layers={list(self.layers)}")
         if list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be strictly increasing, got {list(self.layers)}")
+        check_ranges(self.method, self, positive=("mom2_update_weight", "nullspace_threshold"),
+                     non_negative=("emmet_lambda", "update_norm_lambda", "l2", "template_seed"))
+        for length, count in self.context_lengths:
+            if length < 1 or count < 0:
+                raise ValueError(f"{self.method}: context_lengths: each (length, count) needs length >= 1 and "
+                                 f"count >= 0, got {[list(pair) for pair in self.context_lengths]}")
 
     @property
     def is_rome(self) -> bool:
@@ -137,8 +167,7 @@ class GraceHparams:
             raise ValueError(f"val_init must be 'cold' or 'warm', got {self.val_init!r}")
         if self.dist != "euc" or self.eps_expand != "coverage":
             raise ValueError("only dist='euc' and eps_expand='coverage' are implemented")
-        if self.eps <= 0 or self.n_iter < 0 or self.edit_lr <= 0:
-            raise ValueError(f"need eps > 0, edit_lr > 0, n_iter >= 0; got {self}")
+        check_ranges("grace", self, counts=("n_iter",), positive=("eps", "edit_lr"), non_negative=("seed",))
 
 
 @dataclass(frozen=True)
@@ -181,8 +210,8 @@ class MendHparams:
 
     def __post_init__(self):
         object.__setattr__(self, "modules", tuple(self.modules))
-        if self.steps < 0 or self.batch_size < 1 or self.rank < 1 or self.n_hidden < 0:
-            raise ValueError(f"invalid MEND hyperparameters: {self}")
+        check_ranges("mend", self, counts=("n_edit_layers", "rank", "steps", "batch_size", "n_locality", "log_every"),
+                     positive=("edit_lr", "lr", "lr_lr", "grad_clip"), non_negative=("n_hidden", "c_edit", "c_loc", "seed"))
 
 
 @dataclass(frozen=True)
@@ -238,6 +267,13 @@ class TrainConfig:
     dialogue_lr: float = 5e-4
 
     def __post_init__(self):
+        check_ranges("train", self, counts=("layers", "hidden", "intermediate", "heads", "vocab_size", "steps",
+                                            "batch_size", "seq_len", "bucket_batches", "max_position_embeddings",
+                                            "threads", "eval_batch_size"),
+                     positive=("lr", "dialogue_lr"), non_negative=("warmup_steps", "weight_decay", "seed", "dialogue_steps"),
+                     fractions=("min_lr_ratio", "recall_threshold"))
+        if self.hidden % self.heads:
+            raise ValueError(f"train: hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         if not 0 <= self.local_layers <= self.layers:
             raise ValueError(f"local_layers must be in [0, layers={self.layers}], got {self.local_layers}")
         if self.mlp_layers is not None and not 1 <= self.mlp_layers <= self.layers:

@@ -15,6 +15,13 @@ Training (outer loop, Adam on g and alpha): per step a batch of edit requests is
          + c_loc  * KL(p(. | locality prompt; W) || p(. | locality prompt; W'))
 The locality prompts are each request's neighborhood prompts, or other training records' prompts.
 
+Memory: no pass builds (rows x positions x vocab) logits. The rows of a batch run in consecutive
+chunks of at most `LOGIT_TOKENS` (padded) positions, and the output head runs only on the positions
+a loss reads (the target tokens; the locality prompts' attended positions); gradients are
+accumulated chunk by chunk. So the largest logits tensor holds LOGIT_TOKENS x vocab floats (about
+1 GB in float32 for Llama-3's 128,256 tokens) whatever the number of edits; the results equal the
+unchunked computation up to float rounding.
+
 Deviation from the reference: the sign. The reference adds alpha * g(grad) and relies on training
 to flip it; here a fresh hypernetwork is gradient descent, as the paper writes W' = W - alpha * ...
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,10 +43,10 @@ from torch import nn
 
 from editlib.hparams import MendHparams, MendSpec  # noqa: F401  (defined there)
 from editlib.io import load_tensors, save_tensors
-from editlib.models import model_fingerprint, model_layout, module_dims, weight_layout
+from editlib.models import lm_head, model_fingerprint, model_layout, module_dims, weight_layout
 from editlib.records import EditRequest
 from editlib.session import EditSession
-from editlib.tokens import TargetBatch, pad_id, pad_right, prompt_ids, target_argmax_correct, target_batch, target_nll
+from editlib.tokens import TargetBatch, pad_id, pad_right, prompt_ids, target_batch
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,6 +66,39 @@ def batch_target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100)
 
 
+# Padded token positions per forward chunk (editlib.mend's memory note): the logits of a chunk are
+# at most LOGIT_TOKENS x vocab floats.
+LOGIT_TOKENS = 2048
+
+
+def row_chunks(lengths: Sequence[int], max_tokens: int | None = None) -> list[slice]:
+    """Consecutive row ranges in which (rows x the longest row) <= max_tokens (default
+    LOGIT_TOKENS), one row at least."""
+    max_tokens = LOGIT_TOKENS if max_tokens is None else max_tokens
+    chunks, start, width = [], 0, 0
+    for row, length in enumerate(lengths):
+        width_with = max(width, int(length))
+        if row > start and (row - start + 1) * width_with > max_tokens:
+            chunks.append(slice(start, row))
+            start, width_with = row, int(length)
+        width = width_with
+    if len(lengths):
+        chunks.append(slice(start, len(lengths)))
+    return chunks
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) NLL of each label under its row of logits (N, V), in float32. Computed in the (1, V, N)
+    layout that `batch_target_nll` and editlib.tokens.target_nll use on (B, T, V) logits, so the
+    values and their gradients equal theirs bit for bit."""
+    return F.cross_entropy(logits.float()[None].transpose(1, 2), labels[None], reduction="none")[0]
+
+
+def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) final-norm hidden states: the model without its output head."""
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
 class Factors(NamedTuple):
     """Rank-one gradient factors of one module: u (N, d_in), delta (N, d_out), rows (N,) batch row per token."""
 
@@ -67,7 +108,8 @@ class Factors(NamedTuple):
 
 
 def gradient_factors(
-    model: nn.Module, module_names: Sequence[str], batch: TargetBatch, separately: bool = False
+    model: nn.Module, module_names: Sequence[str], batch: TargetBatch, separately: bool = False,
+    max_tokens: int | None = None,
 ) -> dict[str, Factors]:
     """Per module, the rank-one factors of grad_W of the edit loss.
 
@@ -76,37 +118,51 @@ def gradient_factors(
     sum_t delta_t u_t^T then equals grad_W (W as (d_out, d_in)). Factors are float32 and detached;
     tokens where either factor is zero are dropped. Model parameters need not require grad:
     an edited module's output that is not yet in a graph is made a leaf, never detached from one.
+    Rows run in `row_chunks(max_tokens)` (rows do not interact, so each chunk's share of the loss
+    gives its tokens' factors), with logits at the target positions only.
     """
-    inputs: dict[str, torch.Tensor] = {}
-    outputs: dict[str, torch.Tensor] = {}
+    head = lm_head(model)
+    targets = batch.labels != -100
+    total = targets.sum()  # the joint loss's normaliser
+    counts = targets.sum(1).clamp(min=1)  # each row's, for `separately`
+    lengths = batch.attention_mask.sum(1).tolist()
+    pieces: dict[str, list[Factors]] = {name: [] for name in module_names}
+    for rows in row_chunks(lengths, max_tokens):
+        width = max(lengths[rows])
+        input_ids, mask = batch.input_ids[rows, :width], batch.attention_mask[rows, :width]
+        labels = batch.labels[rows, :width]
+        inputs: dict[str, torch.Tensor] = {}
+        outputs: dict[str, torch.Tensor] = {}
 
-    def hook(module, args, output, name):
-        inputs[name] = args[0].detach()
-        # keep the graph (later edited modules sit on paths from earlier ones); start one if frozen
-        outputs[name] = output if output.requires_grad else output.detach().requires_grad_(True)
-        return outputs[name]
+        def hook(module, args, output, name):
+            inputs[name] = args[0].detach()
+            # keep the graph (later edited modules sit on paths from earlier ones); start one if frozen
+            outputs[name] = output if output.requires_grad else output.detach().requires_grad_(True)
+            return outputs[name]
 
-    handles = [
-        model.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name))
-        for name in module_names
-    ]
-    try:
-        with torch.enable_grad():
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-            loss = target_nll(logits, batch.labels).sum() if separately else batch_target_nll(logits, batch.labels)
-            grads = torch.autograd.grad(loss, [outputs[name] for name in module_names])
-    finally:
-        for handle in handles:
-            handle.remove()
-    n_rows, length = batch.input_ids.shape
-    rows = torch.arange(n_rows, device=batch.input_ids.device).repeat_interleave(length)  # (B*T,)
-    factors = {}
-    for name, grad in zip(module_names, grads):
-        u = inputs[name].reshape(n_rows * length, -1).float()  # (B*T, d_in)
-        delta = grad.reshape(n_rows * length, -1).float()  # (B*T, d_out)
-        keep = (u != 0).any(1) & (delta != 0).any(1)
-        factors[name] = Factors(u[keep], delta[keep], rows[keep])
-    return factors
+        handles = [
+            model.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name))
+            for name in module_names
+        ]
+        try:
+            with torch.enable_grad():
+                hidden = final_hidden_states(model, input_ids, mask)
+                scored = labels != -100
+                nll = torch.zeros(labels.shape, device=labels.device)
+                nll[scored] = token_nll(head(hidden[scored]), labels[scored])  # (b, T), 0 off the targets
+                loss = (nll.sum(1) / counts[rows]).sum() if separately else nll.sum() / total
+                grads = torch.autograd.grad(loss, [outputs[name] for name in module_names])
+        finally:
+            for handle in handles:
+                handle.remove()
+        n_rows = input_ids.shape[0]
+        row_ids = torch.arange(rows.start, rows.stop, device=input_ids.device).repeat_interleave(width)  # (b*T,)
+        for name, grad in zip(module_names, grads):
+            u = inputs[name].reshape(n_rows * width, -1).float()  # (b*T, d_in)
+            delta = grad.reshape(n_rows * width, -1).float()  # (b*T, d_out)
+            keep = (u != 0).any(1) & (delta != 0).any(1)
+            pieces[name].append(Factors(u[keep], delta[keep], row_ids[keep]))
+    return {name: Factors(*(torch.cat(parts) for parts in zip(*chunks))) for name, chunks in pieces.items()}
 
 
 @contextlib.contextmanager
@@ -431,32 +487,92 @@ def prompt_batch(tokenizer, texts: Sequence[str], device) -> tuple[torch.Tensor,
     return batch.input_ids.to(device), batch.attention_mask.to(device)
 
 
-def edited_logits(editor: MendEditor, requests, loc_texts, loc_owners, separately: bool, update_stats: bool = False):
-    """Edit `requests` (jointly, or each on its own) and return the generalisation batch, its
-    post-edit logits, and pre/post-edit logits and mask of the locality prompts."""
-    model = editor.model
-    deltas = editor.module_deltas(requests, separately=separately, update_stats=update_stats)
+class EditedScores(NamedTuple):
+    """What the losses and metrics read of the edited model: per generalisation row, the mean
+    target NLL and whether every target token is the argmax; the mean NLL over all their target
+    tokens (L_edit); the mean locality KL over the locality prompts' attended positions (L_loc)."""
+
+    row_nll: torch.Tensor
+    row_correct: torch.Tensor
+    edit_nll: torch.Tensor
+    locality_kl: torch.Tensor
+
+
+def edited_scores(editor: MendEditor, deltas: dict[str, torch.Tensor], gen: TargetBatch, gen_owners: torch.Tensor,
+                  loc_ids: torch.Tensor, loc_mask: torch.Tensor, loc_owners: torch.Tensor | None,
+                  weights: tuple[float, float] | None = None, max_tokens: int | None = None) -> EditedScores:
+    """Scores of the model with `deltas` added: joint (d_out, d_in) deltas, or per-request deltas
+    (R, d_out, d_in) that row b of the generalisation batch (locality prompts) reads at
+    gen_owners[b] (loc_owners[b]).
+
+    Rows run in `row_chunks(max_tokens)`, the head only on the scored positions. With `weights`
+    (c_edit, c_loc), the gradient of c_edit * L_edit + c_loc * L_loc is accumulated, chunk by
+    chunk, into the .grad of the deltas (leaves that require grad); else nothing is differentiated.
+    """
+    model, head = editor.model, lm_head(editor.model)
+    per_request = any(delta.dim() == 3 for delta in deltas.values())
+    train = weights is not None
+    leaves = list(deltas.values())
+    targets = gen.labels != -100
+    total_targets = targets.sum()
+    device = gen.input_ids.device
+    nll_sum = torch.zeros(len(gen.input_ids), device=device)
+    misses = torch.zeros(len(gen.input_ids), dtype=torch.long, device=device)
+    edit_sum = torch.zeros((), device=device)
+    gen_lengths = gen.attention_mask.sum(1).tolist()
+    for rows in row_chunks(gen_lengths, max_tokens):
+        width = max(gen_lengths[rows])
+        labels = gen.labels[rows, :width]
+        scored = labels != -100
+        with torch.set_grad_enabled(train), added_deltas(model, deltas, rows=gen_owners[rows] if per_request else None):
+            hidden = final_hidden_states(model, gen.input_ids[rows, :width], gen.attention_mask[rows, :width])
+            logits = head(hidden[scored])  # (target tokens of the chunk, V)
+            nll = torch.zeros(labels.shape, device=device)
+            nll[scored] = token_nll(logits, labels[scored])  # (b, T), 0 off the targets
+            if train:
+                torch.autograd.backward(nll.sum() / total_targets * weights[0], inputs=leaves)
+        nll_sum[rows] = nll.detach().sum(1)
+        missed = torch.zeros(labels.shape, dtype=torch.long, device=device)
+        missed[scored] = (logits.detach().argmax(-1) != labels[scored]).long()
+        misses[rows] = missed.sum(1)
+        # nll_loss over the (b, T) layout of the (B, V, T) cross entropy: its sum, bit for bit
+        edit_sum += F.nll_loss(-nll.detach()[:, None], torch.where(scored, 0, -100), reduction="sum")
+    locality_sum = torch.zeros((), device=device)
+    attended_total = loc_mask.sum()
+    loc_lengths = loc_mask.sum(1).tolist()
+    for rows in row_chunks(loc_lengths, max_tokens):
+        width = max(loc_lengths[rows])
+        ids, mask = loc_ids[rows, :width], loc_mask[rows, :width]
+        attended = mask.bool()
+        with torch.no_grad():
+            base = F.log_softmax(head(final_hidden_states(model, ids, mask)[attended]).float(), -1)  # (positions, V)
+        with torch.set_grad_enabled(train), \
+                added_deltas(model, deltas, rows=loc_owners[rows] if per_request else None):
+            post = F.log_softmax(head(final_hidden_states(model, ids, mask)[attended]).float(), -1)
+            kl = (base.exp() * (base - post)).sum(-1).sum()
+            if train:
+                torch.autograd.backward(kl / attended_total * weights[1], inputs=leaves)
+        locality_sum += kl.detach()
+    counts = targets.sum(1).clamp(min=1)
+    return EditedScores(nll_sum / counts, misses == 0, edit_sum / total_targets, locality_sum / attended_total)
+
+
+def mend_step(editor: MendEditor, requests: Sequence[EditRequest], loc_texts: Sequence[str],
+              max_tokens: int | None = None) -> tuple[list[torch.Tensor], float, float, float]:
+    """One training step's gradients of c_edit * L_edit + c_loc * L_loc after one joint edit of
+    `requests` with respect to the hypernetwork's parameters (network, then alphas), and
+    (L_edit, L_loc, edit success). The losses' gradients with respect to the weight deltas are
+    accumulated chunk by chunk, then carried into the hypernetwork in one backward pass."""
+    hparams, hypernet = editor.hparams, editor.hypernet
+    deltas = editor.module_deltas(requests, update_stats=True)  # differentiable in the hypernetwork
+    leaves = {name: delta.detach().requires_grad_(True) for name, delta in deltas.items()}
     gen, gen_owners = generalisation_batch(editor, requests)
     loc_ids, loc_mask = prompt_batch(editor.tokenizer, loc_texts, gen.input_ids.device)
-    with torch.no_grad():
-        base_loc = model(input_ids=loc_ids, attention_mask=loc_mask, use_cache=False).logits
-    loc_rows = torch.as_tensor(loc_owners, device=loc_ids.device) if separately else None
-    with added_deltas(model, deltas, rows=gen_owners if separately else None):
-        gen_logits = model(input_ids=gen.input_ids, attention_mask=gen.attention_mask, use_cache=False).logits
-    with added_deltas(model, deltas, rows=loc_rows):
-        post_loc = model(input_ids=loc_ids, attention_mask=loc_mask, use_cache=False).logits
-    return gen, gen_owners, gen_logits, base_loc, post_loc, loc_mask
-
-
-def mend_step_losses(editor: MendEditor, requests: Sequence[EditRequest], loc_texts: Sequence[str]):
-    """(L_edit, L_loc, edit success) after one joint edit of `requests` (differentiable in the hypernet)."""
-    gen, _, gen_logits, base_loc, post_loc, loc_mask = edited_logits(
-        editor, requests, loc_texts, None, separately=False, update_stats=True
-    )
-    l_edit = batch_target_nll(gen_logits, gen.labels)
-    l_loc = locality_kl(base_loc, post_loc, loc_mask)
-    success = target_argmax_correct(gen_logits.detach(), gen.labels).float().mean()
-    return l_edit, l_loc, success
+    scores = edited_scores(editor, leaves, gen, gen_owners, loc_ids, loc_mask, None,
+                           weights=(hparams.c_edit, hparams.c_loc), max_tokens=max_tokens)
+    params = [p for name, p in hypernet.named_parameters() if name != "edit_lrs"] + [hypernet.edit_lrs]
+    grads = torch.autograd.grad(list(deltas.values()), params, grad_outputs=[leaves[name].grad for name in deltas])
+    return list(grads), float(scores.edit_nll), float(scores.locality_kl), float(scores.row_correct.float().mean())
 
 
 def train_mend(
@@ -487,14 +603,13 @@ def train_mend(
             break
         requests = rng.sample(list(train_requests), min(hparams.batch_size, len(train_requests)))
         loc_texts = locality_prompts(requests, train_requests, hparams.n_locality, rng)
-        l_edit, l_loc, success = mend_step_losses(editor, requests, loc_texts)
-        loss = hparams.c_edit * l_edit + hparams.c_loc * l_loc
-        for param, grad in zip(params, torch.autograd.grad(loss, params)):
+        grads, l_edit, l_loc, success = mend_step(editor, requests, loc_texts)
+        for param, grad in zip(params, grads):
             param.grad = grad
         torch.nn.utils.clip_grad_norm_(params, hparams.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        recent.append((float(l_edit.detach()), float(l_loc.detach()), float(success)))
+        recent.append((l_edit, l_loc, success))
     return editor
 
 
@@ -507,24 +622,47 @@ def training_row(step: int, hypernet: MendHypernet, recent: list[tuple[float, fl
     return {**row, **held_out}
 
 
-def evaluate_mend(editor: MendEditor, requests: Sequence[EditRequest]) -> dict[str, float]:
-    """Held-out metrics, each request edited on its own (one batched pass; weights untouched):
+# Floats of the per-request weight deltas one evaluation pass holds (1 GiB in float32): held-out
+# requests are edited in groups of at most this many (R, d_out, d_in) floats over all edited modules.
+DELTA_FLOATS = 2**28
+
+
+def evaluate_mend(editor: MendEditor, requests: Sequence[EditRequest], max_tokens: int | None = None,
+                  max_delta_floats: int | None = None) -> dict[str, float]:
+    """Held-out metrics, each request edited on its own (batched passes; weights untouched):
     edit_nll (mean target NLL on the edit prompt), edit_success / paraphrase_success (every target
-    token is the teacher-forced argmax), locality_kl (KL on one neighborhood prompt per request)."""
+    token is the teacher-forced argmax), locality_kl (KL on one neighborhood prompt per request).
+
+    Each request's own deltas are (d_out, d_in) per edited module (Llama-3-8B's down_proj: 235 MB
+    in float32), so the requests run in groups whose deltas stay within `max_delta_floats`
+    (default DELTA_FLOATS); one group gives the numbers of one pass bit for bit.
+    """
     if not requests:
         return {}
     rng = random.Random(0)
     loc_texts = [locality_prompts([r], requests, 1, rng)[0] for r in requests]
-    with torch.no_grad():
-        gen, owners, logits, base_loc, post_loc, loc_mask = edited_logits(
-            editor, requests, loc_texts, list(range(len(requests))), separately=True
-        )
-    first = torch.ones_like(owners, dtype=torch.bool)
-    first[1:] = owners[1:] != owners[:-1]  # the edit prompt is each request's first row
-    correct = target_argmax_correct(logits, gen.labels).float()
+    per_request = sum(math.prod(module_dims(editor.model.get_submodule(name))) for name in editor.hypernet.module_names)
+    group = max(1, (DELTA_FLOATS if max_delta_floats is None else max_delta_floats) // per_request)
+    edit_nll, edit_correct, paraphrase_correct, kl_sum, attended = [], [], [], 0.0, 0
+    for start in range(0, len(requests), group):
+        part = list(requests[start:start + group])
+        with torch.no_grad():
+            deltas = editor.module_deltas(part, separately=True)
+            gen, owners = generalisation_batch(editor, part)
+            loc_ids, loc_mask = prompt_batch(editor.tokenizer, loc_texts[start:start + group], gen.input_ids.device)
+            scores = edited_scores(editor, deltas, gen, owners, loc_ids, loc_mask,
+                                   torch.arange(len(part), device=loc_ids.device), max_tokens=max_tokens)
+        first = torch.ones_like(owners, dtype=torch.bool)
+        first[1:] = owners[1:] != owners[:-1]  # the edit prompt is each request's first row
+        correct = scores.row_correct.float()
+        edit_nll.append(scores.row_nll[first])
+        edit_correct.append(correct[first])
+        paraphrase_correct.append(correct[~first])
+        kl_sum, attended = kl_sum + scores.locality_kl * loc_mask.sum(), attended + loc_mask.sum()
+    paraphrases = torch.cat(paraphrase_correct)
     return {
-        "edit_nll": float(target_nll(logits, gen.labels)[first].mean()),
-        "edit_success": float(correct[first].mean()),
-        "paraphrase_success": float(correct[~first].mean()) if (~first).any() else float("nan"),
-        "locality_kl": float(locality_kl(base_loc, post_loc, loc_mask)),
+        "edit_nll": float(torch.cat(edit_nll).mean()),
+        "edit_success": float(torch.cat(edit_correct).mean()),
+        "paraphrase_success": float(paraphrases.mean()) if len(paraphrases) else float("nan"),
+        "locality_kl": float(kl_sum / attended) if len(edit_nll) > 1 else float(scores.locality_kl),
     }

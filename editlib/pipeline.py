@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import assets
-from .config import configured_method, edit_records, method_name, method_overrides, state_points
+from .config import CHECKPOINT_MINUTES, configured_method, edit_records, method_name, method_overrides, state_points
 from .corpus import load_corpus, read_prepared, sample_hf, write_corpus
 from .downstream import evaluate_downstream, write_mc_task
 from .experiments import (
@@ -362,10 +362,13 @@ def run_batched(config: dict, method: str, model_dir, moments_path, records_path
 
 
 def run_sequential(config: dict, method: str, batch_size: int, model_dir, moments_path, records_path, sweep_path,
-                   trained_editor, out_path, states_dir, checkpoint_path, sample: int = 0) -> pd.DataFrame:
+                   trained_editor, out_path, states_dir, checkpoint_path, sample: int = 0,
+                   checkpoint_minutes: float | None = None) -> pd.DataFrame:
     """Sequential edits of edit sample `sample`; the edits after each count in `downstream_at`
     are saved under `states_dir` (n<count>.safetensors) for the downstream stage. States are
-    staged beside the checkpoint, so a resumed run keeps those saved before it was killed."""
+    staged beside the checkpoint, so a resumed run keeps those saved before it was killed.
+    The checkpoint is written at most every `checkpoint_minutes` (None: the config's
+    experiments.sequential.checkpoint_minutes, else CHECKPOINT_MINUTES) and after the last batch."""
     settings = config["experiments"]["sequential"]
     records = read_records(config, records_path)
     layers = method_layers(config, method, sweep_path)
@@ -376,7 +379,10 @@ def run_sequential(config: dict, method: str, batch_size: int, model_dir, moment
     staging = Path(checkpoint_path).with_suffix(".states")
     points = state_points(total, batch_size, settings.get("downstream_at", []))
     frame, _ = sequential_edits(ctx, requests, spec, batch_size, total, checkpoint_path, eval_at=settings.get("eval_at"),
-                                states={n: staging / f"n{n}.safetensors" for n in points})
+                                states={n: staging / f"n{n}.safetensors" for n in points},
+                                checkpoint_minutes=settings.get("checkpoint_minutes", CHECKPOINT_MINUTES)
+                                if checkpoint_minutes is None else checkpoint_minutes,
+                                entropy_records=config["metrics"].get("generation_entropy_records"))
     with atomic_dir(states_dir) as final:
         for n in points:
             shutil.copyfile(staging / f"n{n}.safetensors", final / f"n{n}.safetensors")

@@ -33,7 +33,7 @@ import yaml
 
 from .architectures import HUB_ARCHITECTURES, parameter_count
 from .stats_memory import DTYPE_BYTES, StatisticsMemory, statistics_memory
-from .config import (configured_method, method_name, method_overrides, model_config, model_names,
+from .config import (CHECKPOINT_MINUTES, configured_method, method_name, method_overrides, model_config, model_names,
                      sensitivity_methods, sequential_runs, state_points, statistics_layers, validate_config)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -508,7 +508,7 @@ def model_jobs(config: dict, model: str, gpu: Gpu = H100) -> list[Job]:
         jobs.append(edit_job("batched_edits", {**w, "method": block}, block, facts, n_batches, facts, n_batches, 0, states))
     sequential = experiments["sequential"]
     total, eval_at = sequential["total_edits"], sequential.get("eval_at")
-    checkpoint_minutes = sequential.get("checkpoint_minutes", 30)
+    checkpoint_minutes = sequential.get("checkpoint_minutes", CHECKPOINT_MINUTES)
     for block, size, sample in sequential_runs(config):
         e = blocks[block]
         n_batches = math.ceil(total / size)
@@ -518,8 +518,11 @@ def model_jobs(config: dict, model: str, gpu: Gpu = H100) -> list[Job]:
         points = state_points(total, size, sequential.get("downstream_at", []))
         state = state_bytes(m, e, total)
         disk = 2 * len(points) * state + state  # staged and final states, the checkpoint
+        # generation entropy: on the edited-so-far evaluations only, of at most generation_entropy_records facts each
+        ge_cap = config["metrics"].get("generation_entropy_records") or total
+        ge_records = sum(min(n, ge_cap) for n in whole)
         job = edit_job("sequential_edits", {**w, "method": block, "batch_size": size, "sample": sample}, block, total,
-                       n_batches, scorings, n_batches + len(whole), scorings, disk,
+                       n_batches, scorings, n_batches + len(whole), ge_records, disk,
                        note=None if eval_at else "no eval_at: every batch scores all edits so far (quadratic)")
         job.host_gib += gib(2 * state)  # a checkpoint staged on the host
         writes = max(1, job.hours * 60 / checkpoint_minutes) if checkpoint_minutes else n_batches
@@ -582,7 +585,7 @@ def profile_resources(profile_dir: str | Path) -> tuple[dict, int]:
 RESUME_OVERHEAD_MIN = 15
 
 
-def fit(job: Job, resources: Resources, retries: int, gpu: Gpu = H100, checkpoint_minutes: float = 30) -> list[str]:
+def fit(job: Job, resources: Resources, retries: int, gpu: Gpu = H100, checkpoint_minutes: float = CHECKPOINT_MINUTES) -> list[str]:
     """Why `job` does not fit its SLURM request (empty: it fits); sets job.attempts for a
     resumable job that needs several."""
     problems = []
@@ -615,7 +618,7 @@ def format_plan(config: dict, jobs: list[Job], profile: tuple[dict, int] | None 
              + "; token counts per prompt and per lm-eval task assumed (editlib/plan.py).", ""]
     header = f"{'job':<48} {'GPU GiB':>8} {'host GiB':>9} {'disk GiB':>9} {'hours':>8} {'tries':>5}  notes"
     problems_total = []
-    checkpoint_minutes = config["experiments"]["sequential"].get("checkpoint_minutes", 30)
+    checkpoint_minutes = config["experiments"]["sequential"].get("checkpoint_minutes", CHECKPOINT_MINUTES)
     by_rule: dict[str, list[Job]] = {}
     for job in jobs:
         by_rule.setdefault(job.rule, []).append(job)
@@ -667,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_plan(config, jobs, profile))
     if profile is not None:
         resources, retries = profile
-        checkpoint_minutes = config["experiments"]["sequential"].get("checkpoint_minutes", 30)
+        checkpoint_minutes = config["experiments"]["sequential"].get("checkpoint_minutes", CHECKPOINT_MINUTES)
         if any(fit(job, resources[job.rule], retries, H100, checkpoint_minutes) for job in jobs):
             return 1
     return 0

@@ -1,6 +1,9 @@
 """A small sequential-editing job (run as a subprocess by test_resume.py).
 
-usage: sequential_job.py METHOD CHECKPOINT OUT_CSV
+usage: sequential_job.py METHOD CHECKPOINT OUT_CSV [CHECKPOINT_MINUTES]
+
+With CHECKPOINT_MINUTES, the run's clock advances one minute per reading (so checkpoints fall
+every few batches, whatever the machine's speed); without, the checkpoint is written after every batch.
 """
 
 import sys
@@ -9,6 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # this checkout's editlib, whatever is installed
 torch.set_num_threads(1)
 
 from conftest import corpus_sentences, make_llama, make_requests  # noqa: E402
@@ -20,7 +24,18 @@ from editlib.stats import collect_second_moments  # noqa: E402
 from editlib.vocab import train_bpe_tokenizer  # noqa: E402
 
 
-def main(method: str, checkpoint: str, out_csv: str) -> None:
+class MinutePerReading:
+    """A clock that advances 60 seconds each time it is read."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __call__(self) -> float:
+        self.seconds += 60.0
+        return self.seconds
+
+
+def main(method: str, checkpoint: str, out_csv: str, checkpoint_minutes: str | None = None) -> None:
     corpus = corpus_sentences()
     tokenizer = train_bpe_tokenizer(corpus, vocab_size=600, add_bos=True)
     model = make_llama(tokenizer, layers=2)
@@ -32,7 +47,10 @@ def main(method: str, checkpoint: str, out_csv: str) -> None:
         threshold = float(torch.linalg.eigvalsh(ctx.second_moments[0].double())[96])
         spec = make_hparams(method, layers=(0, 1), targets={"v_num_grad_steps": 6}, mom2_update_weight=1.0,
                             nullspace_threshold=threshold, l2=1e-2)
-    frame, _ = sequential_edits(ctx, make_requests(6), spec, batch_size=1, total_edits=6, checkpoint_path=checkpoint)
+    timing = {} if checkpoint_minutes is None else {"checkpoint_minutes": float(checkpoint_minutes),
+                                                     "clock": MinutePerReading()}
+    frame, _ = sequential_edits(ctx, make_requests(6), spec, batch_size=1, total_edits=6, checkpoint_path=checkpoint,
+                                **timing)
     frame.to_csv(out_csv, index=False)
 
 

@@ -5,6 +5,7 @@ here each case mutates the shipped default config and expects ConfigError with t
 """
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -112,6 +113,19 @@ INVALID = {
                              r"experiments\.sensitivity\.grid\.grace: the sensitivity stage sweeps locate-and-edit"),
     "samples beyond the world's records": (_set("experiments.sequential.samples", 10),
                                            r"experiments\.sequential\.total_edits \(x samples\): 1280 records needed, the toy world .* 1200"),
+    # 128 batches of one edit, each rescoring all facts edited so far: 1 + 2 + ... + 128 records
+    "a long sequential run without eval_at": (_drop("experiments.sequential.eval_at"),
+                                              r"experiments\.sequential\.eval_at: required when a run has more than 64 batches: "
+                                              r"alphaedit at batch size 1 has 128, .* takes 8,256 record scorings .* eval_at: \[1, 2, 4, 8, 16, 32, 64, 128\]"),
+    "negative checkpoint interval": (_set("experiments.sequential.checkpoint_minutes", -1),
+                                     r"experiments\.sequential\.checkpoint_minutes: -1 is less than the minimum of 0"),
+    "empty model revision": (_set("model.revision", ""), r"model\.revision: '' should be non-empty"),
+    "zero GRACE iterations": (_set("methods.grace.n_iter", 0), r"methods\.grace\.n_iter: 0 must be > 0"),
+    "zero MEND training steps": (_set("methods.mend.hparams", {"steps": 0}), r"methods\.mend\.hparams\.steps: 0 must be > 0"),
+    "zero target steps": (_set("methods.memit.targets", {"v_num_grad_steps": 0}), r"methods\.memit\.targets\.v_num_grad_steps: 0 must be > 0"),
+    "zero toy training steps": (_set("model.train.steps", 0), r"model\.train: train: steps must be an integer >= 1, got 0"),
+    "toy recall threshold above one": (_set("model.train.recall_threshold", 1.5),
+                                       r"model\.train: train: recall_threshold must be in \[0, 1\], got 1\.5"),
 }
 
 
@@ -186,3 +200,189 @@ def test_checking_a_config_imports_no_torch(config_file):
             "assert not heavy, heavy\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------- layers against the model's depth
+
+
+def _paper_config(name: str = "llama3-8b.yaml") -> dict:
+    return yaml.safe_load((REPO / "configs" / name).read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A Hugging Face cache and hub stand-in: `cached` / `remote` map repo ids to config.json fields;
+    `errors` maps repo ids to the exception a download raises; `calls` records (repo, revision)."""
+    import huggingface_hub
+
+    state = {"cached": {}, "remote": {}, "errors": {}, "calls": []}
+
+    def write(fields):
+        path = tmp_path / f"config{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps(fields), encoding="utf-8")
+        return str(path)
+
+    def try_to_load_from_cache(repo, filename, revision=None, **kwargs):
+        state["calls"].append(("cache", repo, revision))
+        return write(state["cached"][repo]) if repo in state["cached"] else None
+
+    def hf_hub_download(repo, filename, revision=None, **kwargs):
+        state["calls"].append(("download", repo, revision))
+        if repo in state["errors"]:
+            raise state["errors"][repo]
+        return write(state["remote"][repo])
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", try_to_load_from_cache)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    return state
+
+
+def _hub_model(config: dict, path: str, **extra) -> dict:
+    config["model"] = {**config["model"], "path": path, **extra}
+    return config
+
+
+def test_hub_layers_are_checked_against_the_table_of_paper_models(hub):
+    config = _paper_config()
+    config["experiments"]["layer_sweep"]["layers"] = list(range(33))
+    with pytest.raises(ConfigError, match=r"llama3-8b\.yaml: experiments\.layer_sweep\.layers\[32\]: layer 32 out of range "
+                                          r"for meta-llama/Meta-Llama-3-8B, a 32-layer model per editlib\.architectures"
+                                          r".*allowed: 0\.\.31"):
+        validate_config(config, SCHEMA, source="llama3-8b.yaml")
+    assert ("download", "meta-llama/Meta-Llama-3-8B", None) not in hub["calls"]  # no network for the table's models
+    config = _paper_config("llama2-13b.yaml")  # 40 layers: GRACE may use layer 39, not 40
+    config["methods"]["grace"]["layers"] = [39]
+    validate_config(config, SCHEMA)
+    config["methods"]["grace"]["layers"] = [40]
+    with pytest.raises(ConfigError, match=r"methods\.grace\.layers\[0\]: layer 40 out of range for meta-llama/Llama-2-13b-hf, "
+                                          r"a 40-layer model"):
+        validate_config(config, SCHEMA)
+
+
+def test_hub_layers_are_checked_against_the_cached_config(hub):
+    hub["cached"]["Qwen/Qwen2.5-7B"] = {"num_hidden_layers": 28, "model_type": "qwen2"}
+    config = _hub_model(_paper_config(), "Qwen/Qwen2.5-7B")
+    with pytest.raises(ConfigError, match=r"experiments\.layer_sweep\.layers\[28\]: layer 28 out of range for Qwen/Qwen2\.5-7B, "
+                                          r"a 28-layer model per the Hugging Face cache's config\.json"):
+        validate_config(config, SCHEMA)
+    assert not [call for call in hub["calls"] if call[0] == "download"]
+
+
+def test_hub_layers_are_checked_against_the_downloaded_config_at_the_revision(hub):
+    hub["remote"]["EleutherAI/gpt-j-6b"] = {"n_layer": 28, "model_type": "gptj"}
+    config = _hub_model(_paper_config(), "EleutherAI/gpt-j-6b", revision="f98c709")
+    config["experiments"]["layer_sweep"]["layers"] = list(range(28))
+    config["methods"]["memit-5layer"]["layers"] = [30, 31]
+    with pytest.raises(ConfigError, match=r"methods\.memit-5layer\.layers\[0\]: layer 30 out of range for "
+                                          r"EleutherAI/gpt-j-6b@f98c709, a 28-layer model per the hub's config\.json"):
+        validate_config(config, SCHEMA)
+    assert ("cache", "EleutherAI/gpt-j-6b", "f98c709") in hub["calls"]
+    assert ("download", "EleutherAI/gpt-j-6b", "f98c709") in hub["calls"]
+    # a pinned revision of a paper model is not what the table describes: its config.json is read
+    hub["remote"]["meta-llama/Meta-Llama-3-8B"] = {"num_hidden_layers": 2}
+    with pytest.raises(ConfigError, match=r"layer_sweep\.layers\[2\]: layer 2 out of range for meta-llama/Meta-Llama-3-8B@abc"):
+        validate_config(_hub_model(_paper_config(), "meta-llama/Meta-Llama-3-8B", revision="abc"), SCHEMA)
+
+
+def test_a_gated_or_unknown_hub_model_is_reported_before_any_job(hub):
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    gated = GatedRepoError.__new__(GatedRepoError)
+    Exception.__init__(gated, "401 gated")
+    hub["errors"]["meta-llama/Llama-3.1-8B"] = gated
+    with pytest.raises(ConfigError, match=r"model\.path: 'meta-llama/Llama-3\.1-8B' is a gated model: accept its licence "
+                                          r"on https://huggingface\.co/meta-llama/Llama-3\.1-8B and log in "
+                                          r"\(`huggingface-cli login`, or set HF_TOKEN\)"):
+        validate_config(_hub_model(_paper_config(), "meta-llama/Llama-3.1-8B"), SCHEMA)
+    missing = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
+    Exception.__init__(missing, "404")
+    hub["errors"]["meta-llama/Llama-9-8B"] = missing
+    with pytest.raises(ConfigError, match=r"model\.path: no hub model 'meta-llama/Llama-9-8B'"):
+        validate_config(_hub_model(_paper_config(), "meta-llama/Llama-9-8B"), SCHEMA)
+
+
+def test_an_unreachable_hub_skips_the_depth_check_with_a_warning(hub):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    hub["errors"]["Qwen/Qwen2.5-7B"] = LocalEntryNotFoundError("no connection")
+    config = _hub_model(_paper_config(), "Qwen/Qwen2.5-7B")
+    config["experiments"]["layer_sweep"]["layers"] = [40]
+    with pytest.warns(UserWarning, match=r"model\.path: the hub cannot be reached for 'Qwen/Qwen2\.5-7B'.*not checked"):
+        validate_config(config, SCHEMA)
+
+
+def test_smollm2_layers_are_checked_against_its_30_layers():
+    config = yaml.safe_load((REPO / "configs" / "smollm2.yaml").read_text(encoding="utf-8"))
+    config["experiments"]["layer_sweep"]["layers"] = [1, 29, 30]
+    with pytest.raises(ConfigError, match=r"experiments\.layer_sweep\.layers\[2\]: layer 30 out of range for "
+                                          r"SmolLM2-135M-Instruct \(30 layers\)"):
+        validate_config(config, SCHEMA)
+
+
+def test_the_model_revision_reaches_the_prepare_model_stage(hub):
+    from editlib.config import model_config, stage_config
+
+    config = _hub_model(_paper_config(), "meta-llama/Meta-Llama-3-8B", revision="62bd457b6fe961a42a631306577e622c83876cb6")
+    config["models"] = {"Llama-3-8B-main": {"revision": "main"}}
+    hub["remote"]["meta-llama/Meta-Llama-3-8B"] = {"num_hidden_layers": 32}
+    validate_config(config, SCHEMA)
+    assert stage_config(config, "prepare_model")["model"]["revision"] == "62bd457b6fe961a42a631306577e622c83876cb6"
+    assert stage_config(model_config(config, "Llama-3-8B-main"), "prepare_model")["model"]["revision"] == "main"
+    with pytest.raises(ConfigError, match=r"models\.bad: .*'revision' was unexpected|models\.bad\.revision"):
+        config["models"] = {"bad": {"revision": 3}}
+        validate_config(config, SCHEMA)
+
+
+# ---------------------------------------------------------------------------- counts and rates
+
+# (config field, a value out of range): each count >= 1, each rate > 0 (or >= 0, or in [0, 1])
+OUT_OF_RANGE = [
+    *[(f"methods.memit.targets.{name}", value) for name in ("v_num_grad_steps", "facts_per_chunk") for value in (0, -1)],
+    *[(f"methods.memit.targets.{name}", value) for name in ("v_lr", "clamp_norm_factor") for value in (0.0, -0.5)],
+    *[(f"methods.memit.targets.{name}", -0.5) for name in ("v_weight_decay", "kl_factor", "early_stop_loss")],
+    *[(f"methods.alphaedit.{name}", 0.0) for name in ("mom2_update_weight", "nullspace_threshold")],
+    *[(f"methods.emmet.{name}", -1.0) for name in ("emmet_lambda", "update_norm_lambda", "l2")],
+    ("methods.grace.n_iter", 0), ("methods.grace.n_iter", -3), ("methods.grace.eps", 0.0), ("methods.grace.edit_lr", -1.0),
+    *[(f"methods.mend.hparams.{name}", value) for name in ("n_edit_layers", "rank", "steps", "batch_size", "n_locality",
+                                                           "log_every") for value in (0, -1)],
+    *[(f"methods.mend.hparams.{name}", 0.0) for name in ("edit_lr", "lr", "lr_lr", "grad_clip")],
+    *[(f"methods.mend.hparams.{name}", -1) for name in ("n_hidden", "c_edit", "c_loc")],
+    ("methods.mend.n_train", 0), ("methods.mend.n_eval", 0),
+    *[(f"model.train.{name}", 0) for name in ("layers", "hidden", "intermediate", "heads", "vocab_size", "steps", "batch_size",
+                                             "seq_len", "bucket_batches", "max_position_embeddings", "threads",
+                                             "eval_batch_size")],
+    ("model.train.lr", 0.0), ("model.train.dialogue_lr", 0.0), ("model.train.warmup_steps", -1),
+    ("model.train.weight_decay", -0.1), ("model.train.min_lr_ratio", 1.5), ("model.train.recall_threshold", -0.1),
+    *[(f"experiments.{path}", 0) for path in ("layer_sweep.n_records", "single.n_records", "batched.n_records",
+                                              "sequential.total_edits", "sequential.samples")],
+    ("stats.n_samples", 0), ("tracing.n_facts", 0), ("tracing.n_samples", 0), ("tracing.window", 0), ("threads", 0),
+    ("data.world.n_subjects", 0),
+]
+
+
+@pytest.mark.parametrize("field,value", OUT_OF_RANGE, ids=[f"{f}={v}" for f, v in OUT_OF_RANGE])
+def test_a_count_or_rate_out_of_range_is_rejected_naming_it(field, value):
+    config = copy.deepcopy(DEFAULT)
+    *parents, last = field.split(".")
+    node = config
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, SCHEMA, source="config.yaml")
+    message = str(error.value)
+    parent = ".".join(parents)
+    # the field is named: by its full path, or by its block and its own name
+    assert field in message or (parent in message and re.search(rf"\b{last}\b", message)), message
+
+
+def test_the_checkpoint_interval_is_not_a_parameter_of_the_sequential_jobs():
+    """How often a run writes its checkpoint changes none of its numbers: changing it reruns no job."""
+    from editlib.config import stage_config
+
+    changed = copy.deepcopy(DEFAULT)
+    changed["experiments"]["sequential"]["checkpoint_minutes"] = 0
+    validate_config(changed, SCHEMA)
+    for method in DEFAULT["experiments"]["sequential"]["methods"]:
+        assert stage_config(changed, "sequential", method) == stage_config(DEFAULT, "sequential", method)
+    assert "eval_at" in stage_config(DEFAULT, "sequential", "rome")["experiments"]["sequential"]

@@ -228,3 +228,67 @@ def test_batched_sensitivity_is_the_batched_experiment_and_emmet_mu_acts_only_on
     single, batch = frame[frame["batch_size"] == 1], frame[frame["batch_size"] == 4]
     assert single["EM"].max() - single["EM"].min() < 1e-3
     assert batch["EM"].max() - batch["EM"].min() > 1e-2
+
+
+class _NoEdits:
+    """A session that edits nothing (the cost of evaluation alone)."""
+
+    n_edits = 0
+    scores_prompts_once = True
+
+    def apply(self, requests):
+        self.n_edits += len(requests)
+        return {}
+
+    def scoring(self, requests):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def state_dict(self):
+        return {"n_edits": torch.tensor(self.n_edits)}
+
+    def close(self):
+        pass
+
+
+def test_sequential_evaluation_cost_is_linear_in_the_edits(tiny_llama, llama_tokenizer, monkeypatch):
+    """Records scored and generation-entropy evaluations of N single edits: with log-spaced
+    eval_at, N + the edited-so-far counts (< 4N), and GE only where all facts edited so far are
+    scored; without eval_at, N(N+1)/2 (what editlib.config refuses for long runs)."""
+    import dataclasses
+
+    import editlib.experiments as experiments
+    from conftest import make_requests
+    from editlib.config import log_spaced_counts, sequential_scorings
+    from editlib.experiments import ExperimentContext, sequential_edits
+    from editlib.hparams import GraceSpec
+
+    import pandas as pd
+
+    scored, generated = [], []  # the counts only: scoring and metrics stubbed
+    monkeypatch.setattr(experiments, "score_records", lambda ctx, requests, session: (
+        scored.append(len(requests)), pd.DataFrame({"case_id": [r.case_id for r in requests]}))[1])
+    monkeypatch.setattr(experiments, "edit_metrics", lambda scores: {"S": float(len(scores))})
+    monkeypatch.setattr(experiments, "generation_entropy",
+                        lambda model, tokenizer, requests: (generated.append(len(requests)), 1.0)[1])
+    ctx = ExperimentContext(tiny_llama, llama_tokenizer, "tiny", {}, progress=False, generation_entropy=True)
+    monkeypatch.setattr(ExperimentContext, "session", lambda self, spec: _NoEdits())
+    base = make_requests(6)
+    for n in (16, 64, 4096):
+        requests = [dataclasses.replace(base[i % 6], case_id=i) for i in range(n)]
+        eval_at = log_spaced_counts(n)
+        scored.clear(), generated.clear()
+        frame, _ = sequential_edits(ctx, requests, GraceSpec(layers=(1,)), 1, n, eval_at=eval_at)
+        assert sum(scored) == sequential_scorings(n, 1, eval_at) == n - len(eval_at) + sum(eval_at) < 4 * n
+        assert generated == eval_at  # GE on the edited-so-far evaluations only, of every fact edited so far
+        current = frame[frame["scope"] == "current_batch"]
+        assert len(current) == n and current["GE"].isna().all()
+        assert frame.loc[frame["scope"] == "edited_so_far", "GE"].eq(1.0).all()
+        assert frame.loc[frame["scope"] == "edited_so_far", "S"].tolist() == [float(k) for k in eval_at]
+    generated.clear()  # GE over at most 4 facts edited so far (evenly spaced) per evaluation
+    sequential_edits(ctx, requests[:64], GraceSpec(layers=(1,)), 1, 64, eval_at=log_spaced_counts(64), entropy_records=4)
+    assert generated == [1, 2, 4, 4, 4, 4, 4]
+    scored.clear()
+    sequential_edits(ctx, requests[:16], GraceSpec(layers=(1,)), 1, 16)
+    assert sum(scored) == sequential_scorings(16, 1, None) == 16 * 17 // 2

@@ -153,3 +153,88 @@ def test_running_moments_match_the_pooled_mean_and_variance():
     expected = (pooled - pooled.mean(0)) / (pooled.std(0) + 1e-7)
     torch.testing.assert_close(moments.normalise(pooled), expected, rtol=1e-4, atol=1e-5)
     assert torch.equal(RunningMoments(5).normalise(pooled), pooled)  # identity before any data
+
+
+# ---------------------------------------------------------------------------- memory: chunked rows, target-position logits
+
+
+def _reference_deltas(editor, requests, separately):
+    """The hypernetwork's deltas from gradients of full (rows x positions x vocab) logits."""
+    from editlib.mend import Factors
+    from editlib.tokens import target_nll
+
+    model, names = editor.model, editor.hypernet.module_names
+    batch = editor.edit_batch(requests)
+    captured = {}
+
+    def hook(module, args, output, name):
+        captured[name] = (args[0].detach(), output if output.requires_grad else output.detach().requires_grad_(True))
+        return captured[name][1]
+
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in names]
+    with torch.enable_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        loss = target_nll(logits, batch.labels).sum() if separately else batch_target_nll(logits, batch.labels)
+        grads = torch.autograd.grad(loss, [captured[n][1] for n in names])
+    for handle in handles:
+        handle.remove()
+    rows = torch.arange(len(requests)).repeat_interleave(batch.input_ids.shape[1])
+    factors = {n: Factors(captured[n][0].flatten(0, 1).float(), g.flatten(0, 1).float(), rows) for n, g in zip(names, grads)}
+    with torch.no_grad():
+        return editor.hypernet(factors, n_rows=len(requests) if separately else None)
+
+
+@pytest.mark.parametrize("separately", [False, True])
+def test_chunked_edit_gradients_equal_the_full_logits_computation(tokenizer, requests, separately):
+    from editlib.mend import gradient_factors, row_chunks
+
+    model = tiny_llama(tokenizer)
+    editor = MendEditor.fresh(model, tokenizer, TINY)
+    batch = editor.edit_batch(requests[:12])
+    lengths = batch.attention_mask.sum(1).tolist()
+    assert len(row_chunks(lengths, 30)) >= 4  # 30 positions: 2-3 rows per chunk
+    expected = _reference_deltas(editor, requests[:12], separately)
+    for max_tokens in (30, 10**6):
+        factors = gradient_factors(model, EDITED, batch, separately, max_tokens=max_tokens)
+        with torch.no_grad():
+            deltas = editor.hypernet(factors, n_rows=12 if separately else None)
+        for name in EDITED:
+            torch.testing.assert_close(deltas[name], expected[name], rtol=1e-5, atol=1e-9)
+
+
+def test_chunked_training_step_and_evaluation_equal_one_chunk(tokenizer, requests):
+    from editlib.mend import evaluate_mend, locality_prompts, mend_step
+
+    model = tiny_llama(tokenizer)
+    batch, loc = requests[:6], locality_prompts(requests[:6], requests[:40], 2, random.Random(0))
+    # a step updates the normaliser's moments: each from a fresh (identical) hypernetwork
+    whole = mend_step(MendEditor.fresh(model, tokenizer, TINY), batch, loc, max_tokens=10**6)
+    editor = MendEditor.fresh(model, tokenizer, TINY)
+    chunked = mend_step(editor, batch, loc, max_tokens=25)
+    for a, b in zip(whole[0], chunked[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert chunked[1:] == pytest.approx(whole[1:], rel=1e-5)
+    one_pass = evaluate_mend(editor, requests[30:])
+    assert evaluate_mend(editor, requests[30:], max_tokens=25) == pytest.approx(one_pass, rel=1e-5)
+    # the held-out requests' own deltas in groups of 5 (of 18): 5 x 2 modules x 64 x 128 floats
+    assert evaluate_mend(editor, requests[30:], max_delta_floats=5 * 2 * 64 * 128 + 1) == pytest.approx(one_pass, rel=1e-5)
+
+
+def test_the_largest_logits_tensor_is_bounded_by_the_token_budget(tokenizer, requests, monkeypatch):
+    """A batch of 24 edits, its training step and held-out evaluation with a budget of 32 positions:
+    the head never runs on more than 32 positions at once (the full batch has ~24 x 12)."""
+    import editlib.mend as mend
+
+    monkeypatch.setattr(mend, "LOGIT_TOKENS", 32)
+    model = tiny_llama(tokenizer)
+    shapes = []
+    model.lm_head.register_forward_hook(lambda module, args, output: shapes.append(tuple(output.shape)))
+    editor = MendEditor.fresh(model, tokenizer, TINY)
+    batch = editor.edit_batch(requests[:24])
+    assert batch.input_ids.numel() > 5 * 32
+    with editor.applied(requests[:24]):
+        pass
+    mend.mend_step(editor, requests[:8], mend.locality_prompts(requests[:8], requests, 2, random.Random(0)))
+    mend.evaluate_mend(editor, requests[:24])
+    vocab = model.config.vocab_size
+    assert shapes and all(len(shape) == 2 and shape[0] <= 32 and shape[1] == vocab for shape in shapes), set(shapes)

@@ -7,4 +7,6 @@ with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["
     run_sequential(snakemake.params.stage, snakemake.wildcards.method, int(snakemake.wildcards.batch_size),
                    snakemake.input.model, snakemake.input.moments or None, snakemake.input.records,
                    snakemake.input.sweep or None, snakemake.input.mend or None, snakemake.output.results,
-                   snakemake.output.states, snakemake.params.checkpoint, sample=int(snakemake.wildcards.sample))
+                   snakemake.output.states, snakemake.params.checkpoint, sample=int(snakemake.wildcards.sample),
+                   # not in params.stage: how often the checkpoint is written changes no result, reruns no job
+                   checkpoint_minutes=snakemake.config["experiments"]["sequential"].get("checkpoint_minutes"))
