@@ -150,6 +150,7 @@ def sequential_hours(config: dict, total: int, eval_at) -> float:
     config = yaml.safe_load(yaml.safe_dump(config))
     sequential = config["experiments"]["sequential"]
     sequential.update(total_edits=total, batch_sizes=[16], downstream_at=[total], methods=["memit"])
+    config["metrics"]["generation_entropy"] = False  # scoring alone
     sequential.pop("eval_at", None)
     if eval_at is not None:
         sequential["eval_at"] = eval_at
