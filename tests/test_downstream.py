@@ -380,6 +380,16 @@ def task_family(tmp_path):
     return tasks_dir
 
 
+@pytest.fixture()
+def one_thread():
+    """torch on one thread: this tiny model's products gain nothing from more, and on a shared
+    machine they wait for the busiest core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_unsafe_code_task_needs_the_opt_in_and_fails_alone(tokenizer, task_family, monkeypatch):
     """A task lm-eval marks unsafe_code fails with a message naming it and the config key, while
     the other tasks of the same call are still scored; opted in, it runs with HF_ALLOW_CODE_EVAL=1
@@ -426,7 +436,7 @@ def test_a_failing_task_leaves_the_others_scored(tokenizer, task_family, monkeyp
         evaluate_downstream(model, tokenizer, ["sub_a", "sub_x"], include_path=task_family)
 
 
-def test_groups_and_tags_are_one_row_per_metric_with_subtasks_apart(tokenizer, task_family):
+def test_groups_and_tags_are_one_row_per_metric_with_subtasks_apart(tokenizer, task_family, one_thread):
     """A group with an aggregate is lm-eval's aggregate; a group without one and a tag are the
     size-weighted mean of their leaf tasks with lm-eval's pooled standard error; the leaf tasks
     are separate rows naming their group; nested groups contribute leaf tasks only."""
@@ -464,7 +474,7 @@ def test_groups_and_tags_are_one_row_per_metric_with_subtasks_apart(tokenizer, t
     assert [row for row in main if row["task"] == "sub_a"] == in_tag
 
 
-def test_num_fewshot_none_keeps_each_tasks_own_setting(tokenizer, tmp_path, monkeypatch):
+def test_num_fewshot_none_keeps_each_tasks_own_setting(tokenizer, tmp_path, monkeypatch, one_thread):
     """A task whose YAML sets num_fewshot: 2 gets 2 shots unless a number is given, and the
     workflow passes none when the config sets none."""
     import yaml
@@ -554,7 +564,7 @@ def _job_setup(tokenizer, tmp_path):
     return config, model_dir, states
 
 
-def test_downstream_job_resumes_per_state(tokenizer, task_family, tmp_path, monkeypatch):
+def test_downstream_job_resumes_per_state(tokenizer, task_family, tmp_path, monkeypatch, one_thread):
     """A downstream job killed after its first edit state evaluates only the other two when run
     again, and writes the tables an uninterrupted run writes; its partial rows are keyed on the
     state file and the settings, and removed with the tables written."""
