@@ -612,6 +612,11 @@ def test_downstream_job_resumes_per_state(tokenizer, task_family, tmp_path, monk
     subtasks = pd.read_csv(tmp_path / "resumed_subtasks.csv")
     assert set(subtasks["group"]) == {"grp_agg"} and set(subtasks["task"]) == {"sub_a", "sub_b"}
     assert not (tmp_path / "partials").exists()
+    # the findings' mean over tasks reads the group once, not its subtasks
+    from editlib.findings import downstream_erosion
+
+    [finding] = downstream_erosion(table)
+    assert "(grp_agg " in finding["evidence"] and "sub_a" not in finding["evidence"]
 
     # the partial of another state file (an editing job that reran) or other settings is not reused
     killed_job("again.csv", "partials")
