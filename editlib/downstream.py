@@ -13,10 +13,10 @@ Three pieces:
   one task) in its own lm-eval call, and returns tidy rows: one ``{task, metric, value, stderr,
   n_items, error}`` per requested task and metric (a group as lm-eval aggregates it, `task_rows`;
   a task that raised: one row with its ``error``) and one ``{group, task, metric, value, stderr,
-  n_items}`` per leaf task of a group or tag; callers add method / model / n_edits columns. By default the wrapper is HFLM's subclass from
-  `shared_context_lm_class`, which runs each distinct context once for all its continuations
-  (2.5x faster on SmolLM2's 3-shot BIG-bench tasks, the same scores to float rounding;
-  docs/performance.md).
+  n_items}`` per leaf task of a group or tag; callers add method / model / n_edits columns.
+  By default the wrapper is HFLM's subclass from `shared_context_lm_class`, which runs each
+  distinct context once for all its continuations (2.5x faster on SmolLM2's 3-shot BIG-bench
+  tasks, the same scores to float rounding; docs/performance.md).
 
 Scoring is lm-eval's multiple-choice log-likelihood: for each choice the continuation is
 ``target_delimiter + choice`` (" A", " positive", ...), context and continuation are tokenized

@@ -410,7 +410,8 @@ BASE_SUBTASK_COLUMNS = ["group", "task", "metric", "value", "stderr", "n_items"]
 
 
 def split_subtasks(frame: pd.DataFrame, columns: Sequence[str] = tuple(DOWNSTREAM_COLUMNS),
-                   subtask_columns: Sequence[str] = tuple(DOWNSTREAM_SUBTASK_COLUMNS)) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   subtask_columns: Sequence[str] = tuple(DOWNSTREAM_SUBTASK_COLUMNS)
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(the configured tasks' rows, with `columns`; the groups' leaf-task rows, with
     `subtask_columns`) of downstream rows, the leaf-task rows being those with a `group`."""
     if "group" not in frame.columns:
@@ -510,8 +511,8 @@ def run_downstream(config: dict, experiment: str, method: str, batch_size: int, 
         model, tokenizer = load_configured_model(config, model_dir)
         ctx = ExperimentContext(model, tokenizer, config["model"]["name"], load_moments(moments_path) if moments_path else {})
         spec = edit_spec(config, method, state_labels(paths[0])["layers"], trained_editor)
-        edited, edited_subtasks = split_subtasks(labelled(states_downstream(ctx, spec, paths, evaluate, partials,
-                                                                            subtasks=True), method).assign(sample=sample))
+        rows = states_downstream(ctx, spec, paths, evaluate, partials, subtasks=True)
+        edited, edited_subtasks = split_subtasks(labelled(rows, method).assign(sample=sample))
         _report_failures(edited, str(out_path))
         frames.append(edited)
         subtask_frames.append(edited_subtasks)

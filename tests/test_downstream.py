@@ -401,7 +401,8 @@ def test_unsafe_code_task_needs_the_opt_in_and_fails_alone(tokenizer, task_famil
     assert failed["value"] is None and failed["metric"] is None
     assert "unsafe_probe" in failed["error"] and "downstream.confirm_run_unsafe_code" in failed["error"]
     scored = {row["metric"]: row for row in rows if row["task"] == "sub_a"}
-    assert set(scored) == {"acc", "acc_norm"} and all(row["error"] is None and row["n_items"] == 5 for row in scored.values())
+    assert set(scored) == {"acc", "acc_norm"}
+    assert all(row["error"] is None and row["n_items"] == 5 for row in scored.values())
 
     rows = evaluate_downstream(model, tokenizer, ["unsafe_probe"], include_path=task_family,
                                confirm_run_unsafe_code=True)
@@ -551,7 +552,8 @@ def _job_setup(tokenizer, tmp_path):
     tokenizer.save_pretrained(model_dir)
     config = {"seed": 0, "model": {"name": "tiny", "dtype": "float32"},
               "downstream": {"tasks": ["grp_agg"], "limit": 2, "batch_size": 4},
-              "methods": {"rome": {"mom2_adjustment": False, "targets": {"v_num_grad_steps": 3}}}, "experiments": {"sequential": {"downstream_at": [0, 1, 2, 3]}}}
+              "methods": {"rome": {"mom2_adjustment": False, "targets": {"v_num_grad_steps": 3}}},
+              "experiments": {"sequential": {"downstream_at": [0, 1, 2, 3]}}}
     spec = edit_spec(config, "rome", (1,))
     session = ExperimentContext(model, tokenizer, "tiny", {}, progress=False).session(spec)
     facts = [("{} are animals; oak and pine are", "Cats and dogs", "blue", "trees"),
@@ -604,8 +606,8 @@ def test_downstream_job_resumes_per_state(tokenizer, task_family, tmp_path, monk
     job("resumed.csv", "partials")
     assert len(calls) == 2  # n2 and n3; n1's rows came from the partial file
     for name in ("resumed.csv", "resumed_subtasks.csv"):
-        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / name), pd.read_csv(tmp_path / name.replace("resumed", "straight")),
-                                      check_exact=True)
+        straight = pd.read_csv(tmp_path / name.replace("resumed", "straight"))
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / name), straight, check_exact=True)
     table = pd.read_csv(tmp_path / "resumed.csv")
     assert sorted(table["n_edits"].unique()) == [0, 1, 2, 3]
     assert list(table["task"].unique()) == ["grp_agg"]  # the group's leaf tasks are in the subtask table
