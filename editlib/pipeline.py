@@ -447,7 +447,10 @@ class DownstreamPartials:
     until the job's tables are written, so that a rerun of a killed or failed job evaluates only
     the states it had not finished. A file is reused only when its key matches: the state file's
     name, size and modification time (an editing job that reruns writes new states) and everything
-    the job reads (`config`, the stage config: lm-eval settings, seed, model, method block)."""
+    the job reads (`config`, the stage config: lm-eval settings, seed, model, method block); and
+    only when at least one task gave a value on that state (a state on which every task failed is
+    evaluated again, as after a setup error that made the job fail). A state's rows with some
+    tasks failed are reused as they are, errors included."""
 
     def __init__(self, folder: str | Path, config: dict):
         self.folder = Path(folder)
@@ -472,6 +475,10 @@ class DownstreamPartials:
             return None
         if saved.get("key") != self._key(state):
             log.info("downstream partial %s is of another state file or other settings; evaluating again", path)
+            return None
+        if not any(row.get("value") is not None for row in saved["rows"]):
+            # every task failed on this state (hub access, a missing package, ...): try again
+            log.info("downstream partial %s measured nothing; evaluating again", path)
             return None
         return saved["rows"]
 

@@ -628,6 +628,14 @@ def test_downstream_job_resumes_per_state(tokenizer, task_family, tmp_path, monk
     assert DownstreamPartials(tmp_path / "partials", other).get(state) is None
     os.utime(state, ns=(0, 0))
     assert DownstreamPartials(tmp_path / "partials", config).get(state) is None
+    # a state on which every task failed is evaluated again (the job failed; its cause may be fixed)
+    partials = DownstreamPartials(tmp_path / "partials", config)
+    failed = [{"task": "grp_agg", "metric": None, "value": None, "stderr": None, "n_items": None, "error": "OSError: hub"}]
+    partials.put(state, failed)
+    assert partials.get(state) is None
+    partials.put(state, [*failed, {"task": "sub_a", "metric": "acc", "value": 0.5, "stderr": 0.1, "n_items": 2,
+                                   "error": None}])
+    assert partials.get(state) is not None
 
 
 def test_downstream_job_keeps_the_tasks_that_ran(tokenizer, task_family, tmp_path):
