@@ -377,11 +377,13 @@ def run_sequential(config: dict, method: str, batch_size: int, model_dir, moment
 
 
 # A downstream job whose tasks partly failed writes its tables (the failed tasks' rows carry the
-# `error`, their tracebacks are in the job's log) and exits 0: Snakemake deletes the outputs of a
-# failed job, so a non-zero exit would throw away every task that did run and stop the run's tables,
-# figures and findings over one task. To retry the failed tasks after fixing their cause, rerun the
-# job (snakemake --forcerun <rule>). Only when no task gave a value at all (a setup error: hub
-# access, a missing package) does the job fail, before writing anything.
+# `error`, their tracebacks are in the job's log) and exits 0. Snakemake deletes the outputs of a
+# failed job, so a non-zero exit would delete the rows of the tasks that did run and hold back the
+# run's tables, figures and findings over one task; where the cause lasts (mbpp without the opt-in,
+# a dataset the machine cannot reach) every rerun would fail the same way. To retry the failed tasks
+# after fixing their cause, force the job to rerun (snakemake --forcerun <its output>). Only when no
+# task gave a value at all (a setup error: hub access, a missing package) does the job fail, before
+# writing anything.
 
 
 def _failed_tasks(frame: pd.DataFrame) -> dict[str, str]:
@@ -402,7 +404,7 @@ def _report_failures(frame: pd.DataFrame, where: str) -> None:
         raise RuntimeError(f"{where}: every downstream task failed, nothing to write ({listing}); "
                            f"the tracebacks are in this job's log")
     log.warning("%s: %d downstream task(s) failed and are recorded with their error in the table "
-                "(rerun this job to retry them): %s", where, len(failed), listing)
+                "(snakemake --forcerun on this table retries them): %s", where, len(failed), listing)
 
 
 BASE_COLUMNS = ["task", "metric", "value", "stderr", "n_items", "error"]  # downstream_base's tables
