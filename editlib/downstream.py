@@ -9,11 +9,14 @@ Three pieces:
 - converters from the glue_eval benchmark files used by UME / AlphaEdit to that form,
   with their prompts (`glue_eval_items`, `write_glue_eval_task`);
 - `evaluate_downstream`: wraps the live model in ``lm_eval.models.huggingface.HFLM`` (no save and
-  reload, so edits are seen as they are) and returns tidy rows ``{task, metric, value, stderr, n_items}``;
-  callers add method / model / n_edits columns. By default the wrapper is HFLM's subclass from
-  `shared_context_lm_class`, which runs each distinct context once for all its continuations
-  (2.5x faster on SmolLM2's 3-shot BIG-bench tasks, the same scores to float rounding;
-  docs/performance.md).
+  reload, so edits are seen as they are), evaluates each requested task (a group or tag counts as
+  one task) in its own lm-eval call, and returns tidy rows: one ``{task, metric, value, stderr,
+  n_items, error}`` per requested task and metric (a group as lm-eval aggregates it, `task_rows`;
+  a task that raised: one row with its ``error``) and one ``{group, task, metric, value, stderr,
+  n_items}`` per leaf task of a group or tag; callers add method / model / n_edits columns.
+  By default the wrapper is HFLM's subclass from `shared_context_lm_class`, which runs each
+  distinct context once for all its continuations (2.5x faster on SmolLM2's 3-shot BIG-bench
+  tasks, the same scores to float rounding; docs/performance.md).
 
 Scoring is lm-eval's multiple-choice log-likelihood: for each choice the continuation is
 ``target_delimiter + choice`` (" A", " positive", ...), context and continuation are tokenized
@@ -30,10 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
 import re
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +48,8 @@ import torch
 import yaml
 
 from editlib.io import write_jsonl, write_text
+
+log = logging.getLogger(__name__)
 
 MC_METRICS = ("acc", "acc_norm")
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -98,7 +105,8 @@ def write_mc_task(
     Few-shot examples come from ``fewshot_jsonl_path`` when given, else from the test items
     themselves (lm-eval then excludes the item being evaluated); ``fewshot_sampler`` is "default"
     (seeded random draw) or "first_n" (the first k in file order, as UME does).
-    The YAML sets no ``num_fewshot``, so `evaluate_downstream(num_fewshot=...)` decides.
+    The YAML sets no ``num_fewshot``: `evaluate_downstream(num_fewshot=k)` sets it, and without
+    one (None) lm-eval evaluates the task zero-shot.
     """
     if not _TASK_NAME.match(name):
         raise ValueError(f"task name {name!r} must match {_TASK_NAME.pattern}")
@@ -402,6 +410,85 @@ def make_task_manager(include_path: str | Path | Sequence[str | Path] | None = N
     return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
+UNSAFE_CODE_KEY = "downstream.confirm_run_unsafe_code"
+CODE_EVAL_ENV = "HF_ALLOW_CODE_EVAL"  # read by the `evaluate` library's code_eval metric (mbpp, humaneval)
+
+
+class UnsafeCodeTaskError(ValueError):
+    """A task that lm-eval marks ``unsafe_code`` (its metric runs model-generated code) was
+    requested without ``confirm_run_unsafe_code``."""
+
+
+def _leaf_configs(task_manager, name: str) -> dict[str, dict]:
+    """The leaf tasks under index entry ``name`` (a task, group or tag) with their YAML configs as
+    lm-eval's task index parsed them (functions unresolved, nothing built or downloaded)."""
+    from lm_eval.tasks._index import Kind
+
+    index = task_manager.task_index
+    leaves: dict[str, dict] = {}
+    seen: set[str] = set()
+
+    def visit(item) -> None:
+        if isinstance(item, dict):  # a group's inline config: a subgroup, a new task, or overrides of one
+            if "group" in item:
+                children = item.get("task", [])
+                for child in children if isinstance(children, list) else [children]:
+                    visit(child)
+            elif isinstance(item.get("task"), str) and item["task"] in index and "unsafe_code" not in item:
+                visit(item["task"])
+            else:
+                leaves[str(item.get("task"))] = item
+            return
+        if item in seen or item not in index:
+            return
+        seen.add(item)
+        entry = index[item]
+        if entry.kind == Kind.GROUP:
+            children = (entry.cfg or {}).get("task", [])
+            for child in children if isinstance(children, list) else [children]:
+                visit(child)
+        elif entry.kind == Kind.TAG:
+            for child in sorted(entry.tags):
+                visit(child)
+        else:
+            leaves[item] = entry.cfg or {}
+
+    visit(name)
+    return leaves
+
+
+def unsafe_code_tasks(task_manager, name: str) -> list[str]:
+    """The leaf tasks of ``name`` (a task, group or tag) that lm-eval marks ``unsafe_code``."""
+    return sorted(leaf for leaf, cfg in _leaf_configs(task_manager, name).items() if cfg.get("unsafe_code"))
+
+
+@contextlib.contextmanager
+def _code_eval_allowed(enabled: bool) -> Iterator[None]:
+    """``HF_ALLOW_CODE_EVAL=1`` inside the block when ``enabled`` (the code_eval metric refuses to
+    run without it; mbpp's utils even check it when lm-eval imports them to build the task), and
+    the variable as it was afterwards."""
+    if not enabled:
+        yield
+        return
+    saved = os.environ.get(CODE_EVAL_ENV)
+    os.environ[CODE_EVAL_ENV] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(CODE_EVAL_ENV, None)
+        else:
+            os.environ[CODE_EVAL_ENV] = saved
+
+
+def _check_known(tasks: Sequence[str], task_manager, include_path, include_defaults: bool) -> None:
+    known = set(task_manager.all_tasks)
+    missing = [task for task in tasks if task not in known]
+    if missing:
+        hint = "" if include_defaults else " (standard lm-eval tasks need include_defaults=True)"
+        raise ValueError(f"tasks not found: {missing}; indexed from include_path={include_path!r}{hint}")
+
+
 def lm_eval_results(
     model: torch.nn.Module,
     tokenizer,
@@ -412,7 +499,7 @@ def lm_eval_results(
     task_manager=None,
     limit: int | float | None = None,
     batch_size: int = 8,
-    num_fewshot: int = 0,
+    num_fewshot: int | None = None,
     seed: int = 1234,
     max_length: int | None = None,
     add_bos_token: bool | None = None,
@@ -420,6 +507,7 @@ def lm_eval_results(
     log_samples: bool = False,
     offline: bool = True,
     share_contexts: bool = True,
+    confirm_run_unsafe_code: bool = False,
 ) -> dict:
     """Run ``lm_eval.simple_evaluate`` on the in-memory ``model`` and return lm-eval's raw result dict.
 
@@ -429,9 +517,15 @@ def lm_eval_results(
     states and the model's train/eval mode are restored afterwards. ``offline`` blocks hub
     access for the duration of the call (see `hub_offline`); standard task names need
     ``include_defaults=True`` and, for their datasets, ``offline=False``.
+    ``num_fewshot=None`` keeps each task's own number of few-shot examples (BBH CoT's 3, mbpp's 3;
+    0 for a task that sets none); an integer overrides it for every task whose config does not
+    set 0 (lm-eval never overrides a configured 0).
     ``add_bos_token=None`` keeps the tokenizer's own behaviour (Llama-3 tokenizers prepend BOS).
     ``share_contexts`` scores each distinct context once (`shared_context_lm_class`); turn it off
     for a model whose output at a position depends on later tokens (GRACE).
+    A task that lm-eval marks ``unsafe_code`` (mbpp: its metric executes the generated code) is
+    refused with `UnsafeCodeTaskError` unless ``confirm_run_unsafe_code``; with it, lm-eval gets
+    the flag and ``HF_ALLOW_CODE_EVAL=1`` is set for the call only.
     """
     tasks = list(tasks)
     if not tasks:
@@ -442,12 +536,15 @@ def lm_eval_results(
 
         if task_manager is None:
             task_manager = make_task_manager(include_path, include_defaults)
-        known = set(task_manager.all_tasks)
-        missing = [task for task in tasks if task not in known]
-        if missing:
-            hint = "" if include_defaults else " (standard lm-eval tasks need include_defaults=True)"
-            raise ValueError(f"tasks not found: {missing}; indexed from include_path={include_path!r}{hint}")
-        with _preserved_rng_and_mode(model):
+        _check_known(tasks, task_manager, include_path, include_defaults)
+        if not confirm_run_unsafe_code:
+            for task in tasks:
+                if unsafe := unsafe_code_tasks(task_manager, task):
+                    raise UnsafeCodeTaskError(
+                        f"downstream task {task!r} executes model-generated code (lm-eval marks {unsafe} "
+                        f"unsafe_code); to run it, set {UNSAFE_CODE_KEY}: true in the config "
+                        f"(confirm_run_unsafe_code=True here), or remove {task!r} from downstream.tasks")
+        with _preserved_rng_and_mode(model), _code_eval_allowed(confirm_run_unsafe_code):
             lm = (shared_context_lm_class() if share_contexts else HFLM)(
                 pretrained=model,
                 tokenizer=tokenizer,
@@ -467,6 +564,7 @@ def lm_eval_results(
                 numpy_random_seed=seed,
                 torch_random_seed=seed,
                 fewshot_random_seed=seed,
+                confirm_run_unsafe_code=confirm_run_unsafe_code,
             )
 
 
@@ -476,8 +574,21 @@ def _number_or_none(value: Any) -> float | None:
     return None
 
 
+def _metric_entries(entries: dict) -> list[tuple[str, str, str]]:
+    """(row metric label, metric, filter) of each "<metric>,<filter>" value key of a result entry:
+    the filter is dropped from the label when it is "none", kept as "<metric>,<filter>" otherwise."""
+    out = []
+    for key in entries:
+        if "," not in key or "_stderr," in key:
+            continue
+        metric, filter_name = key.split(",", 1)
+        out.append((metric if filter_name == "none" else key, metric, filter_name))
+    return out
+
+
 def metric_rows(results: dict) -> list[dict]:
-    """Flatten lm-eval results into tidy rows {task, metric, value, stderr, n_items}.
+    """Every entry of lm-eval's ``results["results"]`` (tasks and groups alike) as tidy rows
+    {task, metric, value, stderr, n_items}; `task_rows` keeps groups and subtasks apart.
 
     lm-eval keys are "<metric>,<filter>" and "<metric>_stderr,<filter>"; the filter is dropped when
     it is "none" and kept as "<metric>,<filter>" otherwise. stderr is None where lm-eval has none.
@@ -486,20 +597,79 @@ def metric_rows(results: dict) -> list[dict]:
     n_samples = results.get("n-samples", {})
     for task, entries in results["results"].items():
         n_items = n_samples.get(task, {}).get("effective")
-        for key, value in entries.items():
-            if "," not in key or "_stderr," in key:
-                continue
-            metric, filter_name = key.split(",", 1)
+        for label, metric, filter_name in _metric_entries(entries):
             rows.append(
                 {
                     "task": task,
-                    "metric": metric if filter_name == "none" else key,
-                    "value": _number_or_none(value),
+                    "metric": label,
+                    "value": _number_or_none(entries[f"{metric},{filter_name}"]),
                     "stderr": _number_or_none(entries.get(f"{metric}_stderr,{filter_name}")),
                     "n_items": n_items,
                 }
             )
     return rows
+
+
+def _size_weighted(leaf_rows: list[dict], name: str) -> list[dict]:
+    """One row per metric over the leaf tasks that report it: lm-eval's size-weighted mean
+    (`aggregate_subtask_metrics`) and pooled standard error (`pooled_sample_stderr`), as lm-eval
+    aggregates a group whose ``aggregate_metric_list`` says ``weight_by_size: true`` (mmlu, bbh,
+    hendrycks_math). Both assume a mean-aggregated metric (acc, exact_match, f1, pass@1 are)."""
+    from lm_eval.api.metrics import aggregate_subtask_metrics, pooled_sample_stderr
+
+    rows = []
+    for metric in dict.fromkeys(row["metric"] for row in leaf_rows):
+        part = [row for row in leaf_rows if row["metric"] == metric and row["value"] is not None and row["n_items"]]
+        if not part:
+            continue
+        sizes = [int(row["n_items"]) for row in part]
+        value = float(aggregate_subtask_metrics([row["value"] for row in part], sizes, True))
+        stderrs = [row["stderr"] for row in part]
+        stderr = (float(pooled_sample_stderr(stderrs, sizes))
+                  if None not in stderrs and sum(sizes) > len(sizes) else None)
+        rows.append({"task": name, "metric": metric, "value": value, "stderr": stderr, "n_items": sum(sizes)})
+    return rows
+
+
+def task_rows(results: dict, name: str) -> tuple[list[dict], list[dict]]:
+    """The rows of requested task ``name`` from the lm-eval results of evaluating it alone:
+    (one row {task, metric, value, stderr, n_items} per metric of ``name`` itself; one row
+    {group, task, metric, value, stderr, n_items} per metric of each leaf task under it, empty
+    for a plain task).
+
+    - a plain task: its own metrics;
+    - a group with an ``aggregate_metric_list`` (mmlu, bbh, hendrycks_math): lm-eval's aggregate
+      (``results["groups"][name]``: the metrics and filters the group lists, with lm-eval's
+      standard error, over ``sample_count`` items);
+    - a group without one, or a tag (``tydiqa_goldp``): lm-eval reports no aggregate, so every
+      metric of the leaf tasks is aggregated here with lm-eval's own helpers, size-weighted mean
+      and pooled standard error (`_size_weighted`).
+    Intermediate groups (mmlu's four categories) are not rows: the leaf tasks are.
+    """
+    entries = results["results"]
+    group_subtasks = results.get("group_subtasks") or {}
+    n_samples = results.get("n-samples", {})
+    leaves = [task for task in entries if task not in group_subtasks]
+    leaf_rows = [
+        {"group": name, "task": task, "metric": label,
+         "value": _number_or_none(entries[task][f"{metric},{filter_name}"]),
+         "stderr": _number_or_none(entries[task].get(f"{metric}_stderr,{filter_name}")),
+         "n_items": n_samples.get(task, {}).get("effective", entries[task].get("sample_len"))}
+        for task in leaves for label, metric, filter_name in _metric_entries(entries[task])
+    ]
+    if leaves == [name]:  # a plain task
+        return [{key: row[key] for key in ("task", "metric", "value", "stderr", "n_items")} for row in leaf_rows], []
+    aggregated = (results.get("groups") or {}).get(name)
+    if aggregated is not None:
+        counts = aggregated.get("sample_count") or {}
+        main = [{"task": name, "metric": label,
+                 "value": _number_or_none(aggregated[f"{metric},{filter_name}"]),
+                 "stderr": _number_or_none(aggregated.get(f"{metric}_stderr,{filter_name}")),
+                 "n_items": counts.get(f"{metric},{filter_name}", aggregated.get("sample_len"))}
+                for label, metric, filter_name in _metric_entries(aggregated)]
+    else:
+        main = _size_weighted(leaf_rows, name)
+    return main, leaf_rows
 
 
 def item_rows(results: dict) -> list[dict]:
@@ -525,6 +695,12 @@ def item_rows(results: dict) -> list[dict]:
     return rows
 
 
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".strip()
+
+
 def evaluate_downstream(
     model: torch.nn.Module,
     tokenizer,
@@ -532,7 +708,7 @@ def evaluate_downstream(
     include_path: str | Path | Sequence[str | Path] | None = None,
     limit: int | float | None = None,
     batch_size: int = 8,
-    num_fewshot: int = 0,
+    num_fewshot: int | None = None,
     seed: int = 1234,
     *,
     include_defaults: bool = False,
@@ -541,33 +717,67 @@ def evaluate_downstream(
     add_bos_token: bool | None = None,
     offline: bool = True,
     share_contexts: bool = True,
+    confirm_run_unsafe_code: bool = False,
 ) -> list[dict]:
-    """Evaluate the in-memory ``model`` on lm-eval ``tasks``; tidy rows {task, metric, value, stderr, n_items}.
+    """Evaluate the in-memory ``model`` on lm-eval ``tasks``, each task (a group or tag counts as
+    one) in its own lm-eval call, so that one failing task leaves the others' results standing.
 
+    Returns the rows of `task_rows` for every task, in order: rows {task, metric, value, stderr,
+    n_items, error} (``error`` None) for the task itself, then rows {group, task, metric, value,
+    stderr, n_items} for the leaf tasks of a group or tag (the rows with a ``group`` key). A task
+    whose evaluation raised is logged with its traceback and gives one row {task, metric None,
+    value None, stderr None, n_items None, error: "<exception type>: <message>"}.
+    Task names are checked before anything runs: an unknown name raises ValueError.
     Local tasks (written by `write_mc_task` / `write_glue_eval_task`) are found under
-    ``include_path`` with the bundled task index off; see `lm_eval_results` for the other arguments.
+    ``include_path`` with the bundled task index off; pass one ``task_manager``
+    (`make_task_manager`) to several calls to index the tasks once; see `lm_eval_results` for the
+    other arguments.
     """
-    results = lm_eval_results(
-        model,
-        tokenizer,
-        tasks,
-        include_path=include_path,
-        include_defaults=include_defaults,
-        task_manager=task_manager,
-        limit=limit,
-        batch_size=batch_size,
-        num_fewshot=num_fewshot,
-        seed=seed,
-        max_length=max_length,
-        add_bos_token=add_bos_token,
-        offline=offline,
-        share_contexts=share_contexts,
-    )
-    return metric_rows(results)
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("no tasks given")
+    if task_manager is None:
+        with hub_offline(offline):
+            task_manager = make_task_manager(include_path, include_defaults)
+    _check_known(tasks, task_manager, include_path, include_defaults)
+    rows: list[dict] = []
+    for task in tasks:
+        try:
+            results = lm_eval_results(
+                model,
+                tokenizer,
+                [task],
+                include_path=include_path,
+                include_defaults=include_defaults,
+                task_manager=task_manager,
+                limit=limit,
+                batch_size=batch_size,
+                num_fewshot=num_fewshot,
+                seed=seed,
+                max_length=max_length,
+                add_bos_token=add_bos_token,
+                offline=offline,
+                share_contexts=share_contexts,
+                confirm_run_unsafe_code=confirm_run_unsafe_code,
+            )
+            main, subtasks = task_rows(results, task)
+        except Exception as error:  # noqa: BLE001 (any task failure becomes that task's error row)
+            log.error("downstream task %r failed; its row records the error, the other tasks go on:\n%s",
+                      task, traceback.format_exc())
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # after an out-of-memory error, before the next task
+            rows.append({"task": task, "metric": None, "value": None, "stderr": None, "n_items": None,
+                         "error": _error_text(error)})
+            continue
+        if not main:
+            log.warning("downstream task %r reported no metric", task)
+        rows += [{**row, "error": None} for row in main] + subtasks
+    return rows
 
 
 __all__ = [
     "GLUE_EVAL_CONVERTERS",
+    "UnsafeCodeTaskError",
     "evaluate_downstream",
     "glue_eval_items",
     "hub_offline",
@@ -577,6 +787,8 @@ __all__ = [
     "metric_rows",
     "read_mc_items",
     "shared_context_lm_class",
+    "task_rows",
+    "unsafe_code_tasks",
     "write_glue_eval_task",
     "write_mc_task",
 ]

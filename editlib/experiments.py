@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 import torch
@@ -312,11 +313,22 @@ def evenly_spaced(items: Sequence, n: int | None) -> list:
     return [items[index * len(items) // n] for index in range(n)]
 
 
-def _downstream_rows(ctx, hparams, batch_size, n_edits, downstream: Downstream, experiment: str = "sequential") -> list[dict]:
+DOWNSTREAM_FIELDS = ("task", "metric", "value", "stderr", "n_items", "error")
+SUBTASK_FIELDS = ("group", "task", "metric", "value", "stderr", "n_items")
+
+
+def _labelled_downstream(rows: list[dict], base: dict, subtasks: bool) -> list[dict]:
+    """`rows` of a downstream function labelled with `base`: the configured tasks' rows, and with
+    `subtasks` also the leaf-task rows of groups (those with a "group" key)."""
+    return [{**base, **{k: row.get(k) for k in (SUBTASK_FIELDS if "group" in row else DOWNSTREAM_FIELDS)}}
+            for row in rows if subtasks or "group" not in row]
+
+
+def _downstream_rows(ctx, hparams, batch_size, n_edits, downstream: Downstream, experiment: str = "sequential",
+                     subtasks: bool = False) -> list[dict]:
     base = {"experiment": experiment, "model": ctx.model_name, "method": hparams.method,
             "batch_size": batch_size, "sample": 0, "n_edits": n_edits}
-    return [{**base, **{k: row.get(k) for k in ("task", "metric", "value", "stderr")}}
-            for row in downstream(ctx.model, ctx.tokenizer)]
+    return _labelled_downstream(downstream(ctx.model, ctx.tokenizer), base, subtasks)
 
 
 # ---------------------------------------------------------------------------- saved edit states
@@ -338,19 +350,42 @@ def state_labels(path: str | Path, metadata: dict[str, str] | None = None) -> di
             "batch_size": int(meta["batch_size"]), "n_edits": int(meta["n_edits"])}
 
 
+class StateRows(Protocol):
+    """Where `states_downstream` keeps each state's rows as soon as they are computed, so that a
+    rerun skips the states evaluated before (editlib.pipeline.DownstreamPartials)."""
+
+    def get(self, path: Path) -> list[dict] | None: ...
+
+    def put(self, path: Path, rows: list[dict]) -> None: ...
+
+
 def states_downstream(ctx: ExperimentContext, spec, state_paths: Sequence[str | Path],
-                      downstream: Downstream) -> pd.DataFrame:
-    """Downstream rows of each saved state, loaded by one session of `spec` onto the unedited model."""
+                      downstream: Downstream, partials: StateRows | None = None,
+                      subtasks: bool = False) -> pd.DataFrame:
+    """Downstream rows of each saved state, loaded by one session of `spec` onto the unedited model.
+
+    With `partials`, a state whose rows it holds is not loaded nor evaluated again, and each newly
+    evaluated state's rows go to it at once. With `subtasks`, the frame also holds the leaf-task
+    rows of groups (a `group` column, empty on the configured tasks' rows).
+    """
     rows: list[dict] = []
     session = ctx.session(spec)
     try:
-        for path in state_paths:
-            state, metadata = load_tensors(path)
-            labels = state_labels(path, metadata)
-            session.restore()
-            session.load_state_dict(state)
-            rows += _downstream_rows(ctx, spec, labels["batch_size"], labels["n_edits"], downstream,
-                                     labels["experiment"])
+        for path in map(Path, state_paths):
+            done = partials.get(path) if partials is not None else None
+            if done is None:
+                state, metadata = load_tensors(path)
+                labels = state_labels(path, metadata)
+                session.restore()
+                session.load_state_dict(state)
+                done = _downstream_rows(ctx, spec, labels["batch_size"], labels["n_edits"], downstream,
+                                        labels["experiment"], subtasks=True)
+                if partials is not None:
+                    partials.put(path, done)
+            else:
+                log.info("%s: downstream rows from an earlier run of this job", path)
+            rows += [row for row in done if subtasks or "group" not in row]
     finally:
         session.close()
-    return pd.DataFrame(rows, columns=DOWNSTREAM_COLUMNS)
+    columns = [*DOWNSTREAM_COLUMNS, "group"] if subtasks else DOWNSTREAM_COLUMNS
+    return pd.DataFrame(rows, columns=columns)

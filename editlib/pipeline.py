@@ -8,6 +8,7 @@ part of the validated config that the stage reads, and nothing else.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ import pandas as pd
 from . import assets
 from .config import CHECKPOINT_MINUTES, configured_method, edit_records, method_name, method_overrides, state_points
 from .corpus import load_corpus, read_prepared, sample_hf, write_corpus
-from .downstream import evaluate_downstream, write_mc_task
+from .downstream import evaluate_downstream, hub_offline, make_task_manager, write_mc_task
 from .experiments import (
     ExperimentContext,
     batched_edits,
@@ -30,12 +31,12 @@ from .experiments import (
     state_labels,
     states_downstream,
 )
-from .io import atomic_dir, atomic_path, write_csv, write_json
+from .io import atomic_dir, atomic_path, content_key, write_csv, write_json
 from .methods import make_spec
 from .models import download_hub_model, load_model, model_fingerprint, model_layout
 from .records import EditRequest, load_requests
 from .stats import StatsConfig, layer_second_moments, load_moments, save_moments
-from .tables import DOWNSTREAM_COLUMNS, read_results
+from .tables import DOWNSTREAM_COLUMNS, DOWNSTREAM_SUBTASK_COLUMNS, read_results
 from .target_store import TargetStore
 
 log = logging.getLogger("editlib.pipeline")
@@ -321,22 +322,29 @@ def run_sensitivity(config: dict, method: str, model_dir, moments_path, records_
 
 
 def downstream_function(config: dict, tasks_dir: str | Path, method: str | None):
-    """model, tokenizer -> downstream rows, or None when no tasks are configured (method None:
-    the unedited model)."""
+    """model, tokenizer -> downstream rows (editlib.downstream.evaluate_downstream: one lm-eval
+    call per configured task, a failed task an `error` row), or None when no tasks are configured
+    (method None: the unedited model). lm-eval's task index is built on the first call and kept."""
     settings = config["downstream"]
     if not settings.get("tasks"):
         return None
     local = Path(tasks_dir).resolve()
-
+    include_defaults = settings.get("include_defaults", False)
+    offline = settings.get("offline", True)
     registered = configured_method(config, method) if method else None
+    indexed = []
 
     def evaluate(model, tokenizer) -> list[dict]:
+        if not indexed:
+            with hub_offline(offline):
+                indexed.append(make_task_manager(local, include_defaults))
         return evaluate_downstream(
             model, tokenizer, settings["tasks"], include_path=local, limit=settings.get("limit"),
             batch_size=(registered and registered.downstream_batch_size) or settings.get("batch_size", 16),
-            num_fewshot=settings.get("num_fewshot", 0), seed=config["seed"],
-            include_defaults=settings.get("include_defaults", False), offline=settings.get("offline", True),
+            num_fewshot=settings.get("num_fewshot"),  # None: each task's own few-shot setting
+            seed=config["seed"], include_defaults=include_defaults, task_manager=indexed[0], offline=offline,
             share_contexts=registered is None or registered.downstream_shares_contexts,
+            confirm_run_unsafe_code=settings.get("confirm_run_unsafe_code", False),
         )
 
     return evaluate
@@ -396,39 +404,165 @@ def run_sequential(config: dict, method: str, batch_size: int, model_dir, moment
 # ---------------------------------------------------------------------------- downstream
 
 
-def run_downstream_base(config: dict, model_dir, tasks_dir, out_path) -> pd.DataFrame:
-    """lm-eval on the unedited model, once for all runs (their n_edits 0 rows)."""
+# A downstream job whose tasks partly failed writes its tables (the failed tasks' rows carry the
+# `error`, their tracebacks are in the job's log) and exits 0. Snakemake deletes the outputs of a
+# failed job, so a non-zero exit would delete the rows of the tasks that did run and hold back the
+# run's tables, figures and findings over one task; where the cause lasts (mbpp without the opt-in,
+# a dataset the machine cannot reach) every rerun would fail the same way. To retry the failed tasks
+# after fixing their cause, force the job to rerun (snakemake --forcerun <its output>). Only when no
+# task gave a value at all (a setup error: hub access, a missing package) does the job fail, before
+# writing anything.
+
+
+def _failed_tasks(frame: pd.DataFrame) -> dict[str, str]:
+    """task -> error of the frame's failed evaluations (the first error seen per task)."""
+    if frame.empty or "error" not in frame.columns:
+        return {}
+    failed = frame[frame["error"].notna() & (frame["error"] != "")]
+    return dict(failed.drop_duplicates("task")[["task", "error"]].itertuples(index=False, name=None))
+
+
+def _report_failures(frame: pd.DataFrame, where: str) -> None:
+    """Log the failed tasks of a job's newly evaluated rows; raise when nothing was measured."""
+    failed = _failed_tasks(frame)
+    if not failed:
+        return
+    listing = "; ".join(f"{task}: {error}" for task, error in failed.items())
+    if frame["value"].notna().sum() == 0:
+        raise RuntimeError(f"{where}: every downstream task failed, nothing to write ({listing}); "
+                           f"the tracebacks are in this job's log")
+    log.warning("%s: %d downstream task(s) failed and are recorded with their error in the table "
+                "(snakemake --forcerun on this table retries them): %s", where, len(failed), listing)
+
+
+BASE_COLUMNS = ["task", "metric", "value", "stderr", "n_items", "error"]  # downstream_base's tables
+BASE_SUBTASK_COLUMNS = ["group", "task", "metric", "value", "stderr", "n_items"]
+
+
+def split_subtasks(frame: pd.DataFrame, columns: Sequence[str] = tuple(DOWNSTREAM_COLUMNS),
+                   subtask_columns: Sequence[str] = tuple(DOWNSTREAM_SUBTASK_COLUMNS)
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the configured tasks' rows, with `columns`; the groups' leaf-task rows, with
+    `subtask_columns`) of downstream rows, the leaf-task rows being those with a `group`."""
+    if "group" not in frame.columns:
+        frame = frame.assign(group=None)
+    leaf = frame["group"].notna()
+    return (frame[~leaf].reset_index(drop=True).reindex(columns=list(columns)),
+            frame[leaf].reset_index(drop=True).reindex(columns=list(subtask_columns)))
+
+
+def subtasks_path(table_path: str | Path) -> Path:
+    """The subtask table beside a downstream table: <stem>_subtasks.csv."""
+    table_path = Path(table_path)
+    return table_path.with_name(f"{table_path.stem}_subtasks.csv")
+
+
+def run_downstream_base(config: dict, model_dir, tasks_dir, out_path, subtasks_out: str | Path | None = None
+                        ) -> pd.DataFrame:
+    """lm-eval on the unedited model, once for all runs (their n_edits 0 rows): the configured
+    tasks' rows to `out_path`, the groups' leaf tasks to `subtasks_out` (default: beside it,
+    `subtasks_path`)."""
     model, tokenizer = load_configured_model(config, model_dir)
     evaluate = downstream_function(config, tasks_dir, None)
     rows = evaluate(model, tokenizer) if evaluate is not None else []
-    frame = pd.DataFrame([{k: row.get(k) for k in ("task", "metric", "value", "stderr")} for row in rows],
-                         columns=["task", "metric", "value", "stderr"])
+    frame, subtasks = split_subtasks(pd.DataFrame(rows), BASE_COLUMNS, BASE_SUBTASK_COLUMNS)
+    _report_failures(frame, str(out_path))
+    write_csv(subtasks_out or subtasks_path(out_path), subtasks)
     write_csv(out_path, frame)
     return frame
 
 
+class DownstreamPartials:
+    """Each evaluated edit state's downstream rows, kept in `folder` (one JSON file per state)
+    until the job's tables are written, so that a rerun of a killed or failed job evaluates only
+    the states it had not finished. A file is reused only when its key matches: the state file's
+    name, size and modification time (an editing job that reruns writes new states) and everything
+    the job reads (`config`, the stage config: lm-eval settings, seed, model, method block); and
+    only when at least one task gave a value on that state (a state on which every task failed is
+    evaluated again, as after a setup error that made the job fail). A state's rows with some
+    tasks failed are reused as they are, errors included."""
+
+    def __init__(self, folder: str | Path, config: dict):
+        self.folder = Path(folder)
+        self.settings = content_key(config)
+
+    def _key(self, state: Path) -> str:
+        stat = state.stat()
+        return content_key({"settings": self.settings, "state": state.name, "size": stat.st_size,
+                            "mtime_ns": stat.st_mtime_ns})
+
+    def _file(self, state: Path) -> Path:
+        return self.folder / f"{state.stem}.json"
+
+    def get(self, state: Path) -> list[dict] | None:
+        path = self._file(state)
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            log.warning("unreadable downstream partial %s (%s); evaluating %s again", path, err, state)
+            return None
+        if saved.get("key") != self._key(state):
+            log.info("downstream partial %s is of another state file or other settings; evaluating again", path)
+            return None
+        if not any(row.get("value") is not None for row in saved["rows"]):
+            # every task failed on this state (hub access, a missing package, ...): try again
+            log.info("downstream partial %s measured nothing; evaluating again", path)
+            return None
+        return saved["rows"]
+
+    def put(self, state: Path, rows: list[dict]) -> None:
+        write_json(self._file(state), {"key": self._key(state), "rows": rows})
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def run_downstream(config: dict, experiment: str, method: str, batch_size: int, model_dir, moments_path,
-                   trained_editor, tasks_dir, states_dir, base_path, out_path, sample: int = 0) -> pd.DataFrame:
+                   trained_editor, tasks_dir, states_dir, base_path, out_path, sample: int = 0,
+                   partials_dir: str | Path | None = None, subtasks_out: str | Path | None = None,
+                   base_subtasks_path: str | Path | None = None) -> pd.DataFrame:
     """lm-eval on every edit state an editing job saved (base model + state), plus the unedited
-    model's rows (from `base_path`) labelled as this run's n_edits 0. `batch_size` and `sample`
-    label those rows (a sequential run's batch size and edit sample; 0 for the batched experiment)."""
+    model's rows (from `base_path`, and its subtask rows from `base_subtasks_path`, default beside
+    it) labelled as this run's n_edits 0. `batch_size` and `sample` label those rows (a sequential
+    run's batch size and edit sample; 0 for the batched experiment). The configured tasks' rows go
+    to `out_path`, the groups' leaf tasks to `subtasks_out` (default: beside it).
+    With `partials_dir`, each state's rows are kept there as soon as it is evaluated and reused by a
+    rerun (`DownstreamPartials`); the folder is removed once the tables are written."""
     paths = sorted(Path(states_dir).glob("*.safetensors"), key=lambda path: state_labels(path)["n_edits"])
     base = read_results(base_path)
+    base_subtasks_path = Path(base_subtasks_path) if base_subtasks_path else subtasks_path(base_path)
+    base_subtasks = read_results(base_subtasks_path) if base_subtasks_path.exists() else pd.DataFrame()
     with_base = experiment == "batched" or 0 in config["experiments"]["sequential"].get("downstream_at", [])
-    frames = []
+    labels = {"experiment": experiment, "model": config["model"]["name"], "method": method,
+              "batch_size": batch_size, "sample": sample, "n_edits": 0}
+    frames, subtask_frames = [], []
     if with_base and not base.empty:
-        frames.append(base.assign(experiment=experiment, model=config["model"]["name"], method=method,
-                                  batch_size=batch_size, sample=sample, n_edits=0))
+        frames.append(base.assign(**labels))
+        if not base_subtasks.empty:
+            subtask_frames.append(base_subtasks.assign(**labels))
     evaluate = downstream_function(config, tasks_dir, method)
+    partials = DownstreamPartials(partials_dir, config) if partials_dir is not None else None
     if paths and evaluate is not None:
         model, tokenizer = load_configured_model(config, model_dir)
         layers = state_labels(paths[0])["layers"]  # every state of a run edits the same layers
         ctx = ExperimentContext(model, tokenizer, config["model"]["name"],
                                 load_moments(moments_path, layers) if moments_path else {})
         spec = edit_spec(config, method, layers, trained_editor)
-        frames.append(labelled(states_downstream(ctx, spec, paths, evaluate), method).assign(sample=sample))
-    frame = pd.concat(frames, ignore_index=True)[DOWNSTREAM_COLUMNS] if frames else pd.DataFrame(columns=DOWNSTREAM_COLUMNS)
+        rows = states_downstream(ctx, spec, paths, evaluate, partials, subtasks=True)
+        edited, edited_subtasks = split_subtasks(labelled(rows, method).assign(sample=sample))
+        _report_failures(edited, str(out_path))
+        frames.append(edited)
+        subtask_frames.append(edited_subtasks)
+    frame = (pd.concat(frames, ignore_index=True).reindex(columns=DOWNSTREAM_COLUMNS) if frames
+             else pd.DataFrame(columns=DOWNSTREAM_COLUMNS))
+    subtasks = (pd.concat(subtask_frames, ignore_index=True).reindex(columns=DOWNSTREAM_SUBTASK_COLUMNS)
+                if subtask_frames else pd.DataFrame(columns=DOWNSTREAM_SUBTASK_COLUMNS))
+    write_csv(subtasks_out or subtasks_path(out_path), subtasks)
     write_csv(out_path, frame)
+    if partials is not None:
+        partials.remove()  # the tables are final; the partials served resumption
     return frame
 
 
@@ -458,7 +592,7 @@ def train_mend_editor(config: dict, model_dir, records_path, out_path) -> dict:
 
 
 __all__ = [
-    "compute_statistics", "downstream_function", "edit_spec", "prepare_data", "prepare_model",
+    "DownstreamPartials", "compute_statistics", "downstream_function", "edit_spec", "prepare_data", "prepare_model",
     "resolve_layers", "run_batched", "run_downstream", "run_downstream_base", "run_layer_sweep", "run_sensitivity", "run_sequential",
-    "run_single", "state_points", "train_mend_editor",
+    "run_single", "split_subtasks", "state_points", "subtasks_path", "train_mend_editor",
 ]

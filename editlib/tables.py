@@ -20,8 +20,15 @@ INTERVALS = [f"{name}_{bound}" for name in METRICS if name != "GE" for bound in 
 # `sample`: which disjoint edit sample a sequential run edited (0 for the other experiments)
 RESULT_COLUMNS = ["experiment", "model", "method", "layers", "batch_size", "sample", "n_edits", "step", "scope",
                   "records", *METRICS, *INTERVALS, "n_records"]
+# Downstream: one row per configured lm-eval task and metric; a group (mmlu, bbh) is one task, its
+# value lm-eval's aggregate over its subtasks (editlib.downstream.task_rows). `n_items`: the items
+# the value is over; `error`: empty, or why the task failed (its row then has no metric or value).
 DOWNSTREAM_COLUMNS = ["experiment", "model", "method", "batch_size", "sample", "n_edits", "task", "metric", "value",
-                      "stderr"]
+                      "stderr", "n_items", "error"]
+# the leaf tasks of each configured group or tag (`group`: the configured name), kept apart so that
+# they are never averaged with the configured tasks
+DOWNSTREAM_SUBTASK_COLUMNS = ["experiment", "model", "method", "batch_size", "sample", "n_edits", "group", "task",
+                              "metric", "value", "stderr", "n_items"]
 # the sensitivity stage: single edits with one hyperparameter (`parameter`) set to `value`
 SENSITIVITY_COLUMNS = [*RESULT_COLUMNS, "parameter", "value"]
 
@@ -45,7 +52,11 @@ def tidy(inputs: Sequence[str | Path], out_path: str | Path, columns: Sequence[s
 
 
 def primary_metric(downstream: pd.DataFrame) -> pd.DataFrame:
-    """One metric per task: acc where the task reports it (acc_norm is then skipped), else its first."""
+    """One metric per task: acc where the task reports it (acc_norm is then skipped), else its first.
+    The rows of failed evaluations (an `error`, no value) are left out."""
+    if "error" in downstream.columns:
+        downstream = downstream[downstream["error"].isna() | (downstream["error"] == "")]
+    downstream = downstream[downstream["metric"].notna() & downstream["value"].notna()]
     keep = [group[group["metric"] == ("acc" if "acc" in set(group["metric"]) else group["metric"].iloc[0])]
             for _, group in downstream.groupby("task")]
     return pd.concat(keep, ignore_index=True) if keep else downstream

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -182,7 +183,8 @@ def test_tidy_rows_limit_and_state_restored(tokenizer, mc_task):
     torch.manual_seed(99)
     rows = evaluate_downstream(model, tokenizer, ["tiny_mc"], include_path=mc_task, limit=5, batch_size=2)
     assert sorted(row["metric"] for row in rows) == ["acc", "acc_norm"]
-    assert all(set(row) == {"task", "metric", "value", "stderr", "n_items"} for row in rows)
+    assert all(set(row) == {"task", "metric", "value", "stderr", "n_items", "error"} and row["error"] is None
+               for row in rows)
     assert all(row["task"] == "tiny_mc" and row["n_items"] == 5 and 0 <= row["value"] <= 1 for row in rows)
     assert model.training  # HFLM calls model.eval(); the caller's mode comes back
     assert torch.equal(torch.rand(3), expected_next)  # lm-eval's global seeding does not leak
@@ -332,3 +334,331 @@ def test_grace_edit_takes_but_leaves_downstream_items_unchanged(tokenizer, mc_ta
         assert items() == before
     finally:
         editor.remove()
+
+
+# ---------------------------------------------------------------------------- one lm-eval call per task
+
+ENV_PROBE = '''import os
+
+
+def process_results(doc, results):
+    """Whether the code-eval permission was on while the task was scored (1.0) or not (0.0)."""
+    return {"code_eval_allowed": float(os.environ.get("HF_ALLOW_CODE_EVAL") == "1")}
+'''
+
+
+def _write_task_family(tasks_dir: Path) -> None:
+    """sub_a (5 items), sub_b (7), sub_c (6), all tagged my_tag; a group that lists an aggregate
+    (acc, by size), one that lists none, a group nesting the first one; a task marked unsafe_code."""
+    import yaml
+
+    for name, items in (("sub_a", MC_ITEMS[:5]), ("sub_b", MC_ITEMS[5:12]), ("sub_c", MC_ITEMS[2:8])):
+        write_jsonl(tasks_dir / f"{name}.jsonl", items)
+        path = write_mc_task(name, tasks_dir / f"{name}.jsonl", tasks_dir)
+        config = yaml.safe_load(path.read_text())
+        path.write_text(yaml.safe_dump({**config, "tag": "my_tag"}))
+    groups = {
+        "grp_agg": {"task": ["sub_a", "sub_b"], "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}]},
+        "grp_plain": {"task": ["sub_a", "sub_c"]},
+        "grp_nest": {"task": ["grp_agg", "sub_c"], "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}]},
+    }
+    for name, body in groups.items():
+        (tasks_dir / f"{name}.yaml").write_text(yaml.safe_dump({"group": name, **body, "metadata": {"version": 1}}))
+    # a multiple-choice task flagged unsafe_code whose metric reports the HF_ALLOW_CODE_EVAL it saw
+    path = write_mc_task("unsafe_probe", tasks_dir / "sub_a.jsonl", tasks_dir)
+    config = yaml.safe_load(path.read_text())
+    (tasks_dir / "probe_utils.py").write_text(ENV_PROBE)
+    text = yaml.safe_dump({**config, "unsafe_code": True, "metric_list": [
+        {"metric": "code_eval_allowed", "aggregation": "mean", "higher_is_better": True}]})
+    path.write_text(text + "process_results: !function probe_utils.process_results\n")
+
+
+@pytest.fixture()
+def task_family(tmp_path):
+    tasks_dir = tmp_path / "family"
+    _write_task_family(tasks_dir)
+    return tasks_dir
+
+
+@pytest.fixture()
+def one_thread():
+    """torch on one thread: this tiny model's products gain nothing from more, and on a shared
+    machine they wait for the busiest core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_unsafe_code_task_needs_the_opt_in_and_fails_alone(tokenizer, task_family, monkeypatch):
+    """A task lm-eval marks unsafe_code fails with a message naming it and the config key, while
+    the other tasks of the same call are still scored; opted in, it runs with HF_ALLOW_CODE_EVAL=1
+    set for the call only."""
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
+    model = tiny_llama(tokenizer)
+    rows = evaluate_downstream(model, tokenizer, ["unsafe_probe", "sub_a"], include_path=task_family)
+    [failed] = [row for row in rows if row["task"] == "unsafe_probe"]
+    assert failed["value"] is None and failed["metric"] is None
+    assert "unsafe_probe" in failed["error"] and "downstream.confirm_run_unsafe_code" in failed["error"]
+    scored = {row["metric"]: row for row in rows if row["task"] == "sub_a"}
+    assert set(scored) == {"acc", "acc_norm"}
+    assert all(row["error"] is None and row["n_items"] == 5 for row in scored.values())
+
+    rows = evaluate_downstream(model, tokenizer, ["unsafe_probe"], include_path=task_family,
+                               confirm_run_unsafe_code=True)
+    assert [(row["metric"], row["value"], row["error"]) for row in rows] == [("code_eval_allowed", 1.0, None)]
+    assert "HF_ALLOW_CODE_EVAL" not in os.environ  # restored after the call
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "0")
+    evaluate_downstream(model, tokenizer, ["unsafe_probe"], include_path=task_family, confirm_run_unsafe_code=True)
+    assert os.environ["HF_ALLOW_CODE_EVAL"] == "0"
+
+
+def test_a_failing_task_leaves_the_others_scored(tokenizer, task_family, monkeypatch):
+    """One task raising inside lm-eval gives that task an error row; the tasks before and after it
+    get the same rows as when evaluated without it."""
+    import editlib.downstream as downstream
+
+    model = tiny_llama(tokenizer)
+    alone = evaluate_downstream(model, tokenizer, ["sub_a", "sub_c"], include_path=task_family)
+    original = downstream.lm_eval_results
+
+    def failing(model, tokenizer, tasks, **kwargs):
+        if tasks == ["sub_b"]:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return original(model, tokenizer, tasks, **kwargs)
+
+    monkeypatch.setattr(downstream, "lm_eval_results", failing)
+    rows = evaluate_downstream(model, tokenizer, ["sub_a", "sub_b", "sub_c"], include_path=task_family)
+    assert [row for row in rows if row["task"] != "sub_b"] == alone
+    assert [row for row in rows if row["task"] == "sub_b"] == [
+        {"task": "sub_b", "metric": None, "value": None, "stderr": None, "n_items": None,
+         "error": "RuntimeError: CUDA out of memory (simulated)"}]
+    with pytest.raises(ValueError, match="tasks not found"):  # a misspelt name fails before anything runs
+        evaluate_downstream(model, tokenizer, ["sub_a", "sub_x"], include_path=task_family)
+
+
+def test_groups_and_tags_are_one_row_per_metric_with_subtasks_apart(tokenizer, task_family, one_thread):
+    """A group with an aggregate is lm-eval's aggregate; a group without one and a tag are the
+    size-weighted mean of their leaf tasks with lm-eval's pooled standard error; the leaf tasks
+    are separate rows naming their group; nested groups contribute leaf tasks only."""
+    from lm_eval.api.metrics import pooled_sample_stderr
+
+    model = tiny_llama(tokenizer)
+    configured = ["grp_agg", "grp_plain", "my_tag", "grp_nest", "sub_a"]
+    rows = evaluate_downstream(model, tokenizer, configured, include_path=task_family)
+    main = [row for row in rows if "group" not in row]
+    leaves = [row for row in rows if "group" in row]
+    assert [(row["task"], row["metric"]) for row in main] == [
+        ("grp_agg", "acc"), ("grp_plain", "acc"), ("grp_plain", "acc_norm"), ("my_tag", "acc"), ("my_tag", "acc_norm"),
+        ("grp_nest", "acc"), ("sub_a", "acc"), ("sub_a", "acc_norm")]
+    members = {"grp_agg": ["sub_a", "sub_b"], "grp_plain": ["sub_a", "sub_c"], "my_tag": ["sub_a", "sub_b", "sub_c"],
+               "grp_nest": ["sub_a", "sub_b", "sub_c"]}
+    sizes = {"sub_a": 5, "sub_b": 7, "sub_c": 6}
+    for group, tasks in members.items():
+        part = [row for row in leaves if row["group"] == group]
+        assert sorted({row["task"] for row in part}) == tasks  # leaf tasks only, each naming its group
+        for row in (row for row in main if row["task"] == group):
+            subtask = {r["task"]: r for r in part if r["metric"] == row["metric"]}
+            n = [sizes[task] for task in tasks]
+            assert row["n_items"] == sum(n) and [subtask[task]["n_items"] for task in tasks] == n
+            expected = sum(subtask[task]["value"] * size for task, size in zip(tasks, n)) / sum(n)
+            assert row["value"] == pytest.approx(expected, abs=1e-12)
+            se = pooled_sample_stderr([subtask[task]["stderr"] for task in tasks], n)
+            assert row["stderr"] == pytest.approx(se, rel=1e-9)
+    # the leaf rows are the same scores as each task evaluated on its own
+    own = {(row["task"], row["metric"]): row["value"]
+           for row in evaluate_downstream(model, tokenizer, ["sub_a", "sub_b", "sub_c"], include_path=task_family)}
+    assert all(row["value"] == own[(row["task"], row["metric"])] for row in leaves)
+    # a plain task is its own row, as it is when a tag evaluates it
+    in_tag = [{**{k: v for k, v in row.items() if k != "group"}, "error": None}
+              for row in leaves if row["group"] == "my_tag" and row["task"] == "sub_a"]
+    assert [row for row in main if row["task"] == "sub_a"] == in_tag
+
+
+def test_num_fewshot_none_keeps_each_tasks_own_setting(tokenizer, tmp_path, monkeypatch, one_thread):
+    """A task whose YAML sets num_fewshot: 2 gets 2 shots unless a number is given, and the
+    workflow passes none when the config sets none."""
+    import yaml
+
+    import editlib.downstream as downstream
+    from editlib.pipeline import downstream_function
+
+    data = tmp_path / "data" / "mc.jsonl"
+    write_jsonl(data, MC_ITEMS)
+    path = write_mc_task("two_shot", data, tmp_path / "tasks", fewshot_sampler="first_n")
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "num_fewshot": 2}))
+    model = tiny_llama(tokenizer)
+
+    def contexts(**kwargs):
+        results = lm_eval_results(model, tokenizer, ["two_shot"], include_path=tmp_path / "tasks", limit=2,
+                                  log_samples=True, **kwargs)
+        return results["n-shot"]["two_shot"], [s["arguments"][0][0] for s in results["samples"]["two_shot"]]
+
+    default, explicit, zero = contexts(), contexts(num_fewshot=2), contexts(num_fewshot=0)
+    assert default == explicit and default[0] == 2
+    assert zero[0] == 0 and zero[1] != default[1]
+    assert all(context.count("\n\n") == 2 for context in default[1])  # two examples, each ending in the delimiter
+
+    seen = []
+    original = downstream.evaluate_downstream
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["num_fewshot"])
+        return original(*args, **kwargs)
+
+    import editlib.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "evaluate_downstream", spy)
+    for settings, expected in (({}, None), ({"num_fewshot": None}, None), ({"num_fewshot": 1}, 1)):
+        config = {"seed": 0, "downstream": {"tasks": ["two_shot"], "limit": 2, **settings}}
+        downstream_function(config, tmp_path / "tasks", None)(model, tokenizer)
+        assert seen[-1] == expected
+
+
+def test_paper_configs_opt_in_to_code_tasks_and_keep_task_few_shot():
+    import yaml
+
+    from editlib.config import validate_config
+
+    repo = Path(__file__).resolve().parents[1]
+    schema = repo / "workflow" / "schemas" / "config.schema.yaml"
+    for name in ("llama3-8b", "llama2-7b", "llama2-7b-chat", "llama2-13b"):
+        config = yaml.safe_load((repo / "configs" / f"{name}.yaml").read_text(encoding="utf-8"))
+        settings = config["downstream"]
+        assert "num_fewshot" not in settings, name
+        assert settings.get("confirm_run_unsafe_code") is ("mbpp" in settings["tasks"]), name
+        validate_config(config, schema, source=name)
+    config = yaml.safe_load((repo / "configs" / "llama2-7b.yaml").read_text(encoding="utf-8"))
+    config["downstream"]["num_fewshot"] = None  # null: each task's own setting
+    validate_config(config, schema)
+
+
+# ---------------------------------------------------------------------------- the workflow's downstream jobs
+
+
+class Killed(BaseException):
+    """Stands in for the job being killed (not an Exception: nothing on the way catches it)."""
+
+
+def _job_setup(tokenizer, tmp_path):
+    """A saved tiny model, three ROME edit states of it (n1..n3) and the job's config."""
+    from editlib.experiments import ExperimentContext, save_state
+    from editlib.pipeline import edit_spec
+    from editlib.records import EditRequest
+
+    model_dir, states = tmp_path / "model", tmp_path / "states"
+    model = tiny_llama(tokenizer)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    config = {"seed": 0, "model": {"name": "tiny", "dtype": "float32"},
+              "downstream": {"tasks": ["grp_agg"], "limit": 2, "batch_size": 4},
+              "methods": {"rome": {"mom2_adjustment": False, "targets": {"v_num_grad_steps": 3}}},
+              "experiments": {"sequential": {"downstream_at": [0, 1, 2, 3]}}}
+    spec = edit_spec(config, "rome", (1,))
+    session = ExperimentContext(model, tokenizer, "tiny", {}, progress=False).session(spec)
+    facts = [("{} are animals; oak and pine are", "Cats and dogs", "blue", "trees"),
+             ("The capital of {} is", "France", "Rome", "Paris"),
+             ("{} plus two is four", "Two", "six", "four")]
+    for n, (prompt, subject, new, true) in enumerate(facts, 1):
+        session.apply([EditRequest(case_id=n, prompt=prompt, subject=subject, target_new=new, target_true=true)])
+        save_state(states / f"n{n}.safetensors", session, spec, "sequential", 1, n)
+    session.close()
+    return config, model_dir, states
+
+
+def test_downstream_job_resumes_per_state(tokenizer, task_family, tmp_path, monkeypatch, one_thread):
+    """A downstream job killed after its first edit state evaluates only the other two when run
+    again, and writes the tables an uninterrupted run writes; its partial rows are keyed on the
+    state file and the settings, and removed with the tables written."""
+    import editlib.pipeline as pipeline
+    from editlib.pipeline import DownstreamPartials, run_downstream, run_downstream_base
+
+    config, model_dir, states = _job_setup(tokenizer, tmp_path)
+    base = tmp_path / "base.csv"
+    run_downstream_base(config, model_dir, task_family, base)
+
+    def job(out, partials, settings=config):
+        return run_downstream(settings, "sequential", "rome", 1, model_dir, None, None, task_family, states, base,
+                              tmp_path / out, partials_dir=tmp_path / partials)
+
+    job("straight.csv", "partials_straight")
+    assert not (tmp_path / "partials_straight").exists()
+
+    def killed_job(out, partials):
+        original = DownstreamPartials.put
+
+        def put_then_die(self, path, rows):
+            original(self, path, rows)
+            raise Killed
+
+        with monkeypatch.context() as patch:
+            patch.setattr(DownstreamPartials, "put", put_then_die)
+            with pytest.raises(Killed):
+                job(out, partials)
+        assert not (tmp_path / out).exists() and len(list((tmp_path / partials).glob("*.json"))) == 1
+
+    calls = []
+    original = pipeline.evaluate_downstream
+    monkeypatch.setattr(pipeline, "evaluate_downstream", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    killed_job("resumed.csv", "partials")
+    calls.clear()
+    job("resumed.csv", "partials")
+    assert len(calls) == 2  # n2 and n3; n1's rows came from the partial file
+    for name in ("resumed.csv", "resumed_subtasks.csv"):
+        straight = pd.read_csv(tmp_path / name.replace("resumed", "straight"))
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / name), straight, check_exact=True)
+    table = pd.read_csv(tmp_path / "resumed.csv")
+    assert sorted(table["n_edits"].unique()) == [0, 1, 2, 3]
+    assert list(table["task"].unique()) == ["grp_agg"]  # the group's leaf tasks are in the subtask table
+    subtasks = pd.read_csv(tmp_path / "resumed_subtasks.csv")
+    assert set(subtasks["group"]) == {"grp_agg"} and set(subtasks["task"]) == {"sub_a", "sub_b"}
+    assert not (tmp_path / "partials").exists()
+    # the findings' mean over tasks reads the group once, not its subtasks
+    from editlib.findings import downstream_erosion
+
+    [finding] = downstream_erosion(table)
+    assert "(grp_agg " in finding["evidence"] and "sub_a" not in finding["evidence"]
+
+    # the partial of another state file (an editing job that reran) or other settings is not reused
+    killed_job("again.csv", "partials")
+    state = states / "n1.safetensors"
+    assert DownstreamPartials(tmp_path / "partials", config).get(state) is not None
+    other = {**config, "downstream": {**config["downstream"], "limit": 1}}
+    assert DownstreamPartials(tmp_path / "partials", other).get(state) is None
+    os.utime(state, ns=(0, 0))
+    assert DownstreamPartials(tmp_path / "partials", config).get(state) is None
+    # a state on which every task failed is evaluated again (the job failed; its cause may be fixed)
+    partials = DownstreamPartials(tmp_path / "partials", config)
+    failed = [{"task": "grp_agg", "metric": None, "value": None, "stderr": None, "n_items": None, "error": "OSError: hub"}]
+    partials.put(state, failed)
+    assert partials.get(state) is None
+    partials.put(state, [*failed, {"task": "sub_a", "metric": "acc", "value": 0.5, "stderr": 0.1, "n_items": 2,
+                                   "error": None}])
+    assert partials.get(state) is not None
+
+
+def test_downstream_job_keeps_the_tasks_that_ran(tokenizer, task_family, tmp_path):
+    """A job with a failed task writes the others' rows and the failure's error and returns; a job
+    in which every task failed raises before writing anything."""
+    from editlib.pipeline import run_downstream_base
+
+    model_dir = tmp_path / "model"
+    tiny_llama(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    config = {"seed": 0, "model": {"name": "tiny", "dtype": "float32"},
+              "downstream": {"tasks": ["unsafe_probe", "grp_plain"], "limit": 3}}
+    run_downstream_base(config, model_dir, task_family, tmp_path / "base.csv")
+    table = pd.read_csv(tmp_path / "base.csv")
+    assert list(table.columns) == ["task", "metric", "value", "stderr", "n_items", "error"]
+    failed = table[table["task"] == "unsafe_probe"]
+    assert len(failed) == 1 and failed["value"].isna().all()
+    assert "downstream.confirm_run_unsafe_code" in failed["error"].iloc[0]
+    assert table[table["task"] == "grp_plain"]["value"].notna().all() and len(table) == 3
+    subtasks = pd.read_csv(tmp_path / "base_subtasks.csv")
+    assert set(subtasks["group"]) == {"grp_plain"} and set(subtasks["task"]) == {"sub_a", "sub_c"}
+
+    config["downstream"]["tasks"] = ["unsafe_probe"]
+    with pytest.raises(RuntimeError, match="every downstream task failed.*unsafe_probe"):
+        run_downstream_base(config, model_dir, task_family, tmp_path / "only.csv")
+    assert not (tmp_path / "only.csv").exists()

@@ -110,6 +110,10 @@ def test_full_run_writes_tidy_tables_and_figures(completed):
     best = str(int(sweep.sort_values(["S", "layers"], ascending=[False, True]).iloc[0]["layers"]))
     assert set(edits.loc[edits["method"] == "memit", "layers"]) == {best}
     downstream = pd.read_csv(out / "downstream.csv")
+    assert downstream["error"].isna().all() and set(downstream["task"]) == {"toy_facts"}
+    # the toy tasks are plain tasks: the subtask table holds no row, only its columns
+    assert list(pd.read_csv(out / "downstream_subtasks.csv").columns)[-6:] == ["group", "task", "metric", "value",
+                                                                               "stderr", "n_items"]
     seq = downstream[(downstream["experiment"] == "sequential") & (downstream["metric"] == "acc")]
     assert sorted(seq.loc[seq["method"] == "grace", "n_edits"]) == [0, 4]
     assert seq["value"].between(0, 1).all()
@@ -156,6 +160,8 @@ CHANGES = [
     # downstream settings rerun the downstream jobs and no edit
     ("downstream.limit", 4, {"downstream_base": 1, **DOWNSTREAM, **REPORTING}),
     ("downstream.tasks", ["toy_facts", "toy_compose"], {"downstream_base": 1, **DOWNSTREAM, **REPORTING}),
+    ("downstream.num_fewshot", None, {"downstream_base": 1, **DOWNSTREAM, **REPORTING}),
+    ("downstream.confirm_run_unsafe_code", True, {"downstream_base": 1, **DOWNSTREAM, **REPORTING}),
     # whether the states are deleted after use changes no result: nothing reruns
     ("downstream.temporary_states", True, {}),
     ("experiments.single.n_records", 1, {"single_edits": 1, **REPORTING}),

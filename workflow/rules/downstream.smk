@@ -1,5 +1,8 @@
 # Downstream evaluation: lm-eval on the base model plus each edit state an editing job saved.
 # Its own jobs, so adding a task or changing downstream settings reruns these and no edit.
+# Each job writes the configured tasks' rows (<table>.csv) and the leaf tasks of groups such as mmlu
+# and bbh (<table>_subtasks.csv). A task that fails is a row with its `error` and the job still
+# succeeds (editlib.pipeline, "A downstream job whose tasks partly failed").
 
 
 rule downstream_base:
@@ -7,7 +10,8 @@ rule downstream_base:
         model=MODEL,
         tasks=DATA["tasks"],
     output:
-        f"{OUT}/downstream/base.csv",
+        table=f"{OUT}/downstream/base.csv",
+        subtasks=f"{OUT}/downstream/base_subtasks.csv",
     params:
         stage=stage("downstream_base"),
     threads: config["threads"]
@@ -29,11 +33,16 @@ rule downstream_sequential:
         tasks=DATA["tasks"],
         states=f"{STATES}/sequential/{{method}}/b{{batch_size}}-s{{sample}}",
         base=f"{OUT}/downstream/base.csv",
+        base_subtasks=f"{OUT}/downstream/base_subtasks.csv",
     output:
-        f"{OUT}/downstream/sequential/{{method}}/b{{batch_size}}-s{{sample}}.csv",
+        table=f"{OUT}/downstream/sequential/{{method}}/b{{batch_size}}-s{{sample}}.csv",
+        subtasks=f"{OUT}/downstream/sequential/{{method}}/b{{batch_size}}-s{{sample}}_subtasks.csv",
     params:
         stage=stage("downstream_sequential"),
         experiment="sequential",
+        # not an output: Snakemake deletes the outputs of failed jobs, the evaluated states' rows must
+        # survive for a rerun (removed once the tables are written)
+        partials=f"{OUT}/checkpoints/downstream/sequential/{{method}}/b{{batch_size}}-s{{sample}}",
     threads: config["threads"]
     log:
         f"{LOGS}/downstream/sequential/{{method}}/b{{batch_size}}-s{{sample}}.log",
@@ -53,11 +62,16 @@ rule downstream_batched:
         tasks=DATA["tasks"],
         states=f"{STATES}/batched/{{method}}",
         base=f"{OUT}/downstream/base.csv",
+        base_subtasks=f"{OUT}/downstream/base_subtasks.csv",
     output:
-        f"{OUT}/downstream/batched/{{method}}.csv",
+        table=f"{OUT}/downstream/batched/{{method}}.csv",
+        subtasks=f"{OUT}/downstream/batched/{{method}}_subtasks.csv",
     params:
         stage=stage("downstream_batched"),
         experiment="batched",
+        # not an output: Snakemake deletes the outputs of failed jobs, the evaluated states' rows must
+        # survive for a rerun (removed once the tables are written)
+        partials=f"{OUT}/checkpoints/downstream/batched/{{method}}",
     threads: config["threads"]
     log:
         f"{LOGS}/downstream/batched/{{method}}.log",

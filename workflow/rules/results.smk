@@ -6,12 +6,15 @@ rule tidy_results:
         sweeps=per_model(*[f"{OUT}/layer_sweep/{m}.csv" for m in EXPERIMENTS["layer_sweep"]["methods"]]),
         sensitivity=per_model(*[f"{OUT}/sensitivity/{m}.csv" for m in SENSITIVITY]),
         downstream=downstream_tables(),
+        # the leaf tasks of configured groups (mmlu's 57 subjects), beside each downstream table
+        downstream_subtasks=[table.removesuffix(".csv") + "_subtasks.csv" for table in downstream_tables()],
         traces=per_model(f"{OUT}/causal_trace.csv"),
     output:
         edits=f"{RUN_OUT}/edits.csv",
         layer_sweep=f"{RUN_OUT}/layer_sweep.csv",
         sensitivity=f"{RUN_OUT}/sensitivity.csv",
         downstream=f"{RUN_OUT}/downstream.csv",
+        downstream_subtasks=f"{RUN_OUT}/downstream_subtasks.csv",
         traces=f"{RUN_OUT}/causal_trace.csv",
     log:
         f"{RUN_LOGS}/tidy_results.log",
