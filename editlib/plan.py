@@ -51,8 +51,9 @@ MODEL_RULES = frozenset({"statistics", "causal_trace", "layer_sweep", "sensitivi
 # Rules that load the model only for some configs, and when: the SLURM profile (for the paper
 # configs) gives them no GPU.
 CONDITIONAL_MODEL_RULES = {"prepare_data": "data.source qa_wikidata with data.known_filter (the SmolLM2 configs)"}
-# Rules that resume from a checkpoint when rerun (Snakemake's `retries` reruns them).
-RESUMABLE_RULES = frozenset({"sequential_edits"})
+# Rules that resume when rerun (Snakemake's `retries` reruns them): sequential runs from their
+# checkpoint, downstream jobs from the edit states they had evaluated.
+RESUMABLE_RULES = frozenset({"sequential_edits", "downstream_sequential", "downstream_batched"})
 # Jobs of one run (not per model)
 RUN_RULES = ("tidy_results", "figures", "findings")
 
@@ -110,12 +111,13 @@ class Task:
 
 
 # lm-eval 0.4 tasks of the paper configs; sizes are the tasks' evaluation splits, token counts
-# assumed (Llama tokenizers, zero-shot prompts as downstream.num_fewshot 0 asks; bbh generates
-# up to 1,024 tokens until "Q" or a blank line, mbpp and hendrycks_math up to 256)
+# assumed (Llama tokenizers, each task's own few-shot setting as the paper configs keep it: bbh
+# 3-shot chain of thought, generating up to 1,024 tokens until "Q" or a blank line; mbpp 3-shot;
+# mbpp and hendrycks_math generate up to 256)
 TASKS = {
     "mmlu": Task(57, 246, 4, 150, 1024),
     "commonsense_qa": Task(1, 1221, 5, 40, 128),
-    "bbh": Task(27, 241, 1, 250, 1300, generated=400),
+    "bbh": Task(27, 241, 1, 1500, 2600, generated=400),
     "hendrycks_math": Task(7, 714, 1, 150, 1024, generated=256),
     "tydiqa_goldp": Task(1, 5077, 1, 400, 1024, generated=32),
     "tydiqa_goldp_en": Task(1, 440, 1, 400, 1024, generated=32),
@@ -354,6 +356,7 @@ class Job:
     hours: float = 0.0
     attempts: int = 1
     notes: list = field(default_factory=list)
+    resume_unit_min: float | None = None  # the most work a killed attempt loses (None: the checkpoint interval)
 
     @property
     def name(self) -> str:
@@ -538,7 +541,8 @@ def model_jobs(config: dict, model: str, gpu: Gpu = H100) -> list[Job]:
                 e = blocks[block]
                 extra = (c_layer * e.n_layers if e.uses_statistics else 0) + 2 * state_bytes(m, e, total)
             return Job(rule, wildcards, gpu_gib=gib(base_gpu + peak + extra), host_gib=HOST_BASE_GIB + gib(extra),
-                       hours=cost.seconds / 3600, notes=[f"{evaluations} evaluation(s)"])
+                       hours=cost.seconds / 3600, notes=[f"{evaluations} evaluation(s)"],
+                       resume_unit_min=cost.seconds / 60 / max(evaluations, 1))  # one state's evaluation
 
         jobs.append(downstream_job("downstream_base", dict(w), 1))
         for block, size, sample in sequential_runs(config):
@@ -597,7 +601,8 @@ def fit(job: Job, resources: Resources, retries: int, gpu: Gpu = H100, checkpoin
         problems.append(f"needs {job.host_gib:.1f} GiB of host memory, the profile asks for {resources.mem_mb} MB")
     minutes = job.hours * 60
     if job.rule in RESUMABLE_RULES:
-        useful = resources.runtime_min - RESUME_OVERHEAD_MIN - checkpoint_minutes
+        lost = job.resume_unit_min if job.resume_unit_min is not None else checkpoint_minutes
+        useful = resources.runtime_min - RESUME_OVERHEAD_MIN - lost
         job.attempts = max(1, math.ceil(minutes / useful)) if useful > 0 else 10 ** 6
         if job.attempts > retries + 1:
             problems.append(f"needs {job.attempts} attempts of {resources.runtime_min} min, the profile allows "
