@@ -84,6 +84,17 @@ def tiny_gpt2(gpt2_tokenizer):
     return make_gpt2(gpt2_tokenizer)
 
 
+class MinutePerReading:
+    """A clock that advances 60 seconds each time it is read."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __call__(self) -> float:
+        self.seconds += 60.0
+        return self.seconds
+
+
 def make_requests(n: int = 4) -> list[EditRequest]:
     rows = [
         ("The mother tongue of {} is", "Danielle Darrieux", "English", "French"),

@@ -15,24 +15,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))  # this checkout's editlib, whatever is installed
 torch.set_num_threads(1)
 
-from conftest import corpus_sentences, make_llama, make_requests  # noqa: E402
+from conftest import MinutePerReading, corpus_sentences, make_llama, make_requests  # noqa: E402
 from editlib.experiments import ExperimentContext, sequential_edits  # noqa: E402
 from editlib.grace import GraceHparams, GraceSpec  # noqa: E402
 from editlib.hparams import make_hparams  # noqa: E402
 from editlib.models import model_layout  # noqa: E402
 from editlib.stats import collect_second_moments  # noqa: E402
 from editlib.vocab import train_bpe_tokenizer  # noqa: E402
-
-
-class MinutePerReading:
-    """A clock that advances 60 seconds each time it is read."""
-
-    def __init__(self):
-        self.seconds = 0.0
-
-    def __call__(self) -> float:
-        self.seconds += 60.0
-        return self.seconds
 
 
 def main(method: str, checkpoint: str, out_csv: str, checkpoint_minutes: str | None = None) -> None:

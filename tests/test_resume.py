@@ -14,6 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import MinutePerReading
+
 JOB = Path(__file__).parent / "sequential_job.py"
 
 
@@ -71,17 +73,6 @@ def test_killed_run_resumes_bit_identical(method, minutes, tmp_path):
 
 
 # ---------------------------------------------------------------------------- in-process: checkpoint interval and replay
-
-
-class MinutePerReading:
-    """A clock that advances 60 seconds each time it is read."""
-
-    def __init__(self):
-        self.seconds = 0.0
-
-    def __call__(self) -> float:
-        self.seconds += 60.0
-        return self.seconds
 
 
 @pytest.fixture
