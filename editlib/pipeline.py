@@ -296,11 +296,13 @@ def run_sensitivity(config: dict, method: str, model_dir, moments_path, records_
 
 def downstream_function(config: dict, tasks_dir: str | Path, method: str | None):
     """model, tokenizer -> downstream rows, or None when no tasks are configured (method None:
-    the unedited model)."""
+    the unedited model). Tasks are indexed from `tasks_dir` (the prepared data's local tasks) and
+    the folders in downstream.include_path."""
     settings = config["downstream"]
     if not settings.get("tasks"):
         return None
-    local = Path(tasks_dir).resolve()
+    extra = settings.get("include_path", [])
+    local = [Path(tasks_dir).resolve(), *(Path(p).resolve() for p in ([extra] if isinstance(extra, str) else extra))]
 
     registered = configured_method(config, method) if method else None
 
