@@ -10,7 +10,7 @@ PIP_ARGS ?=
 RUN := $(shell sed -n 's/^run: *\([A-Za-z0-9_.-]*\).*/\1/p' $(CONFIG))
 SNAKEMAKE := $(BIN)/snakemake --configfile $(CONFIG) --profile workflow/profiles/default --cores $(CORES)
 
-.PHONY: install reproduce report dry-run test test-all clean-results
+.PHONY: install reproduce report dry-run rehearse test test-all clean-results
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,12 @@ report: install
 
 dry-run: install
 	$(SNAKEMAKE) -n
+
+# A paper config's whole workflow on CPU against local stand-ins for the hub, the record files and
+# the lm-eval tasks' data, at the sizes of configs/rehearsal/<name>.yaml (README, "Rehearsal"):
+# make rehearse CONFIG=configs/llama3-8b.yaml. Results under .rehearsal/<name>/.
+rehearse: install
+	$(BIN)/python -m editlib.rehearsal $(CONFIG) --cores $(CORES)
 
 test: install
 	$(BIN)/python -m pytest -q

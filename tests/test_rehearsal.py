@@ -149,14 +149,15 @@ def test_local_hub_streams_the_wikipedia_standin_through_datasets(world, tmp_pat
     assert len({path.split("/")[-1] for path in parquet}) == 2
 
 
-def test_local_hub_serves_a_model_repo_to_snapshot_download(texts, tmp_path):
+@pytest.mark.parametrize("pinned", [None, "0123456789abcdef0123456789abcdef01234567"])
+def test_local_hub_serves_a_model_repo_to_snapshot_download(pinned, texts, tmp_path):
     hub_id = "meta-llama/Llama-2-7b-hf"
     repo = tmp_path / "hub" / "models" / hub_id
     standins.write_tokenizer(hub_id, texts, repo)
     (repo / "config.json").write_text(json.dumps(standins.standin_config(hub_id, 300, 1, 2)))
     script = ("import sys; from huggingface_hub import snapshot_download; "
-              f"print(snapshot_download({hub_id!r}))")
-    with LocalHub(tmp_path / "hub") as hub:
+              f"print(snapshot_download({hub_id!r}, revision={pinned or 'main'!r}))")
+    with LocalHub(tmp_path / "hub", commits={("models", hub_id): pinned} if pinned else None) as hub:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | hub_env(hub.url, tmp_path / "cache")
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
         commit = hub.commit("models", hub_id)
@@ -164,7 +165,10 @@ def test_local_hub_serves_a_model_repo_to_snapshot_download(texts, tmp_path):
     snapshot = Path(done.stdout.strip().splitlines()[-1])
     cache = tmp_path / "cache" / "hub" / "models--meta-llama--Llama-2-7b-hf"
     assert snapshot == cache / "snapshots" / commit
-    assert (cache / "refs" / "main").read_text() == commit
+    if pinned:
+        assert commit == pinned
+    else:
+        assert (cache / "refs" / "main").read_text() == commit
     assert sorted(p.name for p in snapshot.iterdir()) == sorted(p.name for p in repo.iterdir())
 
 

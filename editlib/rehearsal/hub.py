@@ -3,7 +3,8 @@
 `LocalHub(root)` serves the folders under `root`:
 
 - ``root/models/<owner>/<name>/`` and ``root/datasets/<owner>/<name>/``: repositories, each one
-  commit on branch ``main`` (its id a SHA-1 of the files' paths and contents), through the
+  commit on branch ``main`` (its id a SHA-1 of the files' paths and contents, or the id given in
+  `commits`, so that a config's pinned revision resolves), through the
   endpoints that `huggingface_hub` (snapshot_download, hf_hub_download, HfFileSystem) and
   `datasets` (load_dataset, streaming or not) call: repo info (``/api/<type>s/<repo>[/revision/<rev>]``),
   tree listings (``/api/<type>s/<repo>/tree/<rev>[/<path>]``), paths-info, and file downloads
@@ -45,12 +46,12 @@ class _Repo:
     sha: str = ""
 
     @classmethod
-    def scan(cls, kind: str, repo_id: str, folder: Path) -> _Repo:
+    def scan(cls, kind: str, repo_id: str, folder: Path, commit: str | None = None) -> _Repo:
         files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
         digest = hashlib.sha1()
         for path, file in files.items():
             digest.update(path.encode() + b"\0" + hashlib.sha1(file.read_bytes()).digest())
-        return cls(kind, repo_id, folder, files, digest.hexdigest())
+        return cls(kind, repo_id, folder, files, commit or digest.hexdigest())
 
     def oid(self, path: str) -> str:
         """A file's git blob id (as the Hub reports it)."""
@@ -116,10 +117,16 @@ def _card_data(readme: Path | None) -> dict:
 class LocalHub:
     """The threaded HTTP server over `root` (see the module docstring); a context manager."""
 
-    def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0,
+                 commits: dict[tuple[str, str], str] | None = None):
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"LocalHub serves the loopback interface only, not {host!r}")
         self.root = Path(root).resolve()
+        # (kind, repo id) -> the commit id to serve it as (a config's pinned revision); else content-derived
+        self.commits = {key: value for key, value in (commits or {}).items()}
+        for (kind, repo_id), commit in self.commits.items():
+            if kind not in REPO_TYPES or not re.fullmatch(r"[0-9a-f]{40}", commit):
+                raise ValueError(f"commits: {kind}/{repo_id}: a commit id is 40 hex digits, got {commit!r}")
         self.requests: list[tuple[str, str, int]] = []
         self._lock = threading.Lock()
         self._repos: dict[tuple[str, str], _Repo] = {}
@@ -146,7 +153,7 @@ class LocalHub:
             for folder in sorted(base.glob("*/*")) if base.is_dir() else []:
                 if folder.is_dir():
                     repo_id = folder.relative_to(base).as_posix()
-                    repos[kind, repo_id] = _Repo.scan(kind, repo_id, folder)
+                    repos[kind, repo_id] = _Repo.scan(kind, repo_id, folder, self.commits.get((kind, repo_id)))
         with self._lock:
             self._repos = repos
 

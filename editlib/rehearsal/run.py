@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,18 @@ def hf_datasets(config: dict) -> list[str]:
     """The hub datasets that the config's corpora name (``hf:<repo>[:<config>[:<split>]]``)."""
     specs = [config.get("stats", {}).get("corpus"), config.get("data", {}).get("corpus")]
     return list(dict.fromkeys(spec[3:].split(":")[0] for spec in specs if spec and spec.startswith("hf:")))
+
+
+def pinned_revisions(config: dict) -> dict[tuple[str, str], str]:
+    """The commit ids that the config's hub models pin (`revision`: 40 hex digits), by repo, so that
+    the stand-ins are served as those commits."""
+    blocks = [config["model"], *config.get("models", {}).values()]
+    pinned = {}
+    for block in blocks:
+        revision = block.get("revision", config["model"].get("revision"))
+        if isinstance(revision, str) and re.fullmatch(r"[0-9a-f]{40}", revision):
+            pinned["models", block.get("path", config["model"].get("path"))] = revision
+    return pinned
 
 
 def local_url(url: str, server: str) -> str:
@@ -154,7 +167,7 @@ def rehearse(config_path: str | Path, root: str | Path | None = None, cores: str
     started = time.monotonic()
     hub_root = build_standins(config, root)
     built = time.monotonic() - started
-    with LocalHub(hub_root) as hub:
+    with LocalHub(hub_root, commits=pinned_revisions(config)) as hub:
         merged = with_addresses(config, hub.url, root / "tasks")
         write_text(root / "config.yaml", yaml.safe_dump(merged, sort_keys=False))
         command = [str(Path(sys.executable).with_name("snakemake")), "--snakefile", str(REPO / "Snakefile"),
