@@ -49,8 +49,7 @@ import sys
 
 _WARNING = (
     "This metric executes untrusted model-generated code in Python. Set the environment variable "
-    "HF_ALLOW_CODE_EVAL=\\"1\\" to allow it (as evaluate's code_eval requires); lm-eval passes it only for "
-    "tasks run with confirm_run_unsafe_code=True."
+    "HF_ALLOW_CODE_EVAL=\\"1\\" to allow it (as evaluate's code_eval requires)."
 )
 
 
