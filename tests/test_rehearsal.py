@@ -125,6 +125,32 @@ def test_records_have_the_public_formats(world, tmp_path):
         assert len(load_requests(tmp_path / name, kind=kind)) == len(records)
 
 
+@pytest.mark.parametrize("kind", ["counterfact", "zsre"])
+def test_known_to_makes_the_random_model_know_facts_for_tracing(kind, world, texts, tmp_path):
+    import torch
+
+    from editlib.models import load_model
+    from editlib.records import parse_records
+    from editlib.tracing import known_facts
+
+    torch.set_num_threads(1)
+    standins.write_model_repo("meta-llama/Meta-Llama-3-8B", tmp_path, texts)
+    records = (standins.counterfact_json if kind == "counterfact" else standins.zsre_json)(world)[:12]
+    model, tokenizer = load_model(str(tmp_path))
+    before = known_facts(model, tokenizer, parse_records(records, kind=kind, zsre_target="alt"))
+    rewritten = standins.known_to(tmp_path, records, kind)
+    after = known_facts(model, tokenizer, parse_records(rewritten, kind=kind, zsre_target="alt"))
+    assert len(after) > len(before) and len(after) >= 2
+    for old, new in zip(records, rewritten, strict=True):
+        assert list(old) == list(new)  # the format is kept
+        if kind == "zsre":
+            assert new["alt"] == old["alt"] and new["answers"][0] != new["alt"] and new["pred"] == new["answers"][0]
+        else:
+            rewrite = new["requested_rewrite"]
+            assert rewrite["target_new"] == old["requested_rewrite"]["target_new"]
+            assert rewrite["target_true"]["str"] != rewrite["target_new"]["str"]
+
+
 # ---------------------------------------------------------------------------- the local hub
 
 _STREAM = """

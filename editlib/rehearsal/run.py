@@ -8,7 +8,8 @@
    ``<root>/hub``: a repository per hub model of the config (a tiny random model of the same
    architecture and its family's tokenizer), the ``wikimedia/wikipedia`` dataset repository, the
    tasks' dataset repositories, and CounterFact / ZsRE at their URLs' paths (as many records as
-   the experiments read: `records_needed`);
+   the experiments read: `records_needed`; their true objects the model's greedy predictions
+   where it has one, `standins.known_to`, so that causal tracing finds facts to trace);
 3. serves them on 127.0.0.1 (`editlib.rehearsal.hub.LocalHub`) and points the config's record
    URLs at that server (scheme and host replaced, path kept), and ``downstream.include_path`` at the
    tasks' folder;
@@ -127,6 +128,7 @@ def build_standins(config: dict, root: Path) -> Path:
     for key in RECORD_KEYS:
         if str(data.get(key, "")).startswith(("http://", "https://")):
             records = writers[key](world)[:records_needed(config)]  # facts beyond these would only be optimised
+            records = standins.known_to(hub / "models" / config["model"]["path"], records, key)
             write_json(hub / "files" / urlsplit(data[key]).path.lstrip("/"), records)
     tasks.write_task_datasets(hub / "datasets", world)
     tasks.write_tasks(root / "tasks")

@@ -4,7 +4,7 @@ Everything is built from a small toy world (`editlib.toyworld`), deterministical
 
 - `write_model_repo`: a hub model repository (config.json, generation_config.json, sharded
   safetensors with their index, tokenizer.json, tokenizer_config.json, special_tokens_map.json)
-  holding a random model of the hub model's architecture (`editlib.architectures.HUB_ARCHITECTURES`:
+  holding a random model (its output head scoring whole words only) of the hub model's architecture (`editlib.architectures.HUB_ARCHITECTURES`:
   model type, depth, grouped-query attention ratio, rope theta, norm eps, tie flag, stored dtype)
   at a tiny width, with a tokenizer that keeps the model family's special-token conventions
   (`llama3_tokenizer`, `llama2_tokenizer`);
@@ -174,6 +174,15 @@ def standin_config(hub_id: str, vocab_size: int, bos_token_id: int, eos_token_id
     }
 
 
+def word_tokens(tokenizer):
+    """A boolean tensor over the vocabulary: tokens that are a whole alphabetic word of two or more
+    letters with its leading space (byte-level "Ġ" or SentencePiece "▁")."""
+    import torch
+
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return torch.tensor([p[:1] in ("Ġ", "▁") and p[1:].isalpha() and len(p) > 2 for p in pieces])
+
+
 def write_model_repo(hub_id: str, out_dir: str | Path, texts: Sequence[str], seed: int = 0, shards: int = 2) -> dict:
     """A hub model repository at `out_dir` (written in place; the caller stages it): the stand-in
     model, stored in the hub model's dtype in `shards` safetensors shards with their index, and
@@ -187,7 +196,10 @@ def write_model_repo(hub_id: str, out_dir: str | Path, texts: Sequence[str], see
     fields = standin_config(hub_id, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     config = LlamaConfig(**fields)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(getattr(torch, HUB_ARCHITECTURES[hub_id]["dtype"]))
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # the head scores whole words only: the greedy next token is a word (`known_to`)
+        model.lm_head.weight[~word_tokens(tokenizer)] = 0.0
+    model = model.to(getattr(torch, HUB_ARCHITECTURES[hub_id]["dtype"]))
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     model.generation_config.do_sample = False
     model.save_pretrained(out_dir, max_shard_size=max(size // shards + 1, 1 << 16))
@@ -232,6 +244,41 @@ def zsre_json(world: World) -> list[dict]:
     """ZsRE records in zsre_mem.json's format (subject, src, pred, rephrase, alt, answers, loc,
     loc_ans, cond)."""
     return zsre_records(world, counterfact_records(world))
+
+
+def _record_text(record: dict, kind: str) -> str:
+    if kind == "zsre":
+        return record["src"]
+    rewrite = record["requested_rewrite"]
+    return rewrite["prompt"].format(rewrite["subject"])
+
+
+def known_to(model_dir: str | Path, records: Sequence[dict], kind: str) -> list[dict]:
+    """`records` whose true object is rewritten to the stand-in model's greedy next word where that
+    word is one token the model predicts (`editlib.tracing.known_facts` then finds them), so that
+    causal tracing has facts the random model "knows". Other records are returned unchanged;
+    a record whose new target would equal its true object keeps its own."""
+    import torch
+
+    from editlib.metrics import prompt_ids, target_ids
+    from editlib.models import load_model
+
+    model, tokenizer = load_model(str(model_dir))
+    texts = [_record_text(record, kind) for record in records]
+    out = []
+    with torch.no_grad():
+        for record, ids in zip(records, prompt_ids(tokenizer, texts)):
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            word = tokenizer.decode([token]).strip()
+            record = json.loads(json.dumps(record))
+            if word and word.isprintable() and target_ids(tokenizer, [word])[0][:1] == [token]:
+                if kind == "zsre" and word != record["alt"]:
+                    old = record["answers"][0]
+                    record.update(pred=word, answers=[word], cond=record["cond"].replace(old, word, 1))
+                elif kind == "counterfact" and word != record["requested_rewrite"]["target_new"]["str"]:
+                    record["requested_rewrite"]["target_true"] = {"str": word, "id": _qid(word)}
+            out.append(record)
+    return out
 
 
 # ---------------------------------------------------------------------------- Wikipedia
