@@ -10,13 +10,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from editlib.architectures import HUB_ARCHITECTURES
 from editlib.config import sequential_runs, validate_config
+from editlib.pipeline import state_points
 from editlib.records import load_requests
 from editlib.rehearsal import standins, tasks
+from editlib.tables import read_results
 from editlib.rehearsal.hub import LocalHub, hub_env
-from editlib.rehearsal.run import REPO, local_url, rehearsal_config, rehearse, with_addresses
+from editlib.rehearsal.run import REPO, local_url, read_yaml, rehearsal_config, rehearse, with_addresses
 
 PAPER_CONFIGS = ["llama3-8b.yaml", "llama2-7b.yaml", "llama2-7b-chat.yaml", "llama2-13b.yaml"]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -37,7 +40,7 @@ def texts(world):
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_override_changes_sizes_and_standin_settings_only(name, tmp_path):
-    paper = rehearsal_config.__globals__["read_yaml"](REPO / "configs" / name)
+    paper = read_yaml(REPO / "configs" / name)
     merged = with_addresses(rehearsal_config(REPO / "configs" / name), "http://127.0.0.1:8", tmp_path)
     validate_config(merged, SCHEMA, source=name)
     assert merged["model"]["device"] == "cpu" and merged["model"]["dtype"] == "float32"
@@ -223,8 +226,8 @@ def test_local_hub_answers_unknown_repos_revisions_and_files_as_the_hub_does(tmp
 # ---------------------------------------------------------------------------- end to end
 
 
-def _check_tables(root: Path, name: str) -> None:
-    config = json.loads(json.dumps(__import__("yaml").safe_load((root / "config.yaml").read_text())))
+def _check_tables(root: Path) -> None:
+    config = yaml.safe_load((root / "config.yaml").read_text())
     results = root / "work" / "results" / config["run"]
     edits = pd.read_csv(results / "edits.csv")
     model = config["model"]["name"]
@@ -238,12 +241,15 @@ def _check_tables(root: Path, name: str) -> None:
     for (method, batch_size, sample) in runs:
         rows = downstream[(downstream["experiment"] == "sequential") & (downstream["method"] == method)
                           & (downstream["batch_size"] == batch_size) & (downstream["sample"] == sample)]
-        # one row per configured task at every state the run reached, the unedited model's included
-        reached = {0, *[n for n in config["experiments"]["sequential"]["downstream_at"]
-                        if n <= config["experiments"]["sequential"]["total_edits"] and n > 0]}
+        # rows of every configured task at every state the run reached, the unedited model's included
+        settings = config["experiments"]["sequential"]
+        reached = {0, *state_points(settings["total_edits"], batch_size, settings["downstream_at"])}
+        assert set(rows["n_edits"]) == reached, (method, batch_size, sample)
         for n_edits in reached:
             at = rows[rows["n_edits"] == n_edits]
             assert set(config["downstream"]["tasks"]) <= set(at["task"]), (method, batch_size, sample, n_edits)
+    traces = read_results(results / "causal_trace.csv")
+    assert traces["case_id"].nunique() == config["tracing"]["n_facts"]  # the stand-in model knows facts to trace
     assert (results / "findings.csv").is_file() and (root / "work" / "reports" / config["run"] / "findings.html").is_file()
     summary = json.loads((root / "summary.json").read_text())
     assert summary["returncode"] == 0
@@ -256,4 +262,4 @@ def _check_tables(root: Path, name: str) -> None:
 def test_rehearsal_runs_the_paper_configs_whole_workflow(name, tmp_path):
     root = tmp_path / "rehearsal"
     assert rehearse(REPO / "configs" / name, root=root, cores="2") == 0
-    _check_tables(root, name)
+    _check_tables(root)
