@@ -112,6 +112,9 @@ def build_standins(config: dict, root: Path) -> Path:
     hub folder."""
     from . import standins, tasks
 
+    import torch
+
+    torch.set_num_threads(config["threads"])  # as the jobs do (editlib.jobs.stage_logging)
     hub = root / "hub"
     shutil.rmtree(hub, ignore_errors=True)
     shutil.rmtree(root / "tasks", ignore_errors=True)
