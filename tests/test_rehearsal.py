@@ -263,3 +263,44 @@ def test_rehearsal_runs_the_paper_configs_whole_workflow(name, tmp_path):
     root = tmp_path / "rehearsal"
     assert rehearse(REPO / "configs" / name, root=root, cores="2") == 0
     _check_tables(root)
+
+
+# ---------------------------------------------------------------------------- the local tasks
+
+_PASS_AT_1 = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("utils", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+tests = "assert times_3(2) == 6"
+print(json.dumps([module.pass_at_1([tests], [["def times_3(x):\\n    return 3 * x"]]),
+                  module.pass_at_1([tests], [["def times_3(x):\\n    return x"]])]))
+"""
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_mbpp_standin_executes_code_only_when_allowed(allowed, tmp_path):
+    names = tasks.write_tasks(tmp_path)
+    assert names == list(tasks.TASKS)
+    config = yaml.safe_load((tmp_path / "rehearsal_mbpp.yaml").read_text().replace("!function ", ""))
+    assert config["unsafe_code"] is True and config["num_fewshot"] == 3
+    env = {k: v for k, v in os.environ.items() if k != "HF_ALLOW_CODE_EVAL"} | ({"HF_ALLOW_CODE_EVAL": "1"} if allowed else {})
+    done = subprocess.run([sys.executable, "-c", _PASS_AT_1, str(tmp_path / "rehearsal_mbpp_utils.py")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    if allowed:
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout) == [1.0, 0.0]
+    else:
+        assert done.returncode != 0 and "HF_ALLOW_CODE_EVAL" in done.stderr
+
+
+def test_standin_tasks_are_indexed_by_lm_eval_as_groups_and_tasks(tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    tasks.write_tasks(tmp_path)
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    assert set(tasks.TASKS) <= set(manager.all_tasks)
+    for group, subtasks in tasks.SUBTASKS.items():
+        assert set(subtasks) <= set(manager.all_subtasks)
+        if subtasks:
+            assert group in manager.all_groups
