@@ -32,7 +32,7 @@ dry-run: install
 	$(SNAKEMAKE) -n
 
 # A paper config's whole workflow on CPU against local stand-ins for the hub, the record files and
-# the lm-eval tasks' data, at the sizes of configs/rehearsal/<name>.yaml (README, "Rehearsal"):
+# the lm-eval tasks' data, at the sizes of configs/rehearsal/<name>.yaml (editlib/rehearsal/run.py):
 # make rehearse CONFIG=configs/llama3-8b.yaml. Results under .rehearsal/<name>/.
 rehearse: install
 	$(BIN)/python -m editlib.rehearsal $(CONFIG) --cores $(CORES)
