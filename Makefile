@@ -12,7 +12,7 @@ RUN := $(shell sed -n 's/^run: *\([A-Za-z0-9_.-]*\).*/\1/p' $(CONFIG))
 PROFILE ?= workflow/profiles/slurm
 SNAKEMAKE := $(BIN)/snakemake --configfile $(CONFIG) --profile workflow/profiles/default --cores $(CORES)
 
-.PHONY: install reproduce report dry-run plan test test-all clean-results
+.PHONY: install reproduce report dry-run plan rehearse test test-all clean-results
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,12 @@ dry-run: install
 # run's GPU-hours, and whether each job fits PROFILE's requests (editlib/plan.py)
 plan: install
 	$(BIN)/python -m editlib.plan --config $(CONFIG) --profile $(PROFILE)
+
+# A paper config's whole workflow on CPU against local stand-ins for the hub, the record files and
+# the lm-eval tasks' data, at the sizes of configs/rehearsal/<name>.yaml (editlib/rehearsal/run.py):
+# make rehearse CONFIG=configs/llama3-8b.yaml. Results under .rehearsal/<name>/.
+rehearse: install
+	$(BIN)/python -m editlib.rehearsal $(CONFIG) --cores $(CORES)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -324,11 +324,13 @@ def run_sensitivity(config: dict, method: str, model_dir, moments_path, records_
 def downstream_function(config: dict, tasks_dir: str | Path, method: str | None):
     """model, tokenizer -> downstream rows (editlib.downstream.evaluate_downstream: one lm-eval
     call per configured task, a failed task an `error` row), or None when no tasks are configured
-    (method None: the unedited model). lm-eval's task index is built on the first call and kept."""
+    (method None: the unedited model). lm-eval's task index is built on the first call and kept;
+    it holds the prepared data's local tasks (`tasks_dir`) and the folders of downstream.include_path."""
     settings = config["downstream"]
     if not settings.get("tasks"):
         return None
-    local = Path(tasks_dir).resolve()
+    extra = settings.get("include_path", [])
+    local = [Path(tasks_dir).resolve(), *(Path(p).resolve() for p in ([extra] if isinstance(extra, str) else extra))]
     include_defaults = settings.get("include_defaults", False)
     offline = settings.get("offline", True)
     registered = configured_method(config, method) if method else None
