@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .io import content_key, load_tensors, save_tensors
+from .io import ArtifactError, content_key, load_tensors, save_tensors
 from .records import EditRequest
 from .hparams import TargetHparams
 
@@ -84,10 +84,17 @@ class TargetStore:
         return values, loss
 
     def _load(self, path: Path) -> dict[str, torch.Tensor] | None:
+        """A stored block, or None when it is absent or unreadable (a truncated file is a miss:
+        the block is computed again and the file rewritten)."""
         if not path.exists():
             return None
+        try:
+            data = load_tensors(path)[0]
+        except ArtifactError as err:
+            log.warning("ignoring unreadable z block %s (%s); computing it again", path, err)
+            return None
         self.hits += 1
-        return load_tensors(path)[0]
+        return data
 
     def _compute(self, path: Path, block: int, size: int, hook_module: str, optimize: Optimize) -> dict:
         log.info("z block %d (%d facts) at %s: computing", block, size, hook_module)

@@ -49,6 +49,20 @@ def test_store_is_shared_and_independent_of_request_order(tiny_llama, llama_toke
         assert torch.equal(z_all[:, 2 * block : 2 * block + 2], direct.values)
 
 
+def test_a_truncated_block_is_computed_again(tiny_llama, llama_tokenizer, tmp_path):
+    pool = make_requests(2)
+    fingerprint, module = model_fingerprint(tiny_llama), model_layout(tiny_llama).block(1)
+    z = _editor(tiny_llama, llama_tokenizer, TargetStore(tmp_path, pool, fingerprint))._targets(pool, module).values
+    [path] = tmp_path.glob("z-*.safetensors")
+    path.write_bytes(path.read_bytes()[:40])  # e.g. a copy of the cache that was cut short
+    store = TargetStore(tmp_path, pool, fingerprint)
+    again = _editor(tiny_llama, llama_tokenizer, store)._targets(pool, module).values
+    assert (store.hits, store.misses) == (0, 1) and torch.equal(again, z)
+    reread = TargetStore(tmp_path, pool, fingerprint)  # the rewritten block is whole again
+    _editor(tiny_llama, llama_tokenizer, reread)._targets(pool, module)
+    assert (reread.hits, reread.misses) == (1, 0)
+
+
 def test_store_keys_follow_what_z_depends_on(tiny_llama, llama_tokenizer, tmp_path):
     pool = make_requests(4)
     module = model_layout(tiny_llama).block(1)
