@@ -16,7 +16,7 @@ downstream task are assumptions too (PROMPT_TOKENS, TASKS). Treat every number a
 size SLURM requests with margin, and replace the assumptions by measurements from the first jobs'
 benchmark files (benchmarks/<run>/...).
 
-All formulas are in this module's "formulas" section, but the statistics' memory terms, which
+All formulas are in this module's "formulas" section except the statistics' memory terms, which
 are the statistics job's own (editlib.stats_memory.statistics_memory).
 """
 
