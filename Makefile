@@ -34,15 +34,15 @@ dry-run: install
 	$(SNAKEMAKE) -n
 
 # Every job of CONFIG with its estimated GPU memory, host memory, disk and time on an H100, the
-# run's GPU-hours, and whether each job fits PROFILE's requests (editlib/plan.py)
+# run's GPU-hours, and whether each job fits PROFILE's requests (editlib/study/plan.py)
 plan: install
-	$(BIN)/python -m editlib.plan --config $(CONFIG) --profile $(PROFILE)
+	$(BIN)/python -m editlib.study.plan --config $(CONFIG) --profile $(PROFILE)
 
 # A paper config's whole workflow on CPU against local stand-ins for the hub, the record files and
-# the lm-eval tasks' data, at the sizes of configs/rehearsal/<name>.yaml (editlib/rehearsal/run.py):
+# the lm-eval tasks' data, at the sizes of configs/rehearsal/<name>.yaml (editlib/study/rehearsal/run.py):
 # make rehearse CONFIG=configs/llama3-8b.yaml. Results under .rehearsal/<name>/.
 rehearse: install
-	$(BIN)/python -m editlib.rehearsal $(CONFIG) --cores $(CORES)
+	$(BIN)/python -m editlib.study.rehearsal $(CONFIG) --cores $(CORES)
 
 test: install
 	$(BIN)/python -m pytest -q

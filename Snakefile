@@ -7,7 +7,7 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-from editlib.config import validate_config
+from editlib.study.config import validate_config
 
 # config.yaml is the default; a --configfile on the command line REPLACES it (no deep merge, which
 # would leak the toy model's hyperparameters into another config's methods).

@@ -1,6 +1,6 @@
 """The own upper blocks' keys and values positions-last or positions-second-last: attention's products on SmolLM2.
 
-`editlib.upper_blocks` keeps each block's keys and values laid out (R, K, D, P + T), positions
+`editlib.model.upper_blocks` keeps each block's keys and values laid out (R, K, D, P + T), positions
 last. This times the four batched products of attention that read those buffers, per block and
 as the blocks run them (scores and attended values forward; the gradients at the attention
 probabilities and at the queries backward), on the chunks z runs at MEMIT's and ROME's hooks:
@@ -20,12 +20,13 @@ import torch
 from common import (add_prepared_smollm2_arguments, base_parser, built_upper_blocks, interleaved, median, print_table,
                     setup)
 
-from editlib import upper_blocks
-from editlib.hparams import MEMIT_LENGTHS, ROME_LENGTHS
-from editlib.models import load_model, model_layout
-from editlib.records import load_requests
-from editlib.templates import sample_context_templates
-from editlib.values import TargetHparams, optimize_targets
+from editlib.model import upper_blocks
+from editlib.methods.hparams import MEMIT_LENGTHS, ROME_LENGTHS
+from editlib.model.loading import load_model
+from editlib.model.layout import model_layout
+from editlib.data.records import load_requests
+from editlib.editing.templates import sample_context_templates
+from editlib.editing.values import TargetHparams, optimize_targets
 
 
 def attention_passes(chunk: upper_blocks.UpperBlocks) -> dict:

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from common import base_parser, interleaved, load_bench, median, print_table, runs, setup, take_requests
-from editlib.metrics import counterfact_scores
-from editlib.models import model_layout
-from editlib.hparams import MEMIT_LENGTHS
-from editlib.templates import sample_context_templates
-from editlib.values import TargetHparams, optimize_targets
+from editlib.eval.metrics import counterfact_scores
+from editlib.model.layout import model_layout
+from editlib.methods.hparams import MEMIT_LENGTHS
+from editlib.editing.templates import sample_context_templates
+from editlib.editing.values import TargetHparams, optimize_targets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference_z import reference_z  # noqa: E402

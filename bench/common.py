@@ -1,6 +1,6 @@
 """Shared pieces of the speed benchmarks: the benchmark model, requests, interleaved timing, tables.
 
-The model is the toy-world Llama (editlib.toyworld + editlib.pretrain) with 6 layers, trained once
+The model is the toy-world Llama (editlib.toy.world + editlib.toy.pretrain) with 6 layers, trained once
 and cached under a content-keyed folder (world config + train config); if those modules are not
 importable, a randomly initialised tiny Llama with a locally trained BPE tokenizer stands in.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from editlib.io import content_key
-from editlib.records import EditRequest
+from editlib.data.records import EditRequest
 
 DEFAULT_CACHE = Path(os.environ.get("EDITLIB_BENCH_CACHE", "/tmp/editlib-bench-cache"))
 
@@ -129,11 +129,11 @@ def load_bench(args: argparse.Namespace) -> Bench:
 def _toy_world_bench(cache_dir: Path) -> Bench:
     from transformers import AutoModelForCausalLM
 
-    from editlib.models import load_tokenizer
+    from editlib.model.loading import load_tokenizer
 
-    from editlib.pretrain import RecallError, TrainConfig, train_model
-    from editlib.records import load_requests
-    from editlib.toyworld import WORLD_FORMAT, build_world
+    from editlib.toy.pretrain import RecallError, TrainConfig, train_model
+    from editlib.data.records import load_requests
+    from editlib.toy.world import WORLD_FORMAT, build_world
 
     key = content_key({"world": WORLD, "world_format": WORLD_FORMAT, "train": TRAIN})
     root = cache_dir / f"toy-{key}"
@@ -164,7 +164,7 @@ def _toy_world_bench(cache_dir: Path) -> Bench:
 def _random_bench(shapes: dict, label: str, device: str = "cpu") -> Bench:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from editlib.vocab import train_bpe_tokenizer
+    from editlib.toy.vocab import train_bpe_tokenizer
 
     names = [f"{a}{b}{c}" for a in ("Ka", "Lo", "Mi", "Ne", "Su", "Ta", "Vo", "Ze") for b in ("ran", "del", "bis", "tor")
              for c in ("", "us", "an", "el", "is", "or", "im", "ax")]  # 256 names x 4 relations = 1024 requests
@@ -207,9 +207,9 @@ def take_requests(bench: Bench, n: int) -> list[EditRequest]:
 
 
 def built_upper_blocks(fn) -> list:
-    """Every `editlib.upper_blocks.UpperBlocks` that `fn` builds, in order (one per chunk of facts;
+    """Every `editlib.model.upper_blocks.UpperBlocks` that `fn` builds, in order (one per chunk of facts;
     each holds its chunk's token layout and its blocks' key/value buffers)."""
-    from editlib import upper_blocks
+    from editlib.model import upper_blocks
 
     seen = []
     original = upper_blocks.UpperBlocks.__init__

@@ -1,7 +1,7 @@
 """Downstream evaluation (lm-eval multiple choice) on a prepared model: one pass per context vs lm-eval's loop.
 
 Two ways to score the same lm-eval requests on the same in-memory model, timed interleaved:
-- "one pass per context": `editlib.downstream.shared_context_lm_class` (the default of
+- "one pass per context": `editlib.eval.downstream.shared_context_lm_class` (the default of
   `evaluate_downstream`): each distinct few-shot context runs once into a key/value cache, in
   length-sorted batches, logits only where a continuation token is scored, every choice continued
   from the cache;
@@ -24,8 +24,8 @@ import yaml
 
 from common import base_parser, interleaved, median, print_table, runs, setup
 
-from editlib.downstream import item_rows, lm_eval_results
-from editlib.models import load_model
+from editlib.eval.downstream import item_rows, lm_eval_results
+from editlib.model.loading import load_model
 
 VARIANTS = {"one pass per context": True, "lm-eval per request": False}
 

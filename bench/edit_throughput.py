@@ -11,10 +11,10 @@ import time
 
 
 from common import base_parser, load_bench, print_table, setup, synchronize, take_requests
-from editlib.editing import Editor
-from editlib.hparams import make_hparams
-from editlib.hparams import MEMIT_LENGTHS
-from editlib.templates import sample_context_templates
+from editlib.editing.editor import Editor
+from editlib.methods.hparams import make_hparams
+from editlib.methods.hparams import MEMIT_LENGTHS
+from editlib.editing.templates import sample_context_templates
 
 
 def main() -> None:
@@ -32,8 +32,8 @@ def main() -> None:
     layers = tuple(int(x) for x in args.layers.split(","))
     requests = take_requests(bench, max(sizes))
     # C from the bench corpus for each edited layer (one pass)
-    from editlib.models import model_layout
-    from editlib.stats import StatsConfig, collect_second_moments
+    from editlib.model.layout import model_layout
+    from editlib.editing.statistics import StatsConfig, collect_second_moments
 
     layout = model_layout(bench.model)
     moments = collect_second_moments(bench.model, bench.tokenizer, layout, list(layers), bench.texts[:512],

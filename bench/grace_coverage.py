@@ -23,9 +23,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from editlib.grace import GraceEditor, GraceHparams  # noqa: E402
-from editlib.models import load_model, model_layout  # noqa: E402
-from editlib.records import load_requests  # noqa: E402
+from editlib.methods.grace import GraceEditor, GraceHparams  # noqa: E402
+from editlib.model.loading import load_model  # noqa: E402
+from editlib.model.layout import model_layout
+from editlib.data.records import load_requests  # noqa: E402
 
 
 def main() -> None:

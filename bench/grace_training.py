@@ -19,9 +19,10 @@ layer, forward and backward: it is bound by reading those weights from memory, n
 from __future__ import annotations
 
 from common import base_parser, interleaved, median, print_table, setup
-from editlib.grace import GraceEditor, GraceHparams
-from editlib.models import load_model, model_layout
-from editlib.records import batches, load_requests
+from editlib.methods.grace import GraceEditor, GraceHparams
+from editlib.model.loading import load_model
+from editlib.model.layout import model_layout
+from editlib.data.records import batches, load_requests
 
 
 def main() -> None:

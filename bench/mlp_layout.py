@@ -1,6 +1,6 @@
 """The own upper blocks' MLP token-major or weight-major on SmolLM2: the MLP alone, and target values z.
 
-`editlib.upper_blocks` runs the MLP's products weight-major, (2I, d) @ (d, N), for token counts
+`editlib.model.upper_blocks` runs the MLP's products weight-major, (2I, d) @ (d, N), for token counts
 N in `MLP_WEIGHT_MAJOR_TOKENS`, token-major, (N, d) @ (d, 2I), otherwise. Two measurements, each
 alternating the two layouts in one process:
 - "MLP alone": the MLP's products and element-wise work, forward and backward, through the prepared
@@ -24,12 +24,13 @@ import torch
 from common import (add_prepared_smollm2_arguments, base_parser, built_upper_blocks, median, paired, print_table,
                     runs, setup)
 
-from editlib import upper_blocks
-from editlib.hparams import MEMIT_LENGTHS
-from editlib.models import load_model, model_layout
-from editlib.records import load_requests
-from editlib.templates import sample_context_templates
-from editlib.values import TargetHparams, optimize_targets
+from editlib.model import upper_blocks
+from editlib.methods.hparams import MEMIT_LENGTHS
+from editlib.model.loading import load_model
+from editlib.model.layout import model_layout
+from editlib.data.records import load_requests
+from editlib.editing.templates import sample_context_templates
+from editlib.editing.values import TargetHparams, optimize_targets
 
 
 def mlp_pass(weights: list, x: torch.Tensor, grad: torch.Tensor, weight_major: bool) -> None:

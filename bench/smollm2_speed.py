@@ -4,7 +4,7 @@ z: `optimize_targets` on one chunk of facts, as many as the config's facts_per_c
 MEMIT (configs/smollm2.yaml: 16 and 32) (early stop off, so every variant runs the same
 number of Adam steps; every step runs, the last one without an update), at ROME's hook (an MLP output, 21 context templates, 20 steps) and at
 MEMIT's (a block output, 6 templates, 25 steps), four ways: "own blocks" (the default: the blocks
-above the edited one run as editlib.upper_blocks, everything below once; the tokens several cached
+above the edited one run as editlib.model.upper_blocks, everything below once; the tokens several cached
 prefixes start with run once), "own blocks, whole prefixes" (the same, every prefix run whole),
 and through the model's own modules with a hook, the blocks below the edited one replayed after
 the first step or re-run at every step. The matrix-multiply FLOPs each variant executes are counted
@@ -54,13 +54,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import add_prepared_smollm2_arguments, base_parser, interleaved, median, print_table, runs, setup
-from editlib.metrics import PROMPT_KINDS, counterfact_scores
-from editlib.models import load_model, model_layout
-from editlib.records import load_requests
-from editlib.hparams import MEMIT_LENGTHS, ROME_LENGTHS
-from editlib.templates import sample_context_templates
-from editlib.tokens import pad_id, pad_right, prompt_ids, target_ids
-from editlib.values import TargetHparams, optimize_targets
+from editlib.eval.metrics import PROMPT_KINDS, counterfact_scores
+from editlib.model.loading import load_model
+from editlib.model.layout import model_layout
+from editlib.data.records import load_requests
+from editlib.methods.hparams import MEMIT_LENGTHS, ROME_LENGTHS
+from editlib.editing.templates import sample_context_templates
+from editlib.model.tokens import pad_id, pad_right, prompt_ids, target_ids
+from editlib.editing.values import TargetHparams, optimize_targets
 
 
 Z_VARIANTS = ("own blocks", "own blocks, whole prefixes", "modules, replay lower blocks", "modules, re-run lower blocks")

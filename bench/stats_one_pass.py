@@ -19,9 +19,10 @@ import time
 import torch
 
 from common import base_parser, interleaved, load_bench, median, print_table, runs, setup
-from editlib.models import capture_inputs, model_layout, run_until
-from editlib.stats import StatsConfig, collect_second_moments
-from editlib.tokens import length_sorted_chunks, pad_id, pad_right
+from editlib.model.hooks import capture_inputs, run_until
+from editlib.model.layout import model_layout
+from editlib.editing.statistics import StatsConfig, collect_second_moments
+from editlib.model.tokens import length_sorted_chunks, pad_id, pad_right
 
 
 def parse_layers(text: str) -> list[int]:

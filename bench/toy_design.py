@@ -28,15 +28,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from editlib.corpus import load_corpus  # noqa: E402
-from editlib.experiments import ExperimentContext, single_edits  # noqa: E402
-from editlib.hparams import make_hparams  # noqa: E402
-from editlib.models import load_model, model_layout  # noqa: E402
-from editlib.pretrain import TrainConfig, train_model  # noqa: E402
-from editlib.records import load_requests  # noqa: E402
-from editlib.stats import StatsConfig, collect_second_moments  # noqa: E402
-from editlib.toyworld import build_world  # noqa: E402
-from editlib.tracing import TracingConfig, known_facts, trace_facts  # noqa: E402
+from editlib.data.corpus import load_corpus  # noqa: E402
+from editlib.study.experiments import ExperimentContext, single_edits  # noqa: E402
+from editlib.methods.hparams import make_hparams  # noqa: E402
+from editlib.model.loading import load_model  # noqa: E402
+from editlib.model.layout import model_layout
+from editlib.toy.pretrain import TrainConfig, train_model  # noqa: E402
+from editlib.data.records import load_requests  # noqa: E402
+from editlib.editing.statistics import StatsConfig, collect_second_moments  # noqa: E402
+from editlib.toy.world import build_world  # noqa: E402
+from editlib.eval.tracing import TracingConfig, known_facts, trace_facts  # noqa: E402
 
 WORLD = {"seed": 0, "n_subjects": 450, "edit_fraction": 0.6667, "facts_per_edit_subject": 4}
 ONE_WORD = {"name_scheme": "single", "profiles_per_subject": 4}

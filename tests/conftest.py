@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from editlib.records import EditRequest
-from editlib.vocab import train_bpe_tokenizer
+from editlib.data.records import EditRequest
+from editlib.toy.vocab import train_bpe_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -121,7 +121,7 @@ def requests_():
 
 def train_briefly(model, tokenizer, sentences: list[str], steps: int = 300, seed: int = 0):
     """A few AdamW steps of next-token training so hidden states have realistic structure."""
-    from editlib.tokens import pad_right
+    from editlib.model.tokens import pad_right
 
     generator = torch.Generator().manual_seed(seed)
     ids = tokenizer(sentences)["input_ids"]
@@ -173,8 +173,8 @@ def trained_llama2(llama_tokenizer, trained_llama2_state):
 @pytest.fixture(scope="session")
 def moments2(trained_llama2_state, llama_tokenizer, corpus):
     """C = E[k k^T] of layers 0 and 1 of the trained 2-layer model, over the test corpus."""
-    from editlib.models import model_layout
-    from editlib.stats import collect_second_moments
+    from editlib.editing.statistics import collect_second_moments
+    from editlib.model.layout import model_layout
 
     model = make_llama(llama_tokenizer, layers=2)
     model.load_state_dict(trained_llama2_state)

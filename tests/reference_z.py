@@ -1,6 +1,6 @@
 """A direct, one-fact-at-a-time transcription of MEMIT's compute_z (docs/methods.md §3), for tests only.
 
-Written independently of editlib.values: plain loops, torch.optim.Adam, full logits.
+Written independently of editlib.editing.values: plain loops, torch.optim.Adam, full logits.
 """
 
 from __future__ import annotations

@@ -16,12 +16,13 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # this checkout's editlib, w
 torch.set_num_threads(1)
 
 from conftest import MinutePerReading, corpus_sentences, make_llama, make_requests  # noqa: E402
-from editlib.experiments import ExperimentContext, sequential_edits  # noqa: E402
-from editlib.grace import GraceHparams, GraceSpec  # noqa: E402
-from editlib.hparams import make_hparams  # noqa: E402
-from editlib.models import model_layout  # noqa: E402
-from editlib.stats import collect_second_moments  # noqa: E402
-from editlib.vocab import train_bpe_tokenizer  # noqa: E402
+
+from editlib.editing.statistics import collect_second_moments  # noqa: E402
+from editlib.methods.grace import GraceHparams, GraceSpec  # noqa: E402
+from editlib.methods.hparams import make_hparams  # noqa: E402
+from editlib.model.layout import model_layout  # noqa: E402
+from editlib.study.experiments import ExperimentContext, sequential_edits  # noqa: E402
+from editlib.toy.vocab import train_bpe_tokenizer  # noqa: E402
 
 
 def main(method: str, checkpoint: str, out_csv: str, checkpoint_minutes: str | None = None) -> None:

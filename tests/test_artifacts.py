@@ -30,7 +30,7 @@ def test_truncated_file_names_itself_and_the_rebuild(truncated, read):
 
 
 def test_truncated_moments_name_the_statistics_rule(truncated):
-    from editlib.stats import load_moments
+    from editlib.editing.statistics import load_moments
 
     with pytest.raises(ArtifactError, match=r"--forcerun statistics") as err:
         load_moments(truncated, [0])
@@ -43,7 +43,7 @@ def test_missing_file_is_not_an_artifact_error(tmp_path):
 
 
 def test_truncated_checkpoint_is_a_miss(tmp_path):
-    from editlib.experiments import _load_checkpoint
+    from editlib.study.experiments import _load_checkpoint
 
     path = tmp_path / "run.ckpt.safetensors"
     save_tensors(path, {"w": torch.ones(32, 32)}, {"key": "k", "step": "1", "rows": "[]", "downstream": "[]"})

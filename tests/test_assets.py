@@ -23,30 +23,37 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from editlib import assets
-from editlib.assets import (
+from editlib.data import fetch
+from editlib.data.bigbench import (
+    BIGBENCH_GITHUB,
+    BIGBENCH_SDIST,
     BIGBENCH_TASK_ROOT,
-    QA_WIKIDATA_MEMBER,
-    WIKI_SUMMARIES_MEMBER,
+    BIGBENCH_TASK_SHA256,
+    DEFAULT_BIGBENCH_MC_TASKS,
+    bigbench_mc_rows,
+    bigbench_task_member,
+    prepare_bigbench_mc,
+)
+from editlib.data.fetch import (
     AssetError,
     AssetUnavailable,
     ChecksumError,
     PackageArchive,
     TaskFileMirror,
-    bigbench_mc_rows,
     extract_members,
     fetch_archive,
-    known_fact_mask,
-    known_facts,
+)
+from editlib.data.packaged import WIKI_SUMMARIES_MEMBER, prepare_smollm2, prepare_wiki_corpus
+from editlib.data.qa_wikidata import (
+    QA_WIKIDATA_MEMBER,
     parse_qa_wikidata_input,
-    prepare_bigbench_mc,
     prepare_qa_wikidata,
-    prepare_wiki_corpus,
     qa_wikidata_records,
 )
+from editlib.data.records import EditRequest, load_requests, parse_records
+from editlib.eval.known_facts import known_fact_mask, known_facts
 from editlib.io import atomic_dir
-from editlib.records import EditRequest, load_requests, parse_records
-from editlib.vocab import train_bpe_tokenizer
+from editlib.toy.vocab import train_bpe_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 ASSET_CACHE = Path(os.environ.get("EDITLIB_ASSET_CACHE", REPO / ".cache" / "assets"))
@@ -125,7 +132,7 @@ def no_pip(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"pip must not run: {args}")
 
-    monkeypatch.setattr(assets.subprocess, "run", refuse)
+    monkeypatch.setattr(fetch.subprocess, "run", refuse)
 
 
 def bigbench_sdist(cache: Path) -> PackageArchive:
@@ -177,7 +184,7 @@ def test_missing_package_gives_pip_command(tmp_path):
 
 def test_sdist_refused_by_new_pip_falls_back_to_pinned_pip(tmp_path, monkeypatch):
     pip_wheel = fake_archive(tmp_path / "cache", "pip-25.2-py3-none-any.whl", {"pip/__main__.py": b""})
-    monkeypatch.setattr(assets, "PIP_FALLBACK_WHEEL", pip_wheel)
+    monkeypatch.setattr(fetch, "PIP_FALLBACK_WHEEL", pip_wheel)
     calls = []
 
     def fake_run(command, **kwargs):
@@ -188,7 +195,7 @@ def test_sdist_refused_by_new_pip_falls_back_to_pinned_pip(tmp_path, monkeypatch
         make_sdist(dest / "toy-1.0.tar.gz", {"toy-1.0/x": b"x"})
         return subprocess.CompletedProcess(command, 0, "Saved", "")
 
-    monkeypatch.setattr(assets.subprocess, "run", fake_run)
+    monkeypatch.setattr(fetch.subprocess, "run", fake_run)
     real = tmp_path / "staging"
     real.mkdir()
     make_sdist(real / "toy-1.0.tar.gz", {"toy-1.0/x": b"x"})
@@ -313,7 +320,7 @@ def test_prepare_qa_wikidata_and_bigbench_mc_from_fake_sdist(tmp_path, monkeypat
     with pytest.raises(AssetError, match="no 'examples'"):
         prepare_bigbench_mc(tmp_path / "cache", tmp_path / "mc", ["parent"], archive=archive)
     # cached: a second call neither fetches nor converts
-    monkeypatch.setattr(assets, "fetch_archive", lambda *a, **k: pytest.fail("fetched again"))
+    monkeypatch.setattr("editlib.data.bigbench.fetch_archive", lambda *a, **k: pytest.fail("fetched again"))
     assert prepare_qa_wikidata(tmp_path / "cache", tmp_path / "data" / "qa_cf.json", archive=archive) == out
     assert prepare_bigbench_mc(tmp_path / "cache", tmp_path / "mc", ["toy_mc", "parent/sub"], limit=5, seed=1, archive=archive) == paths
     # a changed parameter is a different output: recomputed
@@ -328,7 +335,7 @@ def not_offered(monkeypatch, calls: list):
         calls.append(command)
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found for bigbench==1.0.0")
 
-    monkeypatch.setattr(assets.subprocess, "run", run)
+    monkeypatch.setattr(fetch.subprocess, "run", run)
 
 
 def task_mirror(root: Path, files: dict[str, bytes], pinned: dict[str, bytes] | None = None) -> TaskFileMirror:
@@ -396,8 +403,8 @@ def test_bigbench_mirror_refuses_other_bytes_and_reports_both_sources(tmp_path, 
 
 def test_pinned_task_checksums_cover_exactly_the_tasks_prepare_data_reads():
     # prepare_data reads qa_wikidata and the default multiple-choice tasks; each needs a pinned file
-    assert set(assets.BIGBENCH_TASK_SHA256) == {"qa_wikidata", *assets.DEFAULT_BIGBENCH_MC_TASKS}
-    assert assets.BIGBENCH_GITHUB.sha256 == assets.BIGBENCH_TASK_SHA256
+    assert set(BIGBENCH_TASK_SHA256) == {"qa_wikidata", *DEFAULT_BIGBENCH_MC_TASKS}
+    assert BIGBENCH_GITHUB.sha256 == BIGBENCH_TASK_SHA256
 
 
 def test_bigbench_mc_rows():
@@ -456,7 +463,7 @@ def direct_nll(model, prompt: list[int], target: list[int]) -> float:
 def test_known_fact_scoring_batched_equals_direct(model, tokenizer):
     """known_fact_mask scores with metrics.score_continuations: batched NLL and greedy flags equal a
     direct, one-pair-at-a-time computation (targets of 1-3 tokens, prompts of different lengths)."""
-    from editlib.metrics import score_continuations
+    from editlib.eval.metrics import score_continuations
 
     texts = ["The capital of France is", "Cats", "The mother tongue of Danielle Darrieux is"] * 2
     targets = ["Paris", "and dogs are animals", "French", "Rome", "oak", "English"]
@@ -522,7 +529,7 @@ def test_real_smollm2_greedy_paris(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
-    out = real_asset(assets.prepare_smollm2, ASSET_CACHE, tmp_path / "smollm2")
+    out = real_asset(prepare_smollm2, ASSET_CACHE, tmp_path / "smollm2")
     first = time.perf_counter() - start
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -535,7 +542,7 @@ def test_real_smollm2_greedy_paris(tmp_path):
         next_token = int(model(**ids).logits[0, -1].argmax())
     assert tokenizer.decode([next_token]) == " Paris"
     start = time.perf_counter()
-    assert assets.prepare_smollm2(ASSET_CACHE, out) == out
+    assert prepare_smollm2(ASSET_CACHE, out) == out
     print(f"\nsmollm2: prepare {first:.1f}s, cached call {time.perf_counter() - start:.2f}s")
     assert time.perf_counter() - start < 5
 
@@ -557,11 +564,11 @@ def test_real_qa_wikidata_records(tmp_path):
 @pytest.mark.slow
 def test_real_bigbench_sdist_members_match_the_pinned_task_files():
     """The single-file checksums are those of the 1.0.0 sdist's members, so both sources give the same bytes."""
-    sdist = real_asset(fetch_archive, assets.BIGBENCH_SDIST, ASSET_CACHE)
+    sdist = real_asset(fetch_archive, BIGBENCH_SDIST, ASSET_CACHE)
     with tempfile.TemporaryDirectory() as tmp:
-        members = {task: assets.bigbench_task_member(task) for task in assets.BIGBENCH_TASK_SHA256}
+        members = {task: bigbench_task_member(task) for task in BIGBENCH_TASK_SHA256}
         paths = extract_members(sdist, list(members.values()), tmp)
-        assert {task: sha256(paths[member]) for task, member in members.items()} == assets.BIGBENCH_TASK_SHA256
+        assert {task: sha256(paths[member]) for task, member in members.items()} == BIGBENCH_TASK_SHA256
 
 
 @pytest.mark.slow
@@ -571,10 +578,10 @@ def test_real_smollm2_cached_prefix_z_equals_whole_prompts(tmp_path):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from editlib.models import model_layout
-    from editlib.values import TargetHparams, optimize_targets
+    from editlib.editing.values import TargetHparams, optimize_targets
+    from editlib.model.layout import model_layout
 
-    out = real_asset(assets.prepare_smollm2, ASSET_CACHE, tmp_path / "smollm2")
+    out = real_asset(prepare_smollm2, ASSET_CACHE, tmp_path / "smollm2")
     tokenizer = AutoTokenizer.from_pretrained(out)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from conftest import make_gpt2, make_llama
+from test_values import _gemma3, _toy_local
 from transformers import AttentionInterface
 
-from conftest import make_gpt2, make_llama
-from editlib.attention import GROUPED_ATTENTION, grouped_attention, uses_grouped_queries
-from editlib.models import final_hidden, final_hidden_after, prefix_key_values, shared_stems
-from editlib.tokens import pad_right
-from test_values import _gemma3, _toy_local
+from editlib.model.attention import GROUPED_ATTENTION, grouped_attention, uses_grouped_queries
+from editlib.model.forward import final_hidden, final_hidden_after, prefix_key_values, shared_stems
+from editlib.model.tokens import pad_right
 
 ROWS = [[5, 9, 14, 3, 22, 7, 30, 11], [8, 2, 19, 4], [6, 6, 21, 13, 2, 17], [12, 25, 3],
         [9, 4, 15, 28, 20, 5, 2], [3, 10, 7, 26, 18]]

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from editlib.config import ConfigError, toy_record_count, validate_config
+from editlib.study.config import ConfigError, validate_config
+from editlib.study.stages import toy_record_count
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -130,7 +131,7 @@ INVALID = {
 
 
 def test_a_model_variant_names_only_what_differs():
-    from editlib.config import model_config, model_names, stage_config
+    from editlib.study.stages import model_config, model_names, stage_config
 
     config = copy.deepcopy(DEFAULT)
     config["models"] = {"toy-5L-wide": {"train": {"hidden": 192, "intermediate": 768}}}
@@ -146,7 +147,7 @@ def test_a_model_variant_names_only_what_differs():
 
 
 def test_a_variant_runs_its_method_under_its_own_name():
-    from editlib.config import configured_method, method_overrides, stage_config, statistics_layers
+    from editlib.study.stages import configured_method, method_overrides, stage_config, statistics_layers
 
     config = copy.deepcopy(DEFAULT)
     config["methods"]["memit-deep"] = {"method": "memit", "layers": [0, 1], "mom2_update_weight": 3.0}
@@ -175,8 +176,8 @@ def test_invalid_config_is_rejected_naming_the_field(case):
 
 
 def test_toy_record_count_is_what_the_data_stage_writes(tmp_path):
-    from editlib.records import load_requests
-    from editlib.toyworld import build_world
+    from editlib.data.records import load_requests
+    from editlib.toy.world import build_world
 
     world = {"seed": 3, "n_subjects": 40, "edit_fraction": 0.5, "facts_per_edit_subject": 3}
     build_world(tmp_path, **world)
@@ -193,7 +194,7 @@ def test_checking_a_config_imports_no_torch(config_file):
     import sys
 
     code = ("import sys, yaml\n"
-            "from editlib.config import validate_config\n"
+            "from editlib.study.config import validate_config\n"
             f"config = yaml.safe_load(open({str(REPO / config_file)!r}))\n"
             f"validate_config(config, {str(SCHEMA)!r})\n"
             "heavy = sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules)\n"
@@ -320,7 +321,7 @@ def test_smollm2_layers_are_checked_against_its_30_layers():
 
 
 def test_the_model_revision_reaches_the_prepare_model_stage(hub):
-    from editlib.config import model_config, stage_config
+    from editlib.study.stages import model_config, stage_config
 
     config = _hub_model(_paper_config(), "meta-llama/Meta-Llama-3-8B", revision="62bd457b6fe961a42a631306577e622c83876cb6")
     config["models"] = {"Llama-3-8B-main": {"revision": "main"}}
@@ -378,7 +379,7 @@ def test_a_count_or_rate_out_of_range_is_rejected_naming_it(field, value):
 
 def test_the_checkpoint_interval_is_not_a_parameter_of_the_sequential_jobs():
     """How often a run writes its checkpoint changes none of its numbers: changing it reruns no job."""
-    from editlib.config import stage_config
+    from editlib.study.stages import stage_config
 
     changed = copy.deepcopy(DEFAULT)
     changed["experiments"]["sequential"]["checkpoint_minutes"] = 0

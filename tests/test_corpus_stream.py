@@ -11,9 +11,9 @@ import datasets
 import pytest
 import yaml
 
-from editlib import pipeline
-from editlib.config import stage_config
-from editlib.corpus import load_corpus, read_prepared, sample_hf, sample_stream
+from editlib.data.corpus import load_corpus, read_prepared, sample_hf, sample_stream
+from editlib.study import pipeline
+from editlib.study.stages import stage_config
 
 REPO = Path(__file__).resolve().parents[1]
 WIKI = "hf:wikimedia/wikipedia:20231101.en:train"
@@ -134,7 +134,7 @@ def test_prepare_data_samples_the_stream_and_statistics_reads_only_that(fake_hub
 
 
 def test_statistics_job_reads_the_prepared_sample_without_the_hub(tiny_llama, llama_tokenizer, tmp_path, monkeypatch):
-    from editlib.stats import load_moments
+    from editlib.editing.statistics import load_moments
 
     def offline(*args, **kwargs):
         raise AssertionError("the statistics job must not open the dataset")

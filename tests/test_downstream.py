@@ -10,22 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import make_llama
 from transformers import LlamaForCausalLM
 
-from conftest import make_llama
-
-from editlib.downstream import (
-    evaluate_downstream,
-    glue_eval_items,
-    hub_offline,
-    item_rows,
-    lm_eval_results,
-    metric_rows,
-    write_glue_eval_task,
-    write_mc_task,
-)
+from editlib.eval.downstream import evaluate_downstream, hub_offline, item_rows, lm_eval_results, metric_rows
+from editlib.eval.downstream_tasks import glue_eval_items, write_glue_eval_task, write_mc_task
 from editlib.io import write_jsonl
-from editlib.vocab import train_bpe_tokenizer
+from editlib.toy.vocab import train_bpe_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -131,7 +122,7 @@ def test_shared_contexts_score_as_lm_eval_does(tokenizer, mc_task, monkeypatch, 
     """Each distinct context runs once (its continuations over its KV cache) and every choice gets
     HFLM's own log-likelihood and greedy flag: 2-shot contexts of different lengths, choices of
     one and several tokens, and requests longer than the window (HFLM's own loop)."""
-    import editlib.downstream as downstream
+    import editlib.eval.downstream as downstream
 
     monkeypatch.setattr(downstream, "CONTEXT_BATCH_TOKENS", batch_tokens)
     model = tiny_llama(tokenizer)
@@ -309,14 +300,14 @@ def test_glue_eval_converters_cover_all_files():
 def test_grace_edit_takes_but_leaves_downstream_items_unchanged(tokenizer, mc_task):
     """GRACE changes no base weight: task items whose queries lie outside the codebook's radii
     get bit-identical log-likelihoods, while the edited prompt's continuation does change."""
-    from editlib.grace import GraceEditor, GraceHparams
-    from editlib.records import EditRequest
+    from editlib.data.records import EditRequest
+    from editlib.methods.grace import GraceEditor, GraceHparams
 
     model = tiny_llama(tokenizer)
 
     def items():
         results = lm_eval_results(model, tokenizer, ["tiny_mc"], include_path=mc_task, batch_size=1, log_samples=True,
-                                  share_contexts=False)  # as the pipeline runs GRACE (editlib.methods)
+                                  share_contexts=False)  # as the pipeline runs GRACE (editlib.methods.registry)
         return sorted(item_rows(results), key=lambda row: row["doc_id"])
 
     before = items()
@@ -416,7 +407,7 @@ def test_unsafe_code_task_needs_the_opt_in_and_fails_alone(tokenizer, task_famil
 def test_a_failing_task_leaves_the_others_scored(tokenizer, task_family, monkeypatch):
     """One task raising inside lm-eval gives that task an error row; the tasks before and after it
     get the same rows as when evaluated without it."""
-    import editlib.downstream as downstream
+    import editlib.eval.downstream as downstream
 
     model = tiny_llama(tokenizer)
     alone = evaluate_downstream(model, tokenizer, ["sub_a", "sub_c"], include_path=task_family)
@@ -480,8 +471,8 @@ def test_num_fewshot_none_keeps_each_tasks_own_setting(tokenizer, tmp_path, monk
     workflow passes none when the config sets none."""
     import yaml
 
-    import editlib.downstream as downstream
-    from editlib.pipeline import downstream_function
+    import editlib.eval.downstream as downstream
+    from editlib.study.pipeline import downstream_function
 
     data = tmp_path / "data" / "mc.jsonl"
     write_jsonl(data, MC_ITEMS)
@@ -506,7 +497,7 @@ def test_num_fewshot_none_keeps_each_tasks_own_setting(tokenizer, tmp_path, monk
         seen.append(kwargs["num_fewshot"])
         return original(*args, **kwargs)
 
-    import editlib.pipeline as pipeline
+    import editlib.study.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "evaluate_downstream", spy)
     for settings, expected in (({}, None), ({"num_fewshot": None}, None), ({"num_fewshot": 1}, 1)):
@@ -518,7 +509,7 @@ def test_num_fewshot_none_keeps_each_tasks_own_setting(tokenizer, tmp_path, monk
 def test_paper_configs_opt_in_to_code_tasks_and_keep_task_few_shot():
     import yaml
 
-    from editlib.config import validate_config
+    from editlib.study.config import validate_config
 
     repo = Path(__file__).resolve().parents[1]
     schema = repo / "workflow" / "schemas" / "config.schema.yaml"
@@ -542,9 +533,9 @@ class Killed(BaseException):
 
 def _job_setup(tokenizer, tmp_path):
     """A saved tiny model, three ROME edit states of it (n1..n3) and the job's config."""
-    from editlib.experiments import ExperimentContext, save_state
-    from editlib.pipeline import edit_spec
-    from editlib.records import EditRequest
+    from editlib.data.records import EditRequest
+    from editlib.study.experiments import ExperimentContext, save_state
+    from editlib.study.pipeline import edit_spec
 
     model_dir, states = tmp_path / "model", tmp_path / "states"
     model = tiny_llama(tokenizer)
@@ -570,8 +561,8 @@ def test_downstream_job_resumes_per_state(tokenizer, task_family, tmp_path, monk
     """A downstream job killed after its first edit state evaluates only the other two when run
     again, and writes the tables an uninterrupted run writes; its partial rows are keyed on the
     state file and the settings, and removed with the tables written."""
-    import editlib.pipeline as pipeline
-    from editlib.pipeline import DownstreamPartials, run_downstream, run_downstream_base
+    import editlib.study.pipeline as pipeline
+    from editlib.study.pipeline import DownstreamPartials, run_downstream, run_downstream_base
 
     config, model_dir, states = _job_setup(tokenizer, tmp_path)
     base = tmp_path / "base.csv"
@@ -615,7 +606,7 @@ def test_downstream_job_resumes_per_state(tokenizer, task_family, tmp_path, monk
     assert set(subtasks["group"]) == {"grp_agg"} and set(subtasks["task"]) == {"sub_a", "sub_b"}
     assert not (tmp_path / "partials").exists()
     # the findings' mean over tasks reads the group once, not its subtasks
-    from editlib.findings import downstream_erosion
+    from editlib.study.findings import downstream_erosion
 
     [finding] = downstream_erosion(table)
     assert "(grp_agg " in finding["evidence"] and "sub_a" not in finding["evidence"]
@@ -641,7 +632,7 @@ def test_downstream_job_resumes_per_state(tokenizer, task_family, tmp_path, monk
 def test_downstream_job_keeps_the_tasks_that_ran(tokenizer, task_family, tmp_path):
     """A job with a failed task writes the others' rows and the failure's error and returns; a job
     in which every task failed raises before writing anything."""
-    from editlib.pipeline import run_downstream_base
+    from editlib.study.pipeline import run_downstream_base
 
     model_dir = tmp_path / "model"
     tiny_llama(tokenizer).save_pretrained(model_dir)

@@ -2,15 +2,16 @@
 
 import pytest
 import torch
-
 from conftest import NAMES, fact_object, make_llama
-from editlib.editing import Editor
-from editlib.hparams import make_hparams
-from editlib.keys import build_context_prompts, compute_keys
-from editlib.metrics import counterfact_scores, edit_metrics
-from editlib.models import capture_outputs, edited_weight, model_layout
-from editlib.records import EditRequest
-from editlib.stats import collect_second_moments
+
+from editlib.data.records import EditRequest
+from editlib.editing.editor import Editor
+from editlib.editing.keys import build_context_prompts, compute_keys
+from editlib.editing.statistics import collect_second_moments
+from editlib.eval.metrics import counterfact_scores, edit_metrics
+from editlib.methods.hparams import make_hparams
+from editlib.model.hooks import capture_outputs
+from editlib.model.layout import edited_weight, model_layout
 
 TARGETS = {"clamp_norm_factor": 20.0, "v_num_grad_steps": 40, "v_weight_decay": 1e-3, "v_lr": 0.5}
 TEMPLATES = ["{}", "Because of this. {}", "I think so. {}"]
@@ -174,7 +175,7 @@ def test_targets_reused_on_unedited_weights_only(trained_llama2, llama_tokenizer
 
 def test_subset_metrics_from_one_scoring_pass_equal_scoring_the_subset(trained_llama2, llama_tokenizer, moments2):
     """Sequential runs score all edited facts once and take the current batch's rows from it."""
-    from editlib.experiments import ExperimentContext, records_metrics, score_records
+    from editlib.study.experiments import ExperimentContext, records_metrics, score_records
 
     requests = subject_final_requests(3)
     ctx = ExperimentContext(trained_llama2, llama_tokenizer, "tiny", moments2, progress=False)
@@ -193,8 +194,8 @@ def test_subset_metrics_from_one_scoring_pass_equal_scoring_the_subset(trained_l
 def test_sensitivity_at_the_configured_value_is_the_single_edit_experiment(trained_llama2, llama_tokenizer, moments2):
     """One row per swept value; at a value equal to the configured one the row is the single-edit
     experiment's, and the hyperparameter changes the edit (the rows differ)."""
-    from editlib.experiments import ExperimentContext, sensitivity, single_edits
-    from editlib.methods import make_spec
+    from editlib.methods.registry import make_spec
+    from editlib.study.experiments import ExperimentContext, sensitivity, single_edits
 
     requests = subject_final_requests(3)
     ctx = ExperimentContext(trained_llama2, llama_tokenizer, "tiny", moments2, progress=False)
@@ -212,8 +213,8 @@ def test_batched_sensitivity_is_the_batched_experiment_and_emmet_mu_acts_only_on
     """With batch sizes, each (value, batch size) row is the batched experiment's at that value;
     EMMET's mu cancels for single edits (D = k^T (mu C)^-1 k) and acts on batches through the ridge
     lambda I of D, so only the batched rows move."""
-    from editlib.experiments import ExperimentContext, batched_edits, sensitivity
-    from editlib.methods import make_spec
+    from editlib.methods.registry import make_spec
+    from editlib.study.experiments import ExperimentContext, batched_edits, sensitivity
 
     requests = subject_final_requests(4)
     ctx = ExperimentContext(trained_llama2, llama_tokenizer, "tiny", moments2, progress=False)
@@ -255,16 +256,16 @@ class _NoEdits:
 def test_sequential_evaluation_cost_is_linear_in_the_edits(tiny_llama, llama_tokenizer, monkeypatch):
     """Records scored and generation-entropy evaluations of N single edits: with log-spaced
     eval_at, N + the edited-so-far counts (< 4N), and GE only where all facts edited so far are
-    scored; without eval_at, N(N+1)/2 (what editlib.config refuses for long runs)."""
+    scored; without eval_at, N(N+1)/2 (what editlib.study refuses for long runs)."""
     import dataclasses
 
-    import editlib.experiments as experiments
-    from conftest import make_requests
-    from editlib.config import log_spaced_counts, sequential_scorings
-    from editlib.experiments import ExperimentContext, sequential_edits
-    from editlib.hparams import GraceSpec
-
     import pandas as pd
+    from conftest import make_requests
+
+    import editlib.study.experiments as experiments
+    from editlib.methods.hparams import GraceSpec
+    from editlib.study.experiments import ExperimentContext, sequential_edits
+    from editlib.study.stages import log_spaced_counts, sequential_scorings
 
     scored, generated = [], []  # the counts only: scoring and metrics stubbed
     monkeypatch.setattr(experiments, "score_records", lambda ctx, requests, session: (

@@ -5,10 +5,8 @@ import math
 import pandas as pd
 import pytest
 
-from editlib.ablations import ablation_tables, sample_table
-from editlib.tables import over_samples
-
-from editlib.findings import (
+from editlib.study.ablations import ablation_tables, sample_table
+from editlib.study.findings import (
     INCONCLUSIVE,
     NOT_REPRODUCED,
     REPRODUCED,
@@ -20,6 +18,7 @@ from editlib.findings import (
     sequential_beats_one_batch,
     tracing_matches_sweep,
 )
+from editlib.study.tables import over_samples
 
 
 def _row(**values):
@@ -143,7 +142,7 @@ def test_samples_are_averaged_with_their_spread():
 
 
 def test_ablations_figure_draws_every_pair(tmp_path):
-    from editlib.plotting import ablations_figure
+    from editlib.study.plotting import ablations_figure
 
     downstream = _sequential_downstream({("rome", 1): 0.6, ("rome-deep", 1): 0.7, ("rome-flat", 1): 0.5})
     path = tmp_path / "ablations.png"
@@ -175,7 +174,7 @@ def test_verdict_names_are_distinct(verdict):
 
 
 def test_edit_metrics_are_averaged_over_samples_bounds_included():
-    from editlib.tables import edits_over_samples
+    from editlib.study.tables import edits_over_samples
 
     base = {"experiment": "sequential", "scope": "edited_so_far", "n_edits": 8}
     edits = pd.DataFrame([_row(**base, sample=0, ES=90.0), _row(**base, sample=1, ES=80.0),

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import make_llama
 
-from editlib.grace import GraceCodebook, GraceEditor, GraceHparams, last_token_positions
-from editlib.tokens import target_argmax_correct, target_batch
-from editlib.records import EditRequest
-from editlib.vocab import train_bpe_tokenizer
+from editlib.data.records import EditRequest
+from editlib.methods.grace import GraceCodebook, GraceEditor, GraceHparams, last_token_positions
+from editlib.model.tokens import target_argmax_correct, target_batch
+from editlib.toy.vocab import train_bpe_tokenizer
 
 FACTS = [  # prompt, subject, target_new, target_true
     ("The mother tongue of {} is", "Danielle Darrieux", "English", "French"),
@@ -190,9 +190,9 @@ def test_experiment_scoring_of_a_grace_edit_scores_whole_rows(tokenizer, request
     """score_records scores a GRACE session's rows whole (each prompt's last token queried): the
     numbers equal whole-row scoring under the session's prompt queries and the edit is visible
     (prompt_queries matches rows by their prompt, which a cached prefix would cut off)."""
-    from editlib.experiments import ExperimentContext, score_records
-    from editlib.methods import make_spec
-    from editlib.metrics import counterfact_scores
+    from editlib.eval.metrics import counterfact_scores
+    from editlib.methods.registry import make_spec
+    from editlib.study.experiments import ExperimentContext, score_records
 
     model = tiny_llama(tokenizer)
     ctx = ExperimentContext(model, tokenizer, "tiny", {}, progress=False)
@@ -210,7 +210,7 @@ def test_experiment_scoring_of_a_grace_edit_scores_whole_rows(tokenizer, request
 
 
 def test_training_above_the_edited_block_equals_whole_model_training(tokenizer, requests):
-    """The own-blocks path (prefix cached, blocks above run by editlib.upper_blocks) trains the same
+    """The own-blocks path (prefix cached, blocks above run by editlib.model.upper_blocks) trains the same
     values, with the same per-step losses, as forward passes of the whole model through the hooks,
     also when later requests of a batch split earlier ones' keys (prompts ~5 apart, radius 3)."""
     hparams = GraceHparams(n_iter=8, eps=3.0)

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import make_llama
-from editlib.config import stage_config, validate_config
-from editlib.models import full_precision_matmul, set_tf32, use_tf32
-from editlib.pipeline import load_configured_model, prepare_model
+
+from editlib.model.loading import full_precision_matmul, set_tf32, use_tf32
+from editlib.study.config import validate_config
+from editlib.study.pipeline import load_configured_model, prepare_model
+from editlib.study.stages import stage_config
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_ID = "tiny-org/tiny-llama"

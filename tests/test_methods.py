@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import make_requests
-from editlib import methods as registry
-from editlib.config import ConfigError, load_schema, validate_config
-from editlib.experiments import ExperimentContext, batched_edits, sequential_edits, single_edits
-from editlib.tokens import target_batch, target_nll
-from editlib.methods import Method, get_method, method_names
-from editlib.models import model_layout
-from editlib.pipeline import edit_spec
-from editlib.session import EditSession
+
+from editlib.editing.session import EditSession
+from editlib.methods import registry as registry
+from editlib.methods.registry import Method, get_method, method_names
+from editlib.model.layout import model_layout
+from editlib.model.tokens import target_batch, target_nll
+from editlib.study.config import ConfigError, load_schema, validate_config
+from editlib.study.experiments import ExperimentContext, batched_edits, sequential_edits, single_edits
+from editlib.study.pipeline import edit_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -152,9 +152,9 @@ def _probe(model, tokenizer) -> list[dict]:
 def test_saved_states_reload_the_edited_model_exactly(method, trained_llama2, llama_tokenizer, corpus, tmp_path):
     """The downstream stage loads each state an editing job saved onto the unedited model; its
     rows must equal those computed on the edited model in memory, bit for bit."""
-    from editlib.experiments import states_downstream
-    from editlib.mend import MendEditor, MendHparams
-    from editlib.stats import collect_second_moments
+    from editlib.editing.statistics import collect_second_moments
+    from editlib.methods.mend import MendEditor, MendHparams
+    from editlib.study.experiments import states_downstream
 
     model = trained_llama2
     moments = {layer: m.mean for layer, m in collect_second_moments(

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from editlib.metrics import edit_metrics, ngram_entropy, score_continuations, zsre_metrics
-from editlib.records import EditRequest
+from editlib.data.records import EditRequest
+from editlib.eval.metrics import edit_metrics, ngram_entropy, score_continuations, zsre_metrics
 
 
 def test_counterfact_metrics_by_hand():
@@ -103,7 +103,7 @@ def _random_scores(n_records: int, seed: int) -> pd.DataFrame:
 
 
 def test_bootstrap_intervals_match_a_direct_resampling():
-    from editlib.metrics import bootstrap_intervals, harmonic_mean, per_record_metrics
+    from editlib.eval.metrics import bootstrap_intervals, harmonic_mean, per_record_metrics
 
     scores = _random_scores(40, seed=1)
     per_record = per_record_metrics(scores)
@@ -133,7 +133,7 @@ def test_prompts_scored_once_equal_whole_rows(arch, llama_tokenizer, gpt2_tokeni
     from conftest import make_gpt2, make_llama
     from test_values import _gemma3, _toy_local
 
-    from editlib.metrics import teacher_forced
+    from editlib.eval.metrics import teacher_forced
 
     tokenizer = gpt2_tokenizer if arch == "gpt2" else llama_tokenizer
     model = {"llama": lambda: make_llama(tokenizer), "gpt2": lambda: make_gpt2(tokenizer),

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from editlib import pipeline
-from editlib.models import model_layout
-from editlib.stats import collect_second_moments, save_moments
+from editlib.editing.statistics import collect_second_moments, save_moments
+from editlib.model.layout import model_layout
+from editlib.study import pipeline
 
 
 def test_load_context_holds_only_the_requested_layers(tiny_llama, llama_tokenizer, corpus, tmp_path):

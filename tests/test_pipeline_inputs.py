@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from editlib.pipeline import prepare_data
-from editlib.records import RecordError
+from editlib.data.records import RecordError
+from editlib.study.pipeline import prepare_data
 
 
 def cf(case_id=0, prompt="The mother tongue of {} is", subject="Danielle Darrieux", new="English", true="French"):
@@ -61,7 +61,7 @@ def test_valid_counterfact_is_prepared(tmp_path):
 
 
 def test_edit_samples_are_disjoint_consecutive_blocks(tmp_path):
-    from editlib.pipeline import edit_requests
+    from editlib.study.pipeline import edit_requests
 
     records = list(range(10))
     samples = [edit_requests(records, 3, tmp_path / "records.json", sample) for sample in range(3)]

@@ -1,4 +1,4 @@
-"""The resource plan (editlib.plan): its jobs are Snakemake's jobs, its set of model-loading rules
+"""The resource plan (editlib.study.plan): its jobs are Snakemake's jobs, its set of model-loading rules
 is the rule scripts', every job of every paper config fits the SLURM profile, and its costs scale
 as the formulas say (linear in the edits)."""
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from editlib import plan
-from editlib.architectures import HUB_ARCHITECTURES, parameter_count
+from editlib.model.architectures import HUB_ARCHITECTURES, parameter_count
+from editlib.study import plan
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "workflow" / "profiles" / "slurm"
@@ -35,7 +35,7 @@ def rule_scripts() -> dict[str, set[str]]:
 
 
 def loading_functions() -> set[str]:
-    """editlib.pipeline's functions that load the model, directly or through another of them."""
+    """editlib.study.pipeline's functions that load the model, directly or through another of them."""
     tree = ast.parse((REPO / "editlib" / "pipeline.py").read_text())
     calls = {node.name: {c.func.id for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
              for node in tree.body if isinstance(node, ast.FunctionDef)}
@@ -52,7 +52,7 @@ def script_loads_model(script: str, loading: set[str]) -> bool:
         return False
     tree = ast.parse((REPO / "workflow" / "scripts" / script).read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                and node.module == "editlib.pipeline" for alias in node.names}
+                and node.module == "editlib.study.pipeline" for alias in node.names}
     called = {c.func.id for c in ast.walk(tree) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
     return bool(imported & called & loading)
 
@@ -68,7 +68,7 @@ def test_model_rules_are_the_rules_whose_scripts_load_the_model():
 def test_the_profile_gives_a_gpu_to_exactly_the_rules_that_load_the_model():
     rules = set(rule_scripts()) - {"all"}
     resources, retries = plan.profile_resources(PROFILE)
-    assert rules == set(resources), "every rule of the workflow has its entry in editlib.plan and the profile"
+    assert rules == set(resources), "every rule of the workflow has its entry in editlib.study.plan and the profile"
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
     for rule in rules:
         gres = profile["set-resources"].get(rule, {}).get("gres")

@@ -6,7 +6,7 @@ fact and one layer at a time with explicit loops: ROME's compute_u / compute_v a
 (kmeng01/rome `rome_main.py`), MEMIT's keys, covariance-weighted solve and residual spread over
 layers (kmeng01/memit `memit_main.py`), and the target optimisation of both (tests/reference_z.py,
 hooked at the MLP output for ROME and at the last edited block for MEMIT). editlib computes the
-same edits with its batched code (editlib.editing.Editor). Target vectors are compared directly;
+same edits with its batched code (editlib.editing.editor.Editor). Target vectors are compared directly;
 the weight updates are compared given identical targets (the reference's, fed to editlib), so the
 check isolates the update rules.
 """
@@ -17,14 +17,14 @@ import json
 
 import pytest
 import torch
-
-from editlib import assets
-from editlib.editing import Editor
-from editlib.hparams import make_hparams
-from editlib.models import model_layout
-from editlib.records import EditRequest
-from editlib.values import TargetResult
 from reference_z import reference_z
+
+from editlib.data.packaged import prepare_smollm2
+from editlib.data.records import EditRequest
+from editlib.editing.editor import Editor
+from editlib.editing.values import TargetResult
+from editlib.methods.hparams import make_hparams
+from editlib.model.layout import model_layout
 
 pytestmark = pytest.mark.slow
 
@@ -45,11 +45,10 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
+    from test_assets import ASSET_CACHE, real_asset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from test_assets import ASSET_CACHE, real_asset
-
-    out = real_asset(assets.prepare_smollm2, ASSET_CACHE, tmp_path_factory.mktemp("smollm2") / "model")
+    out = real_asset(prepare_smollm2, ASSET_CACHE, tmp_path_factory.mktemp("smollm2") / "model")
     tokenizer = AutoTokenizer.from_pretrained(out)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -62,7 +61,7 @@ def smollm2(tmp_path_factory):
 def second_moments(smollm2, tmp_path_factory):
     """C = mean k k^T at each edited layer's down_proj input over ~2,500 tokens of the toy world's
     wiki text, plus a small ridge so that C is positive definite (d_k 1,536); both sides use it."""
-    from editlib.toyworld import build_world
+    from editlib.toy.world import build_world
 
     model, tokenizer = smollm2
     world = tmp_path_factory.mktemp("world")

@@ -12,14 +12,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from editlib.architectures import HUB_ARCHITECTURES
-from editlib.config import sequential_runs, validate_config
-from editlib.pipeline import state_points
-from editlib.records import load_requests
-from editlib.rehearsal import standins, tasks
-from editlib.tables import read_results
-from editlib.rehearsal.hub import LocalHub, hub_env
-from editlib.rehearsal.run import REPO, local_url, read_yaml, rehearsal_config, rehearse, with_addresses
+from editlib.data.records import load_requests
+from editlib.model.architectures import HUB_ARCHITECTURES
+from editlib.study.config import validate_config
+from editlib.study.pipeline import state_points
+from editlib.study.rehearsal import standins, tasks
+from editlib.study.rehearsal.hub import LocalHub, hub_env
+from editlib.study.rehearsal.run import REPO, local_url, read_yaml, rehearsal_config, rehearse, with_addresses
+from editlib.study.stages import sequential_runs
+from editlib.study.tables import read_results
 
 PAPER_CONFIGS = ["llama3-8b.yaml", "llama2-7b.yaml", "llama2-7b-chat.yaml", "llama2-13b.yaml"]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -86,7 +87,7 @@ def test_standin_architecture_is_the_hub_models_at_a_tiny_width(hub_id):
 def test_standin_tokenizer_keeps_the_family_conventions(hub_id, texts, tmp_path):
     from transformers import AutoTokenizer
 
-    from editlib.models import load_tokenizer
+    from editlib.model.loading import load_tokenizer
 
     standins.write_tokenizer(hub_id, texts, tmp_path)
     saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
@@ -132,17 +133,17 @@ def test_records_have_the_public_formats(world, tmp_path):
 def test_known_to_makes_the_random_model_know_facts_for_tracing(kind, world, texts, tmp_path):
     import torch
 
-    from editlib.models import load_model
-    from editlib.records import parse_records
-    from editlib.tracing import known_facts
+    from editlib.data.records import parse_records
+    from editlib.eval.known_facts import known_facts
+    from editlib.model.loading import load_model
 
     torch.set_num_threads(1)
     standins.write_model_repo("meta-llama/Meta-Llama-3-8B", tmp_path, texts)
     records = (standins.counterfact_json if kind == "counterfact" else standins.zsre_json)(world)[:12]
     model, tokenizer = load_model(str(tmp_path))
-    before = known_facts(model, tokenizer, parse_records(records, kind=kind, zsre_target="alt"))
+    before = known_facts(model, tokenizer, parse_records(records, kind=kind, zsre_target="alt"), "first_token", 64)
     rewritten = standins.known_to(tmp_path, records, kind)
-    after = known_facts(model, tokenizer, parse_records(rewritten, kind=kind, zsre_target="alt"))
+    after = known_facts(model, tokenizer, parse_records(rewritten, kind=kind, zsre_target="alt"), "first_token", 64)
     assert len(after) > len(before) and len(after) >= 2
     for old, new in zip(records, rewritten, strict=True):
         assert list(old) == list(new)  # the format is kept

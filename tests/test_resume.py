@@ -11,10 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import MinutePerReading
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from conftest import MinutePerReading
 
 JOB = Path(__file__).parent / "sequential_job.py"
 
@@ -79,8 +78,9 @@ def test_killed_run_resumes_bit_identical(method, minutes, tmp_path):
 def grace_run(llama_tokenizer):
     """(ctx, requests, spec) of a small GRACE run on a random 2-layer model."""
     from conftest import make_llama, make_requests
-    from editlib.experiments import ExperimentContext
-    from editlib.grace import GraceHparams, GraceSpec
+
+    from editlib.methods.grace import GraceHparams, GraceSpec
+    from editlib.study.experiments import ExperimentContext
 
     torch.set_num_threads(1)
     ctx = ExperimentContext(make_llama(llama_tokenizer, layers=2), llama_tokenizer, "tiny", {}, progress=False)
@@ -89,7 +89,7 @@ def grace_run(llama_tokenizer):
 
 def _checkpoint_writes(monkeypatch) -> list[int]:
     """The steps of every checkpoint written from now on."""
-    import editlib.experiments as experiments
+    import editlib.study.experiments as experiments
 
     steps, save = [], experiments._save_checkpoint
     monkeypatch.setattr(experiments, "_save_checkpoint",
@@ -98,7 +98,7 @@ def _checkpoint_writes(monkeypatch) -> list[int]:
 
 
 def test_checkpoints_are_written_at_most_once_per_interval_and_after_the_last_batch(grace_run, tmp_path, monkeypatch):
-    from editlib.experiments import sequential_edits
+    from editlib.study.experiments import sequential_edits
 
     ctx, requests, spec = grace_run
     steps = _checkpoint_writes(monkeypatch)
@@ -116,7 +116,7 @@ def test_checkpoints_are_written_at_most_once_per_interval_and_after_the_last_ba
 
 def _crash_at_scoring(monkeypatch, call: int) -> None:
     """The `call`-th scoring of the next run raises (a crash within that batch)."""
-    import editlib.experiments as experiments
+    import editlib.study.experiments as experiments
 
     calls, score = [], experiments.score_records
 
@@ -135,7 +135,7 @@ def test_a_crash_between_checkpoints_replays_to_identical_rows_and_states(grace_
     saved: the resumed run replays batches 4-6 (4 and 5 a second time) and its rows and every
     saved state equal the uninterrupted run's. With the state of 2 edits (before the checkpoint)
     lost, it starts over and still writes every state."""
-    from editlib.experiments import sequential_edits
+    from editlib.study.experiments import sequential_edits
 
     ctx, requests, spec = grace_run
     counts = (2, 4, 6)

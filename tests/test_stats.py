@@ -3,10 +3,8 @@
 import pytest
 import torch
 
-from editlib.corpus import load_corpus
-from editlib.io import write_jsonl
-from editlib.models import model_layout
-from editlib.stats import (
+from editlib.data.corpus import load_corpus
+from editlib.editing.statistics import (
     StatisticsError,
     StatsConfig,
     accumulate_upper_gram,
@@ -16,6 +14,8 @@ from editlib.stats import (
     save_moments,
     symmetric_from_upper,
 )
+from editlib.io import write_jsonl
+from editlib.model.layout import model_layout
 
 
 def brute_force(model, tokenizer, module_name, texts):
@@ -174,8 +174,8 @@ def test_layer_groups_equal_one_pass_bit_for_bit(tiny_llama, llama_tokenizer, co
 def test_cuda_group_size_follows_the_free_memory(tiny_llama, llama_tokenizer, monkeypatch):
     """On CUDA (here: a device reporting `available` bytes) and without layers_per_pass, the
     group is what statistics_memory fits; on CPU all layers; layers_per_pass wins."""
-    import editlib.stats as stats
-    from editlib.stats_memory import statistics_memory
+    import editlib.editing.statistics as stats
+    from editlib.editing.statistics_memory import statistics_memory
 
     layout = model_layout(tiny_llama)
     d_k, hidden = tiny_llama.config.intermediate_size, tiny_llama.config.hidden_size
@@ -192,8 +192,8 @@ def test_cuda_group_size_follows_the_free_memory(tiny_llama, llama_tokenizer, mo
 
 
 def test_statistics_memory_of_llama3_8b():
-    from editlib.architectures import HUB_ARCHITECTURES, parameter_count
-    from editlib.stats_memory import statistics_memory
+    from editlib.editing.statistics_memory import statistics_memory
+    from editlib.model.architectures import HUB_ARCHITECTURES, parameter_count
 
     arch = HUB_ARCHITECTURES["meta-llama/Meta-Llama-3-8B"]
     model_bytes = parameter_count(arch) * 4
@@ -231,7 +231,7 @@ def tf32_setting():
 
 @pytest.mark.parametrize("api", ["new", "legacy"])
 def test_full_precision_matmul_disables_tf32_and_restores(tf32_setting, api):
-    from editlib.models import full_precision_matmul
+    from editlib.model.loading import full_precision_matmul
 
     if api == "new":
         tf32_setting.fp32_precision = "tf32"
@@ -249,7 +249,7 @@ def test_full_precision_matmul_disables_tf32_and_restores(tf32_setting, api):
 
 def test_gram_accumulates_without_tf32_while_the_model_may_use_it(tiny_llama, llama_tokenizer, corpus, tf32_setting,
                                                                   monkeypatch):
-    import editlib.stats as stats
+    import editlib.editing.statistics as stats
 
     seen = []
     original = stats.accumulate_upper_gram
@@ -311,7 +311,7 @@ def test_a_damaged_unrelated_layer_does_not_stop_a_job(tmp_path):
 
 
 def test_a_failed_later_pass_keeps_the_earlier_groups_cached(tiny_llama, llama_tokenizer, corpus, tmp_path, monkeypatch):
-    import editlib.stats as stats
+    import editlib.editing.statistics as stats
 
     layout = model_layout(tiny_llama)
     docs = load_corpus_from(corpus[:20], tmp_path)
@@ -347,5 +347,5 @@ def test_the_memory_plan_imports_no_torch():
     import sys
     from pathlib import Path
 
-    code = "import sys, editlib.stats_memory; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, editlib.editing.statistics_memory; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -3,14 +3,15 @@
 import dataclasses
 
 import torch
-
 from conftest import make_requests
-from editlib.editing import Editor
-from editlib.hparams import make_hparams
-from editlib.models import model_fingerprint, model_layout
-from editlib.records import EditRequest
-from editlib.target_store import TargetStore
-from editlib.values import optimize_targets
+
+from editlib.data.records import EditRequest
+from editlib.editing.editor import Editor
+from editlib.editing.target_store import TargetStore
+from editlib.editing.values import optimize_targets
+from editlib.methods.hparams import make_hparams
+from editlib.model.layout import model_layout
+from editlib.model.loading import model_fingerprint
 
 TARGETS = {"v_num_grad_steps": 6, "clamp_norm_factor": 4.0, "facts_per_chunk": 2}
 TEMPLATES = ["{}", "Some words here. {}"]

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from editlib.records import RecordError, load_requests, parse_records
-from editlib.tokens import TokenizationError, ragged_index, subject_last_indices, target_ids
+from editlib.data.records import RecordError, load_requests, parse_records
+from editlib.model.tokens import TokenizationError, ragged_index, subject_last_indices, target_ids
 
 
 @pytest.mark.parametrize("fixture", ["llama_tokenizer", "gpt2_tokenizer"])

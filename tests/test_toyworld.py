@@ -1,4 +1,4 @@
-"""The toy fact world (editlib.toyworld) and its pretrained model (editlib.pretrain)."""
+"""The toy fact world (editlib.toy.world) and its pretrained model (editlib.toy.pretrain)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from editlib.pretrain import RecallError, TrainConfig, batch_order, learning_rate, train_model
-from editlib.records import load_requests, parse_records
-from editlib.tracing import TracingConfig, known_facts, trace_facts
-from editlib.toyworld import (
+from editlib.data.records import load_requests, parse_records
+from editlib.eval.known_facts import known_facts
+from editlib.eval.tracing import TracingConfig, trace_facts
+from editlib.toy.pretrain import RecallError, TrainConfig, batch_order, learning_rate, train_model
+from editlib.toy.world import (
     EDIT,
     HELDOUT,
     RELATION_BY_ID,
@@ -246,7 +247,7 @@ def test_low_recall_raises_after_saving(world_dir, tmp_path):
 def test_pretrained_model_recalls_the_world(world_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from editlib.models import load_tokenizer
+    from editlib.model.loading import load_tokenizer
 
     report = train_model(world_dir, tmp_path / "model", SMALL_TRAIN)
     assert report["recall_edit"] >= 0.9, report
@@ -290,17 +291,17 @@ def test_toy_architecture_stores_facts_where_locate_and_edit_writes(tmp_path):
     layer where the MLP effect peaks flips the facts."""
     import pandas as pd
 
-    from editlib.experiments import ExperimentContext, single_edits
-    from editlib.hparams import make_hparams
-    from editlib.models import load_model
-    from editlib.stats import StatsConfig, collect_second_moments
-    from editlib.tracing import average_effects
+    from editlib.editing.statistics import StatsConfig, collect_second_moments
+    from editlib.methods.hparams import make_hparams
+    from editlib.model.loading import load_model
+    from editlib.study.experiments import ExperimentContext, single_edits
+    from editlib.study.tables import average_effects
 
     build_world(tmp_path / "world", **SMALL, name_scheme="single", profiles_per_subject=4)
     train_model(tmp_path / "world", tmp_path / "model", LOCAL_TRAIN)
     model, tokenizer = load_model(str(tmp_path / "model"))
     requests = load_requests(tmp_path / "world" / "counterfact.json")
-    known = known_facts(model, tokenizer, requests)[:24]
+    known = known_facts(model, tokenizer, requests, "first_token", 64)[:24]
     assert len(known) >= 20
     traces = trace_facts(model, tokenizer, known, TracingConfig(n_samples=5), progress=False)
     effects = average_effects(traces).set_index(["kind", "token", "layer"])["AIE"]
@@ -312,10 +313,10 @@ def test_toy_architecture_stores_facts_where_locate_and_edit_writes(tmp_path):
     mlp = effects.loc["mlp", "subject_last"]
     assert mlp[[2, 3]].abs().max() < 1e-6 and mlp[[0, 1]].max() > 0.1 * total  # only MLPs that exist matter
     peak = int(mlp.idxmax())
-    from editlib.corpus import load_corpus
+    from editlib.data.corpus import load_corpus
 
     corpus = load_corpus(str(tmp_path / "world" / "wiki.jsonl"))
-    moments = collect_second_moments(model, tokenizer, __import__("editlib.models").models.model_layout(model),
+    moments = collect_second_moments(model, tokenizer, __import__("editlib.model").models.model_layout(model),
                                      [peak], corpus.texts, StatsConfig(dtype="float64"), progress=False)
     ctx = ExperimentContext(model, tokenizer, "toy", {peak: moments[peak].mean}, progress=False)
     result = single_edits(ctx, known[:24], make_hparams("rome", layers=(peak,))).iloc[0]  # paper hyperparameters
@@ -325,8 +326,8 @@ def test_toy_architecture_stores_facts_where_locate_and_edit_writes(tmp_path):
 def test_trained_model_cache_is_keyed_by_world_and_config(world_dir, tmp_path, monkeypatch):
     """The same world and TrainConfig give back the cached model (no training, same files); any
     change of the config or of a world file the training reads trains anew."""
-    import editlib.pretrain as pretrain
-    from editlib.pretrain import cached_train_model, model_cache_key
+    import editlib.toy.pretrain as pretrain
+    from editlib.toy.pretrain import cached_train_model, model_cache_key
 
     config = replace(LOCAL_TRAIN, steps=3, recall_threshold=0.0)
     first = cached_train_model(world_dir, tmp_path / "a", config, tmp_path / "cache")
@@ -347,9 +348,9 @@ def test_trained_model_cache_is_keyed_by_world_and_config(world_dir, tmp_path, m
 def test_saved_toy_tokenizer_encodes_like_the_trained_one(world_dir, tmp_path):
     """A qwen2-type toy model's folder must give back the tokenizer it was trained with (the
     model type's own tokenizer class would split sentence-initial words differently)."""
-    from editlib.models import load_model
-    from editlib.pretrain import read_corpus
-    from editlib.vocab import train_bpe_tokenizer
+    from editlib.model.loading import load_model
+    from editlib.toy.pretrain import read_corpus
+    from editlib.toy.vocab import train_bpe_tokenizer
 
     config = replace(LOCAL_TRAIN, steps=2, recall_threshold=0.0)
     train_model(world_dir, tmp_path / "model", config)

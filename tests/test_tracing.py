@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_requests
-from editlib.models import final_hidden, lm_head
-from editlib.tokens import target_ids
-from editlib.tracing import TracingConfig, restored_layers, subject_spans, trace_facts
+
+from editlib.eval.tracing import TracingConfig, restored_layers, subject_spans, trace_facts
+from editlib.model.forward import final_hidden
+from editlib.model.layout import lm_head
+from editlib.model.tokens import target_ids
 
 
 def test_subject_spans_cover_exactly_the_subject_tokens(llama_tokenizer):

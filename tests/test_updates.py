@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from editlib.stats import StatisticsError
-from editlib.updates import (
+from editlib.editing.statistics import StatisticsError
+from editlib.editing.updates import (
     Covariance,
     alphaedit_directions,
     emmet_directions,

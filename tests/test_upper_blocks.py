@@ -4,14 +4,16 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import make_gpt2, make_llama
-from editlib import upper_blocks
-from editlib.models import capture_outputs, final_hidden, final_hidden_after, model_layout, prefix_key_values
-from editlib.tokens import pad_right
-from editlib.values import TargetHparams, optimize_targets
 from test_attention import ROWS, SPLIT
 from test_values import _toy_local
+
+from editlib.editing.values import TargetHparams, optimize_targets
+from editlib.model import upper_blocks
+from editlib.model.forward import final_hidden, final_hidden_after, prefix_key_values
+from editlib.model.hooks import capture_outputs
+from editlib.model.layout import model_layout
+from editlib.model.tokens import pad_right
 
 VARIANTS = {
     "llama": {},

@@ -4,12 +4,12 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import make_gpt2, make_llama
-from editlib.keys import build_context_prompts
-from editlib.models import model_layout
-from editlib.values import TargetHparams, optimize_targets
 from reference_z import reference_z
+
+from editlib.editing.keys import build_context_prompts
+from editlib.editing.values import TargetHparams, optimize_targets
+from editlib.model.layout import model_layout
 
 
 def test_batched_z_equals_per_fact_reference(tiny_llama, llama_tokenizer, requests_):
@@ -52,7 +52,7 @@ def _gemma3(tokenizer, sliding_window):
 
 def _toy_local(tokenizer):
     """The toy-world architecture: self-only (window 1) layers with MLPs, then attention-only layers."""
-    from editlib.pretrain import TrainConfig, build_model
+    from editlib.toy.pretrain import TrainConfig, build_model
 
     model = build_model(TrainConfig(layers=3, hidden=64, intermediate=128, heads=4, local_layers=2, local_window=1,
                                     mlp_layers=2), tokenizer).eval()
@@ -131,7 +131,7 @@ def test_target_head_equals_autograd_through_log_softmax(n_tokens, with_referenc
     """The output matrix + loss terms with their hand-written backward = autograd of the plain
     formulas, with the logits in a new tensor or written into a given buffer, in both layouts
     (10 rows: row-major, 23: vocabulary-major)."""
-    from editlib.values import VOCAB_MAJOR_MIN_ROWS, _TargetHead
+    from editlib.editing.values import VOCAB_MAJOR_MIN_ROWS, _TargetHead
 
     torch.manual_seed(0)
     n_kl, width, vocab = 3, 16, 50

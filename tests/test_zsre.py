@@ -7,14 +7,14 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import make_requests
-from editlib.config import edit_records
-from editlib.experiments import ExperimentContext, batched_edits, sequential_edits, single_edits
-from editlib.methods import make_spec
-from editlib.metrics import zsre_metrics, zsre_scores
-from editlib.pipeline import prepare_data, read_records
-from editlib.records import ZSRE_LOC_PREFIX, load_requests, parse_records, zsre_record
+
+from editlib.data.records import ZSRE_LOC_PREFIX, load_requests, parse_records, zsre_record
+from editlib.eval.metrics import zsre_metrics, zsre_scores
+from editlib.methods.registry import make_spec
+from editlib.study.experiments import ExperimentContext, batched_edits, sequential_edits, single_edits
+from editlib.study.pipeline import prepare_data, read_records
+from editlib.study.stages import edit_records
 
 
 def zsre_requests(n: int = 4, target: str = "alt"):

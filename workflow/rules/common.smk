@@ -4,7 +4,14 @@
 
 import re
 
-from editlib.config import configured_method, model_config, model_names, sensitivity_methods, sequential_runs, stage_config
+from editlib.study.stages import (
+    configured_method,
+    model_config,
+    model_names,
+    sensitivity_methods,
+    sequential_runs,
+    stage_config,
+)
 
 RUN = config["run"]
 MODELS = model_names(config)

@@ -2,7 +2,7 @@
 # Its own jobs, so adding a task or changing downstream settings reruns these and no edit.
 # Each job writes the configured tasks' rows (<table>.csv) and the leaf tasks of groups such as mmlu
 # and bbh (<table>_subtasks.csv). A task that fails is a row with its `error` and the job still
-# succeeds (editlib.pipeline, "A downstream job whose tasks partly failed").
+# succeeds (editlib.study.pipeline, "A downstream job whose tasks partly failed").
 
 
 rule downstream_base:

@@ -1,8 +1,8 @@
 """Rules downstream_base, downstream_sequential, downstream_batched: lm-eval on the unedited model,
 or on the model with each saved edit state loaded."""
 import _checkout  # noqa: F401  (editlib from this checkout)
-from editlib.jobs import stage_logging
-from editlib.pipeline import run_downstream, run_downstream_base
+from editlib.study.jobs import stage_logging
+from editlib.study.pipeline import run_downstream, run_downstream_base
 
 with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["seed"]):
     if snakemake.rule == "downstream_base":

@@ -1,7 +1,7 @@
 """Rule figures: the papers' plots from the tidy tables."""
 import _checkout  # noqa: F401  (editlib from this checkout)
-from editlib.jobs import stage_logging
-from editlib.plotting import write_figures
+from editlib.study.jobs import stage_logging
+from editlib.study.plotting import write_figures
 
 with stage_logging(snakemake.log[0], uses_torch=False):
     write_figures(dict(snakemake.input.items()), dict(snakemake.output.items()), title=snakemake.params.stage["run"],

@@ -1,11 +1,11 @@
 """Rule findings: each paper finding tested on this run's tables, with its numbers and a verdict;
 and one tidy table per configured ablation."""
 import _checkout  # noqa: F401  (editlib from this checkout)
-from editlib.ablations import ablation_tables, sample_table
-from editlib.findings import assess, write_findings_html
+from editlib.study.ablations import ablation_tables, sample_table
+from editlib.study.findings import assess, write_findings_html
 from editlib.io import write_csv
-from editlib.jobs import stage_logging
-from editlib.tables import read_results
+from editlib.study.jobs import stage_logging
+from editlib.study.tables import read_results
 
 with stage_logging(snakemake.log[0], uses_torch=False):
     tables = {name: read_results(path) for name, path in snakemake.input.items()}

@@ -2,8 +2,8 @@
 import _checkout  # noqa: F401  (editlib from this checkout)
 from pathlib import Path
 
-from editlib.jobs import stage_logging
-from editlib.pipeline import prepare_model
+from editlib.study.jobs import stage_logging
+from editlib.study.pipeline import prepare_model
 
 with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["seed"]):
     corpus = snakemake.input.get("train_corpus")

@@ -1,7 +1,7 @@
 """Rule sequential_edits: batches applied one after another (checkpointed, resumable)."""
 import _checkout  # noqa: F401  (editlib from this checkout)
-from editlib.jobs import stage_logging
-from editlib.pipeline import run_sequential
+from editlib.study.jobs import stage_logging
+from editlib.study.pipeline import run_sequential
 
 with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["seed"]):
     run_sequential(snakemake.params.stage, snakemake.wildcards.method, int(snakemake.wildcards.batch_size),

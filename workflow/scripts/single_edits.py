@@ -1,7 +1,7 @@
 """Rule single_edits: one fact at a time, the model restored between facts."""
 import _checkout  # noqa: F401  (editlib from this checkout)
-from editlib.jobs import stage_logging
-from editlib.pipeline import run_single
+from editlib.study.jobs import stage_logging
+from editlib.study.pipeline import run_single
 
 with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["seed"]):
     run_single(snakemake.params.stage, snakemake.wildcards.method, snakemake.input.model,

@@ -1,7 +1,13 @@
 """Rule tidy_results: one table per kind of result under results/<run>/, all models together."""
 import _checkout  # noqa: F401  (editlib from this checkout)
-from editlib.jobs import stage_logging
-from editlib.tables import DOWNSTREAM_COLUMNS, DOWNSTREAM_SUBTASK_COLUMNS, RESULT_COLUMNS, SENSITIVITY_COLUMNS, tidy
+from editlib.study.jobs import stage_logging
+from editlib.study.tables import (
+    DOWNSTREAM_COLUMNS,
+    DOWNSTREAM_SUBTASK_COLUMNS,
+    RESULT_COLUMNS,
+    SENSITIVITY_COLUMNS,
+    tidy,
+)
 
 with stage_logging(snakemake.log[0], uses_torch=False):
     tidy(snakemake.input.edits, snakemake.output.edits, RESULT_COLUMNS)

@@ -1,0 +1,550 @@
+"""Downstream (general-ability) evaluation of an in-memory, possibly edited, model through
+lm-evaluation-harness 0.4.13.
+
+Three pieces:
+
+- local multiple-choice tasks: jsonl rows ``{"question": str, "choices": [str, ...], "answer": int}``
+  plus an lm-eval task YAML written by `write_mc_task` (indexed with
+  ``TaskManager(include_path=..., include_defaults=False)``, no hub access);
+- converters from the glue_eval benchmark files used by UME / AlphaEdit to that form,
+  with their prompts (`glue_eval_items`, `write_glue_eval_task`);
+- `evaluate_downstream`: wraps the live model in ``lm_eval.models.huggingface.HFLM`` (no save and
+  reload, so edits are seen as they are), evaluates each requested task (a group or tag counts as
+  one task) in its own lm-eval call, and returns tidy rows: one ``{task, metric, value, stderr,
+  n_items, error}`` per requested task and metric (a group as lm-eval aggregates it, `task_rows`;
+  a task that raised: one row with its ``error``) and one ``{group, task, metric, value, stderr,
+  n_items}`` per leaf task of a group or tag; callers add method / model / n_edits columns.
+  By default the wrapper is HFLM's subclass from `shared_context_lm_class`, which runs each
+  distinct context once for all its continuations (2.5x faster on SmolLM2's 3-shot BIG-bench
+  tasks, the same scores to float rounding; docs/performance.md).
+
+Scoring is lm-eval's multiple-choice log-likelihood: for each choice the continuation is
+``target_delimiter + choice`` (" A", " positive", ...), context and continuation are tokenized
+together and split at ``len(tok(context))``, so a tokenizer that prepends BOS (Llama-3) keeps BOS
+in the context only and it is never scored. ``acc`` is the argmax of the summed continuation
+log-probabilities, ``acc_norm`` the argmax after dividing by the choice's character length.
+
+Caveat for GRACE-style adaptors keyed on "the last token": lm-eval right-pads a batch and passes no
+attention mask, so in a batch the last position of a shorter row is padding; use ``batch_size=1``
+for such wrappers unless they locate the last real token themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@contextlib.contextmanager
+def hub_offline(enabled: bool = True) -> Iterator[None]:
+    """Turn Hugging Face Hub / datasets network access off inside the block, and back after.
+
+    Both libraries read HF_HUB_OFFLINE / HF_DATASETS_OFFLINE once, at import, into module
+    constants (which their code then consults at call time). Setting only ``os.environ`` would be
+    ignored when they were imported earlier, and would leak into the rest of the process when
+    they are imported inside the block; so they are imported first and the constants patched
+    and restored, together with the environment.
+    """
+    if not enabled:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants
+
+    env_keys = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    saved_env = {key: os.environ.get(key) for key in env_keys}
+    targets = [
+        (huggingface_hub.constants, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_DATASETS_OFFLINE"),
+    ]
+    saved_attrs = [(module, attr, getattr(module, attr)) for module, attr in targets if hasattr(module, attr)]
+    try:
+        for key in env_keys:
+            os.environ[key] = "1"
+        for module, attr, _ in saved_attrs:
+            setattr(module, attr, True)
+        yield
+    finally:
+        for module, attr, value in saved_attrs:
+            setattr(module, attr, value)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+CONTEXT_BATCH_TOKENS = 1024  # on CPU, distinct contexts run together up to this many padded tokens
+_SHARED_CONTEXT_LM = None
+
+
+def shared_context_lm_class():
+    """lm-eval's HFLM with log-likelihood requests scored once per distinct context (built on first
+    use, so that importing editlib does not import lm-eval).
+
+    HFLM runs every (context, continuation) pair as its own sequence, so a k-choice item runs its
+    few-shot context k times, and computes the output matrix and a log-softmax at every position.
+    This subclass scores the requests with `editlib.eval.metrics.teacher_forced_ids`, as the edit
+    metrics are scored: each distinct context runs once into a KV cache (batches of similar length,
+    as many contexts as lm-eval's batch size, on CPU at most `CONTEXT_BATCH_TOKENS` padded tokens:
+    thin products run as fast per token there), logits only where a continuation token is scored,
+    the continuations' later tokens in one batch over the cached contexts. For a model whose output
+    at a position depends only on the tokens up to it (any causal LM with its weights edited) the
+    scores equal HFLM's up to float rounding. A GRACE-style adaptor that reads the sequence's last
+    token is not such a model: evaluate it with HFLM itself (`lm_eval_results(..., share_contexts=False)`).
+    Requests longer than the model's window, and seq2seq models, go to HFLM's own loop.
+    """
+    global _SHARED_CONTEXT_LM
+    if _SHARED_CONTEXT_LM is not None:
+        return _SHARED_CONTEXT_LM
+    from lm_eval.models.huggingface import HFLM
+    from tqdm import tqdm
+
+    from editlib.eval.metrics import teacher_forced_ids
+    from editlib.model.tokens import length_sorted_chunks, pad_id
+
+    class SharedContextHFLM(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            if self.backend != "causal":
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            fits = [len(ctx) + len(cont) <= self.max_length + 1 for _, ctx, cont in requests]
+            results: list[tuple[float, bool] | None] = [None] * len(requests)
+            overlong = [index for index, fit in enumerate(fits) if not fit]
+            if overlong:
+                scored = super()._loglikelihood_tokens([requests[i] for i in overlong], disable_tqdm, override_bs)
+                for index, answer in zip(overlong, scored, strict=True):
+                    results[index] = answer
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for index, (_, ctx, cont) in enumerate(requests):
+                if fits[index]:
+                    assert len(ctx) > 0 and len(cont) > 0
+                    groups.setdefault(tuple(ctx), []).append(index)
+            contexts = list(groups)
+            rows = self.batch_size if isinstance(self.batch_size, int) else 16  # "auto": a fixed 16
+            budget = CONTEXT_BATCH_TOKENS if self.device.type == "cpu" else None
+            bar = tqdm(total=sum(fits), disable=disable_tqdm or self.rank != 0,
+                       desc="Running loglikelihood requests (one pass per context)")
+            for chunk in length_sorted_chunks([len(c) for c in contexts], rows, budget):
+                members = [index for u in chunk for index in groups[contexts[u]]]
+                nlls, hits = teacher_forced_ids(self.model, [requests[i][1] for i in members],
+                                                [requests[i][2] for i in members], pad_id(self.tokenizer),
+                                                max_rows=len(chunk))
+                for index, nll, hit in zip(members, nlls, hits, strict=True):
+                    results[index] = answer = (-float(nll.sum()), bool(hit.all()))
+                    if requests[index][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
+                bar.update(len(members))
+            bar.close()
+            return results
+
+    _SHARED_CONTEXT_LM = SharedContextHFLM
+    return SharedContextHFLM
+
+
+@contextlib.contextmanager
+def _preserved_rng_and_mode(model: torch.nn.Module) -> Iterator[None]:
+    """lm-eval seeds python/numpy/torch globally and HFLM calls model.eval(); undo both afterwards."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    was_training = model.training
+    with torch.random.fork_rng():
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+            model.train(was_training)
+
+
+def make_task_manager(include_path: str | Path | Sequence[str | Path] | None = None, include_defaults: bool = False):
+    """An lm-eval TaskManager over ``include_path``; with ``include_defaults`` it also indexes the
+    ~15k bundled tasks (about 11 s, and their datasets need the hub)."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not isinstance(include_path, (str, Path)):
+        include_path = [str(p) for p in include_path]
+    elif include_path is not None:
+        include_path = str(include_path)
+    if include_path is None and not include_defaults:
+        raise ValueError("no tasks to index: give include_path or include_defaults=True")
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+UNSAFE_CODE_KEY = "downstream.confirm_run_unsafe_code"
+CODE_EVAL_ENV = "HF_ALLOW_CODE_EVAL"  # read by the `evaluate` library's code_eval metric (mbpp, humaneval)
+
+
+class UnsafeCodeTaskError(ValueError):
+    """A task that lm-eval marks ``unsafe_code`` (its metric runs model-generated code) was
+    requested without ``confirm_run_unsafe_code``."""
+
+
+def _leaf_configs(task_manager, name: str) -> dict[str, dict]:
+    """The leaf tasks under index entry ``name`` (a task, group or tag) with their YAML configs as
+    lm-eval's task index parsed them (functions unresolved, nothing built or downloaded)."""
+    from lm_eval.tasks._index import Kind
+
+    index = task_manager.task_index
+    leaves: dict[str, dict] = {}
+    seen: set[str] = set()
+
+    def visit(item) -> None:
+        if isinstance(item, dict):  # a group's inline config: a subgroup, a new task, or overrides of one
+            if "group" in item:
+                children = item.get("task", [])
+                for child in children if isinstance(children, list) else [children]:
+                    visit(child)
+            elif isinstance(item.get("task"), str) and item["task"] in index and "unsafe_code" not in item:
+                visit(item["task"])
+            else:
+                leaves[str(item.get("task"))] = item
+            return
+        if item in seen or item not in index:
+            return
+        seen.add(item)
+        entry = index[item]
+        if entry.kind == Kind.GROUP:
+            children = (entry.cfg or {}).get("task", [])
+            for child in children if isinstance(children, list) else [children]:
+                visit(child)
+        elif entry.kind == Kind.TAG:
+            for child in sorted(entry.tags):
+                visit(child)
+        else:
+            leaves[item] = entry.cfg or {}
+
+    visit(name)
+    return leaves
+
+
+def unsafe_code_tasks(task_manager, name: str) -> list[str]:
+    """The leaf tasks of ``name`` (a task, group or tag) that lm-eval marks ``unsafe_code``."""
+    return sorted(leaf for leaf, cfg in _leaf_configs(task_manager, name).items() if cfg.get("unsafe_code"))
+
+
+@contextlib.contextmanager
+def _code_eval_allowed(enabled: bool) -> Iterator[None]:
+    """``HF_ALLOW_CODE_EVAL=1`` inside the block when ``enabled`` (the code_eval metric refuses to
+    run without it; mbpp's utils even check it when lm-eval imports them to build the task), and
+    the variable as it was afterwards."""
+    if not enabled:
+        yield
+        return
+    saved = os.environ.get(CODE_EVAL_ENV)
+    os.environ[CODE_EVAL_ENV] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(CODE_EVAL_ENV, None)
+        else:
+            os.environ[CODE_EVAL_ENV] = saved
+
+
+def _check_known(tasks: Sequence[str], task_manager, include_path, include_defaults: bool) -> None:
+    known = set(task_manager.all_tasks)
+    missing = [task for task in tasks if task not in known]
+    if missing:
+        hint = "" if include_defaults else " (standard lm-eval tasks need include_defaults=True)"
+        raise ValueError(f"tasks not found: {missing}; indexed from include_path={include_path!r}{hint}")
+
+
+def lm_eval_results(
+    model: torch.nn.Module,
+    tokenizer,
+    tasks: Sequence[str],
+    *,
+    include_path: str | Path | Sequence[str | Path] | None = None,
+    include_defaults: bool = False,
+    task_manager=None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    num_fewshot: int | None = None,
+    seed: int = 1234,
+    max_length: int | None = None,
+    add_bos_token: bool | None = None,
+    bootstrap_iters: int = 1000,
+    log_samples: bool = False,
+    offline: bool = True,
+    share_contexts: bool = True,
+    confirm_run_unsafe_code: bool = False,
+) -> dict:
+    """Run ``lm_eval.simple_evaluate`` on the in-memory ``model`` and return lm-eval's raw result dict.
+
+    Nothing is written to disk by lm-eval itself (no output path, no request or response cache);
+    `datasets` writes its Arrow copy of each local task file under the task's ``cache_dir``.
+    ``seed`` seeds python, numpy, torch and the few-shot sampler inside lm-eval; the caller's RNG
+    states and the model's train/eval mode are restored afterwards. ``offline`` blocks hub
+    access for the duration of the call (see `hub_offline`); standard task names need
+    ``include_defaults=True`` and, for their datasets, ``offline=False``.
+    ``num_fewshot=None`` keeps each task's own number of few-shot examples (BBH CoT's 3, mbpp's 3;
+    0 for a task that sets none); an integer overrides it for every task whose config does not
+    set 0 (lm-eval never overrides a configured 0).
+    ``add_bos_token=None`` keeps the tokenizer's own behaviour (Llama-3 tokenizers prepend BOS).
+    ``share_contexts`` scores each distinct context once (`shared_context_lm_class`); turn it off
+    for a model whose output at a position depends on later tokens (GRACE).
+    A task that lm-eval marks ``unsafe_code`` (mbpp: its metric executes the generated code) is
+    refused with `UnsafeCodeTaskError` unless ``confirm_run_unsafe_code``; with it, lm-eval gets
+    the flag and ``HF_ALLOW_CODE_EVAL=1`` is set for the call only.
+    """
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("no tasks given")
+    with hub_offline(offline):
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+
+        if task_manager is None:
+            task_manager = make_task_manager(include_path, include_defaults)
+        _check_known(tasks, task_manager, include_path, include_defaults)
+        if not confirm_run_unsafe_code:
+            for task in tasks:
+                if unsafe := unsafe_code_tasks(task_manager, task):
+                    raise UnsafeCodeTaskError(
+                        f"downstream task {task!r} executes model-generated code (lm-eval marks {unsafe} "
+                        f"unsafe_code); to run it, set {UNSAFE_CODE_KEY}: true in the config "
+                        f"(confirm_run_unsafe_code=True here), or remove {task!r} from downstream.tasks")
+        with _preserved_rng_and_mode(model), _code_eval_allowed(confirm_run_unsafe_code):
+            lm = (shared_context_lm_class() if share_contexts else HFLM)(
+                pretrained=model,
+                tokenizer=tokenizer,
+                batch_size=batch_size,
+                max_length=max_length,
+                add_bos_token=add_bos_token,
+            )
+            return lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                task_manager=task_manager,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                bootstrap_iters=bootstrap_iters,
+                log_samples=log_samples,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+                confirm_run_unsafe_code=confirm_run_unsafe_code,
+            )
+
+
+def _number_or_none(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _metric_entries(entries: dict) -> list[tuple[str, str, str]]:
+    """(row metric label, metric, filter) of each "<metric>,<filter>" value key of a result entry:
+    the filter is dropped from the label when it is "none", kept as "<metric>,<filter>" otherwise."""
+    out = []
+    for key in entries:
+        if "," not in key or "_stderr," in key:
+            continue
+        metric, filter_name = key.split(",", 1)
+        out.append((metric if filter_name == "none" else key, metric, filter_name))
+    return out
+
+
+def metric_rows(results: dict) -> list[dict]:
+    """Every entry of lm-eval's ``results["results"]`` (tasks and groups alike) as tidy rows
+    {task, metric, value, stderr, n_items}; `task_rows` keeps groups and subtasks apart.
+
+    lm-eval keys are "<metric>,<filter>" and "<metric>_stderr,<filter>"; the filter is dropped when
+    it is "none" and kept as "<metric>,<filter>" otherwise. stderr is None where lm-eval has none.
+    """
+    rows = []
+    n_samples = results.get("n-samples", {})
+    for task, entries in results["results"].items():
+        n_items = n_samples.get(task, {}).get("effective")
+        for label, metric, filter_name in _metric_entries(entries):
+            rows.append(
+                {
+                    "task": task,
+                    "metric": label,
+                    "value": _number_or_none(entries[f"{metric},{filter_name}"]),
+                    "stderr": _number_or_none(entries.get(f"{metric}_stderr,{filter_name}")),
+                    "n_items": n_items,
+                }
+            )
+    return rows
+
+
+def _size_weighted(leaf_rows: list[dict], name: str) -> list[dict]:
+    """One row per metric over the leaf tasks that report it: lm-eval's size-weighted mean
+    (`aggregate_subtask_metrics`) and pooled standard error (`pooled_sample_stderr`), as lm-eval
+    aggregates a group whose ``aggregate_metric_list`` says ``weight_by_size: true`` (mmlu, bbh,
+    hendrycks_math). Both assume a mean-aggregated metric (acc, exact_match, f1, pass@1 are)."""
+    from lm_eval.api.metrics import aggregate_subtask_metrics, pooled_sample_stderr
+
+    rows = []
+    for metric in dict.fromkeys(row["metric"] for row in leaf_rows):
+        part = [row for row in leaf_rows if row["metric"] == metric and row["value"] is not None and row["n_items"]]
+        if not part:
+            continue
+        sizes = [int(row["n_items"]) for row in part]
+        value = float(aggregate_subtask_metrics([row["value"] for row in part], sizes, True))
+        stderrs = [row["stderr"] for row in part]
+        stderr = (float(pooled_sample_stderr(stderrs, sizes))
+                  if None not in stderrs and sum(sizes) > len(sizes) else None)
+        rows.append({"task": name, "metric": metric, "value": value, "stderr": stderr, "n_items": sum(sizes)})
+    return rows
+
+
+def task_rows(results: dict, name: str) -> tuple[list[dict], list[dict]]:
+    """The rows of requested task ``name`` from the lm-eval results of evaluating it alone:
+    (one row {task, metric, value, stderr, n_items} per metric of ``name`` itself; one row
+    {group, task, metric, value, stderr, n_items} per metric of each leaf task under it, empty
+    for a plain task).
+
+    - a plain task: its own metrics;
+    - a group with an ``aggregate_metric_list`` (mmlu, bbh, hendrycks_math): lm-eval's aggregate
+      (``results["groups"][name]``: the metrics and filters the group lists, with lm-eval's
+      standard error, over ``sample_count`` items);
+    - a group without one, or a tag (``tydiqa_goldp``): lm-eval reports no aggregate, so every
+      metric of the leaf tasks is aggregated here with lm-eval's own helpers, size-weighted mean
+      and pooled standard error (`_size_weighted`).
+    Intermediate groups (mmlu's four categories) are not rows: the leaf tasks are.
+    """
+    entries = results["results"]
+    group_subtasks = results.get("group_subtasks") or {}
+    n_samples = results.get("n-samples", {})
+    leaves = [task for task in entries if task not in group_subtasks]
+    leaf_rows = [
+        {"group": name, "task": task, "metric": label,
+         "value": _number_or_none(entries[task][f"{metric},{filter_name}"]),
+         "stderr": _number_or_none(entries[task].get(f"{metric}_stderr,{filter_name}")),
+         "n_items": n_samples.get(task, {}).get("effective", entries[task].get("sample_len"))}
+        for task in leaves for label, metric, filter_name in _metric_entries(entries[task])
+    ]
+    if leaves == [name]:  # a plain task
+        return [{key: row[key] for key in ("task", "metric", "value", "stderr", "n_items")} for row in leaf_rows], []
+    aggregated = (results.get("groups") or {}).get(name)
+    if aggregated is not None:
+        counts = aggregated.get("sample_count") or {}
+        main = [{"task": name, "metric": label,
+                 "value": _number_or_none(aggregated[f"{metric},{filter_name}"]),
+                 "stderr": _number_or_none(aggregated.get(f"{metric}_stderr,{filter_name}")),
+                 "n_items": counts.get(f"{metric},{filter_name}", aggregated.get("sample_len"))}
+                for label, metric, filter_name in _metric_entries(aggregated)]
+    else:
+        main = _size_weighted(leaf_rows, name)
+    return main, leaf_rows
+
+
+def item_rows(results: dict) -> list[dict]:
+    """Per-item rows {task, doc_id, answer, prediction, correct, loglikelihoods} of the
+    multiple-choice tasks in ``results`` (which must come from ``log_samples=True``)."""
+    if "samples" not in results:
+        raise ValueError("results carry no samples: run lm_eval_results(..., log_samples=True)")
+    rows = []
+    for task, samples in results["samples"].items():
+        for sample in samples:
+            loglikelihoods = [float(resp[0]) for resp in sample["filtered_resps"]]
+            prediction = int(np.argmax(loglikelihoods))
+            rows.append(
+                {
+                    "task": task,
+                    "doc_id": int(sample["doc_id"]),
+                    "answer": int(sample["target"]),
+                    "prediction": prediction,
+                    "correct": prediction == int(sample["target"]),
+                    "loglikelihoods": loglikelihoods,
+                }
+            )
+    return rows
+
+
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".strip()
+
+
+def evaluate_downstream(
+    model: torch.nn.Module,
+    tokenizer,
+    tasks: Sequence[str],
+    include_path: str | Path | Sequence[str | Path] | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    num_fewshot: int | None = None,
+    seed: int = 1234,
+    *,
+    include_defaults: bool = False,
+    task_manager=None,
+    max_length: int | None = None,
+    add_bos_token: bool | None = None,
+    offline: bool = True,
+    share_contexts: bool = True,
+    confirm_run_unsafe_code: bool = False,
+) -> list[dict]:
+    """Evaluate the in-memory ``model`` on lm-eval ``tasks``, each task (a group or tag counts as
+    one) in its own lm-eval call, so that one failing task leaves the others' results standing.
+
+    Returns the rows of `task_rows` for every task, in order: rows {task, metric, value, stderr,
+    n_items, error} (``error`` None) for the task itself, then rows {group, task, metric, value,
+    stderr, n_items} for the leaf tasks of a group or tag (the rows with a ``group`` key). A task
+    whose evaluation raised is logged with its traceback and gives one row {task, metric None,
+    value None, stderr None, n_items None, error: "<exception type>: <message>"}.
+    Task names are checked before anything runs: an unknown name raises ValueError.
+    Local tasks (written by `write_mc_task` / `write_glue_eval_task`) are found under
+    ``include_path`` with the bundled task index off; pass one ``task_manager``
+    (`make_task_manager`) to several calls to index the tasks once; see `lm_eval_results` for the
+    other arguments.
+    """
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("no tasks given")
+    if task_manager is None:
+        with hub_offline(offline):
+            task_manager = make_task_manager(include_path, include_defaults)
+    _check_known(tasks, task_manager, include_path, include_defaults)
+    rows: list[dict] = []
+    for task in tasks:
+        try:
+            results = lm_eval_results(
+                model,
+                tokenizer,
+                [task],
+                include_path=include_path,
+                include_defaults=include_defaults,
+                task_manager=task_manager,
+                limit=limit,
+                batch_size=batch_size,
+                num_fewshot=num_fewshot,
+                seed=seed,
+                max_length=max_length,
+                add_bos_token=add_bos_token,
+                offline=offline,
+                share_contexts=share_contexts,
+                confirm_run_unsafe_code=confirm_run_unsafe_code,
+            )
+            main, subtasks = task_rows(results, task)
+        except Exception as error:  # noqa: BLE001 (any task failure becomes that task's error row)
+            log.error("downstream task %r failed; its row records the error, the other tasks go on:\n%s",
+                      task, traceback.format_exc())
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # after an out-of-memory error, before the next task
+            rows.append({"task": task, "metric": None, "value": None, "stderr": None, "n_items": None,
+                         "error": _error_text(error)})
+            continue
+        if not main:
+            log.warning("downstream task %r reported no metric", task)
+        rows += [{**row, "error": None} for row in main] + subtasks
+    return rows

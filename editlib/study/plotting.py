@@ -1,0 +1,304 @@
+"""The papers' figures from the tidy tables (seaborn/matplotlib), every estimate with its interval.
+
+Edit metrics are drawn with their 95% bootstrap intervals over facts (the `<metric>_lo/_hi`
+columns of the tables) as bands or error bars; downstream accuracies with +-1.96 lm-eval standard
+errors; causal-tracing effects with 95% bootstrap intervals over facts (seaborn, seeded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from editlib.io import atomic_path  # noqa: E402
+from editlib.study.tables import Z95, edits_over_samples, model_labelled, over_samples, primary_metric, read_results  # noqa: E402
+
+EDIT_METRICS = ["ES", "PS", "NS", "S"]
+LABELS = {"ES": "efficacy ES (%)", "PS": "paraphrase PS (%)", "NS": "neighbourhood NS (%)",
+          "S": "score S (%)", "n_edits": "number of edits", "batch_size": "batch size", "layer": "edited layer"}
+
+
+def _save(figure, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+
+
+def _empty(path: str | Path, message: str) -> None:
+    figure, axis = plt.subplots(figsize=(5, 2))
+    axis.axis("off")
+    axis.text(0.5, 0.5, message, ha="center", va="center")
+    _save(figure, path)
+
+
+def _palette(levels: Sequence) -> dict:
+    return dict(zip(levels, sns.color_palette(n_colors=max(1, len(levels)))))
+
+
+def interval_lines(data: pd.DataFrame, x: str, metrics: Sequence[str], hue: str, row: str | None = None,
+                   log_x: bool = False, title: str = "", band: bool = True, xlabel: str | None = None,
+                   sharex: bool = True):
+    """A grid of panels (rows: `row` values, columns: metrics), one line per `hue` level with its
+    interval from the `<metric>_lo` / `<metric>_hi` columns (band, or error bars)."""
+    rows = list(dict.fromkeys(data[row])) if row else [None]
+    levels = list(dict.fromkeys(data[hue]))
+    colours = _palette(levels)
+    figure, axes = plt.subplots(len(rows), len(metrics), figsize=(3.1 * len(metrics), 2.6 * len(rows)),
+                                squeeze=False, sharex=sharex)
+    for i, row_value in enumerate(rows):
+        part = data if row is None else data[data[row] == row_value]
+        for j, metric in enumerate(metrics):
+            axis = axes[i][j]
+            for level in levels:
+                line = part[part[hue] == level].sort_values(x)
+                if line.empty:
+                    continue
+                xs, ys = line[x].to_numpy(float), line[metric].to_numpy(float)
+                lo, hi = line[f"{metric}_lo"].to_numpy(float), line[f"{metric}_hi"].to_numpy(float)
+                axis.plot(xs, ys, marker="o", markersize=3, color=colours[level], label=str(level))
+                if band and len(xs) > 1:
+                    axis.fill_between(xs, lo, hi, color=colours[level], alpha=0.2, linewidth=0)
+                else:
+                    axis.errorbar(xs, ys, yerr=[ys - lo, hi - ys], fmt="none", color=colours[level], capsize=2)
+            if log_x:
+                axis.set_xscale("log", base=2)
+            else:
+                axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axis.set_title(metric if row is None else f"{row_value} | {metric}", fontsize=9)
+            axis.set_xlabel(xlabel or LABELS.get(x, x))
+            axis.set_ylabel(LABELS.get(metric, metric))
+    handles = [Line2D([], [], color=colours[level], marker="o", markersize=3, label=str(level)) for level in levels]
+    if handles:
+        figure.legend(handles=handles, title=hue.replace("_", " "), loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure.suptitle(title, y=1.02)
+    figure.tight_layout()
+    return figure
+
+
+def layer_sweep_figure(sweep: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """ES/PS/NS/S against the edited layer, one line per method, 95% bands over facts."""
+    if sweep.empty:
+        return _empty(path, "no layer sweep configured")
+    data = model_labelled(sweep.assign(layer=sweep["layers"].astype(int)), "method")
+    _save(interval_lines(data, "layer", EDIT_METRICS, "method",
+                         title=f"Layer sweep: single edits at each layer, 95% intervals over facts ({title})"), path)
+
+
+def sensitivity_figure(frame: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """ES/PS/NS/S against the value of one swept hyperparameter (log scale), one row per method and
+    hyperparameter, one line per batch size (1: single edits), 95% bands over facts."""
+    if frame.empty:
+        return _empty(path, "no sensitivity grid configured")
+    data = frame.assign(edits=np.where(frame["batch_size"] == 1, "single edits",
+                                       "batches of " + frame["batch_size"].astype(str)))
+    data = model_labelled(data, "edits")
+    data = data.assign(swept=data["method"] + ": " + data["parameter"])
+    figure = interval_lines(data, "value", EDIT_METRICS, "edits", row="swept", log_x=True, sharex=False,
+                            xlabel="hyperparameter value (log scale)",
+                            title=f"Sensitivity: edits against one hyperparameter, 95% intervals over facts ({title})")
+    for axis in figure.axes:
+        axis.set_xscale("log", base=10)
+    _save(figure, path)
+
+
+def single_edits_figure(edits: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """ES/PS/NS/S of single edits per method at its chosen layer, with 95% error bars."""
+    data = edits[edits["experiment"] == "single"] if not edits.empty else edits
+    if data.empty:
+        return _empty(path, "no single-edit experiment configured")
+    data = model_labelled(data.assign(label=data["method"] + " (layer " + data["layers"].astype(str) + ")"), "label")
+    figure, axes = plt.subplots(1, len(EDIT_METRICS), figsize=(3.1 * len(EDIT_METRICS), 0.45 * len(data) + 1.2),
+                                sharey=True, squeeze=False)
+    positions = np.arange(len(data))
+    for axis, metric in zip(axes[0], EDIT_METRICS):
+        values = data[metric].to_numpy(float)
+        err = [values - data[f"{metric}_lo"].to_numpy(float), data[f"{metric}_hi"].to_numpy(float) - values]
+        axis.errorbar(values, positions, xerr=err, fmt="o", capsize=3)
+        axis.set_xlim(-2, 102)
+        axis.set_xlabel(LABELS[metric])
+        axis.set_yticks(positions, data["label"])
+    figure.suptitle(f"Single edits (model restored after each fact), 95% intervals over facts ({title})", y=1.02)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def batch_size_figure(edits: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """Metrics against batch size (log scale), each batch edited into the unedited model."""
+    data = model_labelled(edits[edits["experiment"] == "batched"], "method") if not edits.empty else edits
+    if data.empty:
+        return _empty(path, "no batched experiment configured")
+    _save(interval_lines(data, "batch_size", EDIT_METRICS, "method", log_x=True,
+                         title=f"Batched editing: metrics vs batch size, 95% intervals over facts ({title})"), path)
+
+
+def _sequential_edits(edits: pd.DataFrame) -> pd.DataFrame:
+    """Sequential runs' metrics on all facts edited so far, averaged over edit samples."""
+    if edits.empty:
+        return edits
+    return edits_over_samples(edits[(edits["experiment"] == "sequential") & (edits["scope"] == "edited_so_far")])
+
+
+def sequential_figure(edits: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """Metrics on all facts edited so far against the number of edits, per method and batch size."""
+    data = _sequential_edits(edits)
+    if data.empty:
+        return _empty(path, "no sequential experiment configured")
+    data = model_labelled(data, "method").assign(batch=lambda f: "b=" + f["batch_size"].astype(int).astype(str))
+    _save(interval_lines(data, "n_edits", EDIT_METRICS, "batch", row="method", log_x=True,
+                         title=f"Sequential-batched editing: metrics on all facts edited so far ({title})"), path)
+
+
+def batch_vs_sequential_figure(edits: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """After the same number N of edits: N/b sequential batches of b against batch size b
+    (b = N is one batch of N), metrics on all N facts (Yoon et al.'s comparison)."""
+    data = model_labelled(_sequential_edits(edits), "method")
+    if data.empty:
+        return _empty(path, "no sequential experiment configured")
+    total = data["n_edits"].max()
+    data = data[data["n_edits"] == total]
+    compared = data.groupby("method")["batch_size"].nunique()
+    data = data[data["method"].isin(compared[compared > 1].index)]
+    if data.empty:
+        return _empty(path, "needs a method run sequentially at several batch sizes")
+    _save(interval_lines(data, "batch_size", EDIT_METRICS, "method", log_x=True, band=False,
+                         xlabel=f"batch size b ({int(total)}/b batches)",
+                         title=f"{int(total)} edits as {int(total)}/b sequential batches of b (b = {int(total)}: one batch); "
+                               f"metrics on all {int(total)} facts, 95% intervals ({title})"), path)
+
+
+def _task_columns(data: pd.DataFrame, index: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Downstream rows widened for interval_lines: per `index` row, each task's value and its
+    +-1.96 SE bounds (<task>_lo, <task>_hi); and the tasks in order."""
+    data = data.assign(lo=data["value"] - Z95 * data["stderr"].fillna(0), hi=data["value"] + Z95 * data["stderr"].fillna(0))
+    wide = data.pivot_table(index=index, columns="task", values=["value", "lo", "hi"], sort=False)
+    wide.columns = [task if kind == "value" else f"{task}_{kind}" for kind, task in wide.columns]
+    return wide.reset_index(), list(dict.fromkeys(data["task"]))
+
+
+def _task_lines(figure, tasks: list[str], rows: list[str], data: pd.DataFrame, x: str, x_values) -> None:
+    """Per-task panel titles, accuracy labels, checkpoint ticks and, where a line is the mean of
+    several edit samples, the samples' range as a dashed band."""
+    for index, axis in enumerate(figure.axes[: len(rows) * len(tasks)]):
+        row, task = rows[index // len(tasks)], tasks[index % len(tasks)]
+        axis.set_title(task if row is None else f"{row}\n{task}", fontsize=8)
+        axis.set_ylabel("accuracy")
+        positive = [c for c in x_values if c > 0]
+        if positive and max(positive) > 20 * min(positive):  # e.g. 1, 10, 100, 1000 edits
+            axis.set_xscale("symlog", linthresh=1)
+        axis.set_xticks(x_values, [str(int(c)) for c in x_values])
+        part = data[(data["task"] == task) & ((data["facet"] == row) if row is not None else True)]
+        for _, line in part[part["n_samples"] > 1].groupby("run"):
+            line = line.sort_values(x)
+            axis.fill_between(line[x].to_numpy(float), line["spread_lo"].to_numpy(float),
+                              line["spread_hi"].to_numpy(float), facecolor="none", edgecolor="grey",
+                              linestyle="--", linewidth=0.6)
+
+
+def downstream_figure(downstream: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """Downstream accuracy against the number of sequential edits, +-1.96 standard errors; one
+    row of panels per model; a run over several disjoint edit samples is drawn as their mean, the
+    samples' range dashed."""
+    data = downstream[downstream["experiment"] == "sequential"] if not downstream.empty else downstream
+    if data.empty:
+        return _empty(path, "no downstream evaluation configured")
+    data = over_samples(primary_metric(data))
+    smallest = data.groupby(["model", "method"])["batch_size"].transform("min")
+    data = data[data["batch_size"] == smallest]  # one edit at a time where run so (Lin et al.)
+    data = data.assign(run=data["method"] + " b=" + data["batch_size"].astype(int).astype(str), facet=data["model"])
+    several = data["model"].nunique() > 1
+    wide, tasks = _task_columns(data, ["facet", "run", "n_edits"])
+    samples = int(data["n_samples"].max())
+    figure = interval_lines(wide, "n_edits", tasks, "run", row="facet" if several else None,
+                            title=f"General abilities under sequential editing, +-1.96 SE"
+                                  f"{f', mean of {samples} edit samples (range dashed)' if samples > 1 else ''} ({title})")
+    rows = list(dict.fromkeys(data["facet"])) if several else [None]
+    _task_lines(figure, tasks, rows, data, "n_edits", sorted(data["n_edits"].unique()))
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def ablations_figure(tables: dict[str, pd.DataFrame], path: str | Path, title: str = "") -> None:
+    """One row of panels per compared pair of every configured ablation (editlib.study.ablations):
+    downstream accuracy per task against the number of sequential edits, one line per arm,
+    +-1.96 SE (samples' range dashed where an arm is the mean of several)."""
+    frames = [table for table in tables.values() if not table.empty]
+    if not frames:
+        return _empty(path, "no ablation configured, or no downstream evaluation")
+    data = pd.concat(frames, ignore_index=True)
+    data = data.assign(facet=data["ablation"].str.replace("_", " ") + ": " + data["comparison"],
+                       run=data["role"] + ": " + data["model"].where(data["ablation"].isin(["model_size", "instruction_tuning"]),
+                                                                    data["method"]))
+    wide, tasks = _task_columns(data, ["facet", "run", "n_edits"])
+    kinds = ", ".join(dict.fromkeys(data["ablation"].str.replace("_", " ")))
+    figure = interval_lines(wide, "n_edits", tasks, "run", row="facet",
+                            title=f"Ablation ({kinds}): general abilities under sequential editing, +-1.96 SE ({title})")
+    _task_lines(figure, tasks, list(dict.fromkeys(data["facet"])), data, "n_edits", sorted(data["n_edits"].unique()))
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def causal_trace_figure(traces: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """Average indirect effect per layer of restoring hidden / MLP / attention states at the
+    subject's last token and at the last token, 95% bootstrap intervals over facts; one row of
+    panels per model."""
+    if traces.empty:
+        return _empty(path, "no fact to trace: the model predicts none of the records' true objects")
+    if "model" not in traces.columns:
+        traces = traces.assign(model="")
+    tokens, models = list(dict.fromkeys(traces["token"])), list(dict.fromkeys(traces["model"]))
+    figure, axes = plt.subplots(len(models), len(tokens), figsize=(4.2 * len(tokens), 3 * len(models)), sharey=True,
+                                squeeze=False)
+    for row, model in enumerate(models):
+        for axis, token in zip(axes[row], tokens):
+            part = traces[(traces["token"] == token) & (traces["model"] == model)]
+            sns.lineplot(data=part, x="layer", y="effect", hue="kind", marker="o", errorbar=("ci", 95), n_boot=1000,
+                         seed=0, ax=axis)
+            n_facts = part["case_id"].nunique()
+            axis.set_title(f"{model + ': ' if len(models) > 1 else ''}restored at the {token.replace('_', ' ')} "
+                           f"token ({n_facts} facts)", fontsize=9)
+            axis.set_xlabel("layer")
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axis.set_ylabel("indirect effect on P(true object)")
+            axis.axhline(0, color="grey", linewidth=0.5)
+    figure.suptitle(f"Causal tracing over the facts the model knows ({title})", y=1.02)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+FIGURES = {
+    "causal_trace": lambda t, p, title: causal_trace_figure(t["traces"], p, title),
+    "layer_sweep": lambda t, p, title: layer_sweep_figure(t["layer_sweep"], p, title),
+    "sensitivity": lambda t, p, title: sensitivity_figure(t["sensitivity"], p, title),
+    "single_edits": lambda t, p, title: single_edits_figure(t["edits"], p, title),
+    "batch_size": lambda t, p, title: batch_size_figure(t["edits"], p, title),
+    "sequential": lambda t, p, title: sequential_figure(t["edits"], p, title),
+    "batch_vs_sequential": lambda t, p, title: batch_vs_sequential_figure(t["edits"], p, title),
+    "downstream": lambda t, p, title: downstream_figure(t["downstream"], p, title),
+}
+
+
+def write_figures(tables: dict[str, str | Path], outputs: dict[str, str | Path], title: str = "",
+                  ablations: dict | None = None) -> None:
+    """Write every figure named in `outputs` (name -> png path) from the tidy tables
+    (name -> csv path: edits, layer_sweep, sensitivity, downstream, traces); `ablations` (the config block)
+    for the figures ablations_<kind>."""
+    from editlib.study.ablations import ablation_tables
+
+    sns.set_theme(style="whitegrid", context="paper")
+    frames = {name: read_results(path) for name, path in tables.items()}
+    for name, path in outputs.items():
+        if name.startswith("ablations_"):  # one figure per ablation kind
+            kind = name.removeprefix("ablations_")
+            ablations_figure({kind: ablation_tables(frames["downstream"], {kind: (ablations or {})[kind]})[kind]}, path, title)
+        else:
+            FIGURES[name](frames, path, title)
