@@ -18,8 +18,8 @@ torch.set_num_threads(1)
 from conftest import MinutePerReading, corpus_sentences, make_llama, make_requests  # noqa: E402
 
 from editlib.editing.statistics import collect_second_moments  # noqa: E402
-from editlib.methods.grace import GraceHparams, GraceSpec  # noqa: E402
-from editlib.methods.hparams import make_hparams  # noqa: E402
+from editlib.methods.grace import GraceHparams  # noqa: E402
+from editlib.methods.registry import make_hparams  # noqa: E402
 from editlib.model.layout import model_layout  # noqa: E402
 from editlib.study.experiments import ExperimentContext, sequential_edits  # noqa: E402
 from editlib.toy.vocab import train_bpe_tokenizer  # noqa: E402
@@ -32,7 +32,7 @@ def main(method: str, checkpoint: str, out_csv: str, checkpoint_minutes: str | N
     moments = collect_second_moments(model, tokenizer, model_layout(model), [0, 1], corpus, progress=False)
     ctx = ExperimentContext(model, tokenizer, "tiny", {l: m.mean for l, m in moments.items()}, progress=False)
     if method == "grace":
-        spec = GraceSpec(layers=(1,), hparams=GraceHparams(n_iter=5))
+        spec = GraceHparams(layers=(1,), n_iter=5)
     else:
         threshold = float(torch.linalg.eigvalsh(ctx.second_moments[0].double())[96])
         spec = make_hparams(method, layers=(0, 1), targets={"v_num_grad_steps": 6}, mom2_update_weight=1.0,

@@ -75,16 +75,20 @@ INVALID = {
     "zero learning rate": (_set("methods.rome.targets", {"v_lr": 0.0}), r"methods\.rome\.targets\.v_lr: 0\.0 must be > 0"),
     "negative l2": (_set("methods.alphaedit.l2", -1.0), r"methods\.alphaedit\.l2: -1\.0 must be >= 0"),
     "zero GRACE radius": (_set("methods.grace.eps", 0.0), r"methods\.grace\.eps: 0\.0 must be > 0"),
-    "unknown hyperparameter": (_set("methods.memit.mom2_weight", 1.0), r"methods\.memit: memit: unknown hyperparameters \['mom2_weight'\]"),
-    "unknown target hyperparameter": (_set("methods.emmet.targets", {"v_steps": 3}), r"methods\.emmet: .*unknown target hyperparameters"),
+    "unknown hyperparameter": (_set("methods.memit.mom2_weight", 1.0), r"methods\.memit: memit does not read the hyperparameter 'mom2_weight'; it reads \[.*'mom2_update_weight'"),
+    "hyperparameter of another method": (_set("methods.rome.l2", 3.0), r"methods\.rome: rome does not read the hyperparameter 'l2'; it reads \[.*'mom2_adjustment'"),
+    "hyperparameters of other methods": (_set("methods.rome", {"layers": "auto", "l2": 3.0, "emmet_lambda": 5.0}),
+                                         r"methods\.rome: rome does not read the hyperparameters 'emmet_lambda', 'l2'"),
+    "MEMIT with AlphaEdit's value": (_set("methods.memit.nullspace_threshold", 0.1), r"methods\.memit: memit does not read the hyperparameter 'nullspace_threshold'"),
+    "unknown target hyperparameter": (_set("methods.emmet.targets", {"v_steps": 3}), r"methods\.emmet: emmet: targets does not read the target hyperparameter 'v_steps'"),
     "unknown MEND hyperparameter": (_set("methods.mend.hparams", {"rnak": 3}), r"methods\.mend\.hparams: unknown field\(s\) \['rnak'\]; allowed: .*'rank'"),
     "MEND training beyond the world": (_set("methods.mend.n_train", 1200),
                                        r"methods\.mend: n_train \+ n_eval = 1230 records beyond the first 256"),
     "toy model MLP layers": (_set("model.train.mlp_layers", 9), r"model\.train: mlp_layers must be in \[1, layers=5\]"),
     "unknown toy model field": (_set("model.train.depth", 9), r"model\.train: unknown field\(s\) \['depth'\]; allowed: .*'layers'"),
     "toy world fraction": (_set("data.world.edit_fraction", 1.5), r"data\.world: edit_fraction must be in \(0, 1\)"),
-    "unknown GRACE hyperparameter": (_set("methods.grace.radius", 1.0), r"methods\.grace: unknown hyperparameter 'radius'"),
-    "MEND edit hyperparameter": (_set("methods.mend.lr", 1.0), r"methods\.mend: MEND's edit has no hyperparameters"),
+    "unknown GRACE hyperparameter": (_set("methods.grace.radius", 1.0), r"methods\.grace: grace does not read the hyperparameter 'radius'"),
+    "MEND edit hyperparameter": (_set("methods.mend.lr", 1.0), r"methods\.mend: mend does not read \['lr'\]: its edit has no hyperparameters"),
     "layer sweep of MEND": (_set("experiments.layer_sweep.methods", ["rome", "r-rome", "memit", "emmet", "alphaedit", "mend"]),
                             r"layer_sweep\.methods\[5\]: mend edits the layers of its own design"),
     "unregistered method block": (_set("methods.memitt", {"layers": [0]}), r"methods\.memitt: not a registered method"),
@@ -105,7 +109,7 @@ INVALID = {
     "model variant too shallow for a method's layer": (_set("models", {"toy-2L": {"train": {"layers": 2, "local_layers": 1, "mlp_layers": 1}}}),
                                                        r"models\.toy-2L merged over model: experiments\.layer_sweep\.layers\[1\]: layer 1 out of range .* layers 0\.\.0"),
     "sensitivity of an unknown hyperparameter": (_set("experiments.sensitivity", {"n_records": 8, "grid": {"memit": {"mom2_weight": [1]}}}),
-                                                 r"experiments\.sensitivity\.grid\.memit\.mom2_weight\[0\]: memit: unknown hyperparameters \['mom2_weight'\]"),
+                                                 r"experiments\.sensitivity\.grid\.memit\.mom2_weight\[0\]: memit does not read the hyperparameter 'mom2_weight'"),
     "sensitivity of a negative value": (_set("experiments.sensitivity", {"n_records": 8, "grid": {"alphaedit": {"l2": [1, -1]}}}),
                                         r"experiments\.sensitivity\.grid\.alphaedit\.l2\[1\]"),
     "sensitivity batch larger than its records": (_set("experiments.sensitivity", {"n_records": 8, "batch_sizes": [1, 16], "grid": {"memit": {"mom2_update_weight": [1]}}}),
@@ -247,7 +251,7 @@ def test_hub_layers_are_checked_against_the_table_of_paper_models(hub):
     config = _paper_config()
     config["experiments"]["layer_sweep"]["layers"] = list(range(33))
     with pytest.raises(ConfigError, match=r"llama3-8b\.yaml: experiments\.layer_sweep\.layers\[32\]: layer 32 out of range "
-                                          r"for meta-llama/Meta-Llama-3-8B, a 32-layer model per editlib\.architectures"
+                                          r"for meta-llama/Meta-Llama-3-8B, a 32-layer model per editlib\.model\.architectures"
                                           r".*allowed: 0\.\.31"):
         validate_config(config, SCHEMA, source="llama3-8b.yaml")
     assert ("download", "meta-llama/Meta-Llama-3-8B", None) not in hub["calls"]  # no network for the table's models

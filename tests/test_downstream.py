@@ -301,7 +301,8 @@ def test_grace_edit_takes_but_leaves_downstream_items_unchanged(tokenizer, mc_ta
     """GRACE changes no base weight: task items whose queries lie outside the codebook's radii
     get bit-identical log-likelihoods, while the edited prompt's continuation does change."""
     from editlib.data.records import EditRequest
-    from editlib.methods.grace import GraceEditor, GraceHparams
+    from editlib.methods.grace import GraceHparams
+    from editlib.methods.grace.session import GraceEditor
 
     model = tiny_llama(tokenizer)
 

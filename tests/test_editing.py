@@ -9,7 +9,7 @@ from editlib.editing.editor import Editor
 from editlib.editing.keys import build_context_prompts, compute_keys
 from editlib.editing.statistics import collect_second_moments
 from editlib.eval.metrics import counterfact_scores, edit_metrics
-from editlib.methods.hparams import make_hparams
+from editlib.methods.registry import make_hparams
 from editlib.model.hooks import capture_outputs
 from editlib.model.layout import edited_weight, model_layout
 
@@ -263,7 +263,7 @@ def test_sequential_evaluation_cost_is_linear_in_the_edits(tiny_llama, llama_tok
     from conftest import make_requests
 
     import editlib.study.experiments as experiments
-    from editlib.methods.hparams import GraceSpec
+    from editlib.methods.grace import GraceHparams
     from editlib.study.experiments import ExperimentContext, sequential_edits
     from editlib.study.stages import log_spaced_counts, sequential_scorings
 
@@ -280,7 +280,7 @@ def test_sequential_evaluation_cost_is_linear_in_the_edits(tiny_llama, llama_tok
         requests = [dataclasses.replace(base[i % 6], case_id=i) for i in range(n)]
         eval_at = log_spaced_counts(n)
         scored.clear(), generated.clear()
-        frame, _ = sequential_edits(ctx, requests, GraceSpec(layers=(1,)), 1, n, eval_at=eval_at)
+        frame, _ = sequential_edits(ctx, requests, GraceHparams(layers=(1,)), 1, n, eval_at=eval_at)
         assert sum(scored) == sequential_scorings(n, 1, eval_at) == n - len(eval_at) + sum(eval_at) < 4 * n
         assert generated == eval_at  # GE on the edited-so-far evaluations only, of every fact edited so far
         current = frame[frame["scope"] == "current_batch"]
@@ -288,8 +288,8 @@ def test_sequential_evaluation_cost_is_linear_in_the_edits(tiny_llama, llama_tok
         assert frame.loc[frame["scope"] == "edited_so_far", "GE"].eq(1.0).all()
         assert frame.loc[frame["scope"] == "edited_so_far", "S"].tolist() == [float(k) for k in eval_at]
     generated.clear()  # GE over at most 4 facts edited so far (evenly spaced) per evaluation
-    sequential_edits(ctx, requests[:64], GraceSpec(layers=(1,)), 1, 64, eval_at=log_spaced_counts(64), entropy_records=4)
+    sequential_edits(ctx, requests[:64], GraceHparams(layers=(1,)), 1, 64, eval_at=log_spaced_counts(64), entropy_records=4)
     assert generated == [1, 2, 4, 4, 4, 4, 4]
     scored.clear()
-    sequential_edits(ctx, requests[:16], GraceSpec(layers=(1,)), 1, 16)
+    sequential_edits(ctx, requests[:16], GraceHparams(layers=(1,)), 1, 16)
     assert sum(scored) == sequential_scorings(16, 1, None) == 16 * 17 // 2

@@ -7,7 +7,8 @@ import torch
 from conftest import make_llama
 
 from editlib.data.records import EditRequest
-from editlib.methods.grace import GraceCodebook, GraceEditor, GraceHparams, last_token_positions
+from editlib.methods.grace import GraceHparams
+from editlib.methods.grace.session import GraceCodebook, GraceEditor, last_token_positions
 from editlib.model.tokens import target_argmax_correct, target_batch
 from editlib.toy.vocab import train_bpe_tokenizer
 

@@ -8,7 +8,8 @@ import torch
 from conftest import make_llama
 
 from editlib.data.records import EditRequest
-from editlib.methods.mend import MendEditor, MendHparams, RunningMoments, added_deltas, batch_target_nll, train_mend
+from editlib.methods.mend import MendHparams
+from editlib.methods.mend.editor import MendEditor, RunningMoments, added_deltas, batch_target_nll, train_mend
 from editlib.model.tokens import target_batch
 from editlib.toy.vocab import train_bpe_tokenizer
 
@@ -153,7 +154,7 @@ def test_running_moments_match_the_pooled_mean_and_variance():
 
 def _reference_deltas(editor, requests, separately):
     """The hypernetwork's deltas from gradients of full (rows x positions x vocab) logits."""
-    from editlib.methods.mend import Factors
+    from editlib.methods.mend.editor import Factors
     from editlib.model.tokens import target_nll
 
     model, names = editor.model, editor.hypernet.module_names
@@ -179,7 +180,7 @@ def _reference_deltas(editor, requests, separately):
 
 @pytest.mark.parametrize("separately", [False, True])
 def test_chunked_edit_gradients_equal_the_full_logits_computation(tokenizer, requests, separately):
-    from editlib.methods.mend import gradient_factors, row_chunks
+    from editlib.methods.mend.editor import gradient_factors, row_chunks
 
     model = tiny_llama(tokenizer)
     editor = MendEditor.fresh(model, tokenizer, TINY)
@@ -196,7 +197,7 @@ def test_chunked_edit_gradients_equal_the_full_logits_computation(tokenizer, req
 
 
 def test_chunked_training_step_and_evaluation_equal_one_chunk(tokenizer, requests):
-    from editlib.methods.mend import evaluate_mend, locality_prompts, mend_step
+    from editlib.methods.mend.editor import evaluate_mend, locality_prompts, mend_step
 
     model = tiny_llama(tokenizer)
     batch, loc = requests[:6], locality_prompts(requests[:6], requests[:40], 2, random.Random(0))
@@ -216,7 +217,7 @@ def test_chunked_training_step_and_evaluation_equal_one_chunk(tokenizer, request
 def test_the_largest_logits_tensor_is_bounded_by_the_token_budget(tokenizer, requests, monkeypatch):
     """A batch of 24 edits, its training step and held-out evaluation with a budget of 32 positions:
     the head never runs on more than 32 positions at once (the full batch has ~24 x 12)."""
-    import editlib.methods.mend as mend
+    import editlib.methods.mend.editor as mend
 
     monkeypatch.setattr(mend, "LOGIT_TOKENS", 32)
     model = tiny_llama(tokenizer)

@@ -153,7 +153,8 @@ def test_saved_states_reload_the_edited_model_exactly(method, trained_llama2, ll
     """The downstream stage loads each state an editing job saved onto the unedited model; its
     rows must equal those computed on the edited model in memory, bit for bit."""
     from editlib.editing.statistics import collect_second_moments
-    from editlib.methods.mend import MendEditor, MendHparams
+    from editlib.methods.mend import MendHparams
+    from editlib.methods.mend.editor import MendEditor
     from editlib.study.experiments import states_downstream
 
     model = trained_llama2

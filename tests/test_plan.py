@@ -36,7 +36,7 @@ def rule_scripts() -> dict[str, set[str]]:
 
 def loading_functions() -> set[str]:
     """editlib.study.pipeline's functions that load the model, directly or through another of them."""
-    tree = ast.parse((REPO / "editlib" / "pipeline.py").read_text())
+    tree = ast.parse((REPO / "editlib" / "study" / "pipeline.py").read_text())
     calls = {node.name: {c.func.id for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
              for node in tree.body if isinstance(node, ast.FunctionDef)}
     loading = set(LOADERS)
@@ -202,6 +202,6 @@ def test_an_unlisted_hub_model_is_sized_from_its_cached_config_json(tmp_path, mo
 
 
 def test_the_plan_imports_no_torch():
-    code = ("import sys, io, contextlib\nfrom editlib import plan\nwith contextlib.redirect_stdout(io.StringIO()):\n"
+    code = ("import sys, io, contextlib\nfrom editlib.study import plan\nwith contextlib.redirect_stdout(io.StringIO()):\n"
             "    plan.main(['--config', 'configs/llama3-8b.yaml'])\nassert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)

@@ -23,7 +23,7 @@ from editlib.data.packaged import prepare_smollm2
 from editlib.data.records import EditRequest
 from editlib.editing.editor import Editor
 from editlib.editing.values import TargetResult
-from editlib.methods.hparams import make_hparams
+from editlib.methods.registry import make_hparams
 from editlib.model.layout import model_layout
 
 pytestmark = pytest.mark.slow

@@ -79,12 +79,12 @@ def grace_run(llama_tokenizer):
     """(ctx, requests, spec) of a small GRACE run on a random 2-layer model."""
     from conftest import make_llama, make_requests
 
-    from editlib.methods.grace import GraceHparams, GraceSpec
+    from editlib.methods.grace import GraceHparams
     from editlib.study.experiments import ExperimentContext
 
     torch.set_num_threads(1)
     ctx = ExperimentContext(make_llama(llama_tokenizer, layers=2), llama_tokenizer, "tiny", {}, progress=False)
-    return ctx, make_requests(6), GraceSpec(layers=(1,), hparams=GraceHparams(n_iter=3))
+    return ctx, make_requests(6), GraceHparams(layers=(1,), n_iter=3)
 
 
 def _checkpoint_writes(monkeypatch) -> list[int]:

@@ -9,7 +9,7 @@ from editlib.data.records import EditRequest
 from editlib.editing.editor import Editor
 from editlib.editing.target_store import TargetStore
 from editlib.editing.values import optimize_targets
-from editlib.methods.hparams import make_hparams
+from editlib.methods.registry import make_hparams
 from editlib.model.layout import model_layout
 from editlib.model.loading import model_fingerprint
 

@@ -292,7 +292,7 @@ def test_toy_architecture_stores_facts_where_locate_and_edit_writes(tmp_path):
     import pandas as pd
 
     from editlib.editing.statistics import StatsConfig, collect_second_moments
-    from editlib.methods.hparams import make_hparams
+    from editlib.methods.registry import make_hparams
     from editlib.model.loading import load_model
     from editlib.study.experiments import ExperimentContext, single_edits
     from editlib.study.tables import average_effects

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from editlib.data.records import EditRequest
+from editlib.editing.hparams import LocateEditHparams
 from editlib.editing.keys import (
     average_over_templates,
     build_context_prompts,
@@ -33,16 +34,12 @@ from editlib.editing.templates import sample_context_templates
 from editlib.editing.updates import (
     Covariance,
     UpdateError,
-    alphaedit_directions,
-    emmet_directions,
-    memit_directions,
     nullspace_projector,
     rome_directions,
     weight_update,
 )
 from editlib.editing.values import TargetResult, optimize_targets
 from editlib.io import load_tensors, save_tensors
-from editlib.methods.hparams import EditHparams
 from editlib.model.layout import edited_bias, edited_weight, model_layout
 
 log = logging.getLogger(__name__)
@@ -68,7 +65,7 @@ class Editor(EditSession):
     the unedited model across sessions and jobs (on disk).
     """
 
-    def __init__(self, model, tokenizer, hparams: EditHparams, second_moments: dict[int, torch.Tensor] | None = None,
+    def __init__(self, model, tokenizer, hparams: LocateEditHparams, second_moments: dict[int, torch.Tensor] | None = None,
                  templates: Sequence[str] | None = None, progress: bool = True,
                  target_store: TargetStore | None = None):
         self.model, self.tokenizer, self.hparams, self.progress = model, tokenizer, hparams, progress
@@ -76,7 +73,7 @@ class Editor(EditSession):
         self.layout = model_layout(model)
         for layer in hparams.layers:
             self.layout.check_layer(layer)
-        needs_stats = not hparams.is_rome or hparams.mom2_adjustment
+        needs_stats = hparams.needs_statistics
         missing = [l for l in hparams.layers if needs_stats and (second_moments is None or l not in second_moments)]
         if missing:
             raise ValueError(f"{hparams.method}: second-moment statistics missing for layers {missing}")
@@ -92,7 +89,7 @@ class Editor(EditSession):
         self.n_edits = 0
 
     @classmethod
-    def open(cls, ctx, hparams: EditHparams) -> "Editor":
+    def open(cls, ctx, hparams: LocateEditHparams) -> "Editor":
         """A session on an experiment context's model, statistics, templates and target store."""
         return cls(ctx.model, ctx.tokenizer, hparams, ctx.second_moments, ctx.templates(hparams), ctx.progress,
                    ctx.target_store)
@@ -144,25 +141,15 @@ class Editor(EditSession):
         """Edit the model with `requests` as one batch; weights stay edited (sequential editing)."""
         if not requests:
             return {}
-        report = self._apply_rome(requests) if self.hparams.is_rome else self._apply_spread(requests)
+        report = self._apply_rome(requests) if self.hparams.one_fact_at_a_time else self._apply_spread(requests)
         self.n_edits += len(requests)
         return report
 
-    def projector(self, layer: int) -> torch.Tensor:
-        if layer not in self._projectors:
-            self._projectors[layer] = nullspace_projector(self.covariances[layer], self.hparams.nullspace_threshold)
-        return self._projectors[layer]
-
-    def _directions(self, layer: int, keys: torch.Tensor, independent: bool) -> torch.Tensor:
-        hp = self.hparams
-        if hp.method == "memit":
-            return memit_directions(keys, self.covariances[layer], hp.mom2_update_weight, independent)
-        if hp.method == "emmet":
-            return emmet_directions(keys, self.covariances[layer], hp.mom2_update_weight, hp.emmet_lambda,
-                                    hp.update_norm_lambda, independent)
-        if hp.method == "alphaedit":
-            return alphaedit_directions(keys, self.projector(layer), self.key_products[layer], hp.l2, independent)
-        raise ValueError(hp.method)
+    def projector(self, layer: int, threshold: float) -> torch.Tensor:
+        """The projector onto the null space of `layer`'s C (eigenvalues below `threshold`), cached."""
+        if (layer, threshold) not in self._projectors:
+            self._projectors[(layer, threshold)] = nullspace_projector(self.covariances[layer], threshold)
+        return self._projectors[(layer, threshold)]
 
     def _unedited(self) -> bool:
         return all(not total.any() for total in self.total.values())
@@ -224,14 +211,14 @@ class Editor(EditSession):
         for i, layer in enumerate(layers):
             keys, outputs = compute_keys(self.model, self.tokenizer, self.layout, [layer], prompts, "memit", [z_module])
             residual = (values - outputs[z_module]) / (len(layers) - i)  # R: (d, N)
-            direction = self._directions(layer, keys[layer], independent)  # B: (d_k, N)
+            direction = self.hparams.directions(self, layer, keys[layer], independent)  # B: (d_k, N)
             residuals[layer], directions[layer] = residual, direction
             self._add_update(layer, weight_update(residual, direction))
         return residuals, directions, loss
 
     def _apply_spread(self, requests) -> dict:
         residuals, _, loss = self._spread_updates(requests, independent=False)
-        if self.hparams.method == "alphaedit":
+        if getattr(self.hparams, "keeps_edited_keys", False):
             prompts = build_context_prompts(self.tokenizer, requests, self.templates)
             keys, _ = compute_keys(self.model, self.tokenizer, self.layout, self.hparams.layers, prompts, "memit")
             for layer, key in keys.items():
@@ -248,7 +235,7 @@ class Editor(EditSession):
         name = self.layout.rewrite(layer)
         rows = read_at_subject(self.model, self.tokenizer, prompts, [name], stop_after=self.layout.block(layer))[name]
         mean_keys = average_over_templates(rows, prompts, template_weights(prompts.n_templates, "uniform"))
-        denominator_keys = mean_keys if self.hparams.method == "r-rome" else plain_rows(rows, prompts)
+        denominator_keys = mean_keys if self.hparams.averaged_denominator_key else plain_rows(rows, prompts)
         weight = edited_weight(self.model, self.layout, layer).double()
         bias = edited_bias(self.model, self.layout, layer)
         current = weight @ denominator_keys.double() + (bias.double()[:, None] if bias is not None else 0)
@@ -273,7 +260,7 @@ class Editor(EditSession):
         Single-layer methods compute all facts in batched passes; multi-layer spreading needs each
         fact's earlier-layer edit in place, so it runs fact by fact (and restores the weights).
         """
-        if self.hparams.is_rome:
+        if self.hparams.one_fact_at_a_time:
             residual, direction, loss = self._rome_factors(requests)
             layer = self.hparams.layers[0]
             return SingleEdits({layer: residual}, {layer: direction}, loss)

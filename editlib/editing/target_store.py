@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from editlib.data.records import EditRequest
+from editlib.editing.hparams import TargetHparams
 from editlib.io import ArtifactError, content_key, load_tensors, save_tensors
-from editlib.methods.hparams import TargetHparams
 
 log = logging.getLogger(__name__)
 

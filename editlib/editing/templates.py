@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from editlib.editing.hparams import MEMIT_LENGTHS
 from editlib.io import content_key, write_json
-from editlib.methods.hparams import MEMIT_LENGTHS
 from editlib.model.loading import model_fingerprint
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")

@@ -6,6 +6,8 @@ R (d, N) is the residual to write (target minus current output) and K (d_k, N) h
     AlphaEdit  B = (P (K K^T + K_p K_p^T) + l2 I)^-1 P K          (§5.5)
     ROME       B = u / (k_d^T u), u = C^-1 k_bar                  (§5.1/5.2)
 
+with mu = mom2_update_weight, nu = update_norm_lambda, lambda = emmet_lambda (the config's names).
+
 All solves run in fp64 with Cholesky factorisations of C cached per layer (no explicit inverse).
 MEMIT uses the push-through identity (mu C + K K^T)^-1 K = X (I + K^T X)^-1 with X = (mu C)^-1 K,
 so only an N x N system is factorised per batch. `independent=True` gives each column the
@@ -90,10 +92,10 @@ def condition_number(matrix: torch.Tensor) -> float:
     return float(eig.max() / eig.min().clamp_min(1e-300))
 
 
-def memit_directions(keys: torch.Tensor, cov: Covariance, mom2_weight: float, independent: bool = False) -> torch.Tensor:
+def memit_directions(keys: torch.Tensor, cov: Covariance, mom2_update_weight: float, independent: bool = False) -> torch.Tensor:
     """B = (mu C + K K^T)^-1 K; K: (d_k, N) -> (d_k, N) fp64."""
     keys = _check(keys.to(cov.matrix), "keys")
-    scaled = cov.solve(keys) / mom2_weight  # X = (mu C)^-1 K
+    scaled = cov.solve(keys) / mom2_update_weight  # X = (mu C)^-1 K
     if independent:  # Sherman-Morrison per column
         return scaled / (1 + (keys * scaled).sum(0))
     gram = torch.eye(keys.shape[1], dtype=keys.dtype, device=keys.device) + keys.T @ scaled  # I + K^T X
@@ -103,7 +105,7 @@ def memit_directions(keys: torch.Tensor, cov: Covariance, mom2_weight: float, in
 def emmet_directions(
     keys: torch.Tensor,
     cov: Covariance,
-    mom2_weight: float,
+    mom2_update_weight: float,
     emmet_lambda: float,
     update_norm_lambda: float = 0.0,
     independent: bool = False,
@@ -111,10 +113,10 @@ def emmet_directions(
     """B = C~^-1 K D^-1, D = K^T C~^-1 K (+ lambda I when N > 1, as UME); C~ = mu C + nu I."""
     keys = _check(keys.to(cov.matrix), "keys")
     if update_norm_lambda:
-        ridge = mom2_weight * cov.matrix + update_norm_lambda * torch.eye(len(keys), dtype=keys.dtype, device=keys.device)
+        ridge = mom2_update_weight * cov.matrix + update_norm_lambda * torch.eye(len(keys), dtype=keys.dtype, device=keys.device)
         scaled = torch.cholesky_solve(keys, torch.linalg.cholesky(ridge))
     else:
-        scaled = cov.solve(keys) / mom2_weight  # X = C~^-1 K
+        scaled = cov.solve(keys) / mom2_update_weight  # X = C~^-1 K
     if independent:
         return scaled / (keys * scaled).sum(0)
     gram = keys.T @ scaled  # D: (N, N)

@@ -30,8 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from editlib.data.records import EditRequest, batches
+from editlib.editing.hparams import TargetHparams
 from editlib.editing.keys import build_context_prompts
-from editlib.methods.hparams import TargetHparams
 from editlib.model import upper_blocks
 from editlib.model.attention import grouped_attention
 from editlib.model.forward import continuation_exact, final_hidden_after, split_rows

@@ -24,6 +24,7 @@ from editlib.study.stages import (
     sequential_samples,
     sequential_scorings,
     toy_record_count,
+    trained_editor_block,
 )
 
 
@@ -364,7 +365,7 @@ def _construct(what: str, cls, values: dict) -> None:
 def _check_values(config: dict, source: str) -> None:
     """Ranges the schema cannot state: hyperparameters, the toy model and world, record counts,
     downstream tasks."""
-    from editlib.methods.hparams import MendHparams
+    from editlib.methods.mend import MendHparams
     from editlib.methods.registry import make_spec
     from editlib.toy.recipe import TrainConfig
     from editlib.toy.world import WorldConfig
@@ -407,12 +408,12 @@ def _check_values(config: dict, source: str) -> None:
                 times = " (x samples)" if field.endswith("total_edits") and sequential_samples(config) > 1 else ""
                 raise ConfigError(f"{source}: {field}{times}: {n} records needed, the toy world (data.world) has "
                                   f"{available}")
-        if "mend" in config["methods"]:
-            mend = config["methods"]["mend"]
+        if (block := trained_editor_block(config)) is not None:
+            mend = config["methods"][block]
             used = mend_training_offset(config)
             wanted = mend.get("n_train", 100) + mend.get("n_eval", 20)
             if used + wanted > available:
-                raise ConfigError(f"{source}: methods.mend: n_train + n_eval = {wanted} records beyond the first "
+                raise ConfigError(f"{source}: methods.{block}: n_train + n_eval = {wanted} records beyond the first "
                                   f"{used} (edited by the experiments) exceed the toy world's {available}")
     downstream = config["downstream"]
     if not downstream.get("include_defaults", False):

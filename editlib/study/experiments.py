@@ -22,12 +22,12 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from editlib.data.records import EditRequest, batches, record_kind
+from editlib.editing.hparams import LocateEditHparams
 from editlib.editing.session import EditSession
 from editlib.editing.target_store import TargetStore
 from editlib.editing.templates import sample_context_templates
 from editlib.eval.metrics import edit_metrics, edit_scores, generation_entropy
 from editlib.io import content_key, load_tensors, read_metadata, save_tensors
-from editlib.methods.hparams import EditHparams
 from editlib.methods.registry import get_method, make_spec
 from editlib.study.tables import DOWNSTREAM_COLUMNS, INTERVALS, METRICS, RESULT_COLUMNS, SENSITIVITY_COLUMNS
 
@@ -49,9 +49,9 @@ class ExperimentContext:
     target_store: TargetStore | None = None
     _templates: dict = field(default_factory=dict, repr=False)
 
-    def templates(self, hparams: EditHparams) -> list[str]:
+    def templates(self, spec: LocateEditHparams) -> list[str]:
         """Context templates of the UNEDITED model, sampled once per (lengths, seed)."""
-        key = (hparams.context_lengths, hparams.template_seed)
+        key = (spec.context_lengths, spec.template_seed)
         if key not in self._templates:
             self._templates[key] = sample_context_templates(self.model, self.tokenizer, *key)
         return self._templates[key]
@@ -65,10 +65,10 @@ def layers_label(layers: Sequence[int]) -> str:
     return ",".join(str(layer) for layer in layers)
 
 
-def result_row(experiment: str, ctx: ExperimentContext, hparams, batch_size: int, n_edits: int,
+def result_row(experiment: str, ctx: ExperimentContext, spec, batch_size: int, n_edits: int,
                step: int, scope: str, metrics: dict, n_records: int, records: str = "counterfact") -> dict:
-    row = {"experiment": experiment, "model": ctx.model_name, "method": hparams.method,
-           "layers": layers_label(hparams.layers), "batch_size": batch_size, "sample": 0, "n_edits": n_edits, "step": step,
+    row = {"experiment": experiment, "model": ctx.model_name, "method": spec.method,
+           "layers": layers_label(spec.layers), "batch_size": batch_size, "sample": 0, "n_edits": n_edits, "step": step,
            "scope": scope, "records": records, "n_records": n_records}
     row.update({name: metrics.get(name, float("nan")) for name in (*METRICS, *INTERVALS)})
     return row
@@ -150,7 +150,7 @@ def best_layer(frame: pd.DataFrame, metric: str = "S") -> int:
     return int(scores[scores == scores.max()].index.min())
 
 
-def batched_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hparams,
+def batched_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], spec,
                   batch_sizes: Sequence[int], downstream: Downstream | None = None,
                   states: Mapping[int, str | Path] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """For each batch size: consecutive batches, each edited into the UNEDITED model and scored on
@@ -162,10 +162,10 @@ def batched_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hpara
     """
     states = states or {}
     rows, downstream_rows = [], []
-    session = ctx.session(hparams)
+    session = ctx.session(spec)
     try:
         if downstream is not None:
-            downstream_rows += _downstream_rows(ctx, hparams, 0, 0, downstream, "batched")
+            downstream_rows += _downstream_rows(ctx, spec, 0, 0, downstream, "batched")
         for batch_size in batch_sizes:
             if batch_size > len(requests):
                 raise ValueError(f"batch size {batch_size} exceeds the {len(requests)} available requests")
@@ -173,8 +173,8 @@ def batched_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hpara
             plan = list(batches(usable, batch_size))
             frames = []
             if batch_size == 1:  # batches of one fact are single edits (batched passes where the method can)
-                frames.append(single_edit_scores(ctx, usable, hparams, session))
-            for index, batch in enumerate(tqdm(plan, desc=f"{hparams.method} batch {batch_size}", disable=not ctx.progress)):
+                frames.append(single_edit_scores(ctx, usable, spec, session))
+            for index, batch in enumerate(tqdm(plan, desc=f"{spec.method} batch {batch_size}", disable=not ctx.progress)):
                 if batch_size == 1 and (index > 0 or downstream is None and batch_size not in states):
                     break
                 session.restore()
@@ -182,26 +182,26 @@ def batched_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hpara
                 if batch_size > 1:
                     frames.append(score_records(ctx, batch, session))
                 if downstream is not None and index == 0:
-                    downstream_rows += _downstream_rows(ctx, hparams, batch_size, batch_size, downstream, "batched")
+                    downstream_rows += _downstream_rows(ctx, spec, batch_size, batch_size, downstream, "batched")
                 if index == 0 and batch_size in states:
-                    save_state(states[batch_size], session, hparams, "batched", batch_size, batch_size)
+                    save_state(states[batch_size], session, spec, "batched", batch_size, batch_size)
             session.restore()
             metrics = edit_metrics(pd.concat(frames, ignore_index=True))
-            rows.append(result_row("batched", ctx, hparams, batch_size, batch_size, len(plan), "batch", metrics,
+            rows.append(result_row("batched", ctx, spec, batch_size, batch_size, len(plan), "batch", metrics,
                                    len(usable), record_kind(requests)))
     finally:
         session.close()
     return pd.DataFrame(rows, columns=RESULT_COLUMNS), pd.DataFrame(downstream_rows, columns=DOWNSTREAM_COLUMNS)
 
 
-def _checkpoint_key(ctx: ExperimentContext, requests, hparams, batch_size: int, total: int) -> str:
-    return content_key({"model": ctx.model_name, "hparams": hparams.to_dict(), "batch_size": batch_size,
+def _checkpoint_key(ctx: ExperimentContext, requests, spec, batch_size: int, total: int) -> str:
+    return content_key({"model": ctx.model_name, "spec": spec.to_dict(), "batch_size": batch_size,
                         "total": total, "cases": [str(r.case_id) for r in requests]})
 
 
-def _save_checkpoint(path: Path, editor, key: str, step: int, rows: list, downstream_rows: list) -> None:
+def _save_checkpoint(path: Path, session, key: str, step: int, rows: list, downstream_rows: list) -> None:
     metadata = {"key": key, "step": str(step), "rows": json.dumps(rows), "downstream": json.dumps(downstream_rows)}
-    save_tensors(path, editor.state_dict(), metadata)
+    save_tensors(path, session.state_dict(), metadata)
 
 
 def _load_checkpoint(path: Path, key: str):
@@ -218,7 +218,7 @@ def _load_checkpoint(path: Path, key: str):
         return None
 
 
-def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hparams, batch_size: int,
+def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], spec, batch_size: int,
                      total_edits: int, checkpoint_path: str | Path | None = None, downstream: Downstream | None = None,
                      downstream_at: Sequence[int] | None = None, eval_at: Sequence[int] | None = None,
                      states: Mapping[int, str | Path] | None = None, checkpoint_minutes: float = 0.0,
@@ -247,15 +247,15 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
     and after the last batch; 0 saves after every batch. A rerun resumes from the checkpoint and
     replays the batches after it (the edits, scores and saved `states` come out bit-identical to an
     uninterrupted run); when a state the checkpoint is past is missing on disk it starts over.
-    `hparams` is the spec of any registered method (editlib.methods.registry).
+    `spec` is the spec of any registered method (editlib.methods.registry).
     """
     if total_edits > len(requests):
         raise ValueError(f"total_edits={total_edits} exceeds the {len(requests)} available requests")
     requests = list(requests[:total_edits])
     kind = record_kind(requests)
     plan = list(batches(requests, batch_size))
-    editor = ctx.session(hparams)
-    key = _checkpoint_key(ctx, requests, hparams, batch_size, total_edits)
+    session = ctx.session(spec)
+    key = _checkpoint_key(ctx, requests, spec, batch_size, total_edits)
     path = Path(checkpoint_path) if checkpoint_path is not None else None
     rows: list[dict] = []
     downstream_rows: list[dict] = []
@@ -270,38 +270,38 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], hp
             resumed = None
     if resumed is not None:
         state, start, rows, downstream_rows = resumed
-        editor.load_state_dict(state)
+        session.load_state_dict(state)
         log.info("resuming %s from batch %d of %d", path, start, len(plan))
     elif downstream is not None:
-        downstream_rows += _downstream_rows(ctx, hparams, batch_size, 0, downstream)
+        downstream_rows += _downstream_rows(ctx, spec, batch_size, 0, downstream)
     interval = 60.0 * checkpoint_minutes
     saved_at = clock()
     try:
-        for step in tqdm(range(start, len(plan)), desc=f"{hparams.method} sequential b={batch_size}",
+        for step in tqdm(range(start, len(plan)), desc=f"{spec.method} sequential b={batch_size}",
                          disable=not ctx.progress, initial=start, total=len(plan)):
             batch = plan[step]
-            editor.apply(batch)
-            n_edits = editor.n_edits
+            session.apply(batch)
+            n_edits = session.n_edits
             edited = requests[:n_edits]
             whole = eval_at is None or n_edits in set(eval_at) or step == len(plan) - 1
-            scores = score_records(ctx, edited if whole else batch, editor)  # one pass; the batch is part of it
-            rows.append(result_row("sequential", ctx, hparams, batch_size, n_edits, step + 1, "current_batch",
+            scores = score_records(ctx, edited if whole else batch, session)  # one pass; the batch is part of it
+            rows.append(result_row("sequential", ctx, spec, batch_size, n_edits, step + 1, "current_batch",
                                    records_metrics(ctx, scores, batch, entropy=False), len(batch), kind))
             if whole:
                 metrics = records_metrics(ctx, scores, edited, entropy=False)
                 if ctx.generation_entropy:
                     metrics["GE"] = generation_entropy(ctx.model, ctx.tokenizer, evenly_spaced(edited, entropy_records))
-                rows.append(result_row("sequential", ctx, hparams, batch_size, n_edits, step + 1, "edited_so_far",
+                rows.append(result_row("sequential", ctx, spec, batch_size, n_edits, step + 1, "edited_so_far",
                                        metrics, len(edited), kind))
             if downstream is not None and (downstream_at is None or n_edits in set(downstream_at)):
-                downstream_rows += _downstream_rows(ctx, hparams, batch_size, n_edits, downstream)
+                downstream_rows += _downstream_rows(ctx, spec, batch_size, n_edits, downstream)
             if states and n_edits in states:
-                save_state(states[n_edits], editor, hparams, "sequential", batch_size, n_edits)
+                save_state(states[n_edits], session, spec, "sequential", batch_size, n_edits)
             if path is not None and (step == len(plan) - 1 or clock() - saved_at >= interval):
-                _save_checkpoint(path, editor, key, step + 1, rows, downstream_rows)
+                _save_checkpoint(path, session, key, step + 1, rows, downstream_rows)
                 saved_at = clock()
     finally:
-        editor.close()
+        session.close()
     return pd.DataFrame(rows, columns=RESULT_COLUMNS), pd.DataFrame(downstream_rows, columns=DOWNSTREAM_COLUMNS)
 
 
@@ -324,9 +324,9 @@ def _labelled_downstream(rows: list[dict], base: dict, subtasks: bool) -> list[d
             for row in rows if subtasks or "group" not in row]
 
 
-def _downstream_rows(ctx, hparams, batch_size, n_edits, downstream: Downstream, experiment: str = "sequential",
+def _downstream_rows(ctx, spec, batch_size, n_edits, downstream: Downstream, experiment: str = "sequential",
                      subtasks: bool = False) -> list[dict]:
-    base = {"experiment": experiment, "model": ctx.model_name, "method": hparams.method,
+    base = {"experiment": experiment, "model": ctx.model_name, "method": spec.method,
             "batch_size": batch_size, "sample": 0, "n_edits": n_edits}
     return _labelled_downstream(downstream(ctx.model, ctx.tokenizer), base, subtasks)
 

@@ -582,9 +582,10 @@ def run_downstream(config: dict, experiment: str, method: str, batch_size: int, 
 
 def train_mend_editor(config: dict, model_dir, records_path, out_path) -> dict:
     """Train MEND on the records after those any experiment edits; save the hypernetwork."""
-    from editlib.methods.mend import MendHparams, evaluate_mend, train_mend
+    from editlib.methods.mend import MendHparams
+    from editlib.methods.mend.editor import evaluate_mend, train_mend
 
-    settings = config["methods"]["mend"]
+    settings = next(iter(config["methods"].values()))  # the stage holds the trained editor's block only
     model, tokenizer = load_configured_model(config, model_dir)
     used = config["mend_training_offset"]
     n_train, n_eval = settings.get("n_train", 100), settings.get("n_eval", 20)
@@ -593,7 +594,7 @@ def train_mend_editor(config: dict, model_dir, records_path, out_path) -> dict:
     if len(pool) < n_train + n_eval:
         raise ValueError(f"{records_path}: MEND needs {n_train + n_eval} records beyond the first {used} "
                          f"(edited by the experiments), the file has {len(requests)}")
-    hparams = MendHparams(**settings.get("hparams", {}))
+    hparams = MendHparams.from_config(settings.get("hparams", {}))
     editor = train_mend(model, tokenizer, pool[:n_train], hparams, eval_requests=pool[n_train:n_train + n_eval])
     editor.save(out_path)
     final = evaluate_mend(editor, pool[n_train:n_train + n_eval])

@@ -37,7 +37,6 @@ from editlib.study.config import validate_config
 from editlib.study.stages import (
     CHECKPOINT_MINUTES,
     configured_method,
-    method_name,
     method_overrides,
     model_config,
     model_names,
@@ -45,9 +44,10 @@ from editlib.study.stages import (
     sequential_runs,
     state_points,
     statistics_layers,
+    trained_editor_block,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 GIB = 2 ** 30
 
@@ -240,21 +240,23 @@ class Editing:
 
 
 def editing(config: dict, block: str) -> Editing:
-    from editlib.methods.hparams import GraceHparams, make_hparams
+    """The cost model of a method block: a trained hypernetwork ("mend"), a locate-and-edit method
+    ("locate", with its solve), or an adaptor trained per edit ("grace"), from its registry entry
+    and hyperparameter class."""
+    from editlib.editing.hparams import LocateEditHparams
+    from editlib.methods.registry import make_spec
 
-    name = method_name(config, block)
     layers = config["methods"][block].get("layers", "auto")
     layers = tuple(layers) if isinstance(layers, list) else ()
-    overrides = method_overrides(config, block)
     method = configured_method(config, block)
     if method.trained_editor:
         return Editing("mend", tuple(range(config["methods"][block].get("hparams", {}).get("n_edit_layers", 2))))
-    if name == "grace":
-        return Editing("grace", layers, rows_per_fact=1, steps=GraceHparams(**overrides).n_iter)
-    hp = make_hparams(name, layers=(0,), **overrides)
+    hp = make_spec(method.name, method_overrides(config, block), layers[:1] or (0,))
+    if not isinstance(hp, LocateEditHparams):
+        return Editing("grace", layers, rows_per_fact=1, steps=hp.n_iter)
     templates = 1 + sum(count for _, count in hp.context_lengths)
-    solve = "rome" if hp.is_rome else ("alphaedit" if name == "alphaedit" else "memit")
-    if hp.is_rome and not hp.mom2_adjustment:
+    solve = "rome" if hp.one_fact_at_a_time else ("alphaedit" if getattr(hp, "keeps_edited_keys", False) else "memit")
+    if not hp.needs_statistics:
         solve = ""
     return Editing("locate", layers, templates + 1, hp.targets.v_num_grad_steps, hp.targets.facts_per_chunk, solve,
                    method.uses_statistics)
@@ -477,7 +479,7 @@ def model_jobs(config: dict, model: str, gpu: Gpu = H100) -> list[Job]:
 
     # MEND's hypernetwork
     if _needs(config, "trained_editor"):
-        hp = config["methods"]["mend"].get("hparams", {})
+        hp = config["methods"][trained_editor_block(config)].get("hparams", {})
         n_layers, rank, steps, batch = hp.get("n_edit_layers", 2), hp.get("rank", 1920), hp.get("steps", 300), hp.get("batch_size", 4)
         hyper = n_layers * 2 * (m.hidden + m.intermediate) * rank
         tokens = steps * batch * 3 * PROMPT_TOKENS["scored"]  # edit, post-edit and locality prompts

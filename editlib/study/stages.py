@@ -10,6 +10,14 @@ from typing import Any
 NON_HPARAM_KEYS = {"method", "layers", "n_train", "n_eval", "hparams"}
 
 
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """`base` with `override`'s values, nested dicts merged key by key."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
 def sensitivity_methods(config: dict) -> list[str]:
     """The method blocks of the sensitivity stage (the keys of experiments.sensitivity.grid)."""
     return list(config["experiments"].get("sensitivity", {}).get("grid", {}))
@@ -61,7 +69,8 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
         return {**part, "model": {**loaded, "name": model["name"]}, "tracing": config["tracing"],
                 "records": edit_records(config)}
     if stage == "train_mend":
-        return {**part, "methods": {"mend": config["methods"]["mend"]}, "mend_training_offset": mend_training_offset(config),
+        block = trained_editor_block(config)
+        return {**part, "methods": {block: config["methods"][block]}, "mend_training_offset": mend_training_offset(config),
                 "records": edit_records(config)}
     # the lm-eval settings; whether the states are deleted afterwards is the workflow's business
     downstream = {k: v for k, v in config["downstream"].items() if k != "temporary_states"}
@@ -115,7 +124,6 @@ def model_config(config: dict, name: str) -> dict:
     if name == config["model"]["name"]:
         block = config["model"]
     elif name in config.get("models", {}):
-        from editlib.methods.hparams import deep_merge
 
         block = {**deep_merge(config["model"], config["models"][name]), "name": name}
     else:
@@ -237,6 +245,13 @@ def method_name(config: dict, name: str) -> str:
     """The registered method a config block runs: its `method:` key (a variant such as a second
     MEMIT with other layers), else the block's own name."""
     return config["methods"][name].get("method", name)
+
+
+def trained_editor_block(config: dict) -> str | None:
+    """The method block whose method needs a trained editor (MEND), or None; a run trains one
+    (config validation rejects a second)."""
+    blocks = [name for name in config["methods"] if configured_method(config, name).trained_editor]
+    return blocks[0] if blocks else None
 
 
 def configured_method(config: dict, name: str):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from editlib.methods.hparams import check_ranges
+from editlib.editing.hparams import check_ranges
 
 # ---------------------------------------------------------------------------- the toy model's training
 

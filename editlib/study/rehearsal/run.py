@@ -39,9 +39,9 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from editlib.io import write_json, write_text
-from editlib.methods.hparams import deep_merge
+from editlib.study.stages import deep_merge
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 OVERRIDES = REPO / "configs" / "rehearsal"
 # removed from the jobs' environment: the rehearsal must not allow what the workflow does not
 CLEARED_ENV = ("HF_ALLOW_CODE_EVAL", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN",
@@ -101,9 +101,10 @@ def local_url(url: str, server: str) -> str:
 def records_needed(config: dict) -> int:
     """How many records the config's experiments read: those they edit, then MEND's training and
     held-out records after them (`editlib.study.stages.mend_training_offset`)."""
-    from editlib.study.stages import mend_training_offset
+    from editlib.study.stages import mend_training_offset, trained_editor_block
 
-    mend = config["methods"].get("mend")
+    block = trained_editor_block(config)
+    mend = config["methods"][block] if block else None
     return mend_training_offset(config) + (mend.get("n_train", 100) + mend.get("n_eval", 20) if mend else 0)
 
 

@@ -44,7 +44,7 @@ from torch import nn
 from editlib.data.records import EditRequest
 from editlib.editing.session import EditSession
 from editlib.io import load_tensors, save_tensors
-from editlib.methods.hparams import MendHparams, MendSpec  # noqa: F401  (defined there)
+from editlib.methods.mend import MendHparams, MendSpec  # noqa: F401  (defined there)
 from editlib.model.layout import lm_head, model_layout, module_dims, weight_layout
 from editlib.model.loading import model_fingerprint
 from editlib.model.tokens import TargetBatch, pad_id, pad_right, prompt_ids, target_batch

@@ -45,7 +45,7 @@ from torch import nn
 from editlib.data.records import EditRequest
 from editlib.editing.session import EditSession
 from editlib.io import load_tensors, save_tensors
-from editlib.methods.hparams import GraceHparams, GraceSpec  # noqa: F401  (defined there)
+from editlib.methods.grace import GraceHparams
 from editlib.model import upper_blocks
 from editlib.model.forward import final_hidden_after, split_rows
 from editlib.model.hooks import StopForward, capture_inputs, capture_outputs, stop_forward_after
@@ -433,10 +433,10 @@ class GraceSession(EditSession):
 
     scores_prompts_once = False  # prompt_queries matches whole rows that start with a prompt
 
-    def __init__(self, model: nn.Module, tokenizer, spec: GraceSpec):
+    def __init__(self, model: nn.Module, tokenizer, spec: GraceHparams):
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
         self.module_name = model_layout(model).rewrite(spec.layers[0])
-        self.editor = GraceEditor(model, tokenizer, self.module_name, spec.hparams)
+        self.editor = GraceEditor(model, tokenizer, self.module_name, spec)
         self.n_edits = 0
 
     def apply(self, requests: Sequence[EditRequest]) -> dict:
@@ -450,7 +450,7 @@ class GraceSession(EditSession):
 
     def restore(self) -> None:
         self.editor.remove()
-        self.editor = GraceEditor(self.model, self.tokenizer, self.module_name, self.spec.hparams)
+        self.editor = GraceEditor(self.model, self.tokenizer, self.module_name, self.spec)
         self.n_edits = 0
 
     def close(self) -> None:
