@@ -56,7 +56,15 @@ def validate_config(config: dict, schema_path: str | Path, source: str = "config
         _check_values(model_config(config, name), where)
     _check_ablations(config, source)
     _check_sensitivity(config, source)
+    _check_figures(config, source)
     return config
+
+
+def _check_figures(config: dict, source: str) -> None:
+    """Each figures.y_limits range is [lo, hi] with lo < hi (the schema checks names and shape)."""
+    for metric, (lo, hi) in config.get("figures", {}).get("y_limits", {}).items():
+        if not lo < hi:
+            raise ConfigError(f"{source}: figures.y_limits.{metric}: [{lo}, {hi}] must be [lo, hi] with lo < hi")
 
 
 def sensitivity_methods(config: dict) -> list[str]:
@@ -312,7 +320,8 @@ def _check_ablations(config: dict, source: str) -> None:
 # ---------------------------------------------------------------------------- what each stage reads
 
 STAGES = ("prepare_data", "prepare_model", "statistics", "causal_trace", "train_mend", "layer_sweep",
-          "sensitivity", "single", "batched", "sequential", "downstream_base", "downstream_batched", "downstream_sequential", "report")
+          "sensitivity", "single", "batched", "sequential", "downstream_base", "downstream_batched", "downstream_sequential", "report",
+          "figures")
 
 
 def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
@@ -324,8 +333,9 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-    if stage == "report":
-        return {"run": config["run"], **({"ablations": config["ablations"]} if config.get("ablations") else {})}
+    if stage in ("report", "figures"):  # findings and figures; only the figures job reads `figures`
+        part = {"run": config["run"], **({"ablations": config["ablations"]} if config.get("ablations") else {})}
+        return {**part, "figures": config["figures"]} if stage == "figures" and config.get("figures") else part
     model = config["model"]
     loaded = {key: model[key] for key in ("dtype", "device", "tf32") if key in model}  # how the prepared model is loaded
     part: dict[str, Any] = {"seed": config["seed"], "model": loaded}
