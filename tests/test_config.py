@@ -131,7 +131,24 @@ INVALID = {
     "zero toy training steps": (_set("model.train.steps", 0), r"model\.train: train: steps must be an integer >= 1, got 0"),
     "toy recall threshold above one": (_set("model.train.recall_threshold", 1.5),
                                        r"model\.train: train: recall_threshold must be in \[0, 1\], got 1\.5"),
+    "figure range upside down": (_set("figures", {"y_limits": {"ES": [100, 0]}}),
+                                 r"figures\.y_limits\.ES: \[100, 0\] must be \[lo, hi\] with lo < hi"),
+    "empty figure range": (_set("figures", {"y_limits": {"accuracy": [0.5, 0.5]}}), r"figures\.y_limits\.accuracy: \[0\.5, 0\.5\]"),
+    "figure range of an unknown metric": (_set("figures", {"y_limits": {"EX": [0, 100]}}),
+                                          r"figures\.y_limits: Additional properties are not allowed \('EX' was unexpected\)"),
+    "figure range of one number": (_set("figures", {"y_limits": {"S": [0]}}), r"figures\.y_limits\.S: \[0\] is too short"),
 }
+
+
+def test_only_the_figures_job_reads_the_figures_block():
+    from editlib.config import stage_config
+
+    config = copy.deepcopy(DEFAULT)
+    assert stage_config(config, "figures") == stage_config(config, "report")  # none configured: as before
+    config["figures"] = {"y_limits": {"S": [50, 100]}}
+    assert validate_config(config, SCHEMA) is config
+    assert stage_config(config, "figures")["figures"] == {"y_limits": {"S": [50, 100]}}
+    assert "figures" not in stage_config(config, "report")  # the findings job
 
 
 def test_a_model_variant_names_only_what_differs():

@@ -186,6 +186,8 @@ CHANGES = [
     # MEND trains on the records after those the experiments edit: more edits move its pool
     ("experiments.sequential.total_edits", 6, {"train_mend": 1, "sequential_edits": 3, "downstream_sequential": 3,
                                                **REPORTING}),
+    # a figure range is read by the figures job alone
+    ("figures", {"y_limits": {"S": [50, 100]}}, {"figures": 1, "all": 1}),
 ]
 
 
@@ -211,6 +213,7 @@ def test_report_is_written(completed):
     (lambda c: c["experiments"]["layer_sweep"]["layers"].append(7), r"layer_sweep\.layers\[2\]: layer 7 out of range"),
     (lambda c: c["methods"]["memit"].update(layers=[0, 9]), r"methods\.memit\.layers\[1\]: layer 9 out of range"),
     (lambda c: c["stats"].pop("n_samples"), r"stats: 'n_samples' is a required property"),
+    (lambda c: c.update(figures={"y_limits": {"ES": [100, 0]}}), r"figures\.y_limits\.ES: \[100, 0\] must be"),
 ])
 def test_invalid_config_fails_before_any_job(tmp_path, mutate, message):
     bad = copy.deepcopy(SMALL)

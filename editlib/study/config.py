@@ -67,7 +67,16 @@ def validate_config(config: dict, schema_path: str | Path, source: str = "config
         _check_values(model_config(config, name), where)
     _check_ablations(config, source)
     _check_sensitivity(config, source)
+    _check_figures(config, source)
     return config
+
+
+
+def _check_figures(config: dict, source: str) -> None:
+    """Each figures.y_limits range is [lo, hi] with lo < hi (the schema checks names and shape)."""
+    for metric, (lo, hi) in config.get("figures", {}).get("y_limits", {}).items():
+        if not lo < hi:
+            raise ConfigError(f"{source}: figures.y_limits.{metric}: [{lo}, {hi}] must be [lo, hi] with lo < hi")
 
 
 def _check_sensitivity(config: dict, source: str) -> None:

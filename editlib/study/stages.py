@@ -26,7 +26,8 @@ def sensitivity_methods(config: dict) -> list[str]:
 # ---------------------------------------------------------------------------- what each stage reads
 
 STAGES = ("prepare_data", "prepare_model", "statistics", "causal_trace", "train_mend", "layer_sweep",
-          "sensitivity", "single", "batched", "sequential", "downstream_base", "downstream_batched", "downstream_sequential", "report")
+          "sensitivity", "single", "batched", "sequential", "downstream_base", "downstream_batched", "downstream_sequential", "report",
+          "figures")
 
 
 def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
@@ -38,8 +39,9 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-    if stage == "report":
-        return {"run": config["run"], **({"ablations": config["ablations"]} if config.get("ablations") else {})}
+    if stage in ("report", "figures"):  # findings and figures; only the figures job reads `figures`
+        part = {"run": config["run"], **({"ablations": config["ablations"]} if config.get("ablations") else {})}
+        return {**part, "figures": config["figures"]} if stage == "figures" and config.get("figures") else part
     model = config["model"]
     loaded = {key: model[key] for key in ("dtype", "device", "tf32") if key in model}  # how the prepared model is loaded
     part: dict[str, Any] = {"seed": config["seed"], "model": loaded}

@@ -38,7 +38,7 @@ rule figures:
                         caption="../report/ablations.rst" if name.startswith("ablations_") else f"../report/{name}.rst")
            for name in FIGURES},
     params:
-        stage=stage_config(config, "report"),
+        stage=stage_config(config, "figures"),
     log:
         f"{RUN_LOGS}/figures.log",
     benchmark:
