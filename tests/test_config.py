@@ -141,7 +141,7 @@ INVALID = {
 
 
 def test_only_the_figures_job_reads_the_figures_block():
-    from editlib.config import stage_config
+    from editlib.study.stages import stage_config
 
     config = copy.deepcopy(DEFAULT)
     assert stage_config(config, "figures") == stage_config(config, "report")  # none configured: as before

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from editlib import plotting
-from editlib.ablations import ablation_tables
+from editlib.study import plotting
+from editlib.study.ablations import ablation_tables
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -232,5 +232,5 @@ def test_plotting_imports_without_torch():
     import subprocess
     import sys
 
-    code = "import sys; import editlib.plotting; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys; import editlib.study.plotting; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

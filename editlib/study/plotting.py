@@ -33,7 +33,7 @@ from editlib.study.tables import Z95, edits_over_samples, model_labelled, over_s
 EDIT_METRICS = ["ES", "PS", "NS", "S"]
 # The full range of each metric as the tidy tables hold it, shared by all panels of the metric in
 # a figure unless the config's figures.y_limits sets another (workflow/schemas/config.schema.yaml):
-# edit scores in percent (editlib.metrics scales ES/PS/NS/S by 100); lm-eval accuracies as
+# edit scores in percent (editlib.eval.metrics scales ES/PS/NS/S by 100); lm-eval accuracies as
 # proportions (downstream.csv `value`; a task scored by Matthews correlation, mcc, spans -1..1 and
 # one whose values leave 0..1, e.g. a perplexity, gets the shared data range); causal tracing's
 # indirect effect a difference of probabilities, None: the smallest range that holds every panel.
