@@ -417,15 +417,17 @@ def open_editor(model, tokenizer, method: str, layers: int | Sequence[int] | Non
                    model, fingerprint)
 
 
-def load_edit(model, tokenizer, path: str | Path, second_moments: dict[int, torch.Tensor] | None = None,
-              progress: bool = True) -> Session:
+def load_edit(model, tokenizer, path: str | Path, second_moments: dict[int, torch.Tensor] | None = None, *,
+              trained_editor: str | Path | None = None, progress: bool = True) -> Session:
     """A session of the method, layers and hyperparameters an edit was saved with (Session.save),
     on `model` (the same unedited model), with the saved edits applied: bit-identical weights.
-    Methods that need second moments need them here too (to edit further)."""
+    Methods that need second moments need them here too (to edit further); MEND's hypernetwork
+    is read from where it was when the edit was saved, or from `trained_editor`."""
     saved = read_edit_metadata(path)
-    layers = None if saved["trained_editor"] else saved["layers"]
-    session = open_editor(model, tokenizer, saved["method"], layers, second_moments,
-                          trained_editor=saved["trained_editor"], progress=progress, **saved["hyperparameters"])
+    trained_editor = trained_editor if trained_editor is not None else saved["trained_editor"]
+    layers = None if trained_editor is not None else saved["layers"]
+    session = open_editor(model, tokenizer, saved["method"], layers, second_moments, trained_editor=trained_editor,
+                          progress=progress, **saved["hyperparameters"])
     try:
         return session.load(path)
     except Exception:

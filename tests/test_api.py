@@ -157,10 +157,11 @@ def test_request_locates_the_subject_and_names_a_bad_request():
 
 def test_sessions_say_what_is_missing(fresh_model, llama_tokenizer, stats, mend_editor):
     model = fresh_model()
+    short = {"context_lengths": [[5, 1]], "progress": False}
     with pytest.raises(editlib.MissingStatisticsError, match=r"editlib.second_moments\(model, tokenizer, \[0, 1\]"):
-        editlib.open_editor(model, llama_tokenizer, "memit", [0, 1])
+        editlib.open_editor(model, llama_tokenizer, "memit", [0, 1], **short)
     with pytest.raises(editlib.MissingStatisticsError, match=r"layers \[1\]"):
-        editlib.open_editor(model, llama_tokenizer, "alphaedit", [0, 1], second_moments={0: stats[0]})
+        editlib.open_editor(model, llama_tokenizer, "alphaedit", [0, 1], second_moments={0: stats[0]}, **short)
     with pytest.raises(ValueError, match="trained_editor"):
         editlib.open_editor(model, llama_tokenizer, "mend")
     with pytest.raises(ValueError, match="pass layers"):
@@ -170,7 +171,7 @@ def test_sessions_say_what_is_missing(fresh_model, llama_tokenizer, stats, mend_
     with pytest.raises(ValueError, match="one layer"):
         editlib.open_editor(model, llama_tokenizer, "rome", second_moments=stats)  # layers 0 and 1 from C
     # ROME without the covariance adjustment needs no statistics
-    editlib.open_editor(model, llama_tokenizer, "rome", [1], mom2_adjustment=False, progress=False).close()
+    editlib.open_editor(model, llama_tokenizer, "rome", [1], mom2_adjustment=False, **short).close()
 
 
 def test_a_saved_edit_loads_only_onto_its_own_unedited_model(tmp_path, fresh_model, llama_tokenizer, stats):
