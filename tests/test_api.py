@@ -24,7 +24,7 @@ from editlib.data.records import EditRequest, RecordError
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "## Python API"
-DOCUMENTS = (REPO / "README.md", REPO / "docs" / "python-api.md")  # README.md first: the section's home
+DOCUMENTS = (REPO / "README.md",)
 
 TARGETS = {"clamp_norm_factor": 20.0, "v_num_grad_steps": 20, "v_weight_decay": 1e-3, "v_lr": 0.5}
 METHODS = {  # method -> (layers, hyperparameters) for the tiny 2-layer model
@@ -256,7 +256,7 @@ def test_import_editlib_stays_torch_free():
 
 
 def api_block() -> tuple[Path, str]:
-    """The ```python block of the "## Python API" section: README.md's, else docs/python-api.md's."""
+    """The ```python block of README.md's "## Python API" section."""
     for path in DOCUMENTS:
         if not path.is_file():
             continue
