@@ -81,7 +81,8 @@ def stats(tmp_path, fresh_model, llama_tokenizer, corpus):
 @pytest.fixture
 def mend_editor(tmp_path, fresh_model, llama_tokenizer):
     """An untrained MEND hypernetwork (one plain gradient step per edit) saved as a trained one."""
-    from editlib.methods.mend import MendEditor, MendHparams
+    from editlib.methods.mend import MendHparams
+    from editlib.methods.mend.editor import MendEditor
 
     path = tmp_path / "mend.safetensors"
     modules = ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj")
