@@ -222,12 +222,12 @@ def statistics_plan(m: Dims, n_layers: int, batch_tokens: int, acc_dtype: str, l
 class Editing:
     """What one configured method block costs per fact and per batch."""
 
-    kind: str  # locate | grace | mend
+    kind: str  # locate | adaptor | hypernetwork
     layers: tuple[int, ...]  # () for auto: one layer, the lowest (layer 0) assumed
     rows_per_fact: int = 0  # context prompts + the KL prompt
     steps: int = 0  # target optimisation (or GRACE) steps
     facts_per_chunk: int = 32
-    solve: str = ""  # memit | rome | alphaedit | ""
+    solve: str = ""  # least_squares | rank_one | null_space | "" (no statistics)
     uses_statistics: bool = False
 
     @property
@@ -240,8 +240,9 @@ class Editing:
 
 
 def editing(config: dict, block: str) -> Editing:
-    """The cost model of a method block: a trained hypernetwork ("mend"), a locate-and-edit method
-    ("locate", with its solve), or an adaptor trained per edit ("grace"), from its registry entry
+    """The cost model of a method block: a trained hypernetwork ("hypernetwork", MEND), a locate-and-edit
+    method ("locate", with its solve: "rank_one" ROME, "least_squares" MEMIT/EMMET, "null_space"
+    AlphaEdit), or an adaptor trained per edit ("adaptor", GRACE), from its registry entry
     and hyperparameter class."""
     from editlib.editing.hparams import LocateEditHparams
     from editlib.methods.registry import make_spec
@@ -250,12 +251,12 @@ def editing(config: dict, block: str) -> Editing:
     layers = tuple(layers) if isinstance(layers, list) else ()
     method = configured_method(config, block)
     if method.trained_editor:
-        return Editing("mend", tuple(range(config["methods"][block].get("hparams", {}).get("n_edit_layers", 2))))
+        return Editing("hypernetwork", tuple(range(config["methods"][block].get("hparams", {}).get("n_edit_layers", 2))))
     hp = make_spec(method.name, method_overrides(config, block), layers[:1] or (0,))
     if not isinstance(hp, LocateEditHparams):
-        return Editing("grace", layers, rows_per_fact=1, steps=hp.n_iter)
+        return Editing("adaptor", layers, rows_per_fact=1, steps=hp.n_iter)
     templates = 1 + sum(count for _, count in hp.context_lengths)
-    solve = "rome" if hp.one_fact_at_a_time else ("alphaedit" if getattr(hp, "keeps_edited_keys", False) else "memit")
+    solve = "rank_one" if hp.one_fact_at_a_time else ("null_space" if getattr(hp, "keeps_edited_keys", False) else "least_squares")
     if not hp.needs_statistics:
         solve = ""
     return Editing("locate", layers, templates + 1, hp.targets.v_num_grad_steps, hp.targets.facts_per_chunk, solve,
@@ -265,10 +266,10 @@ def editing(config: dict, block: str) -> Editing:
 def edit_cost(m: Dims, e: Editing, facts: int, batches: int, cost: Cost) -> Cost:
     """Computing and applying the edits of `facts` facts in `batches` batches (each batch's
     targets on the model as it is then, chunks of facts_per_chunk facts per pass)."""
-    if e.kind == "mend":  # one forward and backward of the edit prompts, the hypernetwork's step
+    if e.kind == "hypernetwork":  # one forward and backward of the edit prompts, the hypernetwork's step
         return cost.add(3 * forward_flops(m, facts * PROMPT_TOKENS["scored"]), m.rate, 2 * batches * m.weight_bytes)
     above = m.params_above(e.lowest if e.kind == "locate" else min(e.layers))
-    if e.kind == "grace":  # n_iter Adam steps per edit through the layers above the wrapped one
+    if e.kind == "adaptor":  # n_iter Adam steps per edit through the layers above the wrapped one
         tokens = facts * e.steps * PROMPT_TOKENS["scored"]
         return cost.add(3 * forward_flops(m, tokens, above), m.rate, 2 * facts * e.steps * above * m.dtype_bytes)
     chunks = batches * max(1, math.ceil(facts / batches / e.facts_per_chunk))
@@ -278,13 +279,13 @@ def edit_cost(m: Dims, e: Editing, facts: int, batches: int, cost: Cost) -> Cost
     # Adam steps: forward and backward of the suffix tokens through the blocks above the layer
     cost.add(3 * forward_flops(m, rows * PROMPT_TOKENS["suffix"] * e.steps, above), m.rate,
              2 * chunks * e.steps * above * m.dtype_bytes)
-    solve_rate = H100.tflops["fp64" if e.solve == "alphaedit" else "fp32"] * 1e12 * ASSUMED_UTILISATION["solve"]
+    solve_rate = H100.tflops["fp64" if e.solve == "null_space" else "fp32"] * 1e12 * ASSUMED_UTILISATION["solve"]
     d_k3 = float(m.intermediate) ** 3
-    if e.solve in ("memit", "alphaedit"):  # a d_k x d_k solve per batch and layer
+    if e.solve in ("least_squares", "null_space"):  # a d_k x d_k solve per batch and layer
         cost.add(2 * d_k3 * batches * e.n_layers, solve_rate)
-    if e.solve == "alphaedit":  # the null-space projector: an eigendecomposition per layer
+    if e.solve == "null_space":  # the null-space projector: an eigendecomposition per layer
         cost.add(9 * d_k3 * e.n_layers, solve_rate)
-    if e.solve == "rome":  # C^-1 once per layer
+    if e.solve == "rank_one":  # C^-1 once per layer
         cost.add(2 * d_k3, solve_rate)
     return cost
 
@@ -297,17 +298,17 @@ def edit_gpu_bytes(m: Dims, e: Editing) -> float:
     per_layer = 2 * m.hidden * m.intermediate * 4  # the original weight and the accumulated update, fp32
     if e.uses_statistics:
         per_layer += m.intermediate ** 2 * 4  # C
-    if e.solve == "alphaedit":
+    if e.solve == "null_space":
         per_layer += m.intermediate ** 2 * (4 + 8)  # the projector and the fp64 key product
     total += per_layer * e.n_layers
     if e.solve:  # one layer's solve at a time: its matrix and factorisation
-        total += 2 * m.intermediate ** 2 * (8 if e.solve == "alphaedit" else 4)
+        total += 2 * m.intermediate ** 2 * (8 if e.solve == "null_space" else 4)
     if e.kind == "locate":
         rows = e.facts_per_chunk * e.rows_per_fact
         total += activation_bytes(m, rows * PROMPT_TOKENS["suffix"], m.layers - e.lowest)
         total += rows * 4 * m.vocab * 4 * 3  # target-token logits, their softmax and gradient
         total += rows * PROMPT_TOKENS["prefix"] * m.layers * 2 * m.kv * m.dtype_bytes  # the prefix cache
-    elif e.kind == "grace":
+    elif e.kind == "adaptor":
         total += activation_bytes(m, PROMPT_TOKENS["scored"], m.layers - min(e.layers))
     return total
 
@@ -315,10 +316,10 @@ def edit_gpu_bytes(m: Dims, e: Editing) -> float:
 def state_bytes(m: Dims, e: Editing, n_edits: int) -> float:
     """A saved edit state (safetensors): each edited layer's fp32 update (and AlphaEdit's fp64
     key product), GRACE's codebook (a key of d_k and a value of d per edit), MEND's edited weights."""
-    if e.kind == "grace":
+    if e.kind == "adaptor":
         return n_edits * (m.intermediate + m.hidden) * 4
     size = e.n_layers * m.hidden * m.intermediate * 4
-    if e.solve == "alphaedit":
+    if e.solve == "null_space":
         size += e.n_layers * m.intermediate ** 2 * 8
     return size
 

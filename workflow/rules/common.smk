@@ -11,6 +11,7 @@ from editlib.study.stages import (
     sensitivity_methods,
     sequential_runs,
     stage_config,
+    trained_editor_block,
 )
 
 RUN = config["run"]

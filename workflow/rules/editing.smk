@@ -50,7 +50,7 @@ rule train_mend:
     output:
         MEND_EDITOR,
     params:
-        stage=stage("train_mend") if "mend" in config["methods"] else {},
+        stage=stage("train_mend") if trained_editor_block(config) else {},
     threads: config["threads"]
     log:
         f"{LOGS}/train_mend.log",
