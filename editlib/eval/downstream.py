@@ -1,22 +1,15 @@
 """Downstream (general-ability) evaluation of an in-memory, possibly edited, model through
-lm-evaluation-harness 0.4.13.
+lm-evaluation-harness 0.4.13 (the task files this project writes are in downstream_tasks.py).
 
-Three pieces:
-
-- local multiple-choice tasks: jsonl rows ``{"question": str, "choices": [str, ...], "answer": int}``
-  plus an lm-eval task YAML written by `write_mc_task` (indexed with
-  ``TaskManager(include_path=..., include_defaults=False)``, no hub access);
-- converters from the glue_eval benchmark files used by UME / AlphaEdit to that form,
-  with their prompts (`glue_eval_items`, `write_glue_eval_task`);
-- `evaluate_downstream`: wraps the live model in ``lm_eval.models.huggingface.HFLM`` (no save and
-  reload, so edits are seen as they are), evaluates each requested task (a group or tag counts as
-  one task) in its own lm-eval call, and returns tidy rows: one ``{task, metric, value, stderr,
-  n_items, error}`` per requested task and metric (a group as lm-eval aggregates it, `task_rows`;
-  a task that raised: one row with its ``error``) and one ``{group, task, metric, value, stderr,
-  n_items}`` per leaf task of a group or tag; callers add method / model / n_edits columns.
-  By default the wrapper is HFLM's subclass from `shared_context_lm_class`, which runs each
-  distinct context once for all its continuations (2.5x faster on SmolLM2's 3-shot BIG-bench
-  tasks, the same scores to float rounding; docs/performance.md).
+`evaluate_downstream` wraps the live model in ``lm_eval.models.huggingface.HFLM`` (no save and
+reload, so edits are seen as they are), evaluates each requested task (a group or tag counts as
+one task) in its own lm-eval call, and returns tidy rows: one ``{task, metric, value, stderr,
+n_items, error}`` per requested task and metric (a group as lm-eval aggregates it, `task_rows`; a
+task that raised: one row with its ``error``) and one ``{group, task, metric, value, stderr,
+n_items}`` per leaf task of a group or tag; callers add method / model / n_edits columns. By
+default the wrapper is HFLM's subclass from `shared_context_lm_class`, which runs each distinct
+context once for all its continuations (2.5x faster on SmolLM2's 3-shot BIG-bench tasks, the same
+scores to float rounding; docs/performance.md).
 
 Scoring is lm-eval's multiple-choice log-likelihood: for each choice the continuation is
 ``target_delimiter + choice`` (" A", " positive", ...), context and continuation are tokenized

@@ -1,5 +1,8 @@
-"""lm-eval task files this project writes: multiple-choice tasks from jsonl items, and the GLUE-style
-evaluation tasks of Lin et al. from their published items."""
+"""lm-eval task files this project writes: local multiple-choice tasks (jsonl rows ``{"question",
+"choices", "answer"}`` plus a task YAML, `write_mc_task`, indexed with
+``TaskManager(include_path=..., include_defaults=False)``, no hub access), and the glue_eval
+benchmark files used by UME / AlphaEdit converted to that form with their prompts
+(`glue_eval_items`, `write_glue_eval_task`)."""
 
 from __future__ import annotations
 
