@@ -68,7 +68,9 @@ def pin(config_path: str | Path, out: str | Path | None = None, trained: str | P
     recipe = TrainConfig(**model.get("train", {}))
     world_config = asdict(WorldConfig(**data.get("world", {})))
     out = Path(out or model.get("pinned") or f"models/{model['name']}")
-    pinned_with = pinned_with or "python -m editlib.toy.pin " + shlex.join(sys.argv[1:])
+    if pinned_with is None:
+        pinned_with = "python -m editlib.toy.pin " + shlex.join(
+            ["--config", str(config_path), "--out", str(out), *(["--from", str(trained)] if trained else [])])
     if command is None:
         command = pinned_with if trained is None else f"not recorded (pinned from the trained folder {trained})"
     with tempfile.TemporaryDirectory(prefix="pin-") as tmp:

@@ -162,7 +162,7 @@ def machine() -> dict:
 
 def write_manifest(folder: str | Path, *, recipe: dict, world_dir: str | Path, world_config: dict,
                    versions: dict[str, str], machine_info: dict, command: str, **extra) -> dict:
-    """Write `folder`/pinned.json over the files now in `folder` and return it."""
+    """Write `folder`/pinned.json over the files now in `folder` and return it as read back."""
     folder = Path(folder)
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {
@@ -177,4 +177,4 @@ def write_manifest(folder: str | Path, *, recipe: dict, world_dir: str | Path, w
         **extra,
     }
     write_json(folder / MANIFEST, manifest)
-    return manifest
+    return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))  # as read back (tuples are lists)
