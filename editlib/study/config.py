@@ -371,6 +371,25 @@ def _construct(what: str, cls, values: dict) -> None:
         raise ConfigError(f"{what}: {error}") from None
 
 
+def _check_pinned(config: dict, source: str) -> None:
+    """model.pinned names a toy model folder whose manifest parses and lists files that exist (their
+    bytes are hashed by the prepare_model job, which also decides whether the recipe matches)."""
+    from editlib.toy.pinned import PinnedModelError, read_manifest
+    from editlib.toy.recipe import TrainConfig
+
+    model = config["model"]
+    if model.get("pinned") is None:
+        return
+    if model["source"] != "toyworld":
+        raise ConfigError(f"{source}: model.pinned: a pinned model is a trained toy model; it needs model.source "
+                          f"toyworld, not {model['source']!r}")
+    try:
+        manifest = read_manifest(model["pinned"])
+    except PinnedModelError as error:
+        raise ConfigError(f"{source}: model.pinned: {error}") from None
+    _construct(f"{source}: model.pinned: {model['pinned']}/pinned.json: recipe", TrainConfig, manifest["recipe"])
+
+
 def _check_values(config: dict, source: str) -> None:
     """Ranges the schema cannot state: hyperparameters, the toy model and world, record counts,
     downstream tasks."""
@@ -390,6 +409,7 @@ def _check_values(config: dict, source: str) -> None:
             raise ConfigError(f"{source}: methods.{method}: {_plain(error)}") from None
     if config["model"]["source"] == "toyworld":
         _construct(f"{source}: model.train", TrainConfig, config["model"].get("train", {}))
+    _check_pinned(config, source)
     if config["data"]["source"] == "toyworld":
         _construct(f"{source}: data.world", WorldConfig, config["data"].get("world", {}))
 

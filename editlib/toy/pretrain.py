@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from editlib.eval.metrics import score_continuations
 from editlib.io import atomic_dir, content_key, sha256_file, write_json
 from editlib.model.tokens import pad_right, prompt_ids, target_ids
-from editlib.toy.recipe import TrainConfig  # noqa: F401  (defined there)
+from editlib.toy.recipe import MODEL_INPUTS, TrainConfig  # noqa: F401  (defined there)
 from editlib.toy.vocab import train_bpe_tokenizer
 
 
@@ -268,10 +268,6 @@ def train_model(world_dir: str | Path, out_dir: str | Path, config: TrainConfig 
         return _train_and_save(world_dir, out_dir, config)
     finally:
         torch.set_num_threads(previous_threads)
-
-
-# The world files that training and the recall check read: a trained model depends on these only.
-MODEL_INPUTS = ("train_corpus.txt", "counterfact.json", "world.json", "tasks/toy_facts.jsonl", "tasks/toy_compose.jsonl")
 
 
 def model_cache_key(world_dir: str | Path, config: TrainConfig) -> str:

@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from editlib.editing.hparams import check_ranges
 
+# The world files that training and the recall check read: a trained model depends on these only
+# (editlib.toy.pretrain.model_cache_key and the pinned model's manifest, editlib.toy.pinned, hash them).
+MODEL_INPUTS = ("train_corpus.txt", "counterfact.json", "world.json", "tasks/toy_facts.jsonl", "tasks/toy_compose.jsonl")
+
 # ---------------------------------------------------------------------------- the toy model's training
 
 
