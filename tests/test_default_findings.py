@@ -1,0 +1,41 @@
+"""The default's verdicts are the committed ones: a fresh run of `config.yaml` (the pinned toy
+model, models/toy-5L) gives docs/findings-default.csv's verdict for every finding. On the machine
+that made the file the tables are identical; on another CPU editing rounds differently, and a
+verdict near its threshold could flip: the test says which."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+COMMITTED = REPO / "docs" / "findings-default.csv"
+KEY = ["study", "finding", "model", "method"]
+
+
+def test_the_committed_findings_cover_every_finding_once():
+    committed = pd.read_csv(COMMITTED)
+    assert not committed.duplicated(KEY).any()
+    assert set(committed["verdict"]) <= {"reproduced", "not reproduced", "inconclusive"}
+    assert len(committed) >= 20
+
+
+@pytest.mark.slow  # the whole default DAG: about 15 minutes on 2 cores
+def test_a_fresh_run_of_the_default_gives_the_committed_verdicts(tmp_path):
+    env = {**os.environ, "PATH": f"{SNAKEMAKE.parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+               "--configfile", str(REPO / "config.yaml"), "--cores", "2", "results/toy/findings.csv"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=3600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert "model: pinned" in (tmp_path / "logs" / "toy" / "toy-5L" / "prepare_model.log").read_text()
+    fresh = pd.read_csv(tmp_path / "results" / "toy" / "findings.csv").set_index(KEY)["verdict"]
+    committed = pd.read_csv(COMMITTED).set_index(KEY)["verdict"]
+    assert sorted(fresh.index) == sorted(committed.index)
+    changed = {key: (committed[key], fresh[key]) for key in committed.index if fresh[key] != committed[key]}
+    assert not changed, changed
