@@ -5,8 +5,11 @@ effect of restoring the hidden state at the subject's token after layer 0 as a f
 whole corruption effect (causal tracing over the facts it knows), and ROME's single-edit ES / PS /
 NS at its best layer (64 facts, ROME's paper hyperparameters, as in config.yaml).
 
-    python bench/toy_design.py                    # all variants, about 25 minutes on 2 cores
-    python bench/toy_design.py --variants default
+What it shows: the design choices of the default toy model (docs/toy_model.md), each variant's
+recall, where its facts live, and how editable it is. Run from the repository root:
+
+    python analyses/toy_design.py                    # all variants, about 25 minutes on 2 cores
+    python analyses/toy_design.py --variants default
 
 Variants (each adds one change to the previous one):
   plain      4-layer Llama, two-word names, one sentence per fact and template (the first default)

@@ -6,8 +6,11 @@ first N records, one at a time, config.yaml's hyperparameters) to the prepared t
 counts the questions of a downstream task whose query lands inside some key's radius: those are
 answered with an edited object whatever they ask.
 
-    python bench/grace_coverage.py                     # after `make reproduce` (needs resources/toy)
-    python bench/grace_coverage.py --edits 128 --task toy_facts --limit 200
+What it shows: why GRACE's downstream accuracy drops after many sequential edits on the toy model
+(docs/toy_model.md), question by question. Run from the repository root after `make reproduce`:
+
+    python analyses/grace_coverage.py                     # needs resources/toy
+    python analyses/grace_coverage.py --edits 128 --task toy_facts --limit 200
 """
 
 from __future__ import annotations
