@@ -12,7 +12,7 @@ RUN := $(shell sed -n 's/^run: *\([A-Za-z0-9_.-]*\).*/\1/p' $(CONFIG))
 PROFILE ?= workflow/profiles/slurm
 SNAKEMAKE := $(BIN)/snakemake --configfile $(CONFIG) --profile workflow/profiles/default --cores $(CORES)
 
-.PHONY: install reproduce report dry-run plan rehearse test test-all clean-results
+.PHONY: install reproduce report dry-run plan rehearse test test-all bench clean-results
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,13 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -q -m ''
+
+# The standing speed benchmarks, editlib against the reference implementations' way or the
+# alternative it chose against, as ratios (about 10 minutes on 2 cores; bench/run.py): writes
+# bench/results.csv, bench/results.md and the table in docs/performance.md. Those on SmolLM2 skip
+# unless configs/smollm2.yaml's model and records are prepared.
+bench: install
+	$(BIN)/python bench/run.py
 
 clean-results:
 	rm -rf results/$(RUN) reports/$(RUN) logs/$(RUN) benchmarks/$(RUN)
