@@ -46,7 +46,7 @@ def continuation_tokens(fn) -> int:
     return len(built_upper_blocks(fn)[0].token_row)
 
 
-def standing(ctx, tokens: tuple[int, ...] = (13, 32, 128, 416, 700), pairs: int = 6,
+def standing(ctx, tokens: tuple[int, ...] = (13, 32, 128, 416, 700), pairs: int = 8,
              memit_layer: int = 6) -> list[dict]:
     """bench/run.py: the MLP of every block above MEMIT's layer of SmolLM2, forward and backward, at
     each token count, in the layout `upper_blocks` picks for it (weight-major inside

@@ -63,9 +63,9 @@ def number(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
 
 
-def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
+def markdown(rows: list[dict], skipped: dict[str, str], load: str = "") -> str:
     """bench/results.md: the table of `rows` (as read back from bench/results.csv), then the
-    machine, the date, the command and the benchmarks that skipped, with why."""
+    machine, the date, the load, the command and the benchmarks that skipped, with why."""
     lines = ["| " + " | ".join(SHOWN) + " |", "|" + "|".join("---" for _ in SHOWN) + "|"]
     for row in rows:
         cells = [number(float(row[c])) if c in ("ours_s", "baseline_s") else
@@ -73,9 +73,9 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     machines = sorted({row["machine"] for row in rows})
     dates = sorted({row["date"] for row in rows})
-    lines += ["", f"`make bench` on {'; '.join(machines) or 'this machine'}, {', '.join(dates)}. Times are medians "
-              "in seconds of the two ways run alternately in one process; ratio = baseline_s / ours_s (above 1: ours "
-              "is faster; against a FLOP bound, the fraction of the bound reached)."]
+    lines += ["", f"`make bench` on {'; '.join(machines) or 'this machine'}, {', '.join(dates)}{load}. Times are "
+              "medians in seconds of the two ways run alternately in one process; ratio = baseline_s / ours_s (above 1: "
+              "ours is faster; against a FLOP bound, the fraction of the bound reached)."]
     if skipped:
         lines += ["", "Skipped here:", ""] + [f"- {name}: {reason}" for name, reason in skipped.items()]
     return "\n".join(lines) + "\n"
@@ -86,13 +86,13 @@ def read_csv(path: Path = RESULTS_CSV) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def write_results(rows: list[dict], skipped: dict[str, str]) -> str:
+def write_results(rows: list[dict], skipped: dict[str, str], load: str = "") -> str:
     """bench/results.csv and bench/results.md from `rows`; returns the markdown."""
     with open(RESULTS_CSV, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows({c: (repr(row[c]) if isinstance(row[c], float) else row[c]) for c in COLUMNS} for row in rows)
-    text = markdown(read_csv(RESULTS_CSV), skipped)
+    text = markdown(read_csv(RESULTS_CSV), skipped, load)
     RESULTS_MD.write_text(text, encoding="utf-8")
     return text
 
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {machine}", flush=True)
     ctx = common.Context(args.threads, **({"smollm2_dir": args.smollm2_dir} if args.smollm2_dir else {}))
     rows, skipped = [], {}
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     for name in names:
         torch.manual_seed(0)
@@ -147,10 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         rows += [{**row, "machine": machine, "date": date} for row in found]
         print(f"# {name}: {time.perf_counter() - start:.0f} s", flush=True)
         common.print_table(found, ("case", "ours", "baseline", "ours_s", "baseline_s", "ratio", "check"))
-    print(f"# all: {time.perf_counter() - started:.0f} s", flush=True)
+    seconds = time.perf_counter() - started
+    # other work on the machine slows both ways of a row, but not always alike
+    load = (f", {seconds / 60:.0f} minutes, load average {load_before:.1f} at the start and "
+            f"{os.getloadavg()[0]:.1f} at the end")
+    print(f"# all: {seconds:.0f} s{load}", flush=True)
     if args.only:
         return 0
-    update_doc(write_results(rows, skipped))
+    update_doc(write_results(rows, skipped, load))
     print(f"# wrote {RESULTS_CSV.relative_to(ROOT)}, {RESULTS_MD.relative_to(ROOT)} and the table in "
           f"{DOC.relative_to(ROOT)}")
     return 0
