@@ -16,7 +16,7 @@ TRAIN_MODEL ?=
 CONFIGFILES := $(CONFIG) $(if $(filter-out 0,$(TRAIN_MODEL)),configs/overlays/train-model.yaml)
 SNAKEMAKE := $(BIN)/snakemake --configfile $(CONFIGFILES) --profile workflow/profiles/default --cores $(CORES)
 
-.PHONY: install reproduce report dry-run plan rehearse test test-all clean-results
+.PHONY: install reproduce report dry-run plan rehearse test test-all bench clean-results
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,13 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -q -m ''
+
+# The standing speed benchmarks, editlib against the reference implementations' way or the
+# alternative it chose against, as ratios (about 10 minutes on 2 cores; bench/run.py): writes
+# bench/results.csv, bench/results.md and the table in docs/performance.md. Those on SmolLM2 skip
+# unless configs/smollm2.yaml's model and records are prepared.
+bench: install
+	$(BIN)/python bench/run.py
 
 clean-results:
 	rm -rf results/$(RUN) reports/$(RUN) logs/$(RUN) benchmarks/$(RUN)

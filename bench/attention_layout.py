@@ -11,6 +11,8 @@ activations through the caches as a step does; a third variant runs that product
 
     python bench/attention_layout.py --model-dir resources/smollm2/SmolLM2-135M-Instruct/model \
         --records resources/smollm2/SmolLM2-135M-Instruct/data/records.json
+
+`make bench` (bench/run.py) runs `standing`: MEMIT's chunk only.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from __future__ import annotations
 import torch
 
 from common import (add_prepared_smollm2_arguments, base_parser, built_upper_blocks, interleaved, median, print_table,
-                    setup)
+                    result_row, setup)
 
 from editlib.model import upper_blocks
-from editlib.methods.hparams import MEMIT_LENGTHS, ROME_LENGTHS
+from editlib.editing.hparams import MEMIT_LENGTHS, ROME_LENGTHS
 from editlib.model.loading import load_model
 from editlib.model.layout import model_layout
 from editlib.data.records import load_requests
@@ -59,6 +61,38 @@ def attention_passes(chunk: upper_blocks.UpperBlocks) -> dict:
                    "gate/up alone": gate_up_alone}
 
 
+def chunk_of(model, tokenizer, requests, module, lengths, n_facts: int) -> upper_blocks.UpperBlocks:
+    """The upper blocks (with their key/value buffers) that z builds for the first `n_facts` facts."""
+    templates = sample_context_templates(model, tokenizer, lengths, 0)
+    hp = TargetHparams(v_num_grad_steps=1, early_stop_loss=0.0, facts_per_chunk=n_facts)
+    return built_upper_blocks(lambda: optimize_targets(model, tokenizer, requests[:n_facts], templates, module, hp,
+                                                       progress=False))[0]
+
+
+def per_block_seconds(chunk: upper_blocks.UpperBlocks, rounds: int) -> tuple[str, dict]:
+    """The batch of products, and seconds per block of attention's products in each layout (the
+    gate/up products between blocks subtracted; "gate/up alone" that product's own)."""
+    shape, variants = attention_passes(chunk)
+    times = interleaved(variants, rounds, rotate=True)
+    alone = median(times["gate/up alone"])
+    seconds = {name: (median(times[name]) - alone) / len(chunk.blocks)
+               for name in ("positions last", "positions second-last")}
+    return shape, {**seconds, "gate/up alone": alone / len(chunk.blocks)}
+
+
+def standing(ctx, memit_layer: int = 6, facts: int = 32, rounds: int = 30) -> list[dict]:
+    """bench/run.py: attention's products per block on MEMIT's chunk of SmolLM2, positions last
+    (as upper_blocks lays out its keys and values) against positions second-last."""
+    model, tokenizer = ctx.smollm2()
+    requests = load_requests(ctx.smollm2_records())
+    chunk = chunk_of(model, tokenizer, requests, model_layout(model).block(memit_layer), MEMIT_LENGTHS, facts)
+    shape, seconds = per_block_seconds(chunk, rounds)
+    return [result_row("attention_layout", f"attention's 4 batched products per block, MEMIT's chunk of {facts} "
+                       f"facts on SmolLM2 ({shape})", "keys/values (R, K, D, P+T), positions last",
+                       "(R, K, P+T, D), positions second-last", seconds["positions last"],
+                       seconds["positions second-last"], f"{rounds} rounds; gate/up product between blocks subtracted")]
+
+
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     add_prepared_smollm2_arguments(parser)
@@ -79,20 +113,15 @@ def main() -> None:
              (f"ROME, layer {args.rome_layer} MLP output", layout.mlp(args.rome_layer), ROME_LENGTHS, args.rome_facts)]
     rows = []
     for label, module, lengths, n_facts in cases:
-        templates = sample_context_templates(model, tokenizer, lengths, 0)
-        hp = TargetHparams(v_num_grad_steps=1, early_stop_loss=0.0, facts_per_chunk=n_facts)
-        chunk = built_upper_blocks(lambda: optimize_targets(model, tokenizer, requests[:n_facts], templates, module, hp,
-                                                            progress=False))[0]
-        shape, variants = attention_passes(chunk)
-        times = interleaved(variants, args.rounds, rotate=True)
-        alone = median(times["gate/up alone"])
-        last, second_last = (median(times[name]) - alone for name in ("positions last", "positions second-last"))
+        chunk = chunk_of(model, tokenizer, requests, module, lengths, n_facts)
+        shape, seconds = per_block_seconds(chunk, args.rounds)
+        last, second_last = seconds["positions last"], seconds["positions second-last"]
         blocks = len(chunk.blocks)
         rows.append({"hook": label, "facts": n_facts, "blocks": blocks, "products (batch of matrices)": shape,
-                     "positions last ms per block": 1e3 * last / blocks,
-                     "positions second-last ms per block": 1e3 * second_last / blocks,
+                     "positions last ms per block": 1e3 * last,
+                     "positions second-last ms per block": 1e3 * second_last,
                      "second-last / last": second_last / last,
-                     "gate/up alone ms per block": 1e3 * alone / blocks})
+                     "gate/up alone ms per block": 1e3 * seconds["gate/up alone"]})
     print(f"\n## attention's four batched products per block, {args.rounds} rounds (medians; the gate/up "
           "product between blocks subtracted)")
     print_table(rows)

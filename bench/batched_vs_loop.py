@@ -12,6 +12,8 @@ All variants run alternately in this process on the same model; ratios of median
 
     python bench/batched_vs_loop.py --threads 2     # z for 256 facts, eval of 256 records
     python bench/batched_vs_loop.py --quick
+
+`make bench` (bench/run.py) runs `standing`: z and scoring for 32 facts, 2 repeats.
 """
 
 from __future__ import annotations
@@ -22,15 +24,92 @@ from pathlib import Path
 
 import torch
 
-from common import base_parser, interleaved, load_bench, median, print_table, runs, setup, take_requests
+from common import (base_parser, interleaved, load_bench, median, print_table, result_row, runs, setup,
+                    take_requests)
 from editlib.eval.metrics import counterfact_scores
 from editlib.model.layout import model_layout
-from editlib.methods.hparams import MEMIT_LENGTHS
+from editlib.editing.hparams import MEMIT_LENGTHS
 from editlib.editing.templates import sample_context_templates
-from editlib.editing.values import TargetHparams, optimize_targets
+from editlib.editing.hparams import TargetHparams
+from editlib.editing.values import optimize_targets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference_z import reference_z  # noqa: E402
+
+
+Z_VARIANTS = ("batched", "batched, whole prompts", "per fact, our code", "per fact, reference loop")
+
+
+def z_times(bench, requests, templates, module, hp, repeats: int) -> tuple[dict, dict]:
+    """Seconds of each z variant (Z_VARIANTS, interleaved) and each variant's z, (d, N)."""
+    results = {}
+
+    def batched():
+        results["batched"] = optimize_targets(bench.model, bench.tokenizer, requests, templates, module, hp,
+                                              False).values
+
+    def batched_no_cache():
+        no_cache = dataclasses.replace(hp, cache_prefix=False)
+        results["batched, whole prompts"] = optimize_targets(bench.model, bench.tokenizer, requests, templates,
+                                                             module, no_cache, False).values
+
+    def per_fact():
+        parts = [optimize_targets(bench.model, bench.tokenizer, [r], templates, module, hp, False) for r in requests]
+        results["per fact, our code"] = torch.cat([p.values for p in parts], dim=1)
+
+    def reference_loop():
+        parts = [reference_z(bench.model, bench.tokenizer, r, templates, module, hp)[0] for r in requests]
+        results["per fact, reference loop"] = torch.stack(parts, dim=1)
+
+    variants = dict(zip(Z_VARIANTS, (batched, batched_no_cache, per_fact, reference_loop)))
+    return interleaved(variants, repeats), results
+
+
+def eval_times(bench, requests, repeats: int) -> tuple[dict, object, float]:
+    """Seconds of CounterFact scoring batched and one record per call (interleaved), the batched
+    scores, and the largest difference between the two over all score columns."""
+    import pandas as pd
+
+    scores = {}
+
+    def eval_batched():
+        scores["batched"] = counterfact_scores(bench.model, bench.tokenizer, requests)
+
+    def eval_per_record():
+        scores["per record"] = pd.concat([counterfact_scores(bench.model, bench.tokenizer, [r]) for r in requests],
+                                         ignore_index=True)
+
+    times = interleaved({"batched": eval_batched, "per record": eval_per_record}, repeats)
+    a, b = scores["batched"], scores["per record"]
+    numeric = a.select_dtypes("number").columns
+    return times, a, float((a[numeric] - b[numeric]).abs().max().max())
+
+
+def standing(ctx, facts: int = 32, layer: int = 1, repeats: int = 2) -> list[dict]:
+    """bench/run.py: z for `facts` facts at the toy bench model's `layer` (25 steps, early stop off,
+    one chunk), the batched path against the reference loop and against itself without each of its
+    two savings; then the CounterFact scoring of the same records."""
+    bench = ctx.toy_bench()
+    requests = take_requests(bench, facts)
+    templates = sample_context_templates(bench.model, bench.tokenizer, MEMIT_LENGTHS, 0)
+    hp = TargetHparams(v_num_grad_steps=25, early_stop_loss=0.0, facts_per_chunk=facts)
+    times, results = z_times(bench, requests, templates, model_layout(bench.model).block(layer), hp, repeats)
+    reference = results["per fact, reference loop"]
+    case = f"z of {facts} facts, bench model layer {layer}, {len(templates)} templates, 25 Adam steps"
+    baselines = {"per fact, reference loop": "one fact at a time, whole prompts, full logits (tests/reference_z.py)",
+                 "batched, whole prompts": "the same, whole prompts every step (no prefix cache)",
+                 "per fact, our code": "the same, one fact per call (no batching)"}
+    rows = [result_row("batched_vs_loop", case, "batched, prefix cache (optimize_targets)", label,
+                       median(times["batched"]), median(times[name]),
+                       f"max |z - z reference| {(results['batched'] - reference).abs().max().item():.2g}"
+                       f" (max |z| {reference.abs().max().item():.2g})")
+            for name, label in baselines.items()]
+    times, scores, diff = eval_times(bench, requests, repeats)
+    rows.append(result_row("batched_vs_loop", f"CounterFact scoring of {facts} records ({len(scores)} prompts), "
+                           "bench model", "batched (counterfact_scores)", "one record per call",
+                           median(times["batched"]), median(times["per record"]),
+                           f"max score difference {diff:.2g}"))
+    return rows
 
 
 def main() -> None:
@@ -53,28 +132,7 @@ def main() -> None:
     print(f"# {bench.source}")
     print(f"# {len(requests)} facts, layer {args.layer}, {len(templates)} context templates, {hp}")
 
-    results = {}
-
-    def batched():
-        results["batched"] = optimize_targets(bench.model, bench.tokenizer, requests, templates, module, hp,
-                                              False).values
-
-    def batched_no_cache():
-        no_cache = dataclasses.replace(hp, cache_prefix=False)
-        results["batched, whole prompts"] = optimize_targets(bench.model, bench.tokenizer, requests, templates,
-                                                             module, no_cache, False).values
-
-    def per_fact():
-        parts = [optimize_targets(bench.model, bench.tokenizer, [r], templates, module, hp, False) for r in requests]
-        results["per fact, our code"] = torch.cat([p.values for p in parts], dim=1)
-
-    def reference_loop():
-        parts = [reference_z(bench.model, bench.tokenizer, r, templates, module, hp)[0] for r in requests]
-        results["per fact, reference loop"] = torch.stack(parts, dim=1)
-
-    variants = {"batched": batched, "batched, whole prompts": batched_no_cache, "per fact, our code": per_fact,
-                "per fact, reference loop": reference_loop}
-    times = interleaved(variants, args.repeats)
+    times, results = z_times(bench, requests, templates, module, hp, args.repeats)
     reference = results["per fact, reference loop"]
     print(f"\n## target values z for {len(requests)} facts ({args.repeats} interleaved repeats)")
     print_table([{"variant": k, "median s": median(v), "runs s": runs(v), "facts/s": len(requests) / median(v),
@@ -83,21 +141,7 @@ def main() -> None:
                  for k, v in times.items()])
     print(f"(max |z| = {reference.abs().max().item():.3g})")
 
-    scores = {}
-
-    def eval_batched():
-        scores["batched"] = counterfact_scores(bench.model, bench.tokenizer, requests)
-
-    def eval_per_record():
-        import pandas as pd
-
-        scores["per record"] = pd.concat([counterfact_scores(bench.model, bench.tokenizer, [r]) for r in requests],
-                                         ignore_index=True)
-
-    times = interleaved({"batched": eval_batched, "per record": eval_per_record}, args.repeats)
-    a, b = scores["batched"], scores["per record"]
-    numeric = a.select_dtypes("number").columns
-    diff = (a[numeric] - b[numeric]).abs().max().max()
+    times, a, diff = eval_times(bench, requests, args.repeats)
     print(f"\n## CounterFact scoring of {len(requests)} records ({len(a)} prompts)")
     print_table([{"variant": k, "median s": median(v), "runs s": runs(v), "records/s": len(requests) / median(v)}
                  for k, v in times.items()])

@@ -1,4 +1,5 @@
-"""Shared pieces of the speed benchmarks: the benchmark model, requests, interleaved timing, tables.
+"""Shared pieces of the speed benchmarks: the benchmark model, requests, interleaved timing, tables,
+and what `bench/run.py` hands each standing benchmark (`Context`, `result_row`, `Skip`).
 
 The model is the toy-world Llama (editlib.toy.world + editlib.toy.pretrain) with 6 layers, trained once
 and cached under a content-keyed folder (world config + train config); if those modules are not
@@ -28,7 +29,11 @@ import torch
 from editlib.io import content_key
 from editlib.data.records import EditRequest
 
+ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = Path(os.environ.get("EDITLIB_BENCH_CACHE", "/tmp/editlib-bench-cache"))
+# SmolLM2-135M-Instruct and its records and tasks as configs/smollm2.yaml's prepare rules write them
+SMOLLM2_DIR = ROOT / "resources" / "smollm2" / "SmolLM2-135M-Instruct"
+SMOLLM2_CONFIG = ROOT / "configs" / "smollm2.yaml"
 
 # Toy world large enough for 1024 distinct CounterFact records (one per edit-pool subject fact).
 WORLD = {"seed": 0, "n_subjects": 1100}
@@ -91,6 +96,71 @@ def machine_line(threads: int) -> str:
 
     return (f"# machine: nproc={os.cpu_count()} cpu={cpu!r} loadavg={load} | python {platform.python_version()} "
             f"torch {torch.__version__} transformers {transformers.__version__} | torch threads={threads}")
+
+
+# ----------------------------------------------------------------------------- standing benchmarks (bench/run.py)
+
+
+class Skip(Exception):
+    """A standing benchmark cannot run on this machine; the message says why and how to fix it."""
+
+
+def result_row(benchmark: str, case: str, ours: str, baseline: str, ours_s: float, baseline_s: float,
+               check: str = "") -> dict:
+    """One row of bench/results.csv: `ours` against `baseline` on `case`, medians in seconds;
+    ratio = baseline_s / ours_s (above 1: ours is faster). `check` says how far their results agree."""
+    return {"benchmark": benchmark, "case": case, "ours": ours, "baseline": baseline, "ours_s": float(ours_s),
+            "baseline_s": float(baseline_s), "ratio": float(baseline_s) / float(ours_s), "check": check}
+
+
+class Context:
+    """What the standing benchmarks share in one `bench/run.py` process: torch threads, the toy
+    bench model (trained once and cached under `cache_dir`), and SmolLM2 loaded once from
+    `smollm2_dir` (a `Skip` when the prepare rules have not written it)."""
+
+    def __init__(self, threads: int = 2, cache_dir: Path = DEFAULT_CACHE, smollm2_dir: Path = SMOLLM2_DIR):
+        self.threads, self.cache_dir, self.smollm2_dir = threads, Path(cache_dir), Path(smollm2_dir)
+        self._toy = None
+        self._smollm2 = None
+
+    def args(self, *argv: str) -> argparse.Namespace:
+        """The benchmark scripts' command-line defaults, as `base_parser` gives them."""
+        return base_parser("").parse_args(["--threads", str(self.threads), "--cache-dir", str(self.cache_dir), *argv])
+
+    def toy_bench(self) -> Bench:
+        if self._toy is None:
+            self._toy = load_bench(self.args())
+        return self._toy
+
+    def random_bench(self, layers: int) -> Bench:
+        """A random-weight Llama of the toy model's width and `layers` deep (not kept)."""
+        return load_bench(self.args("--random-model", "--model-layers", str(layers)))
+
+    def _smollm2_path(self, relative: str) -> Path:
+        def shown(path: Path) -> Path:
+            return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+        path = self.smollm2_dir / relative
+        if not path.exists():
+            target = self.smollm2_dir / ("model" if relative == "model" else "data/records.json")
+            raise Skip(f"no {shown(path)} (SmolLM2 and its records and tasks come from `.venv/bin/snakemake "
+                       f"--configfile configs/smollm2.yaml --cores all {shown(target)}`)")
+        return path
+
+    def smollm2(self):
+        """(model, tokenizer) of the prepared SmolLM2-135M-Instruct, fp32 on CPU."""
+        model_dir = self._smollm2_path("model")
+        if self._smollm2 is None:
+            from editlib.model.loading import load_model
+
+            self._smollm2 = load_model(str(model_dir))
+        return self._smollm2
+
+    def smollm2_records(self) -> Path:
+        return self._smollm2_path("data/records.json")
+
+    def smollm2_tasks(self) -> Path:
+        return self._smollm2_path("data/tasks")
 
 
 # ----------------------------------------------------------------------------- model and data

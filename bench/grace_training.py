@@ -14,15 +14,61 @@ layer, forward and backward: it is bound by reading those weights from memory, n
 
     python bench/grace_training.py --model-dir resources/smollm2/SmolLM2-135M-Instruct/model \
         --records resources/smollm2/SmolLM2-135M-Instruct/data/records.json
+
+`make bench` (bench/run.py) runs `standing`: 4 facts at the config's GRACE layer, in batches of 1 and 4.
 """
 
 from __future__ import annotations
 
-from common import base_parser, interleaved, median, print_table, setup
-from editlib.methods.grace import GraceEditor, GraceHparams
+import yaml
+
+from common import SMOLLM2_CONFIG, base_parser, interleaved, median, print_table, result_row, setup
+from editlib.methods.grace.session import GraceEditor
+from editlib.methods.grace import GraceHparams
 from editlib.model.loading import load_model
 from editlib.model.layout import model_layout
 from editlib.data.records import batches, load_requests
+
+
+def compare(model, tokenizer, module: str, requests, hparams: GraceHparams, size: int,
+            repeats: int) -> tuple[dict, dict]:
+    """Seconds of editing `requests` in batches of `size` with the own blocks and with whole-model
+    steps (interleaved), and each way's final target NLL per edit."""
+    final_nll = {}
+
+    def run(own_blocks: bool, label: str):
+        def edit():
+            editor = GraceEditor(model, tokenizer, module, hparams, own_blocks=own_blocks)
+            try:
+                final_nll[label] = [nll for batch in batches(requests, size) for nll in editor.edit(batch)["nll_final"]]
+            finally:
+                editor.remove()
+        return edit
+
+    times = interleaved({"own blocks": run(True, "own blocks"), "whole model": run(False, "whole model")},
+                        repeats, warmup=False)
+    return times, final_nll
+
+
+def standing(ctx, facts: int = 4, batch_sizes: tuple[int, ...] = (1, 4), n_iter: int | None = None) -> list[dict]:
+    """bench/run.py: GRACE edits of `facts` facts on SmolLM2 at configs/smollm2.yaml's GRACE layer
+    and n_iter (or `n_iter`), in batches of each of `batch_sizes`, one run of each way."""
+    model, tokenizer = ctx.smollm2()
+    grace = yaml.safe_load(SMOLLM2_CONFIG.read_text())["methods"]["grace"]
+    module = model_layout(model).rewrite(grace["layers"][0])
+    requests = load_requests(ctx.smollm2_records())[:facts]
+    hparams = GraceHparams(n_iter=n_iter or grace["n_iter"])
+    rows = []
+    for size in batch_sizes:
+        times, nll = compare(model, tokenizer, module, requests, hparams, size, 1)
+        rows.append(result_row("grace_training", f"GRACE, {facts} edits in batches of {size}, {hparams.n_iter} steps "
+                               f"each, SmolLM2-135M at {module}",
+                               "cached prefix, only the blocks above the edited one (own blocks)",
+                               "a whole-model forward and backward per step", median(times["own blocks"]),
+                               median(times["whole model"]),
+                               f"mean final target NLL {sum(nll['own blocks']) / facts:.2g} vs "
+                               f"{sum(nll['whole model']) / facts:.2g}"))
+    return rows
 
 
 def main() -> None:
@@ -44,19 +90,7 @@ def main() -> None:
     print(f"# SmolLM2-135M-Instruct fp32 on cpu; GRACE at {module}, {args.facts} facts, n_iter {args.n_iter}")
     rows = []
     for size in (int(b) for b in args.batch_sizes.split(",")):
-        final_nll = {}
-
-        def run(own_blocks: bool, label: str):
-            def edit():
-                editor = GraceEditor(model, tokenizer, module, hparams, own_blocks=own_blocks)
-                try:
-                    final_nll[label] = [nll for batch in batches(requests, size) for nll in editor.edit(batch)["nll_final"]]
-                finally:
-                    editor.remove()
-            return edit
-
-        times = interleaved({"own blocks": run(True, "own blocks"), "whole model": run(False, "whole model")},
-                            args.repeats, warmup=False)
+        times, final_nll = compare(model, tokenizer, module, requests, hparams, size, args.repeats)
         rows.append({"batch size": size, "own blocks s/edit": median(times["own blocks"]) / args.facts,
                      "whole model s/edit": median(times["whole model"]) / args.facts,
                      "speed-up": median(times["whole model"]) / median(times["own blocks"]),

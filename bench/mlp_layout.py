@@ -12,6 +12,8 @@ alternating the two layouts in one process:
 
     python bench/mlp_layout.py --model-dir resources/smollm2/SmolLM2-135M-Instruct/model \
         --records resources/smollm2/SmolLM2-135M-Instruct/data/records.json
+
+`make bench` (bench/run.py) runs `standing`: the MLP alone at five token counts (needs no records).
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import statistics
 import torch
 
 from common import (add_prepared_smollm2_arguments, base_parser, built_upper_blocks, median, paired, print_table,
-                    runs, setup)
+                    result_row, runs, setup)
 
 from editlib.model import upper_blocks
-from editlib.methods.hparams import MEMIT_LENGTHS
+from editlib.editing.hparams import MEMIT_LENGTHS
 from editlib.model.loading import load_model
 from editlib.model.layout import model_layout
 from editlib.data.records import load_requests
@@ -43,6 +45,32 @@ def mlp_pass(weights: list, x: torch.Tensor, grad: torch.Tensor, weight_major: b
 def continuation_tokens(fn) -> int:
     """The number of tokens the upper blocks run per step in `fn` (the N of their products)."""
     return len(built_upper_blocks(fn)[0].token_row)
+
+
+def standing(ctx, tokens: tuple[int, ...] = (13, 32, 128, 416, 700), pairs: int = 8,
+             memit_layer: int = 6) -> list[dict]:
+    """bench/run.py: the MLP of every block above MEMIT's layer of SmolLM2, forward and backward, at
+    each token count, in the layout `upper_blocks` picks for it (weight-major inside
+    MLP_WEIGHT_MAJOR_TOKENS) against the other one, `pairs` pairs each."""
+    model, _ = ctx.smollm2()
+    layout = model_layout(model)
+    window = upper_blocks.MLP_WEIGHT_MAJOR_TOKENS
+    first = memit_layer + 1
+    weights = [upper_blocks._prepared(model, index) for index in range(first, layout.n_layers)]
+    rows = []
+    for n in tokens:
+        x, grad = torch.randn(n, model.config.hidden_size), torch.randn(n, model.config.hidden_size)
+        token_major, weight_major = paired(lambda: mlp_pass(weights, x, grad, False),
+                                           lambda: mlp_pass(weights, x, grad, True), pairs)
+        ours, other = (weight_major, token_major) if n in window else (token_major, weight_major)
+        names = ("weight-major (W @ x^T)", "token-major (x @ W^T)")
+        ours_name, other_name = names if n in window else names[::-1]
+        ratios = sorted(b / a for a, b in zip(ours, other))
+        rows.append(result_row("mlp_layout", f"SmolLM2's MLP, forward and backward, {n} tokens, blocks "
+                               f"{first}-{layout.n_layers - 1}", f"{ours_name}, as upper_blocks runs {n} tokens",
+                               other_name, median(ours), median(other),
+                               f"{pairs} pairs, ratios {ratios[0]:.2f}-{ratios[-1]:.2f}"))
+    return rows
 
 
 def main() -> None:

@@ -37,6 +37,9 @@ target each) scored four ways:
 
     python bench/smollm2_speed.py --model-dir resources/smollm2/SmolLM2-135M-Instruct/model \
         --records resources/smollm2/SmolLM2-135M-Instruct/data/records.json
+
+`make bench` (bench/run.py) runs `standing`: z at MEMIT's hook only (own blocks against the model's
+modules, and against the FLOP bound), one run each, and the scoring of 32 records.
 """
 
 from __future__ import annotations
@@ -53,15 +56,17 @@ import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import add_prepared_smollm2_arguments, base_parser, interleaved, median, print_table, runs, setup
+from common import (SMOLLM2_CONFIG, add_prepared_smollm2_arguments, base_parser, interleaved, median, print_table,
+                    result_row, runs, setup)
 from editlib.eval.metrics import PROMPT_KINDS, counterfact_scores
 from editlib.model.loading import load_model
 from editlib.model.layout import model_layout
 from editlib.data.records import load_requests
-from editlib.methods.hparams import MEMIT_LENGTHS, ROME_LENGTHS
+from editlib.editing.hparams import MEMIT_LENGTHS, ROME_LENGTHS
 from editlib.editing.templates import sample_context_templates
 from editlib.model.tokens import pad_id, pad_right, prompt_ids, target_ids
-from editlib.editing.values import TargetHparams, optimize_targets
+from editlib.editing.hparams import TargetHparams
+from editlib.editing.values import optimize_targets
 
 
 Z_VARIANTS = ("own blocks", "own blocks, whole prefixes", "modules, replay lower blocks", "modules, re-run lower blocks")
@@ -232,6 +237,85 @@ def reference_scores(model, tokenizer, request) -> pd.DataFrame:
     return frame
 
 
+def z_run(model, tokenizer, facts, templates, module, hp: TargetHparams, variant: str, steps: int | None = None):
+    """A function that optimises z for `facts` the way `variant` (one of Z_VARIANTS) does."""
+    hp = dataclasses.replace(hp, v_num_grad_steps=steps or hp.v_num_grad_steps)
+    return lambda: optimize_targets(model, tokenizer, facts, templates, module, hp, False,
+                                    replay_lower_blocks=variant != "modules, re-run lower blocks",
+                                    own_blocks=variant.startswith("own blocks"),
+                                    share_stems=variant != "own blocks, whole prefixes")
+
+
+def run_flops(make_run, steps: int) -> int:
+    """Matrix-product FLOPs of a whole z run of `steps` steps, from runs of 2 and 3 steps (every
+    step after the first costs the same); `make_run(steps)` returns the run."""
+    two, three = counted_flops(make_run(2)), counted_flops(make_run(3))
+    return two + (steps - 2) * (three - two)
+
+
+def scoring_variants(model, tokenizer, records, scores: dict) -> dict:
+    """The four ways to score `records`' CounterFact prompts; each stores its scores in `scores`."""
+
+    def batched():
+        scores["batched"] = counterfact_scores(model, tokenizer, records)
+
+    def batched_whole_rows():
+        scores["batched, whole rows"] = counterfact_scores(model, tokenizer, records, share_prompts=False)
+
+    def per_record():
+        scores["per record, our code"] = pd.concat([counterfact_scores(model, tokenizer, [r]) for r in records],
+                                                   ignore_index=True)
+
+    def per_record_reference():
+        scores["per record, reference"] = pd.concat([reference_scores(model, tokenizer, r) for r in records],
+                                                    ignore_index=True)
+
+    return {"batched": batched, "batched, whole rows": batched_whole_rows, "per record, our code": per_record,
+            "per record, reference": per_record_reference}
+
+
+def nll_gap(scores: dict, name: str) -> float:
+    """The largest |NLL difference| between variant `name`'s scores and the batched ones."""
+    return float(np.abs(scores[name][["nll_new", "nll_true"]].to_numpy()
+                        - scores["batched"][["nll_new", "nll_true"]].to_numpy()).max())
+
+
+def standing(ctx, memit_layer: int = 6, eval_records: int = 32, facts: int | None = None) -> list[dict]:
+    """bench/run.py: z at MEMIT's hook (a block output, 6 templates, 25 steps, early stop off, one
+    chunk of `facts` facts, by default configs/smollm2.yaml's facts_per_chunk), the own blocks
+    against the model's modules with the lower blocks replayed, one run each, and the own blocks
+    against their FLOP bound (their matrix-product FLOPs at the fp32 GEMM rate probed around the
+    run); then the CounterFact scoring of `eval_records` records, batched against the reference's
+    per-record scoring."""
+    model, tokenizer = ctx.smollm2()
+    requests = load_requests(ctx.smollm2_records())
+    n_facts = facts or yaml.safe_load(SMOLLM2_CONFIG.read_text())["methods"]["memit"]["targets"]["facts_per_chunk"]
+    facts = requests[:n_facts]
+    templates = sample_context_templates(model, tokenizer, MEMIT_LENGTHS, 0)
+    module = model_layout(model).block(memit_layer)
+    hp = TargetHparams(v_num_grad_steps=25, early_stop_loss=0.0, facts_per_chunk=len(facts))
+    ours, theirs = "own blocks", "modules, replay lower blocks"
+    flops = run_flops(lambda steps: z_run(model, tokenizer, facts, templates, module, hp, ours, steps), 25)
+    own_s, rate = probed(z_run(model, tokenizer, facts, templates, module, hp, ours))
+    modules_s, _ = probed(z_run(model, tokenizer, facts, templates, module, hp, theirs))
+    case = f"z of {len(facts)} facts, SmolLM2-135M, MEMIT's hook (layer {memit_layer} output), 25 Adam steps"
+    rows = [result_row("smollm2_speed", case, "own upper blocks (editlib.model.upper_blocks)",
+                       "the model's modules with hooks, lower blocks replayed", own_s, modules_s),
+            result_row("smollm2_speed", case, "own upper blocks (editlib.model.upper_blocks)",
+                       "FLOP bound: its matrix-product FLOPs at the probed fp32 GEMM rate", own_s, flops / rate,
+                       f"{flops / len(facts) / 1e9:.1f} GFLOP per fact at {rate / 1e9:.0f} GFLOP/s")]
+    scores = {}
+    variants = scoring_variants(model, tokenizer, requests[:eval_records], scores)
+    times = interleaved({name: variants[name] for name in ("batched", "per record, reference")}, 1)
+    rows.append(result_row("smollm2_speed", f"CounterFact scoring of {eval_records} records "
+                           f"({len(scores['batched'])} prompts, 2 targets), SmolLM2-135M",
+                           "batched, each prompt once (counterfact_scores)",
+                           "per record, full logits (the reference's test_batch_prediction)",
+                           median(times["batched"]), median(times["per record, reference"]),
+                           f"max |NLL difference| {nll_gap(scores, 'per record, reference'):.2g}"))
+    return rows
+
+
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     add_prepared_smollm2_arguments(parser)
@@ -271,19 +355,14 @@ def main() -> None:
             templates = sample_context_templates(model, tokenizer, lengths, 0)
             hp = TargetHparams(v_num_grad_steps=steps, early_stop_loss=0.0, facts_per_chunk=len(facts))
             def run(variant: str, steps: int = steps):
-                return lambda: optimize_targets(model, tokenizer, facts, templates, module,
-                                                dataclasses.replace(hp, v_num_grad_steps=steps), False,
-                                                replay_lower_blocks=variant != "modules, re-run lower blocks",
-                                                own_blocks=variant.startswith("own blocks"),
-                                                share_stems=variant != "own blocks, whole prefixes")
+                return z_run(model, tokenizer, facts, templates, module, hp, variant, steps)
 
             names = [name for name in Z_VARIANTS if name in args.z_variants.split(",")]
             variants = {name: run(name) for name in names}
             # FLOPs of 2 and 3 steps give the first step's and every later step's (all later steps are alike)
             flops, products, sequences = {}, {}, {}
             for name in names:
-                two, three = counted_flops(run(name, 2)), counted_flops(run(name, 3))
-                flops[name] = two + (steps - 2) * (three - two)
+                flops[name] = run_flops(lambda n: run(name, n), steps)
                 two, three = shapes_only(recorded_matmuls(run(name, 2))), shapes_only(recorded_matmuls(run(name, 3)))
                 later = three.copy()
                 later.subtract(two)  # one later step's products (every later step runs the same)
@@ -327,31 +406,14 @@ def main() -> None:
     if not args.skip_eval:
         records = requests[: args.eval_records]
         scores = {}
-
-        def batched():
-            scores["batched"] = counterfact_scores(model, tokenizer, records)
-
-        def batched_whole_rows():
-            scores["batched, whole rows"] = counterfact_scores(model, tokenizer, records, share_prompts=False)
-
-        def per_record():
-            scores["per record, our code"] = pd.concat([counterfact_scores(model, tokenizer, [r]) for r in records],
-                                                       ignore_index=True)
-
-        def per_record_reference():
-            scores["per record, reference"] = pd.concat([reference_scores(model, tokenizer, r) for r in records],
-                                                        ignore_index=True)
-
-        variants = {"batched": batched, "batched, whole rows": batched_whole_rows, "per record, our code": per_record,
-                    "per record, reference": per_record_reference}
+        variants = scoring_variants(model, tokenizer, records, scores)
         times = interleaved(variants, args.repeats)
         base = scores["batched"]
         print(f"\n## CounterFact scoring of {len(records)} records ({len(base)} prompts, 2 targets each)")
         print_table([{"variant": name, "median s": median(values), "runs s": runs(values),
                       "records/s": len(records) / median(values),
                       "batched is x faster": median(values) / median(times["batched"]),
-                      "max |nll - batched nll|": float(np.abs(scores[name][["nll_new", "nll_true"]].to_numpy()
-                                                              - base[["nll_new", "nll_true"]].to_numpy()).max())}
+                      "max |nll - batched nll|": nll_gap(scores, name)}
                      for name, values in times.items()])
 
 

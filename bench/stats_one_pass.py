@@ -10,6 +10,8 @@ corpus tokens per second, and the largest difference between the two results.
     python bench/stats_one_pass.py --quick
     python bench/stats_one_pass.py --profile       # also: where the time goes, per variant
     python bench/stats_one_pass.py --random-model --model-layers 32 --layers 0-31 --docs 128   # paper-depth sweep
+
+`make bench` (bench/run.py) runs `standing`: both sweeps above, at these sizes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 
 import torch
 
-from common import base_parser, interleaved, load_bench, median, print_table, runs, setup
+from common import base_parser, interleaved, load_bench, median, print_table, result_row, runs, setup
 from editlib.model.hooks import capture_inputs, run_until
 from editlib.model.layout import model_layout
 from editlib.editing.statistics import StatsConfig, collect_second_moments
@@ -41,6 +43,45 @@ def per_layer(bench, layout, layers, texts, config):
     for layer in layers:
         result.update(collect_second_moments(bench.model, bench.tokenizer, layout, [layer], texts, config, progress=False))
     return result
+
+
+def compare(bench, layout, layers, texts, config, repeats: int) -> tuple[dict, dict]:
+    """Seconds of each variant ({"one pass": [...], "per layer": [...]}, interleaved) and how far
+    their statistics agree (max_abs, max_rel, same_count, tokens)."""
+    results = {}
+
+    def run(name, fn):
+        def call():
+            results[name] = fn(bench, layout, layers, texts, config)
+        return call
+
+    times = interleaved({"one pass": run("one pass", one_pass), "per layer": run("per layer", per_layer)}, repeats)
+    a, b = results["one pass"], results["per layer"]
+    agreement = {"tokens": a[layers[0]].count,
+                 "max_abs": max(float((a[l].mean - b[l].mean).abs().max()) for l in layers),
+                 "max_rel": max(float((a[l].total - b[l].total).norm() / b[l].total.norm()) for l in layers),
+                 "same_count": all(a[l].count == b[l].count for l in layers)}
+    return times, agreement
+
+
+def standing(ctx) -> list[dict]:
+    """bench/run.py: a 6-layer sweep on the toy bench model (1,024 documents, 3 repeats) and a
+    32-layer sweep on a random-weight Llama of Llama-3-8B's depth (128 documents, 2 repeats)."""
+    rows = []
+    sweeps = [(ctx.toy_bench(), 6, 1024, 3, "bench model"),
+              (ctx.random_bench(32), 32, 128, 2, "random-weight Llama, the bench model's width")]
+    for bench, depth, docs, repeats, model in sweeps:
+        layers = list(range(depth))
+        texts = bench.texts[:docs]
+        times, agreement = compare(bench, model_layout(bench.model), layers, texts, StatsConfig(max_length=512),
+                                   repeats)
+        check = (f"max |C one - C per layer| {agreement['max_abs']:.2g}, token counts "
+                 f"{'equal' if agreement['same_count'] else 'DIFFER'}")
+        rows.append(result_row("stats_one_pass", f"second moments of layers 0-{depth - 1}, {model} {depth}L, "
+                               f"{len(texts)} docs ({agreement['tokens']:,} tokens)",
+                               "one pass for all layers", "one pass per layer (the reference)",
+                               median(times["one pass"]), median(times["per layer"]), check))
+    return rows
 
 
 @torch.no_grad()
@@ -116,28 +157,16 @@ def main() -> None:
     print(f"# {bench.source}")
     print(f"# layers {layers}, {len(texts)} documents, {config}")
 
-    results = {}
-
-    def run(name, fn):
-        def call():
-            results[name] = fn(bench, layout, layers, texts, config)
-        return call
-
-    times = interleaved({"one pass": run("one pass", one_pass), "per layer": run("per layer", per_layer)},
-                        args.repeats)
-    a, b = results["one pass"], results["per layer"]
-    tokens = a[layers[0]].count
-    max_abs = max(float((a[l].mean - b[l].mean).abs().max()) for l in layers)
-    max_rel = max(float((a[l].total - b[l].total).norm() / b[l].total.norm()) for l in layers)
-    same_count = all(a[l].count == b[l].count for l in layers)
+    times, agreement = compare(bench, layout, layers, texts, config, args.repeats)
+    tokens = agreement["tokens"]
     rows = [{"variant": name, "median s": median(t), "runs s": runs(t), "corpus tok/s": tokens / median(t),
              "layer-tok/s": tokens * len(layers) / median(t)} for name, t in times.items()]
     print(f"\n## {len(layers)}-layer sweep, {tokens} tokens per pass, {args.repeats} interleaved repeats")
     print_table(rows)
     ratio = median(times["per layer"]) / median(times["one pass"])
     print(f"\nspeed-up one pass vs per layer (ratio of medians): {ratio:.2f}x")
-    print(f"results identical: max |C_one - C_per| = {max_abs:.3g}, max relative Frobenius diff of sums = "
-          f"{max_rel:.3g}, token counts equal: {same_count}")
+    print(f"results identical: max |C_one - C_per| = {agreement['max_abs']:.3g}, max relative Frobenius diff of "
+          f"sums = {agreement['max_rel']:.3g}, token counts equal: {agreement['same_count']}")
     if args.profile:
         print("\n## where the time goes (separately timed parts; seconds for the whole corpus)")
         print_table(breakdown(bench, layout, layers, texts, config))

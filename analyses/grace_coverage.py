@@ -6,8 +6,11 @@ first N records, one at a time, config.yaml's hyperparameters) to the prepared t
 counts the questions of a downstream task whose query lands inside some key's radius: those are
 answered with an edited object whatever they ask.
 
-    python bench/grace_coverage.py                     # after `make reproduce` (needs resources/toy)
-    python bench/grace_coverage.py --edits 128 --task toy_facts --limit 200
+What it shows: why GRACE's downstream accuracy drops after many sequential edits on the toy model
+(docs/toy_model.md), question by question. Run from the repository root after `make reproduce`:
+
+    python analyses/grace_coverage.py                     # needs resources/toy
+    python analyses/grace_coverage.py --edits 128 --task toy_facts --limit 200
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from editlib.methods.grace import GraceEditor, GraceHparams  # noqa: E402
+from editlib.methods.grace.session import GraceEditor  # noqa: E402
+from editlib.methods.grace import GraceHparams
 from editlib.model.loading import load_model  # noqa: E402
 from editlib.model.layout import model_layout
 from editlib.data.records import load_requests  # noqa: E402

@@ -1,20 +1,28 @@
 """End-to-end edits per second of MEMIT and EMMET (targets + keys + solve + update) at batch sizes N.
 
-    python bench/edit_throughput.py                       # N = 16, 256, 1024 on the toy-world model
-    python bench/edit_throughput.py --sizes 16,256 --quick
-    python bench/edit_throughput.py --shapes llama3-8b --device cuda --model-dtype bfloat16 --layers 4,5,6,7,8
+What it shows: how edits/s scales with the batch size N on the bench model of bench/common.py (on CPU
+it is flat in N, since the time is almost all target optimisation; the solves are small at
+d_k = 512). An absolute rate with no baseline, so not one of `make bench`'s ratios. Run from the
+repository root (about 10 minutes on 2 cores at the default sizes):
+
+    python analyses/edit_throughput.py                       # N = 16, 256, 1024 on the toy-world model
+    python analyses/edit_throughput.py --sizes 16,256 --quick
+    python analyses/edit_throughput.py --shapes llama3-8b --device cuda --model-dtype bfloat16 --layers 4,5,6,7,8
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "bench"), str(Path(__file__).resolve().parents[1])]
 
-from common import base_parser, load_bench, print_table, setup, synchronize, take_requests
-from editlib.editing.editor import Editor
-from editlib.methods.hparams import make_hparams
-from editlib.methods.hparams import MEMIT_LENGTHS
-from editlib.editing.templates import sample_context_templates
+from common import base_parser, load_bench, print_table, setup, synchronize, take_requests  # noqa: E402
+from editlib.editing.editor import Editor  # noqa: E402
+from editlib.editing.hparams import MEMIT_LENGTHS  # noqa: E402
+from editlib.methods.registry import make_hparams
+from editlib.editing.templates import sample_context_templates  # noqa: E402
 
 
 def main() -> None:

@@ -5,8 +5,11 @@ effect of restoring the hidden state at the subject's token after layer 0 as a f
 whole corruption effect (causal tracing over the facts it knows), and ROME's single-edit ES / PS /
 NS at its best layer (64 facts, ROME's paper hyperparameters, as in config.yaml).
 
-    python bench/toy_design.py                    # all variants, about 25 minutes on 2 cores
-    python bench/toy_design.py --variants default
+What it shows: the design choices of the default toy model (docs/toy_model.md), each variant's
+recall, where its facts live, and how editable it is. Run from the repository root:
+
+    python analyses/toy_design.py                    # all variants, about 25 minutes on 2 cores
+    python analyses/toy_design.py --variants default
 
 Variants (each adds one change to the previous one):
   plain      4-layer Llama, two-word names, one sentence per fact and template (the first default)
@@ -30,14 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from editlib.data.corpus import load_corpus  # noqa: E402
 from editlib.study.experiments import ExperimentContext, single_edits  # noqa: E402
-from editlib.methods.hparams import make_hparams  # noqa: E402
+from editlib.methods.registry import make_hparams  # noqa: E402
 from editlib.model.loading import load_model  # noqa: E402
 from editlib.model.layout import model_layout
 from editlib.toy.pretrain import TrainConfig, train_model  # noqa: E402
 from editlib.data.records import load_requests  # noqa: E402
 from editlib.editing.statistics import StatsConfig, collect_second_moments  # noqa: E402
 from editlib.toy.world import build_world  # noqa: E402
-from editlib.eval.tracing import TracingConfig, known_facts, trace_facts  # noqa: E402
+from editlib.eval.known_facts import known_facts  # noqa: E402
+from editlib.eval.tracing import TracingConfig, trace_facts  # noqa: E402
 
 WORLD = {"seed": 0, "n_subjects": 450, "edit_fraction": 0.6667, "facts_per_edit_subject": 4}
 ONE_WORD = {"name_scheme": "single", "profiles_per_subject": 4}
@@ -54,7 +58,7 @@ def evaluate(root: Path, train: dict, n_trace: int, n_edit: int) -> dict:
     model, tokenizer = load_model(str(root / "model"))
     layout = model_layout(model)
     requests = load_requests(root / "world" / "counterfact.json")
-    known = known_facts(model, tokenizer, requests)
+    known = known_facts(model, tokenizer, requests, "first_token", 64)
     traces = trace_facts(model, tokenizer, known[:n_trace], TracingConfig(kinds=("hidden",), tokens=("subject_last",)),
                          progress=False)
     total = (traces["p_clean"] - traces["p_corrupted"]).groupby(traces["case_id"]).first().mean()

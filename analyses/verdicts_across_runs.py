@@ -4,7 +4,10 @@ Reads the findings.csv of each run and prints one row per (finding, model, metho
 run's verdict and the number of runs that agree with the most common one (the seeded toy models
 below share the model name toy-5L, so their rows line up).
 
-    python bench/verdicts_across_runs.py results/toy results/toy-train-seed1 results/toy-train-seed2
+What it shows: which findings of docs/toy_model.md hold for toy models trained with other seeds.
+Run from the repository root after the runs:
+
+    python analyses/verdicts_across_runs.py results/toy results/toy-train-seed1 results/toy-train-seed2
 
 The seeded runs come from config.yaml with `model.train.seed` (and `run`) changed.
 """
