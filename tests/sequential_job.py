@@ -35,8 +35,8 @@ def main(method: str, checkpoint: str, out_csv: str, checkpoint_minutes: str | N
         spec = GraceHparams(layers=(1,), n_iter=5)
     else:
         threshold = float(torch.linalg.eigvalsh(ctx.second_moments[0].double())[96])
-        spec = make_hparams(method, layers=(0, 1), targets={"v_num_grad_steps": 6}, mom2_update_weight=1.0,
-                            nullspace_threshold=threshold, l2=1e-2)
+        own = {"nullspace_threshold": threshold, "l2": 1e-2} if method == "alphaedit" else {"mom2_update_weight": 1.0}
+        spec = make_hparams(method, layers=(0, 1), targets={"v_num_grad_steps": 6}, **own)
     timing = {} if checkpoint_minutes is None else {"checkpoint_minutes": float(checkpoint_minutes),
                                                      "clock": MinutePerReading()}
     frame, _ = sequential_edits(ctx, make_requests(6), spec, batch_size=1, total_edits=6, checkpoint_path=checkpoint,

@@ -194,8 +194,11 @@ def test_reporting_jobs_import_no_torch(script):
     from pathlib import Path
 
     scripts = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
-    imports = [line for line in (scripts / f"{script}.py").read_text().splitlines()
-               if line.startswith(("import ", "from "))]
+    import ast
+
+    source = (scripts / f"{script}.py").read_text()
+    imports = [ast.get_source_segment(source, node) for node in ast.parse(source).body
+               if isinstance(node, (ast.Import, ast.ImportFrom))]
     code = "\n".join([f"import sys; sys.path.append({str(scripts)!r})", *imports,
                       "heavy = sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules)",
                       "assert not heavy, heavy"])

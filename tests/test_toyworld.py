@@ -314,9 +314,10 @@ def test_toy_architecture_stores_facts_where_locate_and_edit_writes(tmp_path):
     assert mlp[[2, 3]].abs().max() < 1e-6 and mlp[[0, 1]].max() > 0.1 * total  # only MLPs that exist matter
     peak = int(mlp.idxmax())
     from editlib.data.corpus import load_corpus
+    from editlib.model.layout import model_layout
 
     corpus = load_corpus(str(tmp_path / "world" / "wiki.jsonl"))
-    moments = collect_second_moments(model, tokenizer, __import__("editlib.model").models.model_layout(model),
+    moments = collect_second_moments(model, tokenizer, model_layout(model),
                                      [peak], corpus.texts, StatsConfig(dtype="float64"), progress=False)
     ctx = ExperimentContext(model, tokenizer, "toy", {peak: moments[peak].mean}, progress=False)
     result = single_edits(ctx, known[:24], make_hparams("rome", layers=(peak,))).iloc[0]  # paper hyperparameters
