@@ -82,15 +82,19 @@ def setup(args: argparse.Namespace) -> None:
     print(machine_line(args.threads))
 
 
-def machine_line(threads: int) -> str:
-    cpu = "unknown CPU"
+def cpu_model(fallback: str = "unknown CPU") -> str:
+    """The CPU's model name from /proc/cpuinfo, else `fallback`."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return fallback
+
+
+def machine_line(threads: int) -> str:
+    cpu = cpu_model()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     import transformers
 
