@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from editlib.io import atomic_dir, sha256_file, write_json
-from editlib.toy.recipe import MODEL_INPUTS, TrainConfig
+from editlib.toy.recipe import TrainConfig, world_hashes
 
 MANIFEST = "pinned.json"
 MANIFEST_VERSION = 1
@@ -98,12 +98,6 @@ def verify_files(path: str | Path, manifest: dict) -> None:
                 f"{folder / name}: SHA-256 {actual} differs from {expected} in {folder / MANIFEST}: the pinned file "
                 f"was changed or damaged. Restore it from git (git checkout -- {folder / name}), or remove "
                 f"model.pinned from the config (or set it to null) to train the model instead")
-
-
-def world_hashes(world_dir: str | Path) -> dict[str, str]:
-    """SHA-256 of each world file the model is trained on (MODEL_INPUTS) that `world_dir` holds."""
-    world_dir = Path(world_dir)
-    return {name: sha256_file(world_dir / name) for name in MODEL_INPUTS if (world_dir / name).exists()}
 
 
 def recipe_of(train: dict | TrainConfig) -> dict:

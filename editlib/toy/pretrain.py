@@ -23,9 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from editlib.eval.metrics import score_continuations
-from editlib.io import atomic_dir, content_key, sha256_file, write_json
+from editlib.io import atomic_dir, content_key, write_json
 from editlib.model.tokens import pad_right, prompt_ids, target_ids
-from editlib.toy.recipe import MODEL_INPUTS, TrainConfig  # noqa: F401  (defined there)
+from editlib.toy.recipe import TrainConfig, world_hashes  # noqa: F401  (TrainConfig re-exported: defined there)
 from editlib.toy.vocab import train_bpe_tokenizer
 
 
@@ -275,8 +275,7 @@ def model_cache_key(world_dir: str | Path, config: TrainConfig) -> str:
     and the torch / transformers versions (training numerics may change with them)."""
     import transformers
 
-    files = {name: sha256_file(Path(world_dir) / name) for name in MODEL_INPUTS if (Path(world_dir) / name).exists()}
-    return content_key({"config": asdict(config), "files": files, "torch": torch.__version__,
+    return content_key({"config": asdict(config), "files": world_hashes(world_dir), "torch": torch.__version__,
                         "transformers": transformers.__version__})
 
 

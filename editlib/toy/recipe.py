@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from editlib.editing.hparams import check_ranges
+from editlib.io import sha256_file
 
 # The world files that training and the recall check read: a trained model depends on these only
 # (editlib.toy.pretrain.model_cache_key and the pinned model's manifest, editlib.toy.pinned, hash them).
 MODEL_INPUTS = ("train_corpus.txt", "counterfact.json", "world.json", "tasks/toy_facts.jsonl", "tasks/toy_compose.jsonl")
+
+
+def world_hashes(world_dir: str | Path) -> dict[str, str]:
+    """SHA-256 of each world file the model is trained on (MODEL_INPUTS) that `world_dir` holds: the
+    world part of the model cache's key and of a pinned model's manifest."""
+    world_dir = Path(world_dir)
+    return {name: sha256_file(world_dir / name) for name in MODEL_INPUTS if (world_dir / name).exists()}
+
 
 # ---------------------------------------------------------------------------- the toy model's training
 
