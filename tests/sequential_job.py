@@ -39,7 +39,7 @@ def main(method: str, checkpoint: str, out_csv: str, checkpoint_minutes: str | N
         spec = make_hparams(method, layers=(0, 1), targets={"v_num_grad_steps": 6}, **own)
     timing = {} if checkpoint_minutes is None else {"checkpoint_minutes": float(checkpoint_minutes),
                                                      "clock": MinutePerReading()}
-    frame, _ = sequential_edits(ctx, make_requests(6), spec, batch_size=1, total_edits=6, checkpoint_path=checkpoint,
+    frame, _, _ = sequential_edits(ctx, make_requests(6), spec, batch_size=1, total_edits=6, checkpoint_path=checkpoint,
                                 **timing)
     frame.to_csv(out_csv, index=False)
 

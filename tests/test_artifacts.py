@@ -46,7 +46,7 @@ def test_truncated_checkpoint_is_a_miss(tmp_path):
     from editlib.study.experiments import _load_checkpoint
 
     path = tmp_path / "run.ckpt.safetensors"
-    save_tensors(path, {"w": torch.ones(32, 32)}, {"key": "k", "step": "1", "rows": "[]", "downstream": "[]"})
+    save_tensors(path, {"w": torch.ones(32, 32)}, {"key": "k", "step": "1", "rows": "[]", "downstream": "[]", "steps": "[]"})
     assert _load_checkpoint(path, "k") is not None
     path.write_bytes(path.read_bytes()[:50])
     assert _load_checkpoint(path, "k") is None

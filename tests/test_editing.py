@@ -280,7 +280,7 @@ def test_sequential_evaluation_cost_is_linear_in_the_edits(tiny_llama, llama_tok
         requests = [dataclasses.replace(base[i % 6], case_id=i) for i in range(n)]
         eval_at = log_spaced_counts(n)
         scored.clear(), generated.clear()
-        frame, _ = sequential_edits(ctx, requests, GraceHparams(layers=(1,)), 1, n, eval_at=eval_at)
+        frame, _, _ = sequential_edits(ctx, requests, GraceHparams(layers=(1,)), 1, n, eval_at=eval_at)
         assert sum(scored) == sequential_scorings(n, 1, eval_at) == n - len(eval_at) + sum(eval_at) < 4 * n
         assert generated == eval_at  # GE on the edited-so-far evaluations only, of every fact edited so far
         current = frame[frame["scope"] == "current_batch"]

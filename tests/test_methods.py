@@ -110,7 +110,7 @@ def test_an_extra_method_runs_through_every_experiment(extra_method, trained_lla
     assert batched["batch_size"].tolist() == [1, 2]
     assert batched.loc[0, "ES"] == single.loc[0, "ES"]  # batches of one are single edits
 
-    sequential, _ = sequential_edits(ctx, requests, spec, batch_size=2, total_edits=4)
+    sequential, _, _ = sequential_edits(ctx, requests, spec, batch_size=2, total_edits=4)
     so_far = sequential[sequential["scope"] == "edited_so_far"]
     assert so_far["n_edits"].tolist() == [2, 4] and (so_far["method"] == NAME).all()
     assert so_far["ES"].iloc[0] == 100.0
@@ -173,7 +173,7 @@ def test_saved_states_reload_the_edited_model_exactly(method, trained_llama2, ll
         MendEditor.fresh(model, llama_tokenizer, MendHparams(n_edit_layers=1, rank=8)).save(tmp_path / "mend.safetensors")
         spec = edit_spec({"methods": {method: {}}}, method, (), tmp_path / "mend.safetensors")
     states = {n: tmp_path / f"n{n}.safetensors" for n in (2, 4)}
-    _, in_memory = sequential_edits(ctx, make_requests(4), spec, batch_size=2, total_edits=4, downstream=_probe,
+    _, in_memory, _ = sequential_edits(ctx, make_requests(4), spec, batch_size=2, total_edits=4, downstream=_probe,
                                     downstream_at=[2, 4], states=states)
     reloaded = states_downstream(ctx, spec, [states[2], states[4]], _probe)
     edited = in_memory[in_memory["n_edits"] > 0].reset_index(drop=True)

@@ -140,8 +140,9 @@ def test_a_crash_between_checkpoints_replays_to_identical_rows_and_states(grace_
     ctx, requests, spec = grace_run
     counts = (2, 4, 6)
     straight_states = {n: tmp_path / "straight" / f"n{n}.safetensors" for n in counts}
-    straight, _ = sequential_edits(ctx, requests, spec, 1, 6, tmp_path / "straight.safetensors", eval_at=[2, 4],
-                                   states=straight_states, checkpoint_minutes=2.5, clock=MinutePerReading())
+    straight, _, straight_steps = sequential_edits(ctx, requests, spec, 1, 6, tmp_path / "straight.safetensors",
+                                                   eval_at=[2, 4], states=straight_states, checkpoint_minutes=2.5,
+                                                   clock=MinutePerReading())
     states = {n: tmp_path / "resumed" / f"n{n}.safetensors" for n in counts}
     checkpoint = tmp_path / "resumed.safetensors"
     with monkeypatch.context() as patch:
@@ -153,10 +154,12 @@ def test_a_crash_between_checkpoints_replays_to_identical_rows_and_states(grace_
     if lose_a_state:
         states[2].unlink()
     steps = _checkpoint_writes(monkeypatch)
-    resumed, _ = sequential_edits(ctx, requests, spec, 1, 6, checkpoint, eval_at=[2, 4], states=states,
-                                  checkpoint_minutes=2.5, clock=MinutePerReading())
+    resumed, _, resumed_steps = sequential_edits(ctx, requests, spec, 1, 6, checkpoint, eval_at=[2, 4], states=states,
+                                                 checkpoint_minutes=2.5, clock=MinutePerReading())
     assert steps == ([3, 6] if lose_a_state else [6])  # started over, or resumed after batch 3
     pd.testing.assert_frame_equal(straight, resumed, check_exact=True)
+    pd.testing.assert_frame_equal(straight_steps, resumed_steps, check_exact=True)
+    assert list(resumed_steps["n_edits"]) == [1, 2, 3, 4, 5, 6]
     for n in counts:
         a, b = load_file(str(straight_states[n])), load_file(str(states[n]))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), n

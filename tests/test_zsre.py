@@ -60,7 +60,7 @@ def test_single_edits_on_zsre_equal_each_edit_scored_alone(trained_llama2, llama
     assert row["NS"] == pytest.approx(np.mean([m["specificity"] for m in by_hand]))
     assert row["ES_lo"] <= row["ES"] <= row["ES_hi"]
     batched, _ = batched_edits(ctx, requests, spec, [1, 2])
-    sequential, _ = sequential_edits(ctx, requests, spec, batch_size=2, total_edits=4)
+    sequential, _, _ = sequential_edits(ctx, requests, spec, batch_size=2, total_edits=4)
     assert set(batched["records"]) == set(sequential["records"]) == {"zsre"}
 
 

@@ -36,6 +36,7 @@ from editlib.editing.updates import (
     UpdateError,
     nullspace_projector,
     rome_directions,
+    update_norm_squared,
     weight_update,
 )
 from editlib.editing.values import TargetResult, optimize_targets
@@ -86,6 +87,7 @@ class Editor(EditSession):
         self.key_products: dict[int, torch.Tensor | None] = {l: None for l in hparams.layers}
         self._projectors: dict[int, torch.Tensor] = {}
         self._target_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._original_norms: dict[int, float] = {}
         self.n_edits = 0
 
     @classmethod
@@ -217,7 +219,7 @@ class Editor(EditSession):
         return residuals, directions, loss
 
     def _apply_spread(self, requests) -> dict:
-        residuals, _, loss = self._spread_updates(requests, independent=False)
+        residuals, directions, loss = self._spread_updates(requests, independent=False)
         if getattr(self.hparams, "keeps_edited_keys", False):
             prompts = build_context_prompts(self.tokenizer, requests, self.templates)
             keys, _ = compute_keys(self.model, self.tokenizer, self.layout, self.hparams.layers, prompts, "memit")
@@ -225,7 +227,8 @@ class Editor(EditSession):
                 product = key.double() @ key.double().T
                 previous = self.key_products[layer]
                 self.key_products[layer] = product if previous is None else previous + product
-        return {"target_loss": loss.tolist(), "residual_norm": {l: float(r.norm()) for l, r in residuals.items()}}
+        return {"target_loss": loss.tolist(), "residual_norm": {l: float(r.norm()) for l, r in residuals.items()},
+                "relative_update_norm": self._relative_norm(residuals, directions)}
 
     def _rome_factors(self, requests) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ROME/r-ROME residuals R (d, N) and directions B (d_k, N), each fact on the current model."""
@@ -246,12 +249,24 @@ class Editor(EditSession):
     def _apply_rome(self, requests) -> dict:
         """ROME edits one fact at a time; each sees the weights left by the previous one."""
         layer = self.hparams.layers[0]
-        losses = []
+        losses, residuals, directions = [], [], []
         for request in tqdm(requests, desc=self.hparams.method, disable=not self.progress or len(requests) < 2):
             residual, direction, loss = self._rome_factors([request])
             self._add_update(layer, weight_update(residual, direction))
             losses.append(float(loss[0]))
-        return {"target_loss": losses}
+            residuals.append(residual)
+            directions.append(direction)
+        return {"target_loss": losses, "relative_update_norm": self._relative_norm(
+            {layer: torch.cat(residuals, 1)}, {layer: torch.cat(directions, 1)})}
+
+    def _relative_norm(self, residuals: dict, directions: dict) -> float:
+        """||this batch's update||_F / ||unedited weights||_F over the edited layers (the updates
+        R B^T of each layer summed first: the norm of what the batch changed)."""
+        changed = sum(update_norm_squared(residuals[l], directions[l]) for l in residuals)
+        for layer in residuals:
+            if layer not in self._original_norms:
+                self._original_norms[layer] = float(torch.linalg.vector_norm(self.original[layer], dtype=torch.float64))
+        return (changed / sum(self._original_norms[l] ** 2 for l in residuals)) ** 0.5
 
     # ---- independent single edits ----------------------------------------------------------
     def single_edits(self, requests: Sequence[EditRequest]) -> SingleEdits:

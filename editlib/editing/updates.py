@@ -178,3 +178,9 @@ def rome_directions(
 def weight_update(residual: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     """Delta = R B^T, (d, d_k) fp64."""
     return _check(residual.to(directions) @ directions.T, "weight update")
+
+
+def update_norm_squared(residual: torch.Tensor, directions: torch.Tensor) -> float:
+    """||R B^T||_F^2 = sum((R^T R) * (B^T B)) without forming the (d, d_k) update: O(N^2) dot products."""
+    residual, directions = residual.double(), directions.double()
+    return float(((residual.T @ residual) * (directions.T @ directions)).sum())

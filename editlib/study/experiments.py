@@ -29,11 +29,12 @@ from editlib.editing.templates import sample_context_templates
 from editlib.eval.metrics import edit_metrics, edit_scores, generation_entropy
 from editlib.io import content_key, load_tensors, read_metadata, save_tensors
 from editlib.methods.registry import get_method, make_spec
-from editlib.study.tables import DOWNSTREAM_COLUMNS, INTERVALS, METRICS, RESULT_COLUMNS, SENSITIVITY_COLUMNS
+from editlib.study.tables import DOWNSTREAM_COLUMNS, INTERVALS, METRICS, RESULT_COLUMNS, SENSITIVITY_COLUMNS, STEP_COLUMNS
 
 log = logging.getLogger(__name__)
 
 Downstream = Callable[[object, object], list[dict]]
+Probe = Callable[[object], dict]  # model -> {"agreement", "top_token_share"} (editlib.eval.collapse.PredictionProbe)
 
 
 @dataclass
@@ -199,8 +200,10 @@ def _checkpoint_key(ctx: ExperimentContext, requests, spec, batch_size: int, tot
                         "total": total, "cases": [str(r.case_id) for r in requests]})
 
 
-def _save_checkpoint(path: Path, session, key: str, step: int, rows: list, downstream_rows: list) -> None:
-    metadata = {"key": key, "step": str(step), "rows": json.dumps(rows), "downstream": json.dumps(downstream_rows)}
+def _save_checkpoint(path: Path, session, key: str, step: int, rows: list, downstream_rows: list,
+                     step_rows: list) -> None:
+    metadata = {"key": key, "step": str(step), "rows": json.dumps(rows), "downstream": json.dumps(downstream_rows),
+                "steps": json.dumps(step_rows)}
     save_tensors(path, session.state_dict(), metadata)
 
 
@@ -212,7 +215,8 @@ def _load_checkpoint(path: Path, key: str):
         if metadata.get("key") != key:
             log.warning("checkpoint %s belongs to another run (key mismatch); starting over", path)
             return None
-        return state, int(metadata["step"]), json.loads(metadata["rows"]), json.loads(metadata["downstream"])
+        return (state, int(metadata["step"]), json.loads(metadata["rows"]), json.loads(metadata["downstream"]),
+                json.loads(metadata["steps"]))
     except (SafetensorError, OSError, KeyError, ValueError) as err:
         log.warning("unreadable checkpoint %s (%s); starting over", path, err)
         return None
@@ -222,9 +226,10 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], sp
                      total_edits: int, checkpoint_path: str | Path | None = None, downstream: Downstream | None = None,
                      downstream_at: Sequence[int] | None = None, eval_at: Sequence[int] | None = None,
                      states: Mapping[int, str | Path] | None = None, checkpoint_minutes: float = 0.0,
-                     clock: Callable[[], float] = time.monotonic, entropy_records: int | None = None
-                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                     clock: Callable[[], float] = time.monotonic, entropy_records: int | None = None,
+                     probe: Probe | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Batches of `batch_size` applied one after another without reverting, up to `total_edits`.
+    Returns (edit metrics, downstream rows, one row per batch: tables.STEP_COLUMNS).
 
     After every batch: metrics on the current batch ("current_batch"); on every fact edited so far
     ("edited_so_far") after the batches whose cumulative edit count is in `eval_at` and after the
@@ -236,7 +241,9 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], sp
     Cost: for N edits in k batches the records scored are N plus the edited-so-far count of each
     evaluation, sum(eval_at) + N at most; without `eval_at` every batch rescores every fact edited so
     far, N(k+1)/2 in all (quadratic; editlib.study requires eval_at for runs of more than 64
-    batches). Generation entropy (ctx.generation_entropy) is computed on the edited-so-far rows
+    batches). After every batch, the step row holds the norm of the weight change the batch made
+    (relative to the unedited weights; locate-and-edit methods) and `probe(model)` (one forward pass
+    over fixed texts, editlib.eval.collapse.PredictionProbe) when given. Generation entropy (ctx.generation_entropy) is computed on the edited-so-far rows
     only, never on the current-batch rows (those rows' GE is NaN), over the generation prompts of
     at most `entropy_records` of the facts edited so far (evenly spaced over the edit order; None:
     all): 100 sampled tokens per prompt, so at most len(eval_at) x entropy_records x prompts per
@@ -259,6 +266,7 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], sp
     path = Path(checkpoint_path) if checkpoint_path is not None else None
     rows: list[dict] = []
     downstream_rows: list[dict] = []
+    step_rows: list[dict] = []
     start = 0
     resumed = _load_checkpoint(path, key) if path is not None else None
     if resumed is not None:
@@ -269,7 +277,7 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], sp
                         path, missing)
             resumed = None
     if resumed is not None:
-        state, start, rows, downstream_rows = resumed
+        state, start, rows, downstream_rows, step_rows = resumed
         session.load_state_dict(state)
         log.info("resuming %s from batch %d of %d", path, start, len(plan))
     elif downstream is not None:
@@ -280,8 +288,9 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], sp
         for step in tqdm(range(start, len(plan)), desc=f"{spec.method} sequential b={batch_size}",
                          disable=not ctx.progress, initial=start, total=len(plan)):
             batch = plan[step]
-            session.apply(batch)
+            report = session.apply(batch)
             n_edits = session.n_edits
+            step_rows.append(_step_row(ctx, spec, batch_size, n_edits, step + 1, report, probe))
             edited = requests[:n_edits]
             whole = eval_at is None or n_edits in set(eval_at) or step == len(plan) - 1
             scores = score_records(ctx, edited if whole else batch, session)  # one pass; the batch is part of it
@@ -298,11 +307,23 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], sp
             if states and n_edits in states:
                 save_state(states[n_edits], session, spec, "sequential", batch_size, n_edits)
             if path is not None and (step == len(plan) - 1 or clock() - saved_at >= interval):
-                _save_checkpoint(path, session, key, step + 1, rows, downstream_rows)
+                _save_checkpoint(path, session, key, step + 1, rows, downstream_rows, step_rows)
                 saved_at = clock()
     finally:
         session.close()
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS), pd.DataFrame(downstream_rows, columns=DOWNSTREAM_COLUMNS)
+    return (pd.DataFrame(rows, columns=RESULT_COLUMNS), pd.DataFrame(downstream_rows, columns=DOWNSTREAM_COLUMNS),
+            pd.DataFrame(step_rows, columns=STEP_COLUMNS))
+
+
+def _step_row(ctx: ExperimentContext, spec, batch_size: int, n_edits: int, step: int, report: dict | None,
+              probe: Probe | None) -> dict:
+    row = {"experiment": "sequential", "model": ctx.model_name, "method": spec.method, "layers": layers_label(spec.layers),
+           "batch_size": batch_size, "sample": 0, "n_edits": n_edits, "step": step,
+           "relative_update_norm": (report or {}).get("relative_update_norm", float("nan")),
+           "agreement": float("nan"), "top_token_share": float("nan")}
+    if probe is not None:
+        row.update(probe(ctx.model))
+    return row
 
 
 def evenly_spaced(items: Sequence, n: int | None) -> list:

@@ -25,6 +25,7 @@ from editlib.data.records import EditRequest, load_requests
 from editlib.editing.statistics import StatsConfig, layer_second_moments, load_moments, save_moments
 from editlib.editing.target_store import TargetStore
 from editlib.eval.downstream import evaluate_downstream, hub_offline, make_task_manager
+from editlib.eval.collapse import PredictionProbe
 from editlib.eval.downstream_tasks import write_mc_task
 from editlib.eval.known_facts import known_facts
 from editlib.io import atomic_dir, atomic_path, content_key, write_csv, write_json
@@ -420,12 +421,14 @@ def run_batched(config: dict, method: str, model_dir, moments_path, records_path
 
 def run_sequential(config: dict, method: str, batch_size: int, model_dir, moments_path, records_path, sweep_path,
                    trained_editor, out_path, states_dir, checkpoint_path, sample: int = 0,
-                   checkpoint_minutes: float | None = None) -> pd.DataFrame:
+                   checkpoint_minutes: float | None = None, steps_path=None, corpus_path=None) -> pd.DataFrame:
     """Sequential edits of edit sample `sample`; the edits after each count in `downstream_at`
     are saved under `states_dir` (n<count>.safetensors) for the downstream stage. States are
     staged beside the checkpoint, so a resumed run keeps those saved before it was killed.
     The checkpoint is written at most every `checkpoint_minutes` (None: the config's
-    experiments.sequential.checkpoint_minutes, else CHECKPOINT_MINUTES) and after the last batch."""
+    experiments.sequential.checkpoint_minutes, else CHECKPOINT_MINUTES) and after the last batch.
+    One row per batch (tables.STEP_COLUMNS) goes to `steps_path`; with experiments.sequential.probe,
+    its texts are the first probe.n_texts of the prepared corpus at `corpus_path`."""
     settings = config["experiments"]["sequential"]
     records = read_records(config, records_path)
     layers = method_layers(config, method, sweep_path)
@@ -435,19 +438,34 @@ def run_sequential(config: dict, method: str, batch_size: int, model_dir, moment
     spec = edit_spec(config, method, layers, trained_editor)
     staging = Path(checkpoint_path).with_suffix(".states")
     points = state_points(total, batch_size, settings.get("downstream_at", []))
-    frame, _ = sequential_edits(ctx, requests, spec, batch_size, total, checkpoint_path, eval_at=settings.get("eval_at"),
-                                states={n: staging / f"n{n}.safetensors" for n in points},
-                                checkpoint_minutes=settings.get("checkpoint_minutes", CHECKPOINT_MINUTES)
-                                if checkpoint_minutes is None else checkpoint_minutes,
-                                entropy_records=config["metrics"].get("generation_entropy_records"))
+    frame, _, steps = sequential_edits(
+        ctx, requests, spec, batch_size, total, checkpoint_path, eval_at=settings.get("eval_at"),
+        states={n: staging / f"n{n}.safetensors" for n in points},
+        checkpoint_minutes=settings.get("checkpoint_minutes", CHECKPOINT_MINUTES)
+        if checkpoint_minutes is None else checkpoint_minutes,
+        entropy_records=config["metrics"].get("generation_entropy_records"),
+        probe=prediction_probe(ctx, settings.get("probe"), corpus_path))
     with atomic_dir(states_dir) as final:
         for n in points:
             shutil.copyfile(staging / f"n{n}.safetensors", final / f"n{n}.safetensors")
     frame = labelled(frame, method).assign(sample=sample)
+    if steps_path is not None:
+        write_csv(steps_path, labelled(steps, method).assign(sample=sample))
     write_csv(out_path, frame)
     shutil.rmtree(staging, ignore_errors=True)
     Path(checkpoint_path).unlink(missing_ok=True)  # the results are final; the checkpoint served resumption
     return frame
+
+
+def prediction_probe(ctx: ExperimentContext, settings: dict | None, corpus_path) -> PredictionProbe | None:
+    """experiments.sequential.probe's PredictionProbe on the unedited model: the first `n_texts`
+    texts of the prepared corpus, cut to `max_length` tokens; None without a probe block."""
+    if not settings:
+        return None
+    if corpus_path is None:
+        raise ValueError("experiments.sequential.probe needs the prepared corpus (the rule's corpus input)")
+    texts = read_prepared(corpus_path, name="probe").texts[:settings.get("n_texts", 32)]
+    return PredictionProbe(ctx.model, ctx.tokenizer, texts, max_length=settings.get("max_length", 64))
 
 
 # ---------------------------------------------------------------------------- downstream

@@ -115,8 +115,11 @@ rule sequential_edits:
         records=DATA["records"],
         sweep=sweep_input,
         mend=mend_input,
+        # the probe texts (experiments.sequential.probe), when configured
+        corpus=DATA["corpus"] if EXPERIMENTS["sequential"].get("probe") else [],
     output:
         results=f"{OUT}/sequential/{{method}}/b{{batch_size}}-s{{sample}}.csv",
+        steps=f"{OUT}/sequential/{{method}}/b{{batch_size}}-s{{sample}}_steps.csv",
         states=state_output(f"{STATES}/sequential/{{method}}/b{{batch_size}}-s{{sample}}"),
     params:
         stage=stage("sequential"),

@@ -9,6 +9,7 @@ rule tidy_results:
         # the leaf tasks of configured groups (mmlu's 57 subjects), beside each downstream table
         downstream_subtasks=[table.removesuffix(".csv") + "_subtasks.csv" for table in downstream_tables()],
         traces=per_model(f"{OUT}/causal_trace.csv"),
+        steps=per_model(*[f"{OUT}/sequential/{m}/b{b}-s{s}_steps.csv" for m, b, s in sequential_runs(config)]),
     output:
         edits=f"{RUN_OUT}/edits.csv",
         layer_sweep=f"{RUN_OUT}/layer_sweep.csv",
@@ -16,6 +17,7 @@ rule tidy_results:
         downstream=f"{RUN_OUT}/downstream.csv",
         downstream_subtasks=f"{RUN_OUT}/downstream_subtasks.csv",
         traces=f"{RUN_OUT}/causal_trace.csv",
+        steps=f"{RUN_OUT}/sequential_steps.csv",
     log:
         f"{RUN_LOGS}/tidy_results.log",
     benchmark:

@@ -9,4 +9,5 @@ with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["
                    snakemake.input.sweep or None, snakemake.input.mend or None, snakemake.output.results,
                    snakemake.output.states, snakemake.params.checkpoint, sample=int(snakemake.wildcards.sample),
                    # not in params.stage: how often the checkpoint is written changes no result, reruns no job
-                   checkpoint_minutes=snakemake.config["experiments"]["sequential"].get("checkpoint_minutes"))
+                   checkpoint_minutes=snakemake.config["experiments"]["sequential"].get("checkpoint_minutes"),
+                   steps_path=snakemake.output.steps, corpus_path=snakemake.input.corpus or None)

@@ -6,6 +6,7 @@ from editlib.study.tables import (
     DOWNSTREAM_SUBTASK_COLUMNS,
     RESULT_COLUMNS,
     SENSITIVITY_COLUMNS,
+    STEP_COLUMNS,
     tidy,
 )
 
@@ -16,3 +17,4 @@ with stage_logging(snakemake.log[0], uses_torch=False):
     tidy(snakemake.input.downstream, snakemake.output.downstream, DOWNSTREAM_COLUMNS)
     tidy(snakemake.input.downstream_subtasks, snakemake.output.downstream_subtasks, DOWNSTREAM_SUBTASK_COLUMNS)
     tidy(snakemake.input.traces, snakemake.output.traces)
+    tidy(snakemake.input.steps, snakemake.output.steps, STEP_COLUMNS)

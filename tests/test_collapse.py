@@ -1,0 +1,65 @@
+"""The collapse measurements of long sequential runs: the prediction probe, each batch's weight-change
+norm, and the per-batch rows of sequential_edits."""
+
+import math
+
+import pytest
+import torch
+from conftest import make_requests
+from test_editing import TEMPLATES, hparams_for, subject_final_requests
+
+from editlib.editing.editor import Editor
+from editlib.eval.collapse import PredictionProbe
+from editlib.model.layout import edited_weight, model_layout
+from editlib.study.experiments import ExperimentContext, sequential_edits
+from editlib.study.tables import STEP_COLUMNS
+
+
+def test_the_probe_agrees_with_the_model_it_was_built_on_and_sees_a_collapse(trained_llama2, llama_tokenizer, corpus):
+    probe = PredictionProbe(trained_llama2, llama_tokenizer, corpus[:12], max_length=16, batch_size=5)
+    lengths = [min(len(ids), 16) for ids in llama_tokenizer(corpus[:12])["input_ids"]]
+    assert probe.n_positions == sum(lengths) == probe.reference.numel()
+    unedited = probe(trained_llama2)
+    assert unedited["agreement"] == 1.0 and unedited["top_token_share"] < 0.5
+    with torch.no_grad():  # equal logits everywhere: every position predicts token 0, the outputs have collapsed
+        trained_llama2.lm_head.weight.zero_()
+    collapsed = probe(trained_llama2)
+    assert collapsed["top_token_share"] == 1.0
+    assert collapsed["agreement"] == pytest.approx(float((probe.reference == 0).float().mean()))
+
+
+def test_an_empty_probe_is_an_error(trained_llama2, llama_tokenizer):
+    with pytest.raises(ValueError, match="no probe texts"):
+        PredictionProbe(trained_llama2, llama_tokenizer, [])
+
+
+@pytest.mark.parametrize("method,layers", [("rome", (0,)), ("memit", (0, 1)), ("alphaedit", (0,))])
+def test_the_reported_update_norm_is_the_weight_change_of_the_batch(method, layers, trained_llama2, llama_tokenizer,
+                                                                    moments2):
+    editor = Editor(trained_llama2, llama_tokenizer, hparams_for(method, moments2, layers=layers), moments2, TEMPLATES,
+                    progress=False)
+    layout = model_layout(trained_llama2)
+    requests = subject_final_requests(3)
+    editor.apply(requests[:1])
+    before = {l: edited_weight(trained_llama2, layout, l).detach().double().clone() for l in layers}
+    report = editor.apply(requests[1:])  # a batch of two on top of an edit
+    changed = sum(float((edited_weight(trained_llama2, layout, l).double() - before[l]).norm()) ** 2 for l in layers)
+    original = sum(float(editor.original[l].double().norm()) ** 2 for l in layers)
+    assert report["relative_update_norm"] == pytest.approx(math.sqrt(changed / original), rel=1e-5)
+    assert report["relative_update_norm"] > 0
+    editor.close()
+
+
+def test_sequential_runs_give_one_row_per_batch_with_the_probe(trained_llama2, llama_tokenizer, moments2, corpus):
+    ctx = ExperimentContext(trained_llama2, llama_tokenizer, "tiny", moments2, progress=False)
+    probe = PredictionProbe(trained_llama2, llama_tokenizer, corpus[:8], max_length=16)
+    spec = hparams_for("memit", moments2)
+    _, _, steps = sequential_edits(ctx, make_requests(6), spec, batch_size=2, total_edits=6, eval_at=[6], probe=probe)
+    assert list(steps.columns) == STEP_COLUMNS
+    assert steps["n_edits"].tolist() == [2, 4, 6] and steps["step"].tolist() == [1, 2, 3]
+    assert (steps["relative_update_norm"] > 0).all()
+    assert steps["agreement"].between(0, 1).all() and steps["top_token_share"].between(0, 1).all()
+    assert probe(trained_llama2)["agreement"] == 1.0  # the run left the model unedited
+    _, _, unprobed = sequential_edits(ctx, make_requests(6), spec, batch_size=2, total_edits=6, eval_at=[6])
+    assert unprobed["agreement"].isna().all()
+    assert unprobed["relative_update_norm"].tolist() == pytest.approx(steps["relative_update_norm"].tolist())
