@@ -129,13 +129,16 @@ def qa_wikidata_records(
     max_neighbours: int = 10,
     min_neighbours: int = 1,
     relations: Sequence[RelationTemplate] = QA_WIKIDATA_RELATIONS,
+    source: str = "bigbench/qa_wikidata",
+    exclude_subject: bool = False,
 ) -> list[dict]:
     """CounterFact-format records from a BIG-bench qa_wikidata task, built as CounterFact was.
 
     - subject and relation: parsed with `relations` (inputs no template fits are skipped); repeated
       (relation, subject) pairs are merged, their answers united;
     - target_true: the first answer; target_new: a seeded uniform draw from the other distinct
-      answers of the same relation (never one of the subject's own answers);
+      answers of the same relation (never one of the subject's own answers; with `exclude_subject`,
+      never the subject itself either, so no "X shares a border with X");
     - paraphrase_prompts: the relation's paraphrase templates with the subject;
     - neighborhood_prompts: the relation's prompt for up to `max_neighbours` other subjects (seeded
       draw) whose answers include target_true and exclude target_new, so target_true stays right;
@@ -143,7 +146,10 @@ def qa_wikidata_records(
     - generation_prompts: the prompt and paraphrases.
     Every draw uses its own ``random.Random`` keyed on (seed, relation, subject), so one record does
     not change when others are added or dropped. Records are sorted by relation table order, then
-    subject; case ids are 0..n-1 in that order.
+    subject; case ids are 0..n-1 in that order. Each record also carries ``true_answers`` (all of
+    the subject's answers) and ``source`` (`source`: where the facts come from).
+    `task` may come from elsewhere than BIG-bench: any ``{"examples": [{"input": prompt, "target":
+    [answers]}]}`` whose inputs are prompts of `relations` (editlib.data.country_facts).
     """
     examples = task.get("examples")
     if not isinstance(examples, list):
@@ -177,7 +183,7 @@ def qa_wikidata_records(
         relation = by_id[relation_id]
         rng = random.Random(f"{seed}|{relation_id}|{subject}")
         target_true = subject_answers[0]
-        own = {a.casefold() for a in subject_answers}
+        own = {a.casefold() for a in subject_answers} | ({subject.casefold()} if exclude_subject else set())
         candidates = sorted(a for a in pools[relation_id] if a.casefold() not in own)
         if not candidates:
             continue
@@ -203,7 +209,7 @@ def qa_wikidata_records(
                 generation_prompts=(relation.prompt.format(subject), *paraphrases),
             )
         )
-        extras.append({"true_answers": list(subject_answers), "source": "bigbench/qa_wikidata"})
+        extras.append({"true_answers": list(subject_answers), "source": source})
     records = [{**counterfact_record(request), **extra} for request, extra in zip(requests, extras)]
     parse_records(records)  # every record must load as a CounterFact record
     return records

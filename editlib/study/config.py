@@ -13,6 +13,7 @@ import yaml
 
 from editlib.study.stages import (
     configured_method,
+    country_record_count,
     local_task_names,
     log_spaced_counts,
     mend_training_offset,
@@ -425,7 +426,9 @@ def _check_values(config: dict, source: str) -> None:
         if n > experiments["sequential"]["total_edits"]:
             raise ConfigError(f"{source}: experiments.sequential.eval_at[{index}]: {n} exceeds total_edits "
                               f"{experiments['sequential']['total_edits']}")
-    available = toy_record_count(config)
+    available, origin = toy_record_count(config), "the toy world (data.world) has {n}"
+    if available is None and (available := _country_record_count(config, source)) is not None:
+        origin = "data.source country_facts builds {n}" + (" (before data.known_filter)" if config["data"].get("known_filter", True) else "")
     if available is not None:
         needs = {"experiments.layer_sweep.n_records": experiments["layer_sweep"]["n_records"],
                  "experiments.single.n_records": experiments["single"]["n_records"],
@@ -435,15 +438,14 @@ def _check_values(config: dict, source: str) -> None:
         for field, n in needs.items():
             if n > available:
                 times = " (x samples)" if field.endswith("total_edits") and sequential_samples(config) > 1 else ""
-                raise ConfigError(f"{source}: {field}{times}: {n} records needed, the toy world (data.world) has "
-                                  f"{available}")
+                raise ConfigError(f"{source}: {field}{times}: {n} records needed, {origin.format(n=available)}")
         if (block := trained_editor_block(config)) is not None:
             mend = config["methods"][block]
             used = mend_training_offset(config)
             wanted = mend.get("n_train", 100) + mend.get("n_eval", 20)
             if used + wanted > available:
                 raise ConfigError(f"{source}: methods.{block}: n_train + n_eval = {wanted} records beyond the first "
-                                  f"{used} (edited by the experiments) exceed the toy world's {available}")
+                                  f"{used} (edited by the experiments), but {origin.format(n=available)}")
     downstream = config["downstream"]
     if not downstream.get("include_defaults", False):
         local = local_task_names(config["data"])
@@ -452,6 +454,17 @@ def _check_values(config: dict, source: str) -> None:
                 raise ConfigError(f"{source}: downstream.tasks[{index}]: {task!r} is not a task of data.source "
                                   f"{config['data']['source']!r} (those are {sorted(local) or 'none'}); set "
                                   f"downstream.include_defaults: true for lm-evaluation-harness's own tasks")
+
+
+def _country_record_count(config: dict, source: str) -> int | None:
+    """`country_record_count`, or ConfigError when the countryinfo package cannot be read."""
+    from editlib.data.fetch import AssetError
+
+    try:
+        return country_record_count(config)
+    except AssetError as error:
+        raise ConfigError(f"{source}: data.source: {error}") from None
+
 
 # A sequential run with more batches than this needs experiments.sequential.eval_at.
 MAX_BATCHES_WITHOUT_EVAL_AT = 64

@@ -19,6 +19,7 @@ import pandas as pd
 
 from editlib.data.bigbench import bigbench_mc_filename, prepare_bigbench_mc
 from editlib.data.corpus import load_corpus, read_prepared, sample_hf, write_corpus
+from editlib.data.country_facts import prepare_country_facts
 from editlib.data.packaged import prepare_smollm2, prepare_wiki_corpus
 from editlib.data.qa_wikidata import prepare_qa_wikidata
 from editlib.data.records import EditRequest, load_requests
@@ -74,9 +75,12 @@ def prepare_data(config: dict, out_dir: str | Path, model_dir: str | Path | None
         shutil.copyfile(out_dir / f"{records_settings(config)['kind']}.json", out_dir / "records.json")
         shutil.copyfile(out_dir / "wiki.jsonl", out_dir / "corpus.jsonl")
         local_tasks = {"toy_facts": tasks_dir / "toy_facts.jsonl", "toy_compose": tasks_dir / "toy_compose.jsonl"}
-    elif data["source"] == "qa_wikidata":
+    elif data["source"] in ("qa_wikidata", "country_facts"):  # real facts; country_facts has no BIG-bench tasks
         cache = asset_cache(config)
-        records_path = prepare_qa_wikidata(cache, out_dir / "all_records.json", seed=config["seed"])
+        if data["source"] == "qa_wikidata":
+            records_path = prepare_qa_wikidata(cache, out_dir / "all_records.json", seed=config["seed"])
+        else:
+            records_path = prepare_country_facts(out_dir / "all_records.json", seed=config["seed"])
         requests = load_requests(records_path)
         if data.get("known_filter", True):
             model, tokenizer = load_configured_model(config, model_dir)
@@ -90,7 +94,7 @@ def prepare_data(config: dict, out_dir: str | Path, model_dir: str | Path | None
         local_tasks = {
             f"bb_{bigbench_mc_filename(task).removesuffix('.jsonl')}": path
             for task, path in prepare_bigbench_mc(cache, tasks_dir / "data", limit=data.get("task_limit", 250)).items()
-        }
+        } if data["source"] == "qa_wikidata" else {}
         summary = {"n_records": len(requests)}
     elif data["source"] == "counterfact":
         kind = records_settings(config)["kind"]

@@ -61,7 +61,7 @@ MODEL_RULES = frozenset({"statistics", "causal_trace", "layer_sweep", "sensitivi
                          "downstream_sequential"})
 # Rules that load the model only for some configs, and when: the SLURM profile (for the paper
 # configs) gives them no GPU.
-CONDITIONAL_MODEL_RULES = {"prepare_data": "data.source qa_wikidata with data.known_filter (the SmolLM2 configs)"}
+CONDITIONAL_MODEL_RULES = {"prepare_data": "data.source qa_wikidata or country_facts with data.known_filter (the SmolLM2 configs)"}
 # Rules that resume when rerun (Snakemake's `retries` reruns them): sequential runs from their
 # checkpoint, downstream jobs from the edit states they had evaluated.
 RESUMABLE_RULES = frozenset({"sequential_edits", "downstream_sequential", "downstream_batched"})
@@ -440,7 +440,7 @@ def model_jobs(config: dict, model: str, gpu: Gpu = H100) -> list[Job]:
     corpus_bytes = 0.0
     if str(config["stats"].get("corpus", "")).startswith("hf:"):
         corpus_bytes = config["stats"]["n_samples"] * PROMPT_TOKENS["wiki_article"] * 4 * 8  # articles streamed ~8x sampled
-    loads = config["data"]["source"] == "qa_wikidata" and config["data"].get("known_filter", True)
+    loads = config["data"]["source"] in ("qa_wikidata", "country_facts") and config["data"].get("known_filter", True)
     jobs.append(Job("prepare_data", dict(w), host_gib=8.0, disk_gib=gib(corpus_bytes / 8 + 0.5e9),
                     hours=0.25 + corpus_bytes / DOWNLOAD_RATE / 3600,
                     notes=["loads the model (data.known_filter) but has no GPU in the SLURM profile"] if loads else []))

@@ -203,7 +203,7 @@ def local_task_names(data: dict) -> set[str]:
         return {"toy_facts", "toy_compose"}
     if data["source"] == "qa_wikidata":
         return {f"bb_{bigbench_mc_filename(task).removesuffix('.jsonl')}" for task in DEFAULT_BIGBENCH_MC_TASKS}
-    return set()
+    return set()  # counterfact, country_facts: no local tasks
 
 
 def toy_record_count(config: dict) -> int | None:
@@ -213,6 +213,16 @@ def toy_record_count(config: dict) -> int | None:
     from editlib.toy.world import WorldConfig, edit_facts, make_world
 
     return len(edit_facts(make_world(WorldConfig(**config["data"].get("world", {})))))
+
+
+def country_record_count(config: dict) -> int | None:
+    """How many edit records data.source country_facts builds with the config's seed, before the
+    known-fact filter (None for other data sources); reads the installed countryinfo package."""
+    if config["data"]["source"] != "country_facts":
+        return None
+    from editlib.data.country_facts import country_facts_records
+
+    return len(country_facts_records(seed=config["seed"]))
 
 
 # experiments.sequential.checkpoint_minutes when unset: a sequential run's checkpoint is written at
