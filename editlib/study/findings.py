@@ -18,9 +18,11 @@ import pandas as pd
 from editlib.io import atomic_path
 from editlib.study.ablations import KINDS, sample_table
 from editlib.study.tables import (
+    Z95,
     accuracy_difference,
     average_effects,
     edits_over_samples,
+    mean_accuracy_curve,
     over_samples,
     peak_layer,
     primary_metric,
@@ -231,6 +233,189 @@ def grace_generalises_poorly(edits: pd.DataFrame) -> list[dict]:
              "method": "grace", "evidence": evidence, "verdict": verdict}]
 
 
+# ---------------------------------------------------------------------------- the long run
+# Long sequential runs (a run with experiments.sequential.probe: its per-batch table has probe values).
+COLLAPSED = 0.5   # mean downstream accuracy below this fraction of the unedited model's: collapsed
+GRADUAL = 0.8     # at or above this fraction of it: still forgetting gradually
+DISABLING = 0.5   # one edit after which the probe agreement is below this fraction of its value before the edit
+BROKEN = 0.5      # ... counted while the agreement before the edit is at least this (the model not yet broken)
+
+
+def _probed(steps: pd.DataFrame | None) -> pd.DataFrame:
+    if steps is None or steps.empty or "agreement" not in steps.columns:
+        return pd.DataFrame()
+    return steps[steps["agreement"].notna()]
+
+
+def collapse_points(downstream: pd.DataFrame) -> pd.DataFrame:
+    """Per sequential run (model, method, batch_size), from the mean accuracy over tasks at its
+    evaluated edit counts (tables.mean_accuracy_curve; point estimates): `unedited` (n_edits 0);
+    `collapse_at`, the first count below COLLAPSED x unedited (NaN: none), and `collapse_after`, the
+    count evaluated before it, so the collapse happened in (collapse_after, collapse_at]; `gradual_until`,
+    the last count before the collapse (or the run's end) still at least GRADUAL x unedited; `last`,
+    the run's last count and `lowest`/`lowest_at` its lowest accuracy."""
+    rows = []
+    for (model, method, batch), curve in mean_accuracy_curve(downstream).groupby(["model", "method", "batch_size"],
+                                                                                  sort=False):
+        base = curve[curve["n_edits"] == 0]
+        edited = curve[curve["n_edits"] > 0].sort_values("n_edits")
+        if base.empty or edited.empty:
+            continue
+        unedited = float(base["value"].iloc[0])
+        below = edited[edited["value"] < COLLAPSED * unedited]
+        collapse_at = float(below["n_edits"].iloc[0]) if len(below) else math.nan
+        before = curve[(curve["n_edits"] < collapse_at) if len(below) else curve["n_edits"] >= 0]
+        kept = before[before["value"] >= GRADUAL * unedited]
+        lowest = edited.loc[edited["value"].idxmin()]
+        at = {int(n): (float(v), float(se)) for n, v, se in zip(curve["n_edits"], curve["value"], curve["stderr"])}
+        rows.append({"model": model, "method": method, "batch_size": int(batch), "unedited": unedited,
+                     "collapse_at": collapse_at, "collapse_after": float(before["n_edits"].max()),
+                     "gradual_until": float(kept["n_edits"].max()) if len(kept) else math.nan,
+                     "last": float(edited["n_edits"].max()), "lowest": float(lowest["value"]),
+                     "lowest_at": float(lowest["n_edits"]), "accuracy": at})
+    return pd.DataFrame(rows)
+
+
+def _accuracy(point: dict, n: float) -> str:
+    value, se = point["accuracy"][int(n)]
+    return f"{value:.3f} +-{Z95 * se:.3f}"
+
+
+def gradual_then_catastrophic(downstream: pd.DataFrame, steps: pd.DataFrame | None) -> list[dict]:
+    """Gupta, Rao, Anumanchipalli 2024: under sequential editing a model first forgets gradually,
+    then collapses. Per long run (one with the probe): reproduced when its mean downstream accuracy
+    stays at least GRADUAL x unedited for some edits and then falls below COLLAPSED x unedited within
+    one doubling of the edit count (collapse_at <= 2 x gradual_until); not reproduced when it never
+    falls below COLLAPSED x unedited, or falls without a gradual phase or over more than a doubling."""
+    probed = _probed(steps)
+    if probed.empty:
+        return []
+    runs = set(zip(probed["method"], probed["batch_size"]))
+    rows = []
+    for _, point in collapse_points(downstream).iterrows():
+        if (point["method"], point["batch_size"]) not in runs:
+            continue
+        u, collapsed = point["unedited"], not math.isnan(point["collapse_at"])
+        evidence = f"mean accuracy unedited {u:.3f}; "
+        if not collapsed:
+            verdict = NOT_REPRODUCED
+            evidence += (f"never below {COLLAPSED:.0%} of it through {int(point['last'])} edits (lowest "
+                         f"{_accuracy(point, point['lowest_at'])} at {int(point['lowest_at'])})")
+        else:
+            gradual = point["gradual_until"]
+            abrupt = not math.isnan(gradual) and point["collapse_at"] <= 2 * gradual
+            verdict = REPRODUCED if abrupt else NOT_REPRODUCED
+            kept = (f"at least {GRADUAL:.0%} of it through {int(gradual)} edits ({_accuracy(point, gradual)})"
+                    if not math.isnan(gradual) else f"below {GRADUAL:.0%} of it from the first edit")
+            evidence += (f"{kept}; first below {COLLAPSED:.0%} at {int(point['collapse_at'])} edits "
+                         f"({_accuracy(point, point['collapse_at'])}; collapse between {int(point['collapse_after'])} "
+                         f"and {int(point['collapse_at'])} edits)")
+        run = probed[(probed["method"] == point["method"]) & (probed["batch_size"] == point["batch_size"])]
+        low = run[run["agreement"] < BROKEN]
+        if len(low):
+            evidence += f"; probe agreement first below {BROKEN} after {int(low['n_edits'].min())} edits"
+        rows.append({"study": "Gupta, Rao, Anumanchipalli 2024",
+                     "finding": "sequential editing forgets gradually, then collapses (downstream accuracy below half)",
+                     "method": f"{point['method']} b={point['batch_size']}", "evidence": evidence, "verdict": verdict})
+    return rows
+
+
+def disabling_edit_counts(steps: pd.DataFrame | None) -> pd.DataFrame:
+    """Per probed one-at-a-time run (model, method): its single edits after which the probe agreement
+    fell below DISABLING x its value before that edit while that value was at least BROKEN; columns
+    model, method, n_edits (run length), disabling (the counts of those edits, in order), agreement
+    before/after the first, relative_update_norm of the first, median and largest update norms."""
+    probed = _probed(steps)
+    rows = []
+    if probed.empty:
+        return pd.DataFrame(rows)
+    for (model, method), run in probed[probed["batch_size"] == 1].groupby(["model", "method"], sort=False):
+        run = run.sort_values("n_edits")
+        before = run["agreement"].shift(fill_value=1.0)  # the unedited model agrees with itself
+        hits = run[(run["agreement"] < DISABLING * before) & (before >= BROKEN)]
+        first = hits.iloc[0] if len(hits) else None
+        rows.append({"model": model, "method": method, "n_edits": int(run["n_edits"].max()),
+                     "disabling": [int(n) for n in hits["n_edits"]],
+                     "first_before": float(before[hits.index[0]]) if first is not None else math.nan,
+                     "first_after": float(first["agreement"]) if first is not None else math.nan,
+                     "first_norm": float(first["relative_update_norm"]) if first is not None else math.nan,
+                     "median_norm": float(run["relative_update_norm"].median()),
+                     "largest_norm": float(run["relative_update_norm"].max()),
+                     "largest_at": int(run.loc[run["relative_update_norm"].idxmax(), "n_edits"])
+                     if run["relative_update_norm"].notna().any() else -1})
+    return pd.DataFrame(rows)
+
+
+def disabling_edits(steps: pd.DataFrame | None) -> list[dict]:
+    """Gupta et al. 2024 ("Rebuilding ROME"): some single ROME edits disable the model, and r-ROME,
+    whose update uses the same key as its target, makes none. An edit is disabling when the probe's
+    top-1 agreement with the unedited model falls below DISABLING x its value before the edit (while
+    that value is at least BROKEN). ROME: reproduced when it makes one; r-ROME: reproduced when it
+    makes none and ROME does, inconclusive when neither does."""
+    counts = disabling_edit_counts(steps)
+    if counts.empty:
+        return []
+    rows = []
+    for model, part in counts.groupby("model", sort=False):
+        by_method = {row["method"]: row for _, row in part.iterrows()}
+        rome = len(by_method["rome"]["disabling"]) if "rome" in by_method else None
+        for method, finding in (("rome", "ROME makes disabling edits (a single edit collapses the outputs)"),
+                                ("r-rome", "r-ROME makes no disabling edits")):
+            if method not in by_method:
+                continue
+            row, count = by_method[method], len(by_method[method]["disabling"])
+            if method == "rome":
+                verdict = REPRODUCED if count else NOT_REPRODUCED
+            else:
+                verdict = NOT_REPRODUCED if count else (REPRODUCED if rome else INCONCLUSIVE)
+            evidence = (f"{count} of {row['n_edits']} sequential single edits halved the probe agreement"
+                        f"{' (at edits ' + ', '.join(map(str, row['disabling'][:10])) + (', ...' if count > 10 else '') + ')' if count else ''}")
+            if count:
+                evidence += (f"; the first: agreement {row['first_before']:.2f} -> {row['first_after']:.2f}, update norm "
+                             f"{row['first_norm']:.3g} x the weights'")
+            evidence += (f"; update norms: median {row['median_norm']:.3g}, largest {row['largest_norm']:.3g} "
+                         f"(edit {row['largest_at']})")
+            rows.append({"study": "Gupta et al. 2024 (Rebuilding ROME)", "finding": finding, "model": model,
+                         "method": method, "evidence": evidence, "verdict": verdict})
+    return rows
+
+
+def collapse_with_batch_size(downstream: pd.DataFrame, steps: pd.DataFrame | None) -> list[dict]:
+    """Lin et al.'s batch-size ablation at the collapse point: at an equal number of edits, bigger
+    batches collapse later. Per probed method run at several batch sizes, the smallest and largest
+    batch's collapse intervals (collapse_points): reproduced when the larger batch's lies wholly after
+    the smaller's (or only the smaller collapses), not reproduced when wholly before (or only the
+    larger collapses), inconclusive when they overlap or neither collapses."""
+    probed = _probed(steps)
+    if probed.empty:
+        return []
+    points = collapse_points(downstream)
+    if points.empty:
+        return []
+    points = points[points["method"].isin(set(probed["method"]))]
+    rows = []
+    for (model, method), part in points.groupby(["model", "method"], sort=False):
+        if part["batch_size"].nunique() < 2:
+            continue
+        part = part.sort_values("batch_size")
+        small, large = part.iloc[0], part.iloc[-1]
+        s_collapsed, l_collapsed = not math.isnan(small["collapse_at"]), not math.isnan(large["collapse_at"])
+        if s_collapsed and l_collapsed:
+            verdict = (REPRODUCED if large["collapse_after"] >= small["collapse_at"] else
+                       NOT_REPRODUCED if large["collapse_at"] <= small["collapse_after"] else INCONCLUSIVE)
+        else:
+            verdict = (REPRODUCED if s_collapsed else NOT_REPRODUCED if l_collapsed else INCONCLUSIVE)
+
+        def where(point):
+            if math.isnan(point["collapse_at"]):
+                return f"b={point['batch_size']}: no collapse through {int(point['last'])} edits"
+            return f"b={point['batch_size']}: collapse between {int(point['collapse_after'])} and {int(point['collapse_at'])} edits"
+
+        rows.append({"study": "Lin et al. 2024", "finding": "bigger batches collapse later (equal edits)", "model": model,
+                     "method": method, "evidence": f"{where(small)}; {where(large)}", "verdict": verdict})
+    return rows
+
+
 CHECKS: dict[str, Callable[..., list[dict]]] = {
     "tracing": lambda t: tracing_matches_sweep(t["traces"], t["layer_sweep"]),
     "batch_size": lambda t: ns_falls_with_batch_size(t["edits"]),
@@ -238,6 +423,9 @@ CHECKS: dict[str, Callable[..., list[dict]]] = {
     "downstream": lambda t: downstream_erosion(t["downstream"]),
     "batch_ablation": lambda t: bigger_batches_erode_less(t["downstream"]),
     "grace": lambda t: grace_generalises_poorly(t["edits"]),
+    "forgetting": lambda t: gradual_then_catastrophic(t["downstream"], t.get("steps")),
+    "disabling": lambda t: disabling_edits(t.get("steps")),
+    "collapse_batch": lambda t: collapse_with_batch_size(t["downstream"], t.get("steps")),
 }
 
 

@@ -195,6 +195,9 @@ class Cost:
         return self
 
 
+PROBE_BATCH = 16  # texts per forward pass of editlib.eval.collapse.PredictionProbe (its default batch_size)
+
+
 def forward_flops(m: Dims, tokens: float, params: int | None = None) -> float:
     """2 FLOPs per parameter per token (attention over short contexts neglected)."""
     return 2.0 * (params if params is not None else m.params) * tokens
@@ -542,6 +545,12 @@ def model_jobs(config: dict, model: str, gpu: Gpu = H100) -> list[Job]:
                        n_batches, scorings, n_batches + len(whole), ge_records, disk,
                        note=None if eval_at else "no eval_at: every batch scores all edits so far (quadratic)")
         job.host_gib += gib(2 * state)  # a checkpoint staged on the host
+        if probe := sequential.get("probe"):  # one forward pass over the probe texts after every batch
+            texts = probe.get("n_texts", 32)
+            tokens = n_batches * texts * probe.get("max_length", 64)
+            passes = n_batches * math.ceil(texts / PROBE_BATCH)
+            job.hours += Cost().add(forward_flops(m, tokens), m.rate, passes * m.weight_bytes).seconds / 3600
+            job.notes.append(f"probe: {tokens:,} tokens in {passes:,} passes")
         writes = max(1, job.hours * 60 / checkpoint_minutes) if checkpoint_minutes else n_batches
         job.hours += writes * state / 1e9 / 3600  # checkpoint writes at ~1 GB/s
         jobs.append(job)

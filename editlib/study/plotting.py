@@ -424,6 +424,69 @@ def causal_trace_figure(traces: pd.DataFrame, path: str | Path, title: str = "",
     _save(figure, path)
 
 
+def forgetting_figure(edits: pd.DataFrame, downstream: pd.DataFrame, steps: pd.DataFrame, path: str | Path,
+                      title: str = "", y_limits: Mapping | None = None) -> None:
+    """The long run: against the number of edits (log scale), one line per method, one row of panels
+    per batch size: S on all facts edited so far (95% bootstrap band), mean downstream accuracy over
+    tasks (+-1.96 SE band; the unedited model's dashed, half of it dotted: the collapse threshold of
+    findings.COLLAPSED) and the probe's top-1 agreement with the unedited model after every batch (a
+    count over fixed texts: no interval)."""
+    from editlib.study.findings import COLLAPSED
+    from editlib.study.tables import mean_accuracy_curve
+
+    probed = steps[steps["agreement"].notna()] if not steps.empty and "agreement" in steps.columns else steps
+    if probed.empty:
+        return _empty(path, "no probed sequential run (experiments.sequential.probe)")
+    so_far = _sequential_edits(edits)
+    accuracy = mean_accuracy_curve(downstream)
+    limits = figure_limits(y_limits)
+    sizes = sorted(probed["batch_size"].unique())
+    methods = list(dict.fromkeys(probed["method"]))
+    colours = _palette(methods)
+    panels = [("S", "score S on facts edited so far (%)"), ("accuracy", "mean downstream accuracy"),
+              ("agreement", "probe agreement with unedited")]
+    figure, axes = plt.subplots(len(sizes), len(panels), figsize=(3.6 * len(panels), 2.8 * len(sizes)), squeeze=False)
+    for i, size in enumerate(sizes):
+        for method in methods:
+            colour = colours[method]
+            line = so_far[(so_far["method"] == method) & (so_far["batch_size"] == size)].sort_values("n_edits") \
+                if not so_far.empty else so_far
+            if len(line):
+                axes[i][0].plot(line["n_edits"], line["S"], color=colour, linewidth=1)
+                axes[i][0].fill_between(line["n_edits"].to_numpy(float), line["S_lo"].to_numpy(float),
+                                        line["S_hi"].to_numpy(float), color=colour, alpha=0.2, linewidth=0)
+            curve = accuracy[(accuracy["method"] == method) & (accuracy["batch_size"] == size)]
+            edited, base = curve[curve["n_edits"] > 0], curve[curve["n_edits"] == 0]
+            if len(edited):
+                xs, ys, half = edited["n_edits"].to_numpy(float), edited["value"].to_numpy(float), \
+                    Z95 * edited["stderr"].to_numpy(float)
+                axes[i][1].plot(xs, ys, color=colour, linewidth=1)
+                axes[i][1].fill_between(xs, ys - half, ys + half, color=colour, alpha=0.2, linewidth=0)
+            if len(base) and method == methods[0]:
+                unedited = float(base["value"].iloc[0])
+                axes[i][1].axhline(unedited, color="black", linewidth=1, linestyle="--")
+                axes[i][1].axhline(COLLAPSED * unedited, color="black", linewidth=1, linestyle=":")
+            run = probed[(probed["method"] == method) & (probed["batch_size"] == size)].sort_values("n_edits")
+            if len(run):
+                axes[i][2].plot(run["n_edits"], run["agreement"], color=colour, linewidth=0.8)
+        for j, (metric, label) in enumerate(panels):
+            axis = axes[i][j]
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel(LABELS["n_edits"])
+            axis.set_ylabel(label, fontsize=8)
+            axis.set_title(f"b={int(size)}", fontsize=9)
+    _share_range([axes[i][0] for i in range(len(sizes))], limits["S"])
+    _share_range([axes[i][1] for i in range(len(sizes))], limits["accuracy"])
+    _share_range([axes[i][2] for i in range(len(sizes))], (0.0, 1.0))
+    handles = [Line2D([], [], color=colours[m], label=m) for m in methods]
+    handles += [Line2D([], [], color="black", linewidth=1, linestyle="--", label=UNEDITED),
+                Line2D([], [], color="black", linewidth=1, linestyle=":", label=f"{COLLAPSED:g} x {UNEDITED}")]
+    figure.legend(handles=handles, title="method", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure.suptitle(f"Editing until the model breaks ({title})", y=1.02)
+    figure.tight_layout()
+    _save(figure, path)
+
+
 FIGURES = {
     "causal_trace": lambda t, p, title, y: causal_trace_figure(t["traces"], p, title, y),
     "layer_sweep": lambda t, p, title, y: layer_sweep_figure(t["layer_sweep"], p, title, y),
@@ -433,6 +496,7 @@ FIGURES = {
     "sequential": lambda t, p, title, y: sequential_figure(t["edits"], p, title, y),
     "batch_vs_sequential": lambda t, p, title, y: batch_vs_sequential_figure(t["edits"], p, title, y),
     "downstream": lambda t, p, title, y: downstream_figure(t["downstream"], p, title, y),
+    "forgetting": lambda t, p, title, y: forgetting_figure(t["edits"], t["downstream"], t["steps"], p, title, y),
 }
 
 

@@ -97,6 +97,21 @@ def accuracy_difference(first: pd.DataFrame, second: pd.DataFrame):
     return merged, diff, diff - Z95 * se, diff + Z95 * se
 
 
+def mean_accuracy_curve(downstream: pd.DataFrame) -> pd.DataFrame:
+    """Per sequential run (model, method, batch_size) and edit count: the mean over tasks of the primary
+    metric (averaged over edit samples) and its standard error, sqrt(sum se^2) / n_tasks; columns
+    model, method, batch_size, n_edits, value, stderr, n_tasks."""
+    columns = ["model", "method", "batch_size", "n_edits", "value", "stderr", "n_tasks"]
+    data = downstream[downstream["experiment"] == "sequential"] if not downstream.empty else downstream
+    data = over_samples(primary_metric(data)) if not data.empty else data
+    if data.empty:
+        return pd.DataFrame(columns=columns)
+    grouped = data.groupby(["model", "method", "batch_size", "n_edits"], sort=False)
+    frame = grouped.agg(value=("value", "mean"), n_tasks=("task", "nunique"),
+                        stderr=("stderr", lambda se: float(np.sqrt((se.fillna(0) ** 2).sum())) / len(se)))
+    return frame.reset_index()[columns].sort_values(["model", "method", "batch_size", "n_edits"], ignore_index=True)
+
+
 EDIT_KEYS = ["experiment", "model", "method", "layers", "batch_size", "n_edits", "step", "scope", "records"]
 
 

@@ -108,7 +108,8 @@ def state_output(path):
 SENSITIVITY = sensitivity_methods(config)
 # one figure per configured ablation kind: ablations_<kind>
 FIGURES = ["causal_trace", "layer_sweep", "single_edits", "batch_size", "sequential", "batch_vs_sequential",
-           "downstream"] + (["sensitivity"] if SENSITIVITY else []) + [f"ablations_{kind}" for kind in config.get("ablations", {})]
+           "downstream"] + (["sensitivity"] if SENSITIVITY else []) + [f"ablations_{kind}" for kind in config.get("ablations", {})] + (
+    ["forgetting"] if EXPERIMENTS["sequential"].get("probe") else [])  # the long run's figure
 # one table per ablation kind, and each run's drop per edit sample when there are several
 ABLATION_TABLES = [f"{RUN_OUT}/ablations/{kind}.csv" for kind in config.get("ablations", {})] + (
     [f"{RUN_OUT}/ablations/samples.csv"] if EXPERIMENTS["sequential"].get("samples", 1) > 1 else [])
@@ -116,5 +117,6 @@ ABLATION_TABLES = [f"{RUN_OUT}/ablations/{kind}.csv" for kind in config.get("abl
 
 def final_outputs():
     return [f"{RUN_OUT}/edits.csv", f"{RUN_OUT}/layer_sweep.csv", f"{RUN_OUT}/sensitivity.csv", f"{RUN_OUT}/downstream.csv",
+            f"{RUN_OUT}/sequential_steps.csv",
             f"{RUN_OUT}/causal_trace.csv", f"{RUN_OUT}/findings.csv", f"{REPORT}/findings.html", *ABLATION_TABLES,
             *[f"{REPORT}/figures/{name}.png" for name in FIGURES]]

@@ -35,6 +35,7 @@ rule figures:
         sensitivity=f"{RUN_OUT}/sensitivity.csv",
         downstream=f"{RUN_OUT}/downstream.csv",
         traces=f"{RUN_OUT}/causal_trace.csv",
+        steps=f"{RUN_OUT}/sequential_steps.csv",
     output:
         **{name: report(f"{REPORT}/figures/{name}.png", category="Figures",
                         caption="../report/ablations.rst" if name.startswith("ablations_") else f"../report/{name}.rst")
@@ -57,6 +58,7 @@ rule findings:
         layer_sweep=f"{RUN_OUT}/layer_sweep.csv",
         downstream=f"{RUN_OUT}/downstream.csv",
         traces=f"{RUN_OUT}/causal_trace.csv",
+        steps=f"{RUN_OUT}/sequential_steps.csv",
     output:
         table=f"{RUN_OUT}/findings.csv",
         page=report(f"{REPORT}/findings.html", caption="../report/findings.rst", category="1. Findings"),
