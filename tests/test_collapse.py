@@ -43,10 +43,16 @@ def test_the_reported_update_norm_is_the_weight_change_of_the_batch(method, laye
     editor.apply(requests[:1])
     before = {l: edited_weight(trained_llama2, layout, l).detach().double().clone() for l in layers}
     report = editor.apply(requests[1:])  # a batch of two on top of an edit
-    changed = sum(float((edited_weight(trained_llama2, layout, l).double() - before[l]).norm()) ** 2 for l in layers)
+    deltas = {l: edited_weight(trained_llama2, layout, l).double() - before[l] for l in layers}
+    changed = sum(float(deltas[l].norm()) ** 2 for l in layers)
     original = sum(float(editor.original[l].double().norm()) ** 2 for l in layers)
     assert report["relative_update_norm"] == pytest.approx(math.sqrt(changed / original), rel=1e-5)
-    assert report["relative_update_norm"] > 0
+    # over keys distributed as C: tr(dW C dW^T) / tr(W C W^T)
+    c = {l: moments2[l].double() for l in layers}
+    out_changed = sum(float(((deltas[l] @ c[l]) * deltas[l]).sum()) for l in layers)
+    out_original = sum(float(((editor.original[l].double() @ c[l]) * editor.original[l].double()).sum()) for l in layers)
+    assert report["relative_output_change"] == pytest.approx(math.sqrt(out_changed / out_original), rel=1e-5)
+    assert 0 < report["relative_output_change"] and 0 < report["relative_update_norm"]
     editor.close()
 
 
@@ -57,7 +63,7 @@ def test_sequential_runs_give_one_row_per_batch_with_the_probe(trained_llama2, l
     _, _, steps = sequential_edits(ctx, make_requests(6), spec, batch_size=2, total_edits=6, eval_at=[6], probe=probe)
     assert list(steps.columns) == STEP_COLUMNS
     assert steps["n_edits"].tolist() == [2, 4, 6] and steps["step"].tolist() == [1, 2, 3]
-    assert (steps["relative_update_norm"] > 0).all()
+    assert (steps["relative_update_norm"] > 0).all() and (steps["relative_output_change"] > 0).all()
     assert steps["agreement"].between(0, 1).all() and steps["top_token_share"].between(0, 1).all()
     assert probe(trained_llama2)["agreement"] == 1.0  # the run left the model unedited
     _, _, unprobed = sequential_edits(ctx, make_requests(6), spec, batch_size=2, total_edits=6, eval_at=[6])

@@ -40,7 +40,8 @@ def _steps(runs: dict, model: str = "toy") -> pd.DataFrame:
         for step, agreement in enumerate(agreements, start=1):
             rows.append({"experiment": "sequential", "model": model, "method": method, "layers": "0",
                          "batch_size": batch, "sample": 0, "n_edits": step * batch, "step": step,
-                         "relative_update_norm": 0.01 * step, "top_token_share": 0.1,
+                         "relative_update_norm": 0.01 * step, "relative_output_change": 0.001 * step,
+                         "top_token_share": 0.1,
                          "agreement": math.nan if agreement is None else agreement})
     return pd.DataFrame(rows, columns=STEP_COLUMNS)
 
@@ -83,6 +84,8 @@ def test_disabling_edits_halve_the_agreement_in_one_edit_of_a_working_model():
     assert counts.loc["rome", "disabling"] == [3] and counts.loc["r-rome", "disabling"] == []
     assert "memit" not in counts.index
     assert counts.loc["rome", "first_before"] == 0.97 and counts.loc["rome", "first_after"] == 0.40
+    assert counts.loc["rome", "norm"] == "relative_output_change"
+    assert counts.loc["rome", "first_norm"] == pytest.approx(0.003) and counts.loc["rome", "largest_at"] == 6
     verdicts = {row["method"]: row["verdict"] for row in disabling_edits(steps)}
     assert verdicts == {"rome": REPRODUCED, "r-rome": REPRODUCED}
     flat = _steps({("rome", 1): [0.99, 0.98], ("r-rome", 1): [0.99, 0.98]})

@@ -87,7 +87,7 @@ class Editor(EditSession):
         self.key_products: dict[int, torch.Tensor | None] = {l: None for l in hparams.layers}
         self._projectors: dict[int, torch.Tensor] = {}
         self._target_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._original_norms: dict[int, float] = {}
+        self._original_norms: dict[tuple[int, str | None], float] = {}
         self.n_edits = 0
 
     @classmethod
@@ -228,7 +228,7 @@ class Editor(EditSession):
                 previous = self.key_products[layer]
                 self.key_products[layer] = product if previous is None else previous + product
         return {"target_loss": loss.tolist(), "residual_norm": {l: float(r.norm()) for l, r in residuals.items()},
-                "relative_update_norm": self._relative_norm(residuals, directions)}
+                **self._relative_norms(residuals, directions)}
 
     def _rome_factors(self, requests) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ROME/r-ROME residuals R (d, N) and directions B (d_k, N), each fact on the current model."""
@@ -256,17 +256,29 @@ class Editor(EditSession):
             losses.append(float(loss[0]))
             residuals.append(residual)
             directions.append(direction)
-        return {"target_loss": losses, "relative_update_norm": self._relative_norm(
-            {layer: torch.cat(residuals, 1)}, {layer: torch.cat(directions, 1)})}
+        return {"target_loss": losses, **self._relative_norms({layer: torch.cat(residuals, 1)},
+                                                              {layer: torch.cat(directions, 1)})}
 
-    def _relative_norm(self, residuals: dict, directions: dict) -> float:
-        """||this batch's update||_F / ||unedited weights||_F over the edited layers (the updates
-        R B^T of each layer summed first: the norm of what the batch changed)."""
-        changed = sum(update_norm_squared(residuals[l], directions[l]) for l in residuals)
-        for layer in residuals:
-            if layer not in self._original_norms:
-                self._original_norms[layer] = float(torch.linalg.vector_norm(self.original[layer], dtype=torch.float64))
-        return (changed / sum(self._original_norms[l] ** 2 for l in residuals)) ** 0.5
+    def _relative_norms(self, residuals: dict, directions: dict) -> dict[str, float]:
+        """How much this batch changed the edited layers (its updates R B^T summed per layer first),
+        relative to the unedited weights W, over the edited layers: relative_update_norm,
+        ||dW||_F / ||W||_F; and with statistics C, relative_output_change, sqrt(tr(dW C dW^T) /
+        tr(W C W^T)): the change of the layers' outputs over keys distributed as C (an update large
+        only where keys never point changes little)."""
+        norms = {"relative_update_norm": (sum(update_norm_squared(residuals[l], directions[l]) for l in residuals)
+                                          / sum(self._original_norm(l, None) for l in residuals)) ** 0.5}
+        if all(l in self.covariances for l in residuals):
+            changed = sum(update_norm_squared(residuals[l], directions[l], self.covariances[l].matrix) for l in residuals)
+            norms["relative_output_change"] = (changed / sum(self._original_norm(l, "C") for l in residuals)) ** 0.5
+        return norms
+
+    def _original_norm(self, layer: int, weighting: str | None) -> float:
+        """||W||_F^2 (weighting None) or tr(W C W^T) ("C") of the unedited layer, computed once."""
+        if (layer, weighting) not in self._original_norms:
+            weight = self.original[layer].double()
+            value = weight.pow(2).sum() if weighting is None else ((weight @ self.covariances[layer].matrix) * weight).sum()
+            self._original_norms[(layer, weighting)] = float(value)
+        return self._original_norms[(layer, weighting)]
 
     # ---- independent single edits ----------------------------------------------------------
     def single_edits(self, requests: Sequence[EditRequest]) -> SingleEdits:

@@ -180,7 +180,11 @@ def weight_update(residual: torch.Tensor, directions: torch.Tensor) -> torch.Ten
     return _check(residual.to(directions) @ directions.T, "weight update")
 
 
-def update_norm_squared(residual: torch.Tensor, directions: torch.Tensor) -> float:
-    """||R B^T||_F^2 = sum((R^T R) * (B^T B)) without forming the (d, d_k) update: O(N^2) dot products."""
+def update_norm_squared(residual: torch.Tensor, directions: torch.Tensor, weight: torch.Tensor | None = None) -> float:
+    """||R B^T||^2 without forming the (d, d_k) update, from N x N products: the Frobenius norm
+    sum((R^T R) * (B^T B)), or with `weight` (d_k, d_k), e.g. C = E[k k^T], the weighted norm
+    tr(R B^T weight B R^T) = sum((R^T R) * (B^T weight B)): the mean squared change of the layer's
+    output over keys distributed as C."""
     residual, directions = residual.double(), directions.double()
-    return float(((residual.T @ residual) * (directions.T @ directions)).sum())
+    right = directions if weight is None else weight.to(directions) @ directions
+    return float(((residual.T @ residual) * (directions.T @ right)).sum())

@@ -241,8 +241,9 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], sp
     Cost: for N edits in k batches the records scored are N plus the edited-so-far count of each
     evaluation, sum(eval_at) + N at most; without `eval_at` every batch rescores every fact edited so
     far, N(k+1)/2 in all (quadratic; editlib.study requires eval_at for runs of more than 64
-    batches). After every batch, the step row holds the norm of the weight change the batch made
-    (relative to the unedited weights; locate-and-edit methods) and `probe(model)` (one forward pass
+    batches). After every batch, the step row holds the size of the weight change the batch made
+    (relative to the unedited weights, and as the change of the layers' outputs over the statistics'
+    keys; locate-and-edit methods) and `probe(model)` (one forward pass
     over fixed texts, editlib.eval.collapse.PredictionProbe) when given. Generation entropy (ctx.generation_entropy) is computed on the edited-so-far rows
     only, never on the current-batch rows (those rows' GE is NaN), over the generation prompts of
     at most `entropy_records` of the facts edited so far (evenly spaced over the edit order; None:
@@ -319,7 +320,7 @@ def _step_row(ctx: ExperimentContext, spec, batch_size: int, n_edits: int, step:
               probe: Probe | None) -> dict:
     row = {"experiment": "sequential", "model": ctx.model_name, "method": spec.method, "layers": layers_label(spec.layers),
            "batch_size": batch_size, "sample": 0, "n_edits": n_edits, "step": step,
-           "relative_update_norm": (report or {}).get("relative_update_norm", float("nan")),
+           **{name: (report or {}).get(name, float("nan")) for name in ("relative_update_norm", "relative_output_change")},
            "agreement": float("nan"), "top_token_share": float("nan")}
     if probe is not None:
         row.update(probe(ctx.model))

@@ -320,11 +320,26 @@ def gradual_then_catastrophic(downstream: pd.DataFrame, steps: pd.DataFrame | No
     return rows
 
 
+def _norms(run: pd.DataFrame, first) -> dict:
+    """The first disabling edit's weight change and the run's median and largest, by the output change
+    over the statistics' keys where the method has it, else the Frobenius norm (tables.STEP_COLUMNS)."""
+    column = "relative_output_change" if run.get("relative_output_change", pd.Series(dtype=float)).notna().any() \
+        else "relative_update_norm"
+    values = run[column]
+    return {"norm": column, "first_norm": float(first[column]) if first is not None else math.nan,
+            "median_norm": float(values.median()), "largest_norm": float(values.max()),
+            "largest_at": int(run.loc[values.idxmax(), "n_edits"]) if values.notna().any() else -1}
+
+
+NORM_NAMES = {"relative_output_change": "output change over the statistics' keys", "relative_update_norm": "update norm"}
+
+
 def disabling_edit_counts(steps: pd.DataFrame | None) -> pd.DataFrame:
     """Per probed one-at-a-time run (model, method): its single edits after which the probe agreement
     fell below DISABLING x its value before that edit while that value was at least BROKEN; columns
     model, method, n_edits (run length), disabling (the counts of those edits, in order), agreement
-    before/after the first, relative_update_norm of the first, median and largest update norms."""
+    before/after the first, and the weight change (`norm`: its measure, _norms) of the first, the
+    median edit and the largest with where it was."""
     probed = _probed(steps)
     rows = []
     if probed.empty:
@@ -338,11 +353,7 @@ def disabling_edit_counts(steps: pd.DataFrame | None) -> pd.DataFrame:
                      "disabling": [int(n) for n in hits["n_edits"]],
                      "first_before": float(before[hits.index[0]]) if first is not None else math.nan,
                      "first_after": float(first["agreement"]) if first is not None else math.nan,
-                     "first_norm": float(first["relative_update_norm"]) if first is not None else math.nan,
-                     "median_norm": float(run["relative_update_norm"].median()),
-                     "largest_norm": float(run["relative_update_norm"].max()),
-                     "largest_at": int(run.loc[run["relative_update_norm"].idxmax(), "n_edits"])
-                     if run["relative_update_norm"].notna().any() else -1})
+                     **_norms(run, first)})
     return pd.DataFrame(rows)
 
 
@@ -370,10 +381,11 @@ def disabling_edits(steps: pd.DataFrame | None) -> list[dict]:
                 verdict = NOT_REPRODUCED if count else (REPRODUCED if rome else INCONCLUSIVE)
             evidence = (f"{count} of {row['n_edits']} sequential single edits halved the probe agreement"
                         f"{' (at edits ' + ', '.join(map(str, row['disabling'][:10])) + (', ...' if count > 10 else '') + ')' if count else ''}")
+            norm = NORM_NAMES[row["norm"]]
             if count:
-                evidence += (f"; the first: agreement {row['first_before']:.2f} -> {row['first_after']:.2f}, update norm "
-                             f"{row['first_norm']:.3g} x the weights'")
-            evidence += (f"; update norms: median {row['median_norm']:.3g}, largest {row['largest_norm']:.3g} "
+                evidence += (f"; the first: agreement {row['first_before']:.2f} -> {row['first_after']:.2f}, {norm} "
+                             f"{row['first_norm']:.3g} of the unedited layer's")
+            evidence += (f"; {norm} per edit: median {row['median_norm']:.3g}, largest {row['largest_norm']:.3g} "
                          f"(edit {row['largest_at']})")
             rows.append({"study": "Gupta et al. 2024 (Rebuilding ROME)", "finding": finding, "model": model,
                          "method": method, "evidence": evidence, "verdict": verdict})

@@ -29,12 +29,14 @@ DOWNSTREAM_COLUMNS = ["experiment", "model", "method", "batch_size", "sample", "
 # they are never averaged with the configured tasks
 DOWNSTREAM_SUBTASK_COLUMNS = ["experiment", "model", "method", "batch_size", "sample", "n_edits", "group", "task",
                               "metric", "value", "stderr", "n_items"]
-# Sequential runs, one row per batch: the norm of the weight change the batch made relative to the
-# unedited weights (locate-and-edit methods; NaN for the others), and with experiments.sequential.probe
-# the model's top-1 next-token agreement with the unedited model on the probe texts and the share of
-# probe positions predicting its most frequent token (editlib.eval.collapse; NaN without a probe)
+# Sequential runs, one row per batch: how much the batch changed the edited weights relative to the
+# unedited ones, as Frobenius norms and as the change of the layers' outputs over keys distributed as
+# the statistics C (locate-and-edit methods, editing.editor.Editor._relative_norms; NaN for the
+# others), and with experiments.sequential.probe the model's top-1 next-token agreement with the
+# unedited model on the probe texts and the share of probe positions predicting its most frequent
+# token (editlib.eval.collapse; NaN without a probe)
 STEP_COLUMNS = ["experiment", "model", "method", "layers", "batch_size", "sample", "n_edits", "step",
-                "relative_update_norm", "agreement", "top_token_share"]
+                "relative_update_norm", "relative_output_change", "agreement", "top_token_share"]
 # the sensitivity stage: single edits with one hyperparameter (`parameter`) set to `value`
 SENSITIVITY_COLUMNS = [*RESULT_COLUMNS, "parameter", "value"]
 
