@@ -462,16 +462,18 @@ def forgetting_figure(edits: pd.DataFrame, downstream: pd.DataFrame, steps: pd.D
                     Z95 * edited["stderr"].to_numpy(float)
                 axes[i][1].plot(xs, ys, color=colour, linewidth=1)
                 axes[i][1].fill_between(xs, ys - half, ys + half, color=colour, alpha=0.2, linewidth=0)
-            if len(base) and method == methods[0]:
-                unedited = float(base["value"].iloc[0])
-                axes[i][1].axhline(unedited, color="black", linewidth=1, linestyle="--")
-                axes[i][1].axhline(COLLAPSED * unedited, color="black", linewidth=1, linestyle=":")
             run = probed[(probed["method"] == method) & (probed["batch_size"] == size)].sort_values("n_edits")
             if len(run):
                 axes[i][2].plot(run["n_edits"], run["agreement"], color=colour, linewidth=0.8)
+        base = accuracy[(accuracy["batch_size"] == size) & (accuracy["n_edits"] == 0)]
+        if len(base):  # every run of the row starts from the same unedited model
+            unedited = float(base["value"].iloc[0])
+            axes[i][1].axhline(unedited, color="black", linewidth=1, linestyle="--")
+            axes[i][1].axhline(COLLAPSED * unedited, color="black", linewidth=1, linestyle=":")
         for j, (metric, label) in enumerate(panels):
             axis = axes[i][j]
             axis.set_xscale("log", base=2)
+            axis.set_xlim(1, probed["n_edits"].max() * 1.1)  # one edit-count range in every panel
             axis.set_xlabel(LABELS["n_edits"])
             axis.set_ylabel(label, fontsize=8)
             axis.set_title(f"b={int(size)}", fontsize=9)
