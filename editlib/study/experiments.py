@@ -243,12 +243,12 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], sp
     far, N(k+1)/2 in all (quadratic; editlib.study requires eval_at for runs of more than 64
     batches). After every batch, the step row holds the size of the weight change the batch made
     (relative to the unedited weights, and as the change of the layers' outputs over the statistics'
-    keys; locate-and-edit methods) and `probe(model)` (one forward pass
-    over fixed texts, editlib.eval.collapse.PredictionProbe) when given. Generation entropy (ctx.generation_entropy) is computed on the edited-so-far rows
-    only, never on the current-batch rows (those rows' GE is NaN), over the generation prompts of
-    at most `entropy_records` of the facts edited so far (evenly spaced over the edit order; None:
-    all): 100 sampled tokens per prompt, so at most len(eval_at) x entropy_records x prompts per
-    record generations in a run.
+    keys; locate-and-edit methods) and `probe(model)` when given (one forward pass over fixed texts,
+    editlib.eval.collapse.PredictionProbe). Generation entropy (ctx.generation_entropy) is computed
+    on the edited-so-far rows only, never on the current-batch rows (those rows' GE is NaN), over the
+    generation prompts of at most `entropy_records` of the facts edited so far (evenly spaced over
+    the edit order; None: all): 100 sampled tokens per prompt, so at most len(eval_at) x
+    entropy_records x prompts per record generations in a run.
 
     With `checkpoint_path`, the edit state and the rows so far are saved after the first batch
     that ends `checkpoint_minutes` (by `clock`, seconds) after the previous save or the start,

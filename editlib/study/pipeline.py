@@ -25,8 +25,8 @@ from editlib.data.qa_wikidata import prepare_qa_wikidata
 from editlib.data.records import EditRequest, load_requests
 from editlib.editing.statistics import StatsConfig, layer_second_moments, load_moments, save_moments
 from editlib.editing.target_store import TargetStore
-from editlib.eval.downstream import evaluate_downstream, hub_offline, make_task_manager
 from editlib.eval.collapse import PredictionProbe
+from editlib.eval.downstream import evaluate_downstream, hub_offline, make_task_manager
 from editlib.eval.downstream_tasks import write_mc_task
 from editlib.eval.known_facts import known_facts
 from editlib.io import atomic_dir, atomic_path, content_key, write_csv, write_json
