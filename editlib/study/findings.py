@@ -379,8 +379,10 @@ def disabling_edits(steps: pd.DataFrame | None) -> list[dict]:
                 verdict = REPRODUCED if count else NOT_REPRODUCED
             else:
                 verdict = NOT_REPRODUCED if count else (REPRODUCED if rome else INCONCLUSIVE)
-            evidence = (f"{count} of {row['n_edits']} sequential single edits halved the probe agreement"
-                        f"{' (at edits ' + ', '.join(map(str, row['disabling'][:10])) + (', ...' if count > 10 else '') + ')' if count else ''}")
+            evidence = f"{count} of {row['n_edits']} sequential single edits halved the probe agreement"
+            if count:
+                listed = ", ".join(map(str, row["disabling"][:10])) + (", ..." if count > 10 else "")
+                evidence += f" (at edits {listed})"
             norm = NORM_NAMES[row["norm"]]
             if count:
                 evidence += (f"; the first: agreement {row['first_before']:.2f} -> {row['first_after']:.2f}, {norm} "
@@ -421,10 +423,12 @@ def collapse_with_batch_size(downstream: pd.DataFrame, steps: pd.DataFrame | Non
         def where(point):
             if math.isnan(point["collapse_at"]):
                 return f"b={point['batch_size']}: no collapse through {int(point['last'])} edits"
-            return f"b={point['batch_size']}: collapse between {int(point['collapse_after'])} and {int(point['collapse_at'])} edits"
+            return (f"b={point['batch_size']}: collapse between {int(point['collapse_after'])} and "
+                    f"{int(point['collapse_at'])} edits")
 
-        rows.append({"study": "Lin et al. 2024", "finding": "bigger batches collapse later (equal edits)", "model": model,
-                     "method": method, "evidence": f"{where(small)}; {where(large)}", "verdict": verdict})
+        rows.append({"study": "Lin et al. 2024", "finding": "bigger batches collapse later (equal edits)",
+                     "model": model, "method": method, "evidence": f"{where(small)}; {where(large)}",
+                     "verdict": verdict})
     return rows
 
 
