@@ -465,6 +465,9 @@ def forgetting_figure(edits: pd.DataFrame, downstream: pd.DataFrame, steps: pd.D
             run = probed[(probed["method"] == method) & (probed["batch_size"] == size)].sort_values("n_edits")
             if len(run):
                 axes[i][2].plot(run["n_edits"], run["agreement"], color=colour, linewidth=0.8)
+        if accuracy.empty:
+            axes[i][1].text(0.5, 0.5, "no downstream tasks configured", ha="center", va="center",
+                            transform=axes[i][1].transAxes, fontsize=8)
         base = accuracy[(accuracy["batch_size"] == size) & (accuracy["n_edits"] == 0)]
         if len(base):  # every run of the row starts from the same unedited model
             unedited = float(base["value"].iloc[0])
@@ -481,8 +484,9 @@ def forgetting_figure(edits: pd.DataFrame, downstream: pd.DataFrame, steps: pd.D
     _share_range([axes[i][1] for i in range(len(sizes))], limits["accuracy"])
     _share_range([axes[i][2] for i in range(len(sizes))], (0.0, 1.0))
     handles = [Line2D([], [], color=colours[m], label=m) for m in methods]
-    handles += [Line2D([], [], color="black", linewidth=1, linestyle="--", label=UNEDITED),
-                Line2D([], [], color="black", linewidth=1, linestyle=":", label=f"{COLLAPSED:g} x {UNEDITED}")]
+    if not accuracy.empty:
+        handles += [Line2D([], [], color="black", linewidth=1, linestyle="--", label=UNEDITED),
+                    Line2D([], [], color="black", linewidth=1, linestyle=":", label=f"{COLLAPSED:g} x {UNEDITED}")]
     figure.legend(handles=handles, title="method", loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.suptitle(f"Editing until the model breaks ({title})", y=1.02)
     figure.tight_layout()
