@@ -85,6 +85,7 @@ def test_disabling_edits_halve_the_agreement_in_one_edit_of_a_working_model():
     assert "memit" not in counts.index
     assert counts.loc["rome", "first_before"] == 0.97 and counts.loc["rome", "first_after"] == 0.40
     assert counts.loc["rome", "norm"] == "relative_output_change"
+    assert counts.loc["rome", "norm_spikes"] == []  # norms 0.01, 0.02, ...: growing, never 10x the median
     assert counts.loc["rome", "first_norm"] == pytest.approx(0.003) and counts.loc["rome", "largest_at"] == 6
     verdicts = {row["method"]: row["verdict"] for row in disabling_edits(steps)}
     assert verdicts == {"rome": REPRODUCED, "r-rome": REPRODUCED}
@@ -94,6 +95,13 @@ def test_disabling_edits_halve_the_agreement_in_one_edit_of_a_working_model():
     both = _steps({("rome", 1): [0.99, 0.3], ("r-rome", 1): [0.99, 0.2]})
     assert {row["method"]: row["verdict"] for row in disabling_edits(both)} == {"rome": REPRODUCED,
                                                                                  "r-rome": NOT_REPRODUCED}
+
+
+def test_norm_spikes_are_ten_times_the_running_median():
+    steps = _steps({("rome", 1): [0.99] * 6})
+    steps["relative_update_norm"] = [1.0, 1.2, 0.9, 11.0, 1.1, 10.5]  # medians before: -, 1, 1.1, 1, 1.1, 1.1
+    assert disabling_edit_counts(steps).loc[0, "norm_spikes"] == [4]  # 11 > 10 x 1.0; 10.5 < 10 x 1.1
+    assert "above 10x the running median: 1" in disabling_edits(steps)[0]["evidence"]
 
 
 def test_collapse_against_batch_size_compares_the_brackets():

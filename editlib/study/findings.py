@@ -239,6 +239,7 @@ COLLAPSED = 0.5   # mean downstream accuracy below this fraction of the unedited
 GRADUAL = 0.8     # at or above this fraction of it: still forgetting gradually
 DISABLING = 0.5   # one edit after which the probe agreement is below this fraction of its value before the edit
 BROKEN = 0.5      # ... counted while the agreement before the edit is at least this (the model not yet broken)
+SPIKE = 10.0      # an edit whose update norm exceeds this many times the median of the edits before it: a norm spike
 
 
 def _probed(steps: pd.DataFrame | None) -> pd.DataFrame:
@@ -339,7 +340,8 @@ def disabling_edit_counts(steps: pd.DataFrame | None) -> pd.DataFrame:
     fell below DISABLING x its value before that edit while that value was at least BROKEN; columns
     model, method, n_edits (run length), disabling (the counts of those edits, in order), agreement
     before/after the first, and the weight change (`norm`: its measure, _norms) of the first, the
-    median edit and the largest with where it was."""
+    median edit and the largest with where it was; norm_spikes: the edits whose Frobenius update
+    norm exceeds SPIKE x the median of the edits before it (how the papers spot disabling edits)."""
     probed = _probed(steps)
     rows = []
     if probed.empty:
@@ -349,8 +351,11 @@ def disabling_edit_counts(steps: pd.DataFrame | None) -> pd.DataFrame:
         before = run["agreement"].shift(fill_value=1.0)  # the unedited model agrees with itself
         hits = run[(run["agreement"] < DISABLING * before) & (before >= BROKEN)]
         first = hits.iloc[0] if len(hits) else None
+        norms = run["relative_update_norm"]
+        spikes = run[norms > SPIKE * norms.expanding().median().shift()]
         rows.append({"model": model, "method": method, "n_edits": int(run["n_edits"].max()),
                      "disabling": [int(n) for n in hits["n_edits"]],
+                     "norm_spikes": [int(n) for n in spikes["n_edits"]],
                      "first_before": float(before[hits.index[0]]) if first is not None else math.nan,
                      "first_after": float(first["agreement"]) if first is not None else math.nan,
                      **_norms(run, first)})
@@ -388,7 +393,8 @@ def disabling_edits(steps: pd.DataFrame | None) -> list[dict]:
                 evidence += (f"; the first: agreement {row['first_before']:.2f} -> {row['first_after']:.2f}, {norm} "
                              f"{row['first_norm']:.3g} of the unedited layer's")
             evidence += (f"; {norm} per edit: median {row['median_norm']:.3g}, largest {row['largest_norm']:.3g} "
-                         f"(edit {row['largest_at']})")
+                         f"(edit {row['largest_at']}); update norms above {SPIKE:g}x the running median: "
+                         f"{len(row['norm_spikes'])}")
             rows.append({"study": "Gupta et al. 2024 (Rebuilding ROME)", "finding": finding, "model": model,
                          "method": method, "evidence": evidence, "verdict": verdict})
     return rows
