@@ -185,6 +185,6 @@ def update_norm_squared(residual: torch.Tensor, directions: torch.Tensor, weight
     sum((R^T R) * (B^T B)), or with `weight` (d_k, d_k), e.g. C = E[k k^T], the weighted norm
     tr(R B^T weight B R^T) = sum((R^T R) * (B^T weight B)): the mean squared change of the layer's
     output over keys distributed as C."""
-    residual, directions = residual.double(), directions.double()
+    residual, directions = residual.detach().double(), directions.detach().double()
     right = directions if weight is None else weight.to(directions) @ directions
     return float(((residual.T @ residual) * (directions.T @ right)).sum())
