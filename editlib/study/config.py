@@ -428,7 +428,8 @@ def _check_values(config: dict, source: str) -> None:
                               f"{experiments['sequential']['total_edits']}")
     available, origin = toy_record_count(config), "the toy world (data.world) has {n}"
     if available is None and (available := _country_record_count(config, source)) is not None:
-        origin = "data.source country_facts builds {n}" + (" (before data.known_filter)" if config["data"].get("known_filter", True) else "")
+        filtered = config["data"].get("known_filter", True)
+        origin = "data.source country_facts builds {n}" + (" (before data.known_filter)" if filtered else "")
     if available is not None:
         needs = {"experiments.layer_sweep.n_records": experiments["layer_sweep"]["n_records"],
                  "experiments.single.n_records": experiments["single"]["n_records"],

@@ -28,7 +28,15 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from editlib.io import atomic_path  # noqa: E402
-from editlib.study.tables import Z95, edits_over_samples, model_labelled, over_samples, primary_metric, read_results  # noqa: E402
+from editlib.study.tables import (  # noqa: E402
+    Z95,
+    edits_over_samples,
+    mean_accuracy_curve,
+    model_labelled,
+    over_samples,
+    primary_metric,
+    read_results,
+)
 
 EDIT_METRICS = ["ES", "PS", "NS", "S"]
 # The full range of each metric as the tidy tables hold it, shared by all panels of the metric in
@@ -432,7 +440,6 @@ def forgetting_figure(edits: pd.DataFrame, downstream: pd.DataFrame, steps: pd.D
     findings.COLLAPSED) and the probe's top-1 agreement with the unedited model after every batch (a
     count over fixed texts: no interval)."""
     from editlib.study.findings import COLLAPSED
-    from editlib.study.tables import mean_accuracy_curve
 
     probed = steps[steps["agreement"].notna()] if not steps.empty and "agreement" in steps.columns else steps
     if probed.empty:
@@ -456,7 +463,7 @@ def forgetting_figure(edits: pd.DataFrame, downstream: pd.DataFrame, steps: pd.D
                 axes[i][0].fill_between(line["n_edits"].to_numpy(float), line["S_lo"].to_numpy(float),
                                         line["S_hi"].to_numpy(float), color=colour, alpha=0.2, linewidth=0)
             curve = accuracy[(accuracy["method"] == method) & (accuracy["batch_size"] == size)]
-            edited, base = curve[curve["n_edits"] > 0], curve[curve["n_edits"] == 0]
+            edited = curve[curve["n_edits"] > 0]
             if len(edited):
                 xs, ys, half = edited["n_edits"].to_numpy(float), edited["value"].to_numpy(float), \
                     Z95 * edited["stderr"].to_numpy(float)
@@ -473,7 +480,7 @@ def forgetting_figure(edits: pd.DataFrame, downstream: pd.DataFrame, steps: pd.D
             unedited = float(base["value"].iloc[0])
             axes[i][1].axhline(unedited, color="black", linewidth=1, linestyle="--")
             axes[i][1].axhline(COLLAPSED * unedited, color="black", linewidth=1, linestyle=":")
-        for j, (metric, label) in enumerate(panels):
+        for j, (_, label) in enumerate(panels):
             axis = axes[i][j]
             axis.set_xscale("log", base=2)
             axis.set_xlim(1, probed["n_edits"].max() * 1.1)  # one edit-count range in every panel
