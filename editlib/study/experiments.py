@@ -66,10 +66,15 @@ def layers_label(layers: Sequence[int]) -> str:
     return ",".join(str(layer) for layer in layers)
 
 
+def run_labels(experiment: str, ctx: ExperimentContext, spec, batch_size: int, n_edits: int, step: int) -> dict:
+    """The columns that name a row's run and point in it (sample 0; the pipeline relabels samples)."""
+    return {"experiment": experiment, "model": ctx.model_name, "method": spec.method,
+            "layers": layers_label(spec.layers), "batch_size": batch_size, "sample": 0, "n_edits": n_edits, "step": step}
+
+
 def result_row(experiment: str, ctx: ExperimentContext, spec, batch_size: int, n_edits: int,
                step: int, scope: str, metrics: dict, n_records: int, records: str = "counterfact") -> dict:
-    row = {"experiment": experiment, "model": ctx.model_name, "method": spec.method,
-           "layers": layers_label(spec.layers), "batch_size": batch_size, "sample": 0, "n_edits": n_edits, "step": step,
+    row = {**run_labels(experiment, ctx, spec, batch_size, n_edits, step),
            "scope": scope, "records": records, "n_records": n_records}
     row.update({name: metrics.get(name, float("nan")) for name in (*METRICS, *INTERVALS)})
     return row
@@ -318,8 +323,7 @@ def sequential_edits(ctx: ExperimentContext, requests: Sequence[EditRequest], sp
 
 def _step_row(ctx: ExperimentContext, spec, batch_size: int, n_edits: int, step: int, report: dict | None,
               probe: Probe | None) -> dict:
-    row = {"experiment": "sequential", "model": ctx.model_name, "method": spec.method, "layers": layers_label(spec.layers),
-           "batch_size": batch_size, "sample": 0, "n_edits": n_edits, "step": step,
+    row = {**run_labels("sequential", ctx, spec, batch_size, n_edits, step),
            **{name: (report or {}).get(name, float("nan")) for name in ("relative_update_norm", "relative_output_change")},
            "agreement": float("nan"), "top_token_share": float("nan")}
     if probe is not None:

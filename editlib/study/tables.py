@@ -70,6 +70,12 @@ def primary_metric(downstream: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(keep, ignore_index=True) if keep else downstream
 
 
+def mean_stderr(stderr: pd.Series) -> float:
+    """The standard error of the mean of independent estimates with these standard errors (a missing
+    one counts as 0): sqrt(sum se^2) / n."""
+    return float(np.sqrt((stderr.fillna(0) ** 2).sum())) / len(stderr)
+
+
 def over_samples(downstream: pd.DataFrame) -> pd.DataFrame:
     """Downstream rows averaged over a run's disjoint edit samples: `value` the mean, `stderr` the
     mean's standard error from the samples' own (sqrt(sum se^2) / n), `spread_lo` / `spread_hi`
@@ -82,7 +88,7 @@ def over_samples(downstream: pd.DataFrame) -> pd.DataFrame:
     grouped = downstream.groupby(keys, sort=False, dropna=False)
     frame = grouped.agg(value=("value", "mean"), spread_lo=("value", "min"), spread_hi=("value", "max"),
                         n_samples=("sample", "nunique"), stderr_one=("stderr", "first"),
-                        stderr=("stderr", lambda se: float(np.sqrt((se.fillna(0) ** 2).sum())) / len(se)))
+                        stderr=("stderr", mean_stderr))
     frame = frame.reset_index()
     # before any edit every sample's run measures the same model: one measurement, not n
     unedited = frame["n_edits"] == 0
@@ -101,7 +107,7 @@ def accuracy_difference(first: pd.DataFrame, second: pd.DataFrame):
 
 def mean_accuracy_curve(downstream: pd.DataFrame) -> pd.DataFrame:
     """Per sequential run (model, method, batch_size) and edit count: the mean over tasks of the primary
-    metric (averaged over edit samples) and its standard error, sqrt(sum se^2) / n_tasks; columns
+    metric (averaged over edit samples) and its standard error (mean_stderr over the tasks); columns
     model, method, batch_size, n_edits, value, stderr, n_tasks."""
     columns = ["model", "method", "batch_size", "n_edits", "value", "stderr", "n_tasks"]
     data = downstream[downstream["experiment"] == "sequential"] if not downstream.empty else downstream
@@ -109,8 +115,7 @@ def mean_accuracy_curve(downstream: pd.DataFrame) -> pd.DataFrame:
     if data.empty:
         return pd.DataFrame(columns=columns)
     grouped = data.groupby(["model", "method", "batch_size", "n_edits"], sort=False)
-    frame = grouped.agg(value=("value", "mean"), n_tasks=("task", "nunique"),
-                        stderr=("stderr", lambda se: float(np.sqrt((se.fillna(0) ** 2).sum())) / len(se)))
+    frame = grouped.agg(value=("value", "mean"), n_tasks=("task", "nunique"), stderr=("stderr", mean_stderr))
     return frame.reset_index()[columns].sort_values(["model", "method", "batch_size", "n_edits"], ignore_index=True)
 
 
