@@ -33,6 +33,9 @@ def stage_logging(log_path: str | Path | None, threads: int | None = None, seed:
         if threads:
             torch.set_num_threads(int(threads))
         torch.manual_seed(seed)
+        # what decides how floats round here: a table that differs between machines starts with this line
+        log.info("torch %s, CPU capability %s, %d threads", torch.__version__,
+                 torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())
     saved_stderr = sys.stderr
     if stream is not None:
         sys.stderr = stream
