@@ -28,6 +28,7 @@ import torch
 
 from editlib.io import content_key
 from editlib.data.records import EditRequest
+from editlib.toy.pinned import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = Path(os.environ.get("EDITLIB_BENCH_CACHE", "/tmp/editlib-bench-cache"))
@@ -82,19 +83,8 @@ def setup(args: argparse.Namespace) -> None:
     print(machine_line(args.threads))
 
 
-def cpu_model(fallback: str = "unknown CPU") -> str:
-    """The CPU's model name from /proc/cpuinfo, else `fallback`."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return fallback
-
-
 def machine_line(threads: int) -> str:
-    cpu = cpu_model()
+    cpu = machine()["cpu"]
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     import transformers
 

@@ -46,9 +46,9 @@ SHOWN = ("benchmark", "case", "ours", "baseline", "ours_s", "baseline_s", "ratio
 def machine_line(threads: int) -> str:
     """Platform, CPU model, cores, Python and torch versions, and the torch threads the run used."""
     import torch
-    from common import cpu_model  # bench/common.py (main puts bench/ on sys.path)
+    from editlib.toy.pinned import machine
 
-    cpu = cpu_model(platform.processor() or "unknown CPU")
+    cpu = machine()["cpu"]
     return (f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, Python "
             f"{platform.python_version()}, torch {torch.__version__}, {threads} torch threads")
 
