@@ -125,7 +125,8 @@ def compare_runs(run: dict[str, Path], reference: dict[str, Path]) -> Comparison
     if "downstream" in reference:
         paths = Path(run["downstream"]), Path(reference["downstream"])
         ours, theirs = (pd.read_csv(path).dropna(subset=["value"]) for path in paths)
-        comparison.downstream = largest_difference(ours, theirs, DOWNSTREAM_KEY, ["value"], "downstream", "(task value)", *paths)
+        comparison.downstream = largest_difference(ours, theirs, DOWNSTREAM_KEY, ["value"], "downstream",
+                                                   "(task value)", *paths)
     return comparison
 
 
