@@ -15,7 +15,7 @@ PACKAGE = REPO / "editlib"
 LAYERS = ["io", "model", "data", "eval", "editing", "methods", "toy", "study"]
 TORCH_FREE = ["editlib.methods", "editlib.methods.registry", "editlib.editing.hparams", "editlib.study.config",
               "editlib.study.stages", "editlib.study.tables", "editlib.study.findings", "editlib.study.plotting",
-              "editlib.study.ablations", "editlib.study.plan", "editlib.study.compare", "editlib.toy.recipe", "editlib.toy.world", "editlib.toy.pinned",
+              "editlib.study.ablations", "editlib.study.plan", "editlib.study.compare", "editlib.study.pinned_editor", "editlib.toy.recipe", "editlib.toy.world", "editlib.toy.pinned",
               "editlib.data.records", "editlib.editing.statistics_memory", "editlib.model.architectures"]
 
 

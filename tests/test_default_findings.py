@@ -40,6 +40,7 @@ def test_a_fresh_run_of_the_default_gives_the_committed_verdicts(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=3600)
     assert result.returncode == 0, result.stderr[-6000:]
     assert "model: pinned" in (tmp_path / "logs" / "toy" / "toy-5L" / "prepare_model.log").read_text()
+    assert "mend editor: pinned" in (tmp_path / "logs" / "toy" / "toy-5L" / "train_mend.log").read_text()
     comparison = compare_runs(run_tables(tmp_path / "results" / "toy"), COMMITTED_DEFAULT)
     cpu = machine()
     assert not comparison.changed_verdicts, f"verdicts changed on {cpu}: {comparison.changed_verdicts}"

@@ -391,6 +391,26 @@ def _check_pinned(config: dict, source: str) -> None:
     _construct(f"{source}: model.pinned: {model['pinned']}/pinned.json: recipe", TrainConfig, manifest["recipe"])
 
 
+def _check_pinned_editor(config: dict, source: str) -> None:
+    """`pinned` only on the trained editor's block, naming a folder whose manifest parses and lists the
+    editor's files (the train_mend job hashes them and decides whether recipe and inputs match)."""
+    from editlib.toy.pinned import EDITOR_FILES, EDITOR_REQUIRED, PinnedModelError, read_manifest
+
+    for name, block in config["methods"].items():
+        if block.get("pinned") is None:
+            continue
+        setting = f"methods.{name}.pinned"
+        if not configured_method(config, name).trained_editor:
+            raise ConfigError(f"{source}: {setting}: only a method with a trained editor (mend) can be pinned; "
+                              f"{method_name(config, name)} trains nothing")
+        if not isinstance(block["pinned"], str):
+            raise ConfigError(f"{source}: {setting}: a folder path (e.g. models/toy-5L-mend) or null")
+        try:
+            read_manifest(block["pinned"], EDITOR_REQUIRED, EDITOR_FILES, setting, "editor")
+        except PinnedModelError as error:
+            raise ConfigError(f"{source}: {setting}: {error}") from None
+
+
 def _check_values(config: dict, source: str) -> None:
     """Ranges the schema cannot state: hyperparameters, the toy model and world, record counts,
     downstream tasks."""
@@ -411,6 +431,7 @@ def _check_values(config: dict, source: str) -> None:
     if config["model"]["source"] == "toyworld":
         _construct(f"{source}: model.train", TrainConfig, config["model"].get("train", {}))
     _check_pinned(config, source)
+    _check_pinned_editor(config, source)
     if config["data"]["source"] == "toyworld":
         _construct(f"{source}: data.world", WorldConfig, config["data"].get("world", {}))
 

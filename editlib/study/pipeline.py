@@ -638,10 +638,18 @@ def run_downstream(config: dict, experiment: str, method: str, batch_size: int, 
 
 
 def train_mend_editor(config: dict, model_dir, records_path, out_path) -> dict:
-    """Train MEND on the records after those any experiment edits; save the hypernetwork."""
+    """Train MEND on the records after those any experiment edits and save the hypernetwork, or copy
+    the pinned one (the block's `pinned`) when the recipe and inputs match its manifest."""
+    import torch
+
     from editlib.methods.mend import MendHparams
     from editlib.methods.mend.editor import evaluate_mend, train_mend
+    from editlib.study.pinned_editor import editor_inputs, editor_recipe, use_pinned
 
+    recipe = editor_recipe(config, torch.get_num_threads())
+    inputs = editor_inputs(model_dir, records_path)
+    if use_pinned(config, recipe, inputs, out_path):
+        return json.loads(Path(out_path).with_suffix(".json").read_text(encoding="utf-8"))["held_out"]
     settings = next(iter(config["methods"].values()))  # the stage holds the trained editor's block only
     model, tokenizer = load_configured_model(config, model_dir)
     used = config["mend_training_offset"]
@@ -653,9 +661,10 @@ def train_mend_editor(config: dict, model_dir, records_path, out_path) -> dict:
                          f"(edited by the experiments), the file has {len(requests)}")
     hparams = MendHparams.from_config(settings.get("hparams", {}))
     editor = train_mend(model, tokenizer, pool[:n_train], hparams, eval_requests=pool[n_train:n_train + n_eval])
-    editor.save(out_path)
     final = evaluate_mend(editor, pool[n_train:n_train + n_eval])
-    write_json(Path(out_path).with_suffix(".json"), {"held_out": final, "history": editor.history})
+    write_json(Path(out_path).with_suffix(".json"),
+               {"held_out": final, "history": editor.history, "recipe": recipe, "inputs": inputs})
+    editor.save(out_path)
     log.info("MEND held-out metrics after training: %s", final)
     return final
 

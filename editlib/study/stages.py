@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-# Keys of a method's config block that are not hyperparameters of the method itself.
-NON_HPARAM_KEYS = {"method", "layers", "n_train", "n_eval", "hparams"}
+# Keys of a method's config block that are not hyperparameters of the method itself (`pinned`: a
+# trained editor shipped with the repository, editlib.study.pinned_editor).
+NON_HPARAM_KEYS = {"method", "layers", "n_train", "n_eval", "hparams", "pinned"}
 
 
 
@@ -76,8 +77,13 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
                 "records": edit_records(config)}
     if stage == "train_mend":
         block = trained_editor_block(config)
-        return {**part, "methods": {block: config["methods"][block]}, "mend_training_offset": mend_training_offset(config),
+        part = {**part, "methods": {block: config["methods"][block]}, "mend_training_offset": mend_training_offset(config),
                 "records": edit_records(config)}
+        if config["methods"][block].get("pinned"):  # a re-pinned editor (a new manifest) reruns the job
+            from editlib.toy.pinned import manifest_sha256
+
+            part["pinned_manifest_sha256"] = manifest_sha256(config["methods"][block]["pinned"])
+        return part
     # the lm-eval settings; whether the states are deleted afterwards is the workflow's business
     downstream = {k: v for k, v in config["downstream"].items() if k != "temporary_states"}
     if stage == "downstream_base":
@@ -85,12 +91,12 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
     if stage in ("downstream_batched", "downstream_sequential"):
         # the states carry the edits; the method's block rebuilds the session that loads them
         part["model"] = {**loaded, "name": model["name"]}
-        part.update({"downstream": downstream, "methods": {method: config["methods"][method]}})
+        part.update({"downstream": downstream, "methods": {method: _editing_block(config, method)}})
         if stage == "downstream_sequential":  # whether the run's table gets the unedited model's rows
             part["experiments"] = {"sequential": {"downstream_at": config["experiments"]["sequential"].get("downstream_at", [])}}
         return part
     # editing experiments
-    block = config["methods"][method]
+    block = _editing_block(config, method)
     experiments = config["experiments"]
     part["model"] = {**loaded, "name": model["name"]}  # the name labels result rows
     part.update({"target_cache": config.get("target_cache", ".cache/targets"), "metrics": config["metrics"],
@@ -261,6 +267,12 @@ def method_name(config: dict, name: str) -> str:
     """The registered method a config block runs: its `method:` key (a variant such as a second
     MEMIT with other layers), else the block's own name."""
     return config["methods"][name].get("method", name)
+
+
+def _editing_block(config: dict, method: str) -> dict:
+    """A method's block as the jobs that edit with it read it: without `pinned`, which only the
+    train_mend job reads (the trained editor is their input file)."""
+    return {k: v for k, v in config["methods"][method].items() if k != "pinned"}
 
 
 def trained_editor_block(config: dict) -> str | None:

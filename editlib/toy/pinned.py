@@ -1,11 +1,14 @@
-"""The pinned toy model: a trained model folder shipped with the repository (`models/toy-5L/`) and
-its manifest `pinned.json`, so that a config whose recipe and world match it uses the same weights
-on every machine instead of training its own (training rounds floats differently on every CPU).
+"""Pinned trained artifacts: a folder shipped with the repository plus its manifest `pinned.json`,
+used instead of training when the config's recipe and inputs match the manifest's (training rounds
+floats differently on every CPU, and thousands of steps turn that into another model).
 
-The manifest records the SHA-256 of every file of the folder, the training recipe (the
-`TrainConfig` fields), the SHA-256 of the world files the model was trained on (`MODEL_INPUTS`),
-the torch and transformers versions and the machine that trained it, and the command that made it.
-`python -m editlib.toy.pin` writes a folder and its manifest (docs/toy_model.md, "The pinned model").
+Two are pinned: the default's toy model (`models/toy-5L/`, `model.pinned`; this module's recipe
+and world checks) and its trained MEND editor (`models/toy-5L-mend/`, `methods.<block>.pinned`;
+editlib.study.pinned_editor). A manifest records the SHA-256 of every file of the folder, the
+recipe that trained it, the SHA-256 of what training read (for the model the world files,
+`MODEL_INPUTS`; for the editor the model and the records), the torch and transformers versions, the
+machine that trained it and the command that made it. `python -m editlib.toy.pin` writes the model's
+folder and manifest (docs/toy_model.md, "The pinned model").
 
 Torch-free: config validation and the workflow's stage params read manifests before any job.
 """
@@ -28,11 +31,14 @@ MANIFEST_VERSION = 1
 # is read from here, so the shipped model is found whatever directory snakemake runs in.
 CHECKOUT = Path(__file__).resolve().parents[2]
 _REQUIRED = ("files", "recipe", "world")
+# a pinned trained editor (editlib.study.pinned_editor): its files and the manifest's objects
+EDITOR_FILES = ("editor.safetensors", "editor.json")
+EDITOR_REQUIRED = ("files", "recipe", "inputs")
 
 
 class PinnedModelError(ValueError):
-    """A pinned model folder that cannot be used: missing, without a readable manifest, or with a
-    file whose bytes differ from the manifest's SHA-256; the message names the file and the fix."""
+    """A pinned folder that cannot be used: missing, without a readable manifest, or with a file
+    whose bytes differ from the manifest's SHA-256; the message names the file and the fix."""
 
 
 def resolve(path: str | Path) -> Path:
@@ -44,36 +50,42 @@ def resolve(path: str | Path) -> Path:
     return CHECKOUT / path
 
 
-def read_manifest(path: str | Path) -> dict:
-    """The manifest of pinned folder `path`, checked: the folder exists, pinned.json parses, has
-    `files`, `recipe` and `world`, and every file it lists is in the folder (not their bytes:
-    `verify_files` hashes them)."""
+def read_manifest(path: str | Path, required: tuple[str, ...] = _REQUIRED,
+                  listed: tuple[str, ...] = ("config.json", "recall.json"), setting: str = "model.pinned",
+                  thing: str = "model") -> dict:
+    """The manifest of pinned folder `path`, checked: the folder exists, pinned.json parses, has the
+    `required` objects, lists the `listed` files, and every file it lists is in the folder (not their
+    bytes: `verify_files` hashes them). `setting` and `thing` name the config key and what it pins
+    in the errors (model.pinned, model)."""
     folder = resolve(path)
+    unpin = f"remove {setting} to train the {thing}"
     if not folder.is_dir():
         raise PinnedModelError(f"{path}: no such folder (looked in the working directory {Path.cwd()} and in "
-                               f"the checkout {CHECKOUT}); restore it from git, or remove model.pinned to train the model")
+                               f"the checkout {CHECKOUT}); restore it from git, or {unpin}")
     manifest_path = folder / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise PinnedModelError(f"{manifest_path}: missing; a pinned model folder needs its manifest "
-                               f"(python -m editlib.toy.pin writes both)") from None
+        raise PinnedModelError(f"{manifest_path}: missing; a pinned folder needs its manifest, which the "
+                               f"command that pinned it writes (docs/toy_model.md, \"The pinned model\")") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PinnedModelError(f"{manifest_path}: not valid JSON ({error}); restore it from git "
                                f"(git checkout -- {manifest_path})") from None
     if not isinstance(manifest, dict):
         raise PinnedModelError(f"{manifest_path}: not a JSON object")
-    for key in _REQUIRED:
+    for key in required:
         if not isinstance(manifest.get(key), dict) or not manifest[key]:
             raise PinnedModelError(f"{manifest_path}: '{key}' is missing or not a non-empty object")
-    if "recall.json" not in manifest["files"] or "config.json" not in manifest["files"]:
-        raise PinnedModelError(f"{manifest_path}: 'files' must list the model folder's config.json and recall.json")
+    absent = [name for name in listed if name not in manifest["files"]]
+    if absent:
+        raise PinnedModelError(f"{manifest_path}: 'files' must list the pinned {thing}'s {' and '.join(listed)}; "
+                               f"it lacks {', '.join(absent)}")
     for name in manifest["files"]:
         if Path(name).is_absolute() or ".." in Path(name).parts or name == MANIFEST:
             raise PinnedModelError(f"{manifest_path}: files: {name!r} is not a file name inside the folder")
         if not (folder / name).is_file():
             raise PinnedModelError(f"{folder / name}: listed in {manifest_path} but missing; restore it from git "
-                                   f"(git checkout -- {folder}), or remove model.pinned to train the model")
+                                   f"(git checkout -- {folder}), or {unpin}")
     return manifest
 
 
@@ -83,21 +95,20 @@ def manifest_sha256(path: str | Path) -> str:
     return sha256_file(resolve(path) / MANIFEST)
 
 
-def verify_files(path: str | Path, manifest: dict) -> None:
+def verify_files(path: str | Path, manifest: dict, setting: str = "model.pinned", thing: str = "model") -> None:
     """Every file the manifest lists has its SHA-256; else PinnedModelError naming the file."""
     folder = resolve(path)
+    unpin = f"remove {setting} from the config (or set it to null) to train the {thing} instead"
     for name, expected in manifest["files"].items():
         try:
             actual = sha256_file(folder / name)
         except FileNotFoundError:
             raise PinnedModelError(f"{folder / name}: listed in {folder / MANIFEST} but missing; restore it from "
-                                   f"git (git checkout -- {folder / name}), or remove model.pinned (or set it to "
-                                   f"null) to train the model instead") from None
+                                   f"git (git checkout -- {folder / name}), or {unpin}") from None
         if actual != expected:
             raise PinnedModelError(
                 f"{folder / name}: SHA-256 {actual} differs from {expected} in {folder / MANIFEST}: the pinned file "
-                f"was changed or damaged. Restore it from git (git checkout -- {folder / name}), or remove "
-                f"model.pinned from the config (or set it to null) to train the model instead")
+                f"was changed or damaged. Restore it from git (git checkout -- {folder / name}), or {unpin}")
 
 
 def recipe_of(train: dict | TrainConfig) -> dict:
@@ -139,6 +150,29 @@ def copy_pinned(path: str | Path, out_dir: str | Path, manifest: dict) -> dict:
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(folder / name, staging / name)
     return json.loads((Path(out_dir) / "recall.json").read_text(encoding="utf-8"))
+
+
+def file_hashes(paths: dict[str, str | Path]) -> dict[str, str]:
+    """{name: SHA-256} of the files `paths` names; a folder stands for every file in it (as
+    name/relative path), but its pinned.json and hidden files (.snakemake_timestamp)."""
+    hashes = {}
+    for name, path in paths.items():
+        path = Path(path)
+        if path.is_dir():
+            for file in sorted(path.rglob("*")):
+                relative = file.relative_to(path)
+                if file.is_file() and file.name != MANIFEST and not any(p.startswith(".") for p in relative.parts):
+                    hashes[f"{name}/{relative.as_posix()}"] = sha256_file(file)
+        else:
+            hashes[name] = sha256_file(path)
+    return hashes
+
+
+def mismatches(what: str, ours: dict, pinned: dict) -> list[str]:
+    """`what`'s keys whose value in `ours` differs from `pinned`'s, as 'what.key: ours vs pinned'."""
+    absent = "<absent>"
+    return [f"{what}.{key} differs from the pinned one: {ours.get(key, absent)!r} vs {pinned.get(key, absent)!r}"
+            for key in sorted(set(ours) | set(pinned)) if ours.get(key, absent) != pinned.get(key, absent)]
 
 
 def machine() -> dict:
