@@ -38,7 +38,8 @@ def test_a_changed_verdict_and_the_largest_metric_difference_are_named(tmp_path)
     assert comparison.changed_verdicts == {("S", "f2", "toy", "rome"): ("not reproduced", "inconclusive")}
     assert comparison.edits.value == pytest.approx(6.875) and comparison.edits.column == "ES"
     assert "128" in comparison.edits.row and "8" not in comparison.edits.row
-    assert comparison.edits_over_64.value == pytest.approx(6.875) and comparison.edits_over_64.rows == 1
+    many = comparison.edits_over_min_records
+    assert many.value == pytest.approx(6.875) and many.rows == 1
     assert comparison.downstream.value == pytest.approx(0.06) and "acc_norm" in comparison.downstream.row
     assert not comparison.within(5.0)
     assert any("not reproduced -> inconclusive" in line for line in comparison.lines())
@@ -68,3 +69,12 @@ def test_the_command_exits_1_on_a_different_answer_and_2_on_a_missing_table(tmp_
     (tmp_path / "run" / "edits.csv").unlink()
     assert main([str(tmp_path / "run"), "--reference", str(tmp_path / "reference")]) == 2
     assert "no edits table" in capsys.readouterr().err
+
+
+def test_a_flip_in_a_row_over_few_facts_is_reported_but_within_the_tolerance(tmp_path):
+    """One of 8 facts flipping moves ES by 12.5 points: named as the largest difference, but the
+    tolerance holds for the rows over at least MIN_RECORDS facts."""
+    comparison = compare_runs(_write_run(tmp_path / "run", es=(87.5, 90.0)), _write_run(tmp_path / "reference"))
+    assert comparison.edits.value == pytest.approx(12.5) and "8" in comparison.edits.row
+    assert comparison.edits_over_min_records.value == 0 and comparison.within(5.0)
+    assert any(line.startswith("edits over >= 64 facts: 1 rows") for line in comparison.lines())
