@@ -650,6 +650,7 @@ def train_mend_editor(config: dict, model_dir, records_path, out_path) -> dict:
     inputs = editor_inputs(model_dir, records_path)
     if use_pinned(config, recipe, inputs, out_path):
         return json.loads(Path(out_path).with_suffix(".json").read_text(encoding="utf-8"))["held_out"]
+    (Path(out_path).parent / "pinned.json").unlink(missing_ok=True)  # a pinned editor's manifest copied before
     settings = next(iter(config["methods"].values()))  # the stage holds the trained editor's block only
     model, tokenizer = load_configured_model(config, model_dir)
     used = config["mend_training_offset"]
