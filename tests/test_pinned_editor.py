@@ -153,3 +153,30 @@ def test_only_the_train_mend_job_reads_the_pin():
     for stage in ("single", "sequential", "downstream_sequential"):
         assert stage_config(config, stage, "mend") == stage_config(unpinned, stage, "mend")
     assert "pinned" in stage_config(config, "train_mend")["methods"]["mend"]
+
+
+def test_the_train_mend_job_copies_the_pinned_editor_for_the_default(tmp_path, caplog):
+    """pipeline.train_mend_editor with the default's stage, the pinned model as prepare_model copies it
+    and the default world's records, under the config's one torch thread: no training, the shipped
+    bytes."""
+    import torch
+
+    from editlib.study.pipeline import train_mend_editor
+
+    config = default_config()
+    build_world(tmp_path / "data", **config["data"]["world"])
+    model_dir = tmp_path / "model"
+    pins.copy_pinned(REPO / "models" / "toy-5L", model_dir, pins.read_manifest(REPO / "models" / "toy-5L"))
+    (model_dir / ".snakemake_timestamp").touch()
+    out = tmp_path / "mend" / "editor.safetensors"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config["threads"])
+    try:
+        with caplog.at_level(logging.INFO, logger=LOGGER):
+            held_out = train_mend_editor(stage_config(config, "train_mend"), model_dir,
+                                         tmp_path / "data" / "counterfact.json", out)
+    finally:
+        torch.set_num_threads(threads)
+    assert "mend editor: pinned models/toy-5L-mend" in caplog.text, caplog.text
+    assert sha256_file(out) == sha256_file(SHIPPED / "editor.safetensors")
+    assert held_out == json.loads((SHIPPED / "editor.json").read_text())["held_out"]
