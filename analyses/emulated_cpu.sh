@@ -2,7 +2,8 @@
 # Run snakemake, and every job it starts, on an emulated CPU (QEMU user mode), to see how a run's
 # numbers move on a CPU this machine does not have: the emulated CPU's CPUID decides which kernels
 # torch, MKL and oneDNN pick (e.g. an Intel Haswell: AVX2, Intel's MKL code paths), and QEMU
-# computes their instructions as that CPU would. About 100-200 times slower than native.
+# computes their instructions for that CPU. Slow: the default's five single-edit jobs took 22 times
+# as long as natively, a 512 x 512 fp32 matrix product 200 times.
 #
 #   analyses/emulated_cpu.sh QEMU CPU SNAKEMAKE_ARGS...
 #   analyses/emulated_cpu.sh /usr/bin/qemu-x86_64-static Haswell --configfile config.yaml --cores 2 \
