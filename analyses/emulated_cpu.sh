@@ -6,8 +6,11 @@
 # as long as natively, a 512 x 512 fp32 matrix product 200 times.
 #
 #   analyses/emulated_cpu.sh QEMU CPU SNAKEMAKE_ARGS...
-#   analyses/emulated_cpu.sh /usr/bin/qemu-x86_64-static Haswell --configfile config.yaml --cores 2 \
-#       --forcerun single_edits results/toy/toy-5L/single/memit.csv
+#   analyses/emulated_cpu.sh /usr/bin/qemu-x86_64-static Haswell-noTSX,-pcid,-x2apic,-tsc-deadline,-invpcid \
+#       --configfile config.yaml --cores 1 --forcerun single_edits --until single_edits
+#
+# (after a native `make reproduce` in the same clone, with its tables copied aside: the forced jobs
+# overwrite them; the CPU's '-' features are those QEMU cannot emulate, left out to keep it quiet)
 #
 # QEMU: a qemu-x86_64(-static) binary (Debian: qemu-user-static); CPU: a model of `QEMU -cpu help`.
 # It writes .venv/bin/python-emulated, a wrapper that starts the venv's python under QEMU with
