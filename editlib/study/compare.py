@@ -3,8 +3,9 @@ of the edit metrics (ES/PS/NS/S, percentage points) and of the downstream values
 run give the committed answer": the default's committed tables are docs/findings-default.csv and
 docs/edits-default.csv, and `python -m editlib.study.compare results/toy` compares a run with them.
 
-The same config run on two CPUs edits the same pinned weights, but every kernel may round floats
-differently, so a fact near its margin can flip and a metric moves by a step of 100/n_records.
+The same config run on two CPUs edits the same pinned weights (and MEND edits with the same pinned
+editor), but every kernel may round floats differently, so a fact near its margin can flip and a
+metric moves by a step of 100/n_records.
 
 pandas only.
 """
@@ -42,7 +43,7 @@ class ComparisonError(ValueError):
 
 @dataclass
 class Largest:
-    """The largest absolute difference of `columns` over the rows both tables hold."""
+    """The largest absolute difference of some columns over the reference's rows, and where it is."""
     table: str
     rows: int
     unit: str
