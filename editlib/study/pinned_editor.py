@@ -37,13 +37,13 @@ from editlib.toy.pinned import (
     EDITOR_FILES,
     EDITOR_REQUIRED,
     MANIFEST,
-    MANIFEST_VERSION,
     file_hashes,
-    machine,
+    hash_mismatches,
     mismatches,
     read_manifest,
     resolve,
     verify_files,
+    write_manifest,
 )
 
 log = logging.getLogger(__name__)
@@ -84,13 +84,10 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def differences(manifest: dict, recipe: dict, inputs: dict) -> list[str]:
     """Why an editor trained with `recipe` on `inputs` would not be the pinned one (empty: it would)."""
-    reasons = mismatches("recipe", _flat(recipe), _flat(manifest["recipe"]))
-    for name in sorted(set(inputs) | set(manifest["inputs"])):
-        if name not in inputs:
-            reasons.append(f"input {name}, which the pinned editor was trained on, is absent")
-        elif inputs[name] != manifest["inputs"].get(name):
-            reasons.append(f"input {name} differs from the one the pinned editor was trained on")
-    return reasons
+    return (mismatches("recipe", _flat(recipe), _flat(manifest["recipe"]))
+            + hash_mismatches(inputs, manifest["inputs"],
+                              absent="input {}, which the pinned editor was trained on, is absent",
+                              differs="input {} differs from the one the pinned editor was trained on"))
 
 
 def use_pinned(stage: dict, recipe: dict, inputs: dict, out_path: str | Path) -> bool:
@@ -118,8 +115,7 @@ def use_pinned(stage: dict, recipe: dict, inputs: dict, out_path: str | Path) ->
     return True
 
 
-def pin(config: dict, run_dir: str | Path, out: str | Path, versions: dict[str, str], command: str,
-        pinned_with: str) -> dict:
+def pin(config: dict, run_dir: str | Path, out: str | Path, command: str, pinned_with: str) -> dict:
     """Write `out` (editor files + manifest) from the editor a run trained: `run_dir` holds that run's
     model/, data/records.json and mend/ (resources/<run>/<model>). The editor must have been trained
     with the config's recipe (its editor.json says so when it records one)."""
@@ -135,20 +131,15 @@ def pin(config: dict, run_dir: str | Path, out: str | Path, versions: dict[str, 
     if trained_recipe is not None and _flat(trained_recipe) != _flat(recipe):
         raise SystemExit(f"{trained / 'editor.json'}: trained with another recipe than the config's: "
                          + "; ".join(mismatches("recipe", _flat(trained_recipe), _flat(recipe))))
+    from editlib.toy.pin import machine_info, runtime_versions
+
     with atomic_dir(out) as staging:
         for name in EDITOR_FILES:
             shutil.copyfile(trained / name, staging / name)
-        manifest = {
-            "manifest_version": MANIFEST_VERSION,
-            "files": file_hashes({name: staging / name for name in EDITOR_FILES}),
-            "recipe": recipe,
-            "inputs": editor_inputs(run_dir / "model", run_dir / "data" / "records.json"),
-            **versions,
-            "machine": machine(),
-            "command": command,
-            "pinned_with": pinned_with,
-        }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        manifest = write_manifest(
+            staging, recipe=recipe,
+            inputs={"inputs": editor_inputs(run_dir / "model", run_dir / "data" / "records.json")},
+            versions=runtime_versions(), machine_info=machine_info(), command=command, pinned_with=pinned_with)
     return manifest
 
 
@@ -175,12 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     folder = args.out or (folders.get(block) if block else None)
     if not folder:
         raise SystemExit(f"{args.config}: no trained-editor method block with a pinned folder; pass --out")
-    import torch
-    import transformers
-
-    manifest = pin(config, args.run_dir, folder,
-                   {"torch": torch.__version__, "transformers": transformers.__version__}, args.command,
-                   "python -m editlib.study.pinned_editor " + shlex.join(argv))
+    pinned_with = "python -m editlib.study.pinned_editor " + shlex.join(argv)
+    manifest = pin(config, args.run_dir, folder, args.command, pinned_with)
     print(f"pinned {folder}: {len(manifest['files'])} files, {len(manifest['inputs'])} inputs, "
           f"trained on {manifest['machine']['cpu']}")
 

@@ -28,7 +28,7 @@ import yaml
 
 from editlib.io import atomic_dir
 from editlib.toy.pinned import MANIFEST, machine, write_manifest
-from editlib.toy.recipe import TrainConfig
+from editlib.toy.recipe import TrainConfig, world_hashes
 
 
 def runtime_versions() -> dict[str, str]:
@@ -89,7 +89,7 @@ def pin(config_path: str | Path, out: str | Path | None = None, trained: str | P
                     (staging / path.relative_to(trained)).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(path, staging / path.relative_to(trained))
             manifest = write_manifest(
-                staging, recipe=asdict(recipe), world_dir=world_dir, world_config=world_config,
+                staging, recipe=asdict(recipe), inputs={"world": world_hashes(world_dir), "world_config": world_config},
                 versions=runtime_versions(), machine_info=machine_info(), command=command,
                 pinned_with=pinned_with, model=model["name"], model_cache_key=key,
                 recall={k: v for k, v in report.items() if k.startswith("recall_") or k == "train_seconds"},

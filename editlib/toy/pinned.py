@@ -119,19 +119,10 @@ def recipe_of(train: dict | TrainConfig) -> dict:
 def differences(manifest: dict, recipe: dict, world_dir: str | Path) -> list[str]:
     """Why a model trained with `recipe` on the world in `world_dir` would not be the pinned one:
     each recipe field and world file that differs from the manifest's (empty: they match)."""
-    reasons = []
-    pinned = manifest["recipe"]
-    for key in sorted(set(recipe) | set(pinned)):
-        ours, theirs = recipe.get(key, "<absent>"), pinned.get(key, "<absent>")
-        if ours != theirs:
-            reasons.append(f"model.train.{key} differs from the pinned recipe: {ours!r} vs {theirs!r}")
-    world = world_hashes(world_dir)
-    for name in sorted(set(world) | set(manifest["world"])):
-        if name not in world:
-            reasons.append(f"the world has no {name}, which the pinned model was trained on")
-        elif world[name] != manifest["world"].get(name):
-            reasons.append(f"world file {name} differs from the one the pinned model was trained on")
-    return reasons
+    return (mismatches("model.train", recipe, manifest["recipe"], "the pinned recipe")
+            + hash_mismatches(world_hashes(world_dir), manifest["world"],
+                              absent="the world has no {}, which the pinned model was trained on",
+                              differs="world file {} differs from the one the pinned model was trained on"))
 
 
 def version_differences(manifest: dict, versions: dict[str, str]) -> list[str]:
@@ -168,11 +159,19 @@ def file_hashes(paths: dict[str, str | Path]) -> dict[str, str]:
     return hashes
 
 
-def mismatches(what: str, ours: dict, pinned: dict) -> list[str]:
-    """`what`'s keys whose value in `ours` differs from `pinned`'s, as 'what.key: ours vs pinned'."""
+def mismatches(what: str, ours: dict, pinned: dict, against: str = "the pinned one") -> list[str]:
+    """The recipe keys whose value in `ours` differs from `pinned`'s, as
+    'what.key differs from <against>: ours vs pinned'."""
     absent = "<absent>"
-    return [f"{what}.{key} differs from the pinned one: {ours.get(key, absent)!r} vs {pinned.get(key, absent)!r}"
+    return [f"{what}.{key} differs from {against}: {ours.get(key, absent)!r} vs {pinned.get(key, absent)!r}"
             for key in sorted(set(ours) | set(pinned)) if ours.get(key, absent) != pinned.get(key, absent)]
+
+
+def hash_mismatches(ours: dict[str, str], pinned: dict[str, str], *, absent: str, differs: str) -> list[str]:
+    """The files of either {name: SHA-256} map that training read differently: `absent` (formatted with
+    the name) for one `ours` lacks, `differs` for one whose hash differs or the pin does not know."""
+    return [absent.format(name) if name not in ours else differs.format(name)
+            for name in sorted(set(ours) | set(pinned)) if ours.get(name) != pinned.get(name)]
 
 
 def machine() -> dict:
@@ -188,17 +187,18 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "arch": platform.machine(), "system": platform.system()}
 
 
-def write_manifest(folder: str | Path, *, recipe: dict, world_dir: str | Path, world_config: dict,
-                   versions: dict[str, str], machine_info: dict, command: str, **extra) -> dict:
-    """Write `folder`/pinned.json over the files now in `folder` and return it as read back."""
+def write_manifest(folder: str | Path, *, recipe: dict, inputs: dict, versions: dict[str, str], machine_info: dict,
+                   command: str, **extra) -> dict:
+    """Write `folder`/pinned.json over the files now in `folder` and return it as read back. `inputs`:
+    the manifest's entries for what training read (a model's `world` and `world_config`, an editor's
+    `inputs`)."""
     folder = Path(folder)
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "files": {name: sha256_file(folder / name) for name in names},
         "recipe": recipe,
-        "world": world_hashes(world_dir),
-        "world_config": world_config,
+        **inputs,
         **versions,
         "machine": machine_info,
         "command": command,
