@@ -21,12 +21,14 @@ from editlib.data.country_facts import (
     continent,
     country_answers,
     country_facts_records,
+    country_facts_task,
     countryinfo_data,
     prepare_country_facts,
     read_countries,
+    shuffled,
 )
 from editlib.data.fetch import manifest_path
-from editlib.data.qa_wikidata import parse_qa_wikidata_input
+from editlib.data.qa_wikidata import parse_qa_wikidata_input, qa_wikidata_records
 from editlib.data.records import load_requests, parse_records
 from editlib.study.config import ConfigError, validate_config
 
@@ -61,6 +63,22 @@ def test_records_load_as_counterfact_and_are_deterministic(records):
     assert country_facts_records() == records
     assert {r["source"] for r in records} == {"countryinfo"}
     assert country_facts_records(seed=1) != records  # the seed draws the counterfactual targets
+
+
+def test_records_are_shuffled_so_the_first_ones_mix_the_relations(records):
+    """The workflow edits the first n prepared records; qa_wikidata_records writes them relation by
+    relation, so unshuffled the first 128 would all be P37. The shuffle keeps the same records."""
+    first = relation_counts(records[:128])
+    assert {"P30", "P37", "P47"} <= set(first), first
+    assert max(first.values()) < 100, first
+    def key(record):
+        return (record["requested_rewrite"]["relation_id"], record["requested_rewrite"]["subject"])
+    built = qa_wikidata_records(country_facts_task(), seed=0, relations=COUNTRY_RELATIONS, source="countryinfo",
+                                exclude_subject=True)
+    assert len({key(r) for r in built}) == len(built)
+    assert sorted(map(key, records)) == sorted(map(key, built))
+    assert [key(r) for r in records] != [key(r) for r in built]
+    assert [key(r) for r in shuffled(built, 1)] != [key(r) for r in records]  # the seed draws the order
 
 
 def test_every_relation_the_data_answers_has_records(records):

@@ -32,8 +32,9 @@ under the package's English name except where it is not the common name (`COMMON
 City", "North Macedonia", ...). Territories (Guam, Réunion, ...) are included; a model knows few of
 them, which the known-fact filter (data.known_filter) handles.
 
-Records come in relation table order (P37, P47, P36, P30, P1376), then by subject, so an experiment
-that edits the first n records edits official languages first. countryinfo 1.0.1, seed 0, the
+Records come in a seeded shuffle (`shuffled`, the config's seed), so an experiment that edits the
+first n records edits a mix of the relations (qa_wikidata_records writes them relation by relation,
+official languages first). countryinfo 1.0.1, seed 0, the
 defaults: 595 records (P37 186, P47 160, P36 2, P30 247) of 249 countries and territories; 1131
 with ``min_neighbours=0`` (P37 236, P47 163, P36 243, P30 247, P1376 242).
 """
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,10 +254,25 @@ def country_facts_records(
     countries: Sequence[Country] | None = None,
 ) -> list[dict]:
     """CounterFact-format records from the country facts (`country_facts_task`), built by
-    `qa_wikidata_records` (the subject is never its own target_new) with ``"source": "countryinfo"``."""
-    return qa_wikidata_records(country_facts_task(countries), seed=seed, max_neighbours=max_neighbours,
-                               min_neighbours=min_neighbours, relations=COUNTRY_RELATIONS, source=SOURCE,
-                               exclude_subject=True)
+    `qa_wikidata_records` (the subject is never its own target_new) with ``"source": "countryinfo"``,
+    in a seeded shuffle (`shuffled`)."""
+    return _records(country_facts_task(countries), seed=seed, max_neighbours=max_neighbours,
+                    min_neighbours=min_neighbours)
+
+
+def shuffled(records: Sequence[dict], seed: int) -> list[dict]:
+    """`records` in the order of ``random.Random(f"{seed}|order")``, case_id renumbered to match.
+
+    `qa_wikidata_records` writes them relation by relation, and the workflow edits the first n of
+    the prepared order: unshuffled, a run's first 128 edits would all be official-language facts."""
+    order = list(records)
+    random.Random(f"{seed}|order").shuffle(order)
+    return [{**record, "case_id": index} for index, record in enumerate(order)]
+
+
+def _records(task: dict, *, seed: int, max_neighbours: int, min_neighbours: int) -> list[dict]:
+    return shuffled(qa_wikidata_records(task, seed=seed, max_neighbours=max_neighbours, min_neighbours=min_neighbours,
+                                        relations=COUNTRY_RELATIONS, source=SOURCE, exclude_subject=True), seed)
 
 
 def prepare_country_facts(
@@ -275,14 +292,13 @@ def prepare_country_facts(
     task = country_facts_task()
     source = {"package": f"countryinfo=={countryinfo_version()}", "facts": content_key(task)}
     params = {"seed": seed, "max_neighbours": max_neighbours, "min_neighbours": min_neighbours,
-              "relations": content_key([vars(r) for r in COUNTRY_RELATIONS]), "converter": 1}
+              "relations": content_key([vars(r) for r in COUNTRY_RELATIONS]), "converter": 2}
     manifest = {"asset": "country_facts_counterfact",
                 "key": content_key({"asset": "country_facts_counterfact", "source": source, "params": params}),
                 "source": source, "params": params}
     if is_fresh(out_path, manifest_path(out_path), manifest):
         return out_path
-    records = qa_wikidata_records(task, seed=seed, max_neighbours=max_neighbours, min_neighbours=min_neighbours,
-                                  relations=COUNTRY_RELATIONS, source=SOURCE, exclude_subject=True)
+    records = _records(task, seed=seed, max_neighbours=max_neighbours, min_neighbours=min_neighbours)
     if not records:
         raise AssetError(f"countryinfo ({source['package']}): no records could be built from it")
     write_json(out_path, records)
