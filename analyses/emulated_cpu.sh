@@ -47,6 +47,9 @@ case "$(basename "$qemu")" in
             --python-version 3.11 --implementation cp --abi cp311 -r "$arm/requirements.txt"
         touch "$arm/site/.installed"
     fi
+    # pulp's CBC solver (snakemake's default ilp scheduler) is an x86-64 binary the emulated python
+    # cannot start: the greedy scheduler instead
+    set -- --scheduler greedy "$@"
     wrapper="$arm/python"
     cat > "$wrapper" <<WRAPPER
 #!/bin/bash
