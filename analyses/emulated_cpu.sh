@@ -2,8 +2,8 @@
 # Run snakemake, and every job it starts, on an emulated CPU (QEMU user mode), to see how a run's
 # numbers move on a CPU this machine does not have. The emulated CPU decides which kernels torch,
 # MKL, OpenBLAS and oneDNN pick, and QEMU computes their instructions for that CPU. Slow: the
-# default's five single-edit jobs took 22 times as long as natively on an emulated x86-64 CPU, a
-# 512 x 512 fp32 matrix product 200 times (400 times on an emulated ARM CPU).
+# default's five single-edit jobs took 22 times as long as natively on an emulated x86-64 CPU and
+# 15 times on an emulated ARM CPU, a 512 x 512 fp32 matrix product 200 and 350 times.
 #
 #   analyses/emulated_cpu.sh QEMU CPU SNAKEMAKE_ARGS...
 #
