@@ -130,15 +130,70 @@ def test_samples_are_averaged_with_their_spread():
     final = mean[mean["n_edits"] == 16]
     assert final["value"].round(6).tolist() == [0.6, 0.6]
     assert final["spread_lo"].round(6).tolist() == [0.5, 0.5] and final["spread_hi"].round(6).tolist() == [0.7, 0.7]
-    assert final["stderr"].round(6).tolist() == [round(math.sqrt(3 * 0.01 ** 2) / 3, 6)] * 2
+    # the samples spread (sd 0.1) far beyond their own errors (0.01): the error is sd / sqrt(3)
+    assert final["stderr"].round(6).tolist() == [round(0.1 / math.sqrt(3), 6)] * 2
     # before editing, the three runs measured the one unedited model: its own standard error
     assert mean.loc[mean["n_edits"] == 0, "stderr"].tolist() == [0.01, 0.01]
     [row] = downstream_erosion(pd.concat(runs))
     assert "mean of 3 disjoint edit samples, whose drops are +0.400, +0.300, +0.200" in row["evidence"]
+    # after: t(2 df) x 0.1 / sqrt(3) = 0.2484; before: 1.96 x sqrt(2 x 0.01^2) / 2 = 0.0139; hypot 0.2488
+    assert "+0.300 [+0.051, +0.549]" in row["evidence"], row["evidence"]
     per_sample = sample_table(pd.concat(runs))
     assert per_sample["drop"].round(6).tolist() == [0.4, 0.3, 0.2]
     # +-1.96 * sqrt(2 tasks x (0.01^2 + 0.01^2)) / 2 tasks
     assert (per_sample["drop_hi"] - per_sample["drop"]).round(6).tolist() == [round(1.959964 * 0.02 / 2, 6)] * 3
+
+
+def test_samples_that_agree_within_their_errors_keep_the_errors():
+    """Samples 0.6 +- 0.01 and 0.61 +- 0.01: their spread (sd 0.007) is below their own errors, so
+    the mean's error is the errors' (sqrt(0.01^2 / 2)) and its interval +-1.96 of it."""
+    runs = [_sequential_downstream({("memit", 1): after}).assign(sample=sample) for sample, after in enumerate((0.6, 0.61))]
+    final = over_samples(pd.concat(runs)).query("n_edits == 16")
+    assert final["stderr"].round(8).tolist() == [round(0.01 / math.sqrt(2), 8)] * 2
+
+
+def test_the_samples_spread_is_taken_between_their_means_over_tasks():
+    """A sample's effect on every task at once widens the interval; samples that trade one task
+    for another by the same amount have equal means over tasks and leave it as the errors give it."""
+    def run(values_by_sample):
+        rows = []
+        for sample, (a, b) in enumerate(values_by_sample):
+            for task, after in (("a", a), ("b", b)):
+                for n_edits, value in ((0, 0.9), (16, after)):
+                    rows.append({"experiment": "sequential", "model": "toy", "method": "memit", "batch_size": 1,
+                                 "sample": sample, "n_edits": n_edits, "task": task, "metric": "acc", "value": value,
+                                 "stderr": 0.01})
+        return pd.DataFrame(rows)
+
+    [traded] = downstream_erosion(run([(0.5, 0.7), (0.7, 0.5), (0.6, 0.6)]))
+    # errors only: after sqrt(mean(0.01^2 x 2 / 4) / 3) = 0.00408, before 0.00707: 1.96 x hypot = 0.0160
+    assert "+0.300 [+0.284, +0.316]" in traded["evidence"], traded["evidence"]
+    [shared] = downstream_erosion(run([(0.5, 0.5), (0.7, 0.7), (0.6, 0.6)]))
+    assert "+0.300 [+0.051, +0.549]" in shared["evidence"], shared["evidence"]
+
+
+def test_a_model_pair_is_inconclusive_when_one_sample_carries_the_difference():
+    """The chat model loses 0.01, 0.01 and 0.08 on its three samples, the base model 0.007 on each:
+    the mean difference (0.026) is within the chat samples' spread."""
+    def model(name, drops):
+        return pd.concat([_sequential_downstream({("memit", 1): 0.9 - drop}, model=name).assign(sample=sample)
+                          for sample, drop in enumerate(drops)])
+
+    downstream = pd.concat([model("base", (0.007, 0.007, 0.007)), model("chat", (0.01, 0.01, 0.08))])
+    tables = ablation_tables(downstream, {"instruction_tuning": [{"base": "base", "chat": "chat"}]})
+    assert set(tables["instruction_tuning"]["sample"]) == {0, 1, 2}  # one row per sample
+    [row] = ablation_findings(tables)
+    assert row["verdict"] == INCONCLUSIVE and "-0.026 [" in row["evidence"], row
+
+
+def test_two_runs_on_the_same_samples_are_compared_sample_by_sample():
+    """Batches of 16 keep 0.03 more accuracy than single edits on each of three samples, one of
+    which erodes far more under both: the per-sample differences agree, so the interval is the
+    errors' (+0.030 +- 1.96 x sqrt(0.01^2 / 3)), not the two runs' spread (+-0.14)."""
+    runs = [_sequential_downstream({("memit", 1): after, ("memit", 16): after + 0.03}).assign(sample=sample)
+            for sample, after in enumerate((0.89, 0.89, 0.82))]
+    [row] = bigger_batches_erode_less(pd.concat(runs))
+    assert row["verdict"] == REPRODUCED and "+0.030 [+0.019, +0.041]" in row["evidence"], row
 
 
 def test_ablations_figure_draws_every_pair(tmp_path):

@@ -280,7 +280,7 @@ def test_models_samples_and_ablations_run_end_to_end(tmp_path):
     downstream = pd.read_csv(out / "downstream.csv")
     assert set(downstream["model"]) == {"tiny-llama", "tiny-chat"} and set(downstream["sample"]) == {0, 1}
     tuning = pd.read_csv(out / "ablations" / "instruction_tuning.csv")
-    assert set(tuning["role"]) == {"base", "chat"} and set(tuning["n_samples"]) == {2}
+    assert set(tuning["role"]) == {"base", "chat"} and set(tuning["sample"]) == {0, 1}
     assert set(pd.read_csv(out / "ablations" / "batch_size.csv")["role"]) == {"b=1", "b=2"}
     assert set(pd.read_csv(out / "ablations" / "samples.csv")["sample"]) == {0, 1}
     findings = pd.read_csv(out / "findings.csv")

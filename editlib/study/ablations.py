@@ -4,8 +4,8 @@ Each kind under the config's `ablations` block compares arms of sequential editi
 downstream accuracy: two method blocks on one model (edited layers, ROME's constraint), one
 method at several batch sizes (an equal number of edits), or two models under the same method
 block (model size, instruction tuning). `ablation_table` turns the downstream table into one tidy
-table per kind (one row per arm, task and checkpoint); the findings and the ablations figure read
-those tables.
+table per kind (one row per arm, edit sample, task and checkpoint); the findings and the ablations
+figure read those tables.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from editlib.study.tables import accuracy_difference, over_samples, primary_metric
+from editlib.study.tables import accuracy_difference, primary_metric
 
 
 @dataclass(frozen=True)
@@ -34,19 +34,20 @@ KINDS = {
     "model_size": AblationKind(("smaller", "larger"), "models", "larger models lose less general ability"),
     "instruction_tuning": AblationKind(("base", "chat"), "models", "instruction-tuned models lose less general ability"),
 }
-TABLE_COLUMNS = ["ablation", "comparison", "role", "model", "method", "batch_size", "n_edits", "task", "value",
-                 "stderr", "spread_lo", "spread_hi", "n_samples"]
+TABLE_COLUMNS = ["ablation", "comparison", "role", "model", "method", "batch_size", "sample", "n_edits", "task",
+                 "value", "stderr"]
 
 
 def _sequential(downstream: pd.DataFrame) -> pd.DataFrame:
     if downstream.empty:
         return downstream
-    return over_samples(primary_metric(downstream[downstream["experiment"] == "sequential"]))
+    data = primary_metric(downstream[downstream["experiment"] == "sequential"])
+    return data if "sample" in data.columns else data.assign(sample=0)  # tables written before edit samples
 
 
 def ablation_table(downstream: pd.DataFrame, kind: str, entries: list) -> pd.DataFrame:
-    """The downstream rows of every arm of the configured `entries` of ablation `kind` (mean over
-    edit samples), labelled with the comparison and the arm's role. Pairs run at their smallest
+    """The downstream rows of every arm of the configured `entries` of ablation `kind`, one per edit
+    sample, labelled with the comparison and the arm's role. Pairs run at their smallest
     common batch size; `batch_size` entries (method names) keep every batch size, role "b=<size>"."""
     data = _sequential(downstream)
     frames = []

@@ -1,7 +1,8 @@
 """The papers' findings checked against a run's tidy tables, each with its numbers and a verdict.
 
-Every check compares estimates with their 95% intervals (bootstrap over facts for edit metrics,
-+-1.96 lm-eval standard errors for downstream accuracies) and says "reproduced" only when the
+Every check compares estimates with their 95% intervals (bootstrap over facts for edit metrics;
+for downstream accuracies +-1.96 lm-eval standard errors, or Student's t over a run's disjoint
+edit samples where their spread is the larger error) and says "reproduced" only when the
 difference the paper reports is larger than the intervals: overlapping intervals give
 "inconclusive", a difference the other way "not reproduced". A finding whose experiment is not
 in the run is left out.
@@ -23,7 +24,6 @@ from editlib.study.tables import (
     average_effects,
     edits_over_samples,
     mean_accuracy_curve,
-    over_samples,
     peak_layer,
     primary_metric,
 )
@@ -120,16 +120,16 @@ def _positive_verdict(lo: float, hi: float) -> str:
 def downstream_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = ("grace",)) -> list[dict]:
     """Lin et al.: parameter-modifying editors erode general abilities under sequential editing,
     the parameter-preserving GRACE does not. Per method and batch size, mean accuracy over tasks
-    before editing vs after the last checkpoint; the difference's interval is +-1.96 SE."""
+    before editing vs after the last checkpoint; the difference's 95% interval from lm-eval's
+    standard errors, or from the edit samples' spread where that is larger (tables.accuracy_difference)."""
     if downstream.empty:
         return []
     data = downstream[downstream["experiment"] == "sequential"]
     if data.empty:
         return []
     per_sample = primary_metric(data)
-    data = over_samples(per_sample)
     rows = []
-    for (method, batch), part in data.groupby(["method", "batch_size"], sort=False):
+    for (method, batch), part in per_sample.groupby(["method", "batch_size"], sort=False):
         last = part["n_edits"].max()
         before, after = part[part["n_edits"] == 0], part[part["n_edits"] == last]
         if before.empty or last == 0:
@@ -144,7 +144,7 @@ def downstream_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = (
             finding = "sequential edits erode general abilities"
         tasks = ", ".join(f"{r['task']} {r['value_a']:.2f}->{r['value_b']:.2f}" for _, r in merged.iterrows())
         evidence = f"mean accuracy drop after {int(last)} edits (b={int(batch)}): {drop:+.3f} [{lo:+.3f}, {hi:+.3f}] ({tasks})"
-        n_samples = int(part["n_samples"].max())
+        n_samples = int(part["sample"].nunique()) if "sample" in part.columns else 1
         if n_samples > 1:
             drops = sample_table(per_sample[(per_sample["method"] == method) & (per_sample["batch_size"] == batch)])
             evidence += f"; mean of {n_samples} disjoint edit samples, whose drops are " + ", ".join(
@@ -158,10 +158,10 @@ def bigger_batches_erode_less(downstream: pd.DataFrame) -> list[dict]:
     """Lin et al. (ablation): at an equal number of sequential edits, bigger batches erode general
     abilities less. Per method run at several batch sizes: mean accuracy over tasks after the last
     checkpoint with the largest batch minus with the smallest; both runs start from the same
-    unedited model, so the difference's interval is +-1.96 SE of the two final accuracies."""
+    unedited model, so the difference's interval comes from the two final accuracies' errors."""
     if downstream.empty:
         return []
-    data = over_samples(primary_metric(downstream[downstream["experiment"] == "sequential"]))
+    data = primary_metric(downstream[downstream["experiment"] == "sequential"])
     rows = []
     for method, part in data.groupby("method", sort=False):
         last = part["n_edits"].max()
@@ -171,7 +171,7 @@ def bigger_batches_erode_less(downstream: pd.DataFrame) -> list[dict]:
             continue
         small, large = final[final["batch_size"] == sizes[0]], final[final["batch_size"] == sizes[-1]]
         _, gain, lo, hi = accuracy_difference(small, large)
-        means = final.groupby("batch_size")["value"].mean()
+        means = final.groupby(["batch_size", "task"])["value"].mean().groupby("batch_size").mean()
         listing = ", ".join(f"b={int(b)}: {v:.3f}" for b, v in means.items())
         evidence = (f"mean accuracy after {int(last)} edits, b={int(sizes[-1])} minus b={int(sizes[0])}: "
                     f"{gain:+.3f} [{lo:+.3f}, {hi:+.3f}] ({listing})")
@@ -183,7 +183,8 @@ def bigger_batches_erode_less(downstream: pd.DataFrame) -> list[dict]:
 def ablation_findings(tables: dict[str, pd.DataFrame]) -> list[dict]:
     """Lin et al.'s ablations (editlib.study.ablations): for each compared pair, the arm that should
     erode less ("deep", "with", "larger", "chat") against the other, by the mean over tasks of
-    the accuracy lost after the last common checkpoint, +-1.96 SE. Arms on one model share the
+    the accuracy lost after the last common checkpoint, with its 95% interval (each arm's error the
+    larger of lm-eval's and its edit samples' spread, tables.task_mean). Arms on one model share the
     unedited accuracies, so their final accuracies are compared; arms on two models, their drops
     from each model's own unedited accuracy (both need the n_edits 0 rows)."""
     rows = []
@@ -476,8 +477,9 @@ def write_findings_html(findings: pd.DataFrame, path, title: str = "") -> None:
             "<style>body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse}"
             "td,th{border:1px solid #bbb;padding:4px 6px;vertical-align:top;text-align:left}</style></head><body>"
             f"<h2>What this run reproduced ({html.escape(title)})</h2>"
-            "<p>Verdicts compare 95% intervals: bootstrap over facts for edit metrics, +-1.96 standard errors for "
-            "downstream accuracies; overlapping intervals are inconclusive.</p>"
+            "<p>Verdicts compare 95% intervals: bootstrap over facts for edit metrics; for downstream accuracies "
+            "+-1.96 standard errors, or Student's t over the edit samples where their spread is the larger "
+            "error; overlapping intervals are inconclusive.</p>"
             f"<table><tr>{head}</tr>{body}</table></body></html>")
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")

@@ -380,7 +380,7 @@ def ablations_figure(tables: dict[str, pd.DataFrame], path: str | Path, title: s
     frames = [table for table in tables.values() if not table.empty]
     if not frames:
         return _empty(path, "no ablation configured, or no downstream evaluation")
-    data = pd.concat(frames, ignore_index=True)
+    data = over_samples(pd.concat(frames, ignore_index=True), keys=["ablation", "comparison", "role"])
     data = data.assign(facet=data["ablation"].str.replace("_", " ") + ": " + data["comparison"],
                        run=data["role"] + ": " + data["model"].where(data["ablation"].isin(["model_size", "instruction_tuning"]),
                                                                     data["method"]))

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 
 from editlib.io import write_csv
 
@@ -76,47 +78,116 @@ def mean_stderr(stderr: pd.Series) -> float:
     return float(np.sqrt((stderr.fillna(0) ** 2).sum())) / len(stderr)
 
 
-def over_samples(downstream: pd.DataFrame) -> pd.DataFrame:
-    """Downstream rows averaged over a run's disjoint edit samples: `value` the mean, `stderr` the
-    mean's standard error from the samples' own (sqrt(sum se^2) / n), `spread_lo` / `spread_hi`
-    the smallest and largest sample's value, `n_samples` how many. One sample passes through."""
+def t95(dof: int) -> float:
+    """The 0.975 quantile of Student's t with `dof` degrees of freedom (a 95% interval's multiplier)."""
+    return float(scipy.stats.t.ppf(0.975, dof))
+
+
+def sample_mean_error(values: Sequence[float], stderrs: Sequence[float]) -> tuple[float, float, float]:
+    """(mean, standard error, 95% half-width) of the mean of k measurements, one per disjoint edit
+    sample, each with its own standard error (lm-eval's, over the questions). The samples differ by
+    which facts were edited as well as by question noise, so the error is the larger of
+      - the samples' own: sqrt(mean se^2 / k), interval +-1.96 SE, and
+      - their spread: sd / sqrt(k), interval +-t(k-1) SE (Student's t, for an sd from k values),
+    the method-of-moments estimate of a random sample effect (its variance sd^2 - mean se^2, taken
+    as 0 where negative). The samples answer the same questions, so their question noise is shared
+    and the spread holds only the part due to the edited facts. One measurement passes through."""
+    values, stderrs = np.asarray(values, float), np.nan_to_num(np.asarray(stderrs, float))
+    k = len(values)
+    within = float(np.mean(stderrs ** 2)) / k
+    between = float(np.var(values, ddof=1)) / k if k > 1 else 0.0
+    stderr = math.sqrt(max(within, between))
+    return float(values.mean()), stderr, (t95(k - 1) if between > within else Z95) * stderr
+
+
+def over_samples(downstream: pd.DataFrame, keys: Sequence[str] = ()) -> pd.DataFrame:
+    """Downstream rows averaged over a run's disjoint edit samples (grouped by the downstream keys
+    and any extra `keys`): `value` the mean, `stderr` its standard error (sample_mean_error: the
+    samples' own or their spread, whichever is larger), `spread_lo` / `spread_hi` the smallest and
+    largest sample's value, `n_samples` how many. Before any edit (n_edits 0) every sample's run
+    measured the same model: one measurement, its own standard error. One sample passes through."""
     if downstream.empty:
         return downstream.assign(spread_lo=[], spread_hi=[], n_samples=[])
     if "sample" not in downstream.columns:
         downstream = downstream.assign(sample=0)
-    keys = [key for key in DOWNSTREAM_KEYS if key in downstream.columns]
-    grouped = downstream.groupby(keys, sort=False, dropna=False)
-    frame = grouped.agg(value=("value", "mean"), spread_lo=("value", "min"), spread_hi=("value", "max"),
-                        n_samples=("sample", "nunique"), stderr_one=("stderr", "first"),
-                        stderr=("stderr", mean_stderr))
-    frame = frame.reset_index()
-    # before any edit every sample's run measures the same model: one measurement, not n
-    unedited = frame["n_edits"] == 0
-    frame.loc[unedited, "stderr"] = frame.loc[unedited, "stderr_one"]
-    return frame.drop(columns="stderr_one")
+    keys = [key for key in [*keys, *DOWNSTREAM_KEYS] if key in downstream.columns]
+    rows = []
+    for key, group in downstream.groupby(keys, sort=False, dropna=False):
+        unedited = (group["n_edits"] == 0).all()
+        measured = group.iloc[:1] if unedited else group
+        value, stderr, _ = sample_mean_error(measured["value"], measured["stderr"])
+        rows.append({**dict(zip(keys, key)), "value": value, "spread_lo": group["value"].min(),
+                     "spread_hi": group["value"].max(), "n_samples": group["sample"].nunique(), "stderr": stderr})
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class TaskMean:
+    """One run's accuracy at one checkpoint, as the mean over tasks (averaged over its edit
+    samples): `value`, `stderr` and the 95% `half_width` (tables.sample_mean_error on the samples'
+    means over tasks); `samples`: each sample's mean over tasks and its standard error (index: the
+    sample); `edited`: False before any edit, where the samples measured one model."""
+
+    value: float
+    stderr: float
+    half_width: float
+    samples: pd.DataFrame
+    edited: bool
+
+
+def task_mean(rows: pd.DataFrame) -> TaskMean:
+    """The mean over tasks of one run at one checkpoint (rows: task, value, stderr, optionally
+    sample and n_edits). A sample's effect reaches every task at once (an edit that breaks the model
+    breaks them all), so the samples' spread is taken between their means over tasks, not task by
+    task. Before any edit (n_edits 0 only) the samples measured one model: its own error."""
+    if "sample" not in rows.columns:
+        rows = rows.assign(sample=0)
+    samples = rows.groupby("sample", sort=True).agg(value=("value", "mean"), stderr=("stderr", mean_stderr))
+    edited = not ("n_edits" in rows.columns and (rows["n_edits"] == 0).all())
+    if not edited:
+        samples = samples.iloc[:1]
+    value, stderr, half = sample_mean_error(samples["value"], samples["stderr"])
+    return TaskMean(value, stderr, half, samples, edited)
 
 
 def accuracy_difference(first: pd.DataFrame, second: pd.DataFrame):
-    """(per-task merge, value_a from `first` and value_b from `second`; the mean over tasks of
-    second's minus first's accuracy; its 95% interval from the two sides' lm-eval standard errors)."""
-    merged = first.merge(second, on="task", suffixes=("_a", "_b"))
+    """(per-task merge of the sample-averaged values, value_a from `first` and value_b from
+    `second`; the mean over tasks of second's minus first's accuracy; its 95% interval). Each side
+    is one run at one checkpoint (tables.task_mean, its samples' spread included). Two edited runs
+    on the same edit samples are paired: the interval comes from the per-sample differences (the
+    facts a sample holds weigh on both runs); otherwise the sides are taken as independent and the
+    half-width is the hypotenuse of theirs."""
+    a, b = task_mean(first), task_mean(second)
+    merged = _task_values(first).merge(_task_values(second), on="task", suffixes=("_a", "_b"))
     diff = float((merged["value_b"] - merged["value_a"]).mean())
-    se = math.sqrt(float((merged["stderr_a"].fillna(0) ** 2 + merged["stderr_b"].fillna(0) ** 2).sum())) / len(merged)
-    return merged, diff, diff - Z95 * se, diff + Z95 * se
+    if a.edited and b.edited and len(a.samples) > 1 and a.samples.index.equals(b.samples.index):
+        paired = b.samples["value"] - a.samples["value"]
+        _, _, half = sample_mean_error(paired, np.hypot(a.samples["stderr"], b.samples["stderr"]))
+    else:
+        half = math.hypot(a.half_width, b.half_width)
+    return merged, diff, diff - half, diff + half
+
+
+def _task_values(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per task: the value averaged over samples."""
+    return rows.groupby("task", sort=False)["value"].mean().reset_index()
 
 
 def mean_accuracy_curve(downstream: pd.DataFrame) -> pd.DataFrame:
     """Per sequential run (model, method, batch_size) and edit count: the mean over tasks of the primary
-    metric (averaged over edit samples) and its standard error (mean_stderr over the tasks); columns
-    model, method, batch_size, n_edits, value, stderr, n_tasks."""
+    metric, averaged over edit samples, and its standard error (tables.task_mean); columns model,
+    method, batch_size, n_edits, value, stderr, n_tasks."""
     columns = ["model", "method", "batch_size", "n_edits", "value", "stderr", "n_tasks"]
     data = downstream[downstream["experiment"] == "sequential"] if not downstream.empty else downstream
-    data = over_samples(primary_metric(data)) if not data.empty else data
+    data = primary_metric(data) if not data.empty else data
     if data.empty:
         return pd.DataFrame(columns=columns)
-    grouped = data.groupby(["model", "method", "batch_size", "n_edits"], sort=False)
-    frame = grouped.agg(value=("value", "mean"), n_tasks=("task", "nunique"), stderr=("stderr", mean_stderr))
-    return frame.reset_index()[columns].sort_values(["model", "method", "batch_size", "n_edits"], ignore_index=True)
+    rows = []
+    for (model, method, batch, n_edits), part in data.groupby(["model", "method", "batch_size", "n_edits"], sort=False):
+        mean = task_mean(part)
+        rows.append({"model": model, "method": method, "batch_size": batch, "n_edits": n_edits, "value": mean.value,
+                     "stderr": mean.stderr, "n_tasks": part["task"].nunique()})
+    return pd.DataFrame(rows, columns=columns).sort_values(["model", "method", "batch_size", "n_edits"], ignore_index=True)
 
 
 EDIT_KEYS = ["experiment", "model", "method", "layers", "batch_size", "n_edits", "step", "scope", "records"]
