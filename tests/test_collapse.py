@@ -28,6 +28,38 @@ def test_the_probe_agrees_with_the_model_it_was_built_on_and_sees_a_collapse(tra
     assert collapsed["agreement"] == pytest.approx(float((probe.reference == 0).float().mean()))
 
 
+def test_the_probe_leaves_out_the_positions_followed_by_a_skipped_token(trained_llama2, llama_tokenizer, corpus):
+    texts = corpus[:6]
+    rows = [ids[:16] for ids in llama_tokenizer(texts)["input_ids"]]
+    skip = {rows[0][3], rows[1][5]}
+    kept = [row[i + 1] not in skip if i + 1 < len(row) else True for row in rows for i in range(len(row))]
+    full = PredictionProbe(trained_llama2, llama_tokenizer, texts, max_length=16, batch_size=4)
+    probe = PredictionProbe(trained_llama2, llama_tokenizer, texts, max_length=16, batch_size=4, skip_next=skip)
+    assert probe.n_positions == sum(kept) < full.n_positions
+    assert torch.equal(probe.reference, full.reference[torch.tensor(kept)])
+    assert probe(trained_llama2)["agreement"] == 1.0
+
+
+def test_the_run_probe_skips_the_objects_of_the_facts_it_edits(trained_llama2, llama_tokenizer, tmp_path):
+    """prediction_probe leaves out the positions where a probe text goes on with an edited fact's
+    true or new object, and only those."""
+    from editlib.data.corpus import corpus_of, write_corpus
+    from editlib.data.records import EditRequest
+    from editlib.model.tokens import target_ids
+    from editlib.study.pipeline import prediction_probe
+
+    request = EditRequest(case_id=0, prompt="{} lives in", subject="Anna", target_new="Paris", target_true="Rome")
+    texts = ["Anna lives in Rome and works in Paris every day.", "Bob lives in Oslo."]
+    write_corpus(tmp_path / "corpus.jsonl", corpus_of("texts", texts))
+    ctx = ExperimentContext(trained_llama2, llama_tokenizer, "tiny", {}, progress=False)
+    settings = {"n_texts": 2, "max_length": 32}
+    probe = prediction_probe(ctx, settings, tmp_path / "corpus.jsonl", [request])
+    plain = prediction_probe(ctx, settings, tmp_path / "corpus.jsonl")
+    objects = {ids[0] for ids in target_ids(llama_tokenizer, ["Paris", "Rome"])}
+    followed = sum(token in objects for ids in llama_tokenizer(texts)["input_ids"] for token in ids[1:])
+    assert followed >= 2 and probe.n_positions == plain.n_positions - followed
+
+
 def test_an_empty_probe_is_an_error(trained_llama2, llama_tokenizer):
     with pytest.raises(ValueError, match="no probe texts"):
         PredictionProbe(trained_llama2, llama_tokenizer, [])

@@ -33,6 +33,7 @@ from editlib.io import atomic_dir, atomic_path, content_key, write_csv, write_js
 from editlib.methods.registry import make_spec
 from editlib.model.layout import model_layout
 from editlib.model.loading import download_hub_model, load_model, model_fingerprint
+from editlib.model.tokens import target_ids
 from editlib.study.experiments import (
     ExperimentContext,
     batched_edits,
@@ -448,7 +449,7 @@ def run_sequential(config: dict, method: str, batch_size: int, model_dir, moment
         checkpoint_minutes=settings.get("checkpoint_minutes", CHECKPOINT_MINUTES)
         if checkpoint_minutes is None else checkpoint_minutes,
         entropy_records=config["metrics"].get("generation_entropy_records"),
-        probe=prediction_probe(ctx, settings.get("probe"), corpus_path))
+        probe=prediction_probe(ctx, settings.get("probe"), corpus_path, requests))
     with atomic_dir(states_dir) as final:
         for n in points:
             shutil.copyfile(staging / f"n{n}.safetensors", final / f"n{n}.safetensors")
@@ -461,15 +462,21 @@ def run_sequential(config: dict, method: str, batch_size: int, model_dir, moment
     return frame
 
 
-def prediction_probe(ctx: ExperimentContext, settings: dict | None, corpus_path) -> PredictionProbe | None:
+def prediction_probe(ctx: ExperimentContext, settings: dict | None, corpus_path,
+                     requests: Sequence[EditRequest] = ()) -> PredictionProbe | None:
     """experiments.sequential.probe's PredictionProbe on the unedited model: the first `n_texts`
-    texts of the prepared corpus, cut to `max_length` tokens; None without a probe block."""
+    texts of the prepared corpus, cut to `max_length` tokens, without the positions where a text
+    goes on with the first token of a `requests` fact's true or new object (what the edits are
+    meant to change); None without a probe block."""
     if not settings:
         return None
     if corpus_path is None:
         raise ValueError("experiments.sequential.probe needs the prepared corpus (the rule's corpus input)")
     texts = read_prepared(corpus_path, name="probe").texts[:settings.get("n_texts", 32)]
-    return PredictionProbe(ctx.model, ctx.tokenizer, texts, max_length=settings.get("max_length", 64))
+    objects = [target for request in requests for target in (request.target_true, request.target_new) if target]
+    skip_next = {ids[0] for ids in target_ids(ctx.tokenizer, objects) if ids} if objects else set()
+    return PredictionProbe(ctx.model, ctx.tokenizer, texts, max_length=settings.get("max_length", 64),
+                           skip_next=skip_next)
 
 
 # ---------------------------------------------------------------------------- downstream
