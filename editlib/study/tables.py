@@ -90,8 +90,9 @@ def sample_mean_error(values: Sequence[float], stderrs: Sequence[float]) -> tupl
       - the samples' own: sqrt(mean se^2 / k), interval +-1.96 SE, and
       - their spread: sd / sqrt(k), interval +-t(k-1) SE (Student's t, for an sd from k values),
     the method-of-moments estimate of a random sample effect (its variance sd^2 - mean se^2, taken
-    as 0 where negative). The samples answer the same questions, so their question noise is shared
-    and the spread holds only the part due to the edited facts. One measurement passes through."""
+    as 0 where negative). Each measurement's question noise is taken as independent of the others',
+    as everywhere in these tables (lm-eval's convention, though the samples answer the same
+    questions). One measurement passes through."""
     values, stderrs = np.asarray(values, float), np.nan_to_num(np.asarray(stderrs, float))
     k = len(values)
     within = float(np.mean(stderrs ** 2)) / k
