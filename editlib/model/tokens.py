@@ -29,6 +29,8 @@ def target_text(target: str) -> str:
 
 def target_ids(tokenizer, targets: Sequence[str]) -> list[list[int]]:
     """Token ids of " " + target for each target, never containing BOS."""
+    if not targets:
+        return []
     encoded = tokenizer([target_text(t) for t in targets], add_special_tokens=False)["input_ids"]
     special = {tokenizer.bos_token_id, getattr(tokenizer, "unk_token_id", None)} - {None}
     result = []

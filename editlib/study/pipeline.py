@@ -474,7 +474,7 @@ def prediction_probe(ctx: ExperimentContext, settings: dict | None, corpus_path,
         raise ValueError("experiments.sequential.probe needs the prepared corpus (the rule's corpus input)")
     texts = read_prepared(corpus_path, name="probe").texts[:settings.get("n_texts", 32)]
     objects = [target for request in requests for target in (request.target_true, request.target_new) if target]
-    skip_next = {ids[0] for ids in target_ids(ctx.tokenizer, objects) if ids} if objects else set()
+    skip_next = {ids[0] for ids in target_ids(ctx.tokenizer, objects)}
     return PredictionProbe(ctx.model, ctx.tokenizer, texts, max_length=settings.get("max_length", 64),
                            skip_next=skip_next)
 

@@ -114,11 +114,9 @@ def over_samples(downstream: pd.DataFrame, keys: Sequence[str] = ()) -> pd.DataF
     keys = [key for key in [*keys, *DOWNSTREAM_KEYS] if key in downstream.columns]
     rows = []
     for key, group in downstream.groupby(keys, sort=False, dropna=False):
-        unedited = (group["n_edits"] == 0).all()
-        measured = group.iloc[:1] if unedited else group
-        value, stderr, _ = sample_mean_error(measured["value"], measured["stderr"])
-        rows.append({**dict(zip(keys, key)), "value": value, "spread_lo": group["value"].min(),
-                     "spread_hi": group["value"].max(), "n_samples": group["sample"].nunique(), "stderr": stderr})
+        mean = task_mean(group)  # one task: each sample's value is its mean over tasks
+        rows.append({**dict(zip(keys, key)), "value": mean.value, "spread_lo": group["value"].min(),
+                     "spread_hi": group["value"].max(), "n_samples": group["sample"].nunique(), "stderr": mean.stderr})
     return pd.DataFrame(rows)
 
 
