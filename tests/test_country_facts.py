@@ -26,8 +26,9 @@ from editlib.data.country_facts import (
     prepare_country_facts,
     read_countries,
     shuffled,
+    unedited_fact_questions,
 )
-from editlib.data.fetch import manifest_path
+from editlib.data.fetch import AssetError, manifest_path
 from editlib.data.qa_wikidata import parse_qa_wikidata_input, qa_wikidata_records
 from editlib.data.records import load_requests, parse_records
 from editlib.study.config import ConfigError, validate_config
@@ -205,7 +206,8 @@ def test_prepare_writes_records_and_a_content_keyed_manifest(tmp_path, records):
     assert json.loads(out.read_text(encoding="utf-8")) == country_facts_records(seed=1)
 
 
-def test_prepare_data_writes_the_records_and_no_local_tasks(tmp_path, monkeypatch, records):
+def test_prepare_data_writes_the_records_and_the_unedited_facts_task(tmp_path, monkeypatch, records):
+    from editlib.eval.downstream_tasks import read_mc_items
     from editlib.study import pipeline
 
     monkeypatch.setattr(pipeline, "prepare_wiki_corpus", lambda cache, path: Path(path).write_text("", encoding="utf-8"))
@@ -213,9 +215,48 @@ def test_prepare_data_writes_the_records_and_no_local_tasks(tmp_path, monkeypatc
     config = {"seed": 0, "data": {"source": "country_facts", "known_filter": False}, "asset_cache": str(tmp_path / "cache")}
     summary = pipeline.prepare_data(config, tmp_path / "data")
     assert summary["n_records"] == len(records)
-    assert json.loads((tmp_path / "data" / "summary.json").read_text(encoding="utf-8"))["local_tasks"] == []
+    assert json.loads((tmp_path / "data" / "summary.json").read_text(encoding="utf-8"))["local_tasks"] == ["country_facts_unedited"]
     assert [r.subject for r in load_requests(tmp_path / "data" / "records.json")] == [
         r["requested_rewrite"]["subject"] for r in records]
+    task = yaml.safe_load((tmp_path / "data" / "tasks" / "country_facts_unedited.yaml").read_text(encoding="utf-8"))
+    items = read_mc_items(task["dataset_kwargs"]["data_files"]["test"])
+    edited = {(r["requested_rewrite"]["relation_id"], r["requested_rewrite"]["subject"]) for r in records}
+    assert items == unedited_fact_questions(edited, seed=0)
+    assert len(items) == len(country_facts_records(min_neighbours=0)) - len(records)
+
+
+# ---------------------------------------------------------------------------- the unedited facts task
+
+
+def test_unedited_questions_ask_every_fact_no_record_holds_with_its_true_answer(answers, records):
+    edited = {(r["requested_rewrite"]["relation_id"], r["requested_rewrite"]["subject"]) for r in records}
+    rows = unedited_fact_questions(edited, seed=0)
+    prompts = {r.relation_id: r.prompt for r in COUNTRY_RELATIONS}
+    asked = {(row["relation"], parse_qa_wikidata_input(row["question"], COUNTRY_RELATIONS)[1]) for row in rows}
+    assert asked == set(answers) - edited and len(asked) == len(rows)
+    # mostly capitals: they have no neighbourhood prompts, so no records
+    assert Counter(row["relation"] for row in rows).most_common(2) == [("P1376", 242), ("P36", 241)]
+    for row in rows:
+        relation, subject = row["relation"], parse_qa_wikidata_input(row["question"], COUNTRY_RELATIONS)[1]
+        assert row["question"] == prompts[relation].format(subject)
+        assert len(row["choices"]) == 4 and len(set(row["choices"])) == 4
+        assert row["choices"][row["answer"]] == answers[(relation, subject)][0]
+        distractors = [c for i, c in enumerate(row["choices"]) if i != row["answer"]]
+        assert not set(distractors) & (set(answers[(relation, subject)]) | {subject})
+        assert all(any(d in answers[key] for key in answers if key[0] == relation) for d in distractors)
+
+
+def test_unedited_questions_are_seeded_per_fact(records):
+    edited = {(r["requested_rewrite"]["relation_id"], r["requested_rewrite"]["subject"]) for r in records}
+    rows = unedited_fact_questions(edited, seed=0)
+    assert unedited_fact_questions(edited, seed=0) == rows
+    assert unedited_fact_questions(edited, seed=1) != rows
+    # editing one more fact removes its question and leaves every other one as it was
+    dropped = (rows[5]["relation"], parse_qa_wikidata_input(rows[5]["question"], COUNTRY_RELATIONS)[1])
+    assert unedited_fact_questions(edited | {dropped}, seed=0) == rows[:5] + rows[6:]
+    # where answers run out, the error names the relation and the subject
+    with pytest.raises(AssetError, match=r"relation P1376 has \d+ answers to draw 299 distractors from for 'Abu Dhabi'"):
+        unedited_fact_questions(edited, seed=0, n_choices=300)
 
 
 # ---------------------------------------------------------------------------- config
@@ -245,8 +286,10 @@ def test_a_misspelt_source_is_rejected_naming_the_choices():
     assert re.search(r"^smollm2-long\.yaml: data\.source: 'country_fact' is not one of \[.*'country_facts'", str(error.value))
 
 
-def test_country_facts_has_no_local_tasks():
+def test_country_facts_has_only_its_unedited_facts_task():
     config = copy.deepcopy(long_config())
+    assert config["downstream"]["tasks"] == ["country_facts_unedited"]
     config["downstream"]["tasks"] = ["bb_navigate"]
-    with pytest.raises(ConfigError, match=r"downstream\.tasks\[0\]: 'bb_navigate' is not a task of data\.source 'country_facts' \(those are none\)"):
+    with pytest.raises(ConfigError, match=r"downstream\.tasks\[0\]: 'bb_navigate' is not a task of data\.source "
+                                          r"'country_facts' \(those are \['country_facts_unedited'\]\)"):
         validate_config(config, SCHEMA, source=LONG.name)

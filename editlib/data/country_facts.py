@@ -44,7 +44,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,6 +258,45 @@ def country_facts_records(
     in a seeded shuffle (`shuffled`)."""
     return _records(country_facts_task(countries), seed=seed, max_neighbours=max_neighbours,
                     min_neighbours=min_neighbours)
+
+
+# The local lm-eval task prepare_data writes beside the records (downstream.tasks may name it).
+UNEDITED_TASK = "country_facts_unedited"
+
+
+def unedited_fact_questions(edited: Iterable[tuple[str, str]], *, seed: int = 0, n_choices: int = 4,
+                            countries: Sequence[Country] | None = None) -> list[dict]:
+    """Multiple-choice rows {"question", "choices", "answer", "relation"} for every country fact that
+    no edit record holds: each (relation id, subject) of `country_facts_task` not in `edited`, asked
+    with its relation's prompt ("The capital of France is"). The choices are the true answer and
+    `n_choices` - 1 distinct answers of the same relation that are none of the subject's own answers
+    nor the subject, drawn and shuffled by ``random.Random`` keyed on (seed, relation, subject).
+
+    With the workflow's records (min_neighbours=1) this is mostly the capitals both ways (P36 and
+    P1376, which have no neighbourhood prompts and so no records): facts of the model's own knowledge
+    that sequential editing never targets, the real-model counterpart of the toy's toy_facts."""
+    countries = read_countries() if countries is None else countries
+    edited = set(edited)
+    answers = country_answers(countries)
+    pools: dict[str, list[str]] = {}
+    for (relation_id, _), targets in sorted(answers.items()):
+        pools.setdefault(relation_id, [])
+        pools[relation_id] += [t for t in targets if t not in pools[relation_id]]
+    prompts = {r.relation_id: r.prompt for r in COUNTRY_RELATIONS}
+    rows = []
+    for (relation_id, subject), targets in sorted(answers.items()):
+        if (relation_id, subject) in edited:
+            continue
+        rng = random.Random(f"{seed}|unedited|{relation_id}|{subject}")
+        others = [a for a in pools[relation_id] if a not in targets and a != subject]
+        if len(others) < n_choices - 1:
+            raise AssetError(f"countryinfo: relation {relation_id} has {len(others)} answers to draw "
+                             f"{n_choices - 1} distractors from for {subject!r}")
+        choices = [targets[0], *rng.sample(others, n_choices - 1)]
+        rng.shuffle(choices)
+        rows.append({"question": prompts[relation_id].format(subject), "choices": choices,
+                     "answer": choices.index(targets[0]), "relation": relation_id})
+    return rows
 
 
 def shuffled(records: Sequence[dict], seed: int) -> list[dict]:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from editlib.data.bigbench import bigbench_mc_filename, prepare_bigbench_mc
 from editlib.data.corpus import load_corpus, read_prepared, sample_hf, write_corpus
-from editlib.data.country_facts import prepare_country_facts
+from editlib.data.country_facts import UNEDITED_TASK, prepare_country_facts, unedited_fact_questions
 from editlib.data.packaged import prepare_smollm2, prepare_wiki_corpus
 from editlib.data.qa_wikidata import prepare_qa_wikidata
 from editlib.data.records import EditRequest, load_requests
@@ -29,7 +29,7 @@ from editlib.eval.collapse import PredictionProbe
 from editlib.eval.downstream import evaluate_downstream, hub_offline, make_task_manager
 from editlib.eval.downstream_tasks import write_mc_task
 from editlib.eval.known_facts import known_facts
-from editlib.io import atomic_dir, atomic_path, content_key, write_csv, write_json
+from editlib.io import atomic_dir, atomic_path, content_key, write_csv, write_json, write_jsonl
 from editlib.methods.registry import make_spec
 from editlib.model.layout import model_layout
 from editlib.model.loading import download_hub_model, load_model, model_fingerprint
@@ -92,10 +92,16 @@ def prepare_data(config: dict, out_dir: str | Path, model_dir: str | Path | None
         as_record = zsre_record if records_settings(config)["kind"] == "zsre" else counterfact_record
         write_json(out_dir / "records.json", [as_record(r) for r in requests])
         prepare_wiki_corpus(cache, out_dir / "corpus.jsonl")
-        local_tasks = {
-            f"bb_{bigbench_mc_filename(task).removesuffix('.jsonl')}": path
-            for task, path in prepare_bigbench_mc(cache, tasks_dir / "data", limit=data.get("task_limit", 250)).items()
-        } if data["source"] == "qa_wikidata" else {}
+        if data["source"] == "qa_wikidata":
+            local_tasks = {
+                f"bb_{bigbench_mc_filename(task).removesuffix('.jsonl')}": path
+                for task, path in prepare_bigbench_mc(cache, tasks_dir / "data", limit=data.get("task_limit", 250)).items()
+            }
+        else:  # the country facts that no record holds, never edited
+            unedited = tasks_dir / "data" / f"{UNEDITED_TASK}.jsonl"
+            write_jsonl(unedited, unedited_fact_questions(((r.relation_id, r.subject) for r in requests),
+                                                          seed=config["seed"]))
+            local_tasks = {UNEDITED_TASK: unedited}
         summary = {"n_records": len(requests)}
     elif data["source"] == "counterfact":
         kind = records_settings(config)["kind"]

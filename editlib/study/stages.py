@@ -209,7 +209,11 @@ def local_task_names(data: dict) -> set[str]:
         return {"toy_facts", "toy_compose"}
     if data["source"] == "qa_wikidata":
         return {f"bb_{bigbench_mc_filename(task).removesuffix('.jsonl')}" for task in DEFAULT_BIGBENCH_MC_TASKS}
-    return set()  # counterfact, country_facts: no local tasks
+    if data["source"] == "country_facts":
+        from editlib.data.country_facts import UNEDITED_TASK
+
+        return {UNEDITED_TASK}
+    return set()  # counterfact: no local tasks
 
 
 def toy_record_count(config: dict) -> int | None:
