@@ -15,6 +15,7 @@ from editlib.study.findings import (
     bigger_batches_erode_less,
     downstream_erosion,
     ns_falls_with_batch_size,
+    projection_erodes_less,
     sequential_beats_one_batch,
     tracing_matches_sweep,
 )
@@ -92,6 +93,30 @@ def _sequential_downstream(finals: dict, n_edits: int = 16, base: float = 0.9, m
             rows.append({"experiment": "sequential", "model": model, "method": method, "batch_size": batch,
                          "n_edits": n_edits, "task": task, "metric": "acc", "value": after, "stderr": 0.01})
     return pd.DataFrame(rows)
+
+
+def test_alphaedit_is_compared_with_the_memit_block_of_its_suffix_at_each_batch_size():
+    downstream = _sequential_downstream({("memit", 1): 0.60, ("alphaedit", 1): 0.80,          # +0.20: reproduced
+                                         ("memit", 16): 0.80, ("alphaedit", 16): 0.79,        # -0.01: inconclusive
+                                         ("memit-5layer", 1): 0.85, ("alphaedit-5layer", 1): 0.50,  # -0.35
+                                         ("alphaedit", 4): 0.5, ("rome", 1): 0.1})             # no MEMIT at b=4
+    found = {row["method"]: row for row in projection_erodes_less(downstream)}
+    assert set(found) == {"alphaedit b=1", "alphaedit b=16", "alphaedit-5layer b=1"}
+    # +0.20 +- 1.96 * sqrt(4 * 0.01^2) / 2 = +0.20 +- 0.0196
+    assert found["alphaedit b=1"]["verdict"] == REPRODUCED
+    assert "alphaedit minus memit: +0.200 [+0.180, +0.220] (memit 0.600, alphaedit 0.800)" in found["alphaedit b=1"]["evidence"]
+    assert found["alphaedit b=16"]["verdict"] == INCONCLUSIVE
+    assert found["alphaedit-5layer b=1"]["verdict"] == NOT_REPRODUCED
+    assert "alphaedit-5layer minus memit-5layer: -0.350" in found["alphaedit-5layer b=1"]["evidence"]
+
+
+def test_alphaedit_and_memit_are_compared_at_the_largest_count_both_evaluated():
+    downstream = pd.concat([_sequential_downstream({("memit", 1): 0.60}, n_edits=16),
+                            _sequential_downstream({("alphaedit", 1): 0.70}, n_edits=16),
+                            _sequential_downstream({("alphaedit", 1): 0.20}, n_edits=32),
+                            _sequential_downstream({("memit", 1): 0.20}, n_edits=24)], ignore_index=True)
+    (row,) = projection_erodes_less(downstream)
+    assert "after 16 edits (b=1)" in row["evidence"] and row["verdict"] == REPRODUCED
 
 
 def test_deeper_layers_compare_the_configured_pairs_at_their_common_batch_size():

@@ -180,6 +180,36 @@ def bigger_batches_erode_less(downstream: pd.DataFrame) -> list[dict]:
     return rows
 
 
+def projection_erodes_less(downstream: pd.DataFrame) -> list[dict]:
+    """Fang et al. 2025 (AlphaEdit): projecting the update onto the null space of the preserved keys
+    keeps general abilities through sequential editing where MEMIT erodes them. Per batch size run by
+    both a block named alphaedit<suffix> and memit<suffix> (alphaedit-5layer against memit-5layer):
+    mean accuracy over tasks after their last common checkpoint, AlphaEdit's minus MEMIT's, its
+    interval as in `accuracy_difference` (paired by edit sample where the runs have several)."""
+    if downstream.empty:
+        return []
+    data = primary_metric(downstream[downstream["experiment"] == "sequential"])
+    rows = []
+    for method in dict.fromkeys(m for m in data["method"] if m.startswith("alphaedit")):
+        partner = "memit" + method.removeprefix("alphaedit")
+        for batch in sorted(set(data.loc[data["method"] == method, "batch_size"])):
+            runs = {m: data[(data["method"] == m) & (data["batch_size"] == batch)] for m in (partner, method)}
+            if runs[partner].empty:
+                continue
+            last = max(set(runs[partner]["n_edits"]) & set(runs[method]["n_edits"]), default=0)
+            if last == 0:
+                continue
+            final = {m: run[run["n_edits"] == last] for m, run in runs.items()}
+            merged, gain, lo, hi = accuracy_difference(final[partner], final[method])
+            means = ", ".join(f"{m} {run.groupby('task')['value'].mean().mean():.3f}" for m, run in final.items())
+            evidence = (f"mean accuracy after {int(last)} edits (b={int(batch)}), {method} minus {partner}: "
+                        f"{gain:+.3f} [{lo:+.3f}, {hi:+.3f}] ({means})")
+            rows.append({"study": "Fang et al. 2025 (AlphaEdit)",
+                         "finding": "null-space projection erodes general abilities less than MEMIT (equal edits)",
+                         "method": f"{method} b={int(batch)}", "evidence": evidence, "verdict": _positive_verdict(lo, hi)})
+    return rows
+
+
 def ablation_findings(tables: dict[str, pd.DataFrame]) -> list[dict]:
     """Lin et al.'s ablations (editlib.study.ablations): for each compared pair, the arm that should
     erode less ("deep", "with", "larger", "chat") against the other, by the mean over tasks of
@@ -445,6 +475,7 @@ CHECKS: dict[str, Callable[..., list[dict]]] = {
     "sequential": lambda t: sequential_beats_one_batch(t["edits"]),
     "downstream": lambda t: downstream_erosion(t["downstream"]),
     "batch_ablation": lambda t: bigger_batches_erode_less(t["downstream"]),
+    "projection": lambda t: projection_erodes_less(t["downstream"]),
     "grace": lambda t: grace_generalises_poorly(t["edits"]),
     "forgetting": lambda t: gradual_then_catastrophic(t["downstream"], t.get("steps")),
     "disabling": lambda t: disabling_edits(t.get("steps")),
