@@ -184,8 +184,9 @@ def projection_erodes_less(downstream: pd.DataFrame) -> list[dict]:
     """Fang et al. 2025 (AlphaEdit): projecting the update onto the null space of the preserved keys
     keeps general abilities through sequential editing where MEMIT erodes them. Per batch size run by
     both a block named alphaedit<suffix> and memit<suffix> (alphaedit-5layer against memit-5layer):
-    mean accuracy over tasks after their last common checkpoint, AlphaEdit's minus MEMIT's, its
-    interval as in `accuracy_difference` (paired by edit sample where the runs have several)."""
+    mean accuracy over tasks at the largest edit count both runs evaluated, AlphaEdit's minus
+    MEMIT's, its interval as in `accuracy_difference` (paired by edit sample where the runs have
+    several)."""
     if downstream.empty:
         return []
     data = primary_metric(downstream[downstream["experiment"] == "sequential"])
@@ -200,7 +201,7 @@ def projection_erodes_less(downstream: pd.DataFrame) -> list[dict]:
             if last == 0:
                 continue
             final = {m: run[run["n_edits"] == last] for m, run in runs.items()}
-            merged, gain, lo, hi = accuracy_difference(final[partner], final[method])
+            _, gain, lo, hi = accuracy_difference(final[partner], final[method])
             means = ", ".join(f"{m} {run.groupby('task')['value'].mean().mean():.3f}" for m, run in final.items())
             evidence = (f"mean accuracy after {int(last)} edits (b={int(batch)}), {method} minus {partner}: "
                         f"{gain:+.3f} [{lo:+.3f}, {hi:+.3f}] ({means})")
