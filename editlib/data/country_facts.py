@@ -51,6 +51,7 @@ from typing import Any
 
 from editlib.data.fetch import AssetError, is_fresh, manifest_path
 from editlib.data.qa_wikidata import QA_WIKIDATA_RELATIONS, RelationTemplate, qa_wikidata_records
+from editlib.eval.downstream_tasks import choice_row
 from editlib.io import content_key, write_json
 
 log = logging.getLogger(__name__)
@@ -278,10 +279,9 @@ def unedited_fact_questions(edited: Iterable[tuple[str, str]], *, seed: int = 0,
     countries = read_countries() if countries is None else countries
     edited = set(edited)
     answers = country_answers(countries)
-    pools: dict[str, list[str]] = {}
+    pools: dict[str, dict[str, None]] = {}  # relation -> its answers, in order, once each
     for (relation_id, _), targets in sorted(answers.items()):
-        pools.setdefault(relation_id, [])
-        pools[relation_id] += [t for t in targets if t not in pools[relation_id]]
+        pools.setdefault(relation_id, {}).update(dict.fromkeys(targets))
     prompts = {r.relation_id: r.prompt for r in COUNTRY_RELATIONS}
     rows = []
     for (relation_id, subject), targets in sorted(answers.items()):
@@ -292,10 +292,8 @@ def unedited_fact_questions(edited: Iterable[tuple[str, str]], *, seed: int = 0,
         if len(others) < n_choices - 1:
             raise AssetError(f"countryinfo: relation {relation_id} has {len(others)} answers to draw "
                              f"{n_choices - 1} distractors from for {subject!r}")
-        choices = [targets[0], *rng.sample(others, n_choices - 1)]
-        rng.shuffle(choices)
-        rows.append({"question": prompts[relation_id].format(subject), "choices": choices,
-                     "answer": choices.index(targets[0]), "relation": relation_id})
+        rows.append({**choice_row(rng, prompts[relation_id].format(subject), targets[0], others, n_choices),
+                     "relation": relation_id})
     return rows
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,15 @@ _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 # ---------------------------------------------------------------------------- local MC tasks
+
+
+def choice_row(rng: random.Random, question: str, answer: str, pool: Sequence[str], n_choices: int) -> dict:
+    """A multiple-choice row {"question", "choices", "answer"}: the answer plus `n_choices` - 1
+    distinct distractors drawn from `pool` (the answer left out), shuffled by `rng`."""
+    distractors = rng.sample([o for o in pool if o != answer], n_choices - 1)
+    choices = [answer, *distractors]
+    rng.shuffle(choices)
+    return {"question": question, "choices": choices, "answer": choices.index(answer)}
 
 
 def read_mc_items(jsonl_path: str | Path) -> list[dict]:

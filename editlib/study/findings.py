@@ -201,10 +201,10 @@ def projection_erodes_less(downstream: pd.DataFrame) -> list[dict]:
             if last == 0:
                 continue
             final = {m: run[run["n_edits"] == last] for m, run in runs.items()}
-            _, gain, lo, hi = accuracy_difference(final[partner], final[method])
-            means = ", ".join(f"{m} {run.groupby('task')['value'].mean().mean():.3f}" for m, run in final.items())
+            merged, gain, lo, hi = accuracy_difference(final[partner], final[method])
             evidence = (f"mean accuracy after {int(last)} edits (b={int(batch)}), {method} minus {partner}: "
-                        f"{gain:+.3f} [{lo:+.3f}, {hi:+.3f}] ({means})")
+                        f"{gain:+.3f} [{lo:+.3f}, {hi:+.3f}] ({partner} {merged['value_a'].mean():.3f}, "
+                        f"{method} {merged['value_b'].mean():.3f})")
             rows.append({"study": "Fang et al. 2025 (AlphaEdit)",
                          "finding": "null-space projection erodes general abilities less than MEMIT (equal edits)",
                          "method": f"{method} b={int(batch)}", "evidence": evidence, "verdict": _positive_verdict(lo, hi)})

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from editlib.data.records import ZSRE_LOC_PREFIX, parse_records
+from editlib.eval.downstream_tasks import choice_row
 from editlib.io import content_key, write_json, write_jsonl, write_text
 
 PERSON, COMPANY, BAND, CITY, COUNTRY = "person", "company", "band", "city", "country"
@@ -491,14 +492,6 @@ def zsre_records(world: World, counterfact: Sequence[dict]) -> list[dict]:
 # --------------------------------------------------------------------------- downstream tasks
 
 
-def _choice_row(rng: random.Random, question: str, answer: str, pool: Sequence[str], n_choices: int) -> dict:
-    """A multiple-choice row: the answer plus distinct distractors from `pool`, shuffled."""
-    distractors = rng.sample([o for o in pool if o != answer], n_choices - 1)
-    choices = [answer, *distractors]
-    rng.shuffle(choices)
-    return {"question": question, "choices": choices, "answer": choices.index(answer)}
-
-
 def fact_task_rows(world: World) -> list[dict]:
     """toy_facts: one question per fact of a held-out subject (never edited), edit template."""
     rng = world.config.rng("task-facts")
@@ -507,7 +500,7 @@ def fact_task_rows(world: World) -> list[dict]:
         if world.splits[fact.subject] == HELDOUT:
             relation = RELATION_BY_ID[fact.relation_id]
             question = relation.template.format(fact.subject)
-            rows.append(_choice_row(rng, question, fact.object, relation.objects, world.config.n_choices))
+            rows.append(choice_row(rng, question, fact.object, relation.objects, world.config.n_choices))
     return rows
 
 
@@ -521,7 +514,7 @@ def compose_task_rows(world: World) -> list[dict]:
             question = compose_question(world, composition, subject)
             if question is not None:
                 pool = RELATION_BY_ID[composition.second].objects
-                rows.append(_choice_row(rng, question[0], question[1], pool, world.config.n_choices))
+                rows.append(choice_row(rng, question[0], question[1], pool, world.config.n_choices))
     return rows
 
 
