@@ -207,7 +207,7 @@ def test_prepare_writes_records_and_a_content_keyed_manifest(tmp_path, records):
 
 
 def test_prepare_data_writes_the_records_and_the_unedited_facts_task(tmp_path, monkeypatch, records):
-    from editlib.eval.downstream_tasks import read_mc_items
+    from editlib.data.downstream_tasks import read_mc_items
     from editlib.study import pipeline
 
     monkeypatch.setattr(pipeline, "prepare_wiki_corpus", lambda cache, path: Path(path).write_text("", encoding="utf-8"))

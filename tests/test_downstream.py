@@ -14,7 +14,7 @@ from conftest import make_llama
 from transformers import LlamaForCausalLM
 
 from editlib.eval.downstream import evaluate_downstream, hub_offline, item_rows, lm_eval_results, metric_rows
-from editlib.eval.downstream_tasks import glue_eval_items, write_glue_eval_task, write_mc_task
+from editlib.data.downstream_tasks import glue_eval_items, write_glue_eval_task, write_mc_task
 from editlib.io import write_jsonl
 from editlib.toy.vocab import train_bpe_tokenizer
 

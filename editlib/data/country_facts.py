@@ -51,7 +51,7 @@ from typing import Any
 
 from editlib.data.fetch import AssetError, is_fresh, manifest_path
 from editlib.data.qa_wikidata import QA_WIKIDATA_RELATIONS, RelationTemplate, qa_wikidata_records
-from editlib.eval.downstream_tasks import choice_row
+from editlib.data.downstream_tasks import choice_row
 from editlib.io import content_key, write_json
 
 log = logging.getLogger(__name__)

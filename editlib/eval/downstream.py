@@ -1,5 +1,5 @@
 """Downstream (general-ability) evaluation of an in-memory, possibly edited, model through
-lm-evaluation-harness 0.4.13 (the task files this project writes are in downstream_tasks.py).
+lm-evaluation-harness 0.4.13 (the task files this project writes are in editlib/data/downstream_tasks.py).
 
 `evaluate_downstream` wraps the live model in ``lm_eval.models.huggingface.HFLM`` (no save and
 reload, so edits are seen as they are), evaluates each requested task (a group or tag counts as

@@ -27,7 +27,7 @@ from editlib.editing.statistics import StatsConfig, layer_second_moments, load_m
 from editlib.editing.target_store import TargetStore
 from editlib.eval.collapse import PredictionProbe
 from editlib.eval.downstream import evaluate_downstream, hub_offline, make_task_manager
-from editlib.eval.downstream_tasks import write_mc_task
+from editlib.data.downstream_tasks import write_mc_task
 from editlib.eval.known_facts import known_facts
 from editlib.io import atomic_dir, atomic_path, content_key, write_csv, write_json, write_jsonl
 from editlib.methods.registry import make_spec

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from editlib.data.records import ZSRE_LOC_PREFIX, parse_records
-from editlib.eval.downstream_tasks import choice_row
+from editlib.data.downstream_tasks import choice_row
 from editlib.io import content_key, write_json, write_jsonl, write_text
 
 PERSON, COMPANY, BAND, CITY, COUNTRY = "person", "company", "band", "city", "country"
