@@ -31,6 +31,7 @@ from editlib.data.country_facts import (
 from editlib.data.fetch import AssetError, manifest_path
 from editlib.data.qa_wikidata import parse_qa_wikidata_input, qa_wikidata_records
 from editlib.data.records import load_requests, parse_records
+from editlib.io import write_jsonl
 from editlib.study.config import ConfigError, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,6 +226,41 @@ def test_prepare_data_writes_the_records_and_the_unedited_facts_task(tmp_path, m
     assert len(items) == len(country_facts_records(min_neighbours=0)) - len(records)
 
 
+def test_the_perplexity_task_holds_leads_the_statistics_never_read(tmp_path, monkeypatch, records):
+    """downstream.tasks naming wikipedia_leads_perplexity: the data stage's params gain how many
+    leads the statistics sample, and the task holds the next leads of the same seeded shuffle, none
+    of them in the statistics' sample."""
+    from editlib.data.corpus import load_corpus
+    from editlib.study import pipeline
+    from editlib.study.stages import stage_config
+
+    leads = [{"title": f"T{i}", "text": f"Lead paragraph number {i}."} for i in range(60)]
+    monkeypatch.setattr(pipeline, "prepare_wiki_corpus", lambda cache, path: write_jsonl(path, leads))
+    config = copy.deepcopy(long_config())
+    config["data"].update(known_filter=False, perplexity_texts=25)
+    config["stats"]["n_samples"] = 20
+    assert "perplexity_texts" not in stage_config(config, "prepare_data")
+    config["downstream"]["tasks"].append("wikipedia_leads_perplexity")
+    validate_config(config, SCHEMA, source=LONG.name)
+    params = stage_config(config, "prepare_data")
+    assert params["perplexity_texts"] == {"n_texts": 25, "statistics_documents": 20}
+
+    pipeline.prepare_data(params, tmp_path / "data")
+    corpus = tmp_path / "data" / "corpus.jsonl"
+    task = yaml.safe_load((tmp_path / "data" / "tasks" / "wikipedia_leads_perplexity.yaml").read_text(encoding="utf-8"))
+    assert task["output_type"] == "loglikelihood_rolling"
+    texts = [json.loads(line)["text"] for line in open(task["dataset_kwargs"]["data_files"]["test"], encoding="utf-8")]
+    statistics = load_corpus(str(corpus), n_samples=20, seed=config["seed"]).texts
+    assert len(texts) == 25 == len(set(texts)) and not set(texts) & set(statistics)
+    assert set(texts) | set(statistics) < {lead["text"] for lead in leads}
+    summary = json.loads((tmp_path / "data" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["local_tasks"] == ["country_facts_unedited", "wikipedia_leads_perplexity"]
+
+    params["perplexity_texts"]["statistics_documents"] = 60  # the statistics read every lead
+    with pytest.raises(ValueError, match=r"stats\.n_samples \(60\) reads them all"):
+        pipeline.prepare_data(params, tmp_path / "data2")
+
+
 # ---------------------------------------------------------------------------- the unedited facts task
 
 
@@ -291,5 +327,6 @@ def test_country_facts_has_only_its_unedited_facts_task():
     assert config["downstream"]["tasks"] == ["country_facts_unedited"]
     config["downstream"]["tasks"] = ["bb_navigate"]
     with pytest.raises(ConfigError, match=r"downstream\.tasks\[0\]: 'bb_navigate' is not a task of data\.source "
-                                          r"'country_facts' \(those are \['country_facts_unedited'\]\)"):
+                                          r"'country_facts' \(those are \['country_facts_unedited', "
+                                          r"'wikipedia_leads_perplexity'\]\)"):
         validate_config(config, SCHEMA, source=LONG.name)

@@ -14,7 +14,7 @@ from conftest import make_llama
 from transformers import LlamaForCausalLM
 
 from editlib.eval.downstream import evaluate_downstream, hub_offline, item_rows, lm_eval_results, metric_rows
-from editlib.data.downstream_tasks import glue_eval_items, write_glue_eval_task, write_mc_task
+from editlib.data.downstream_tasks import glue_eval_items, write_glue_eval_task, write_mc_task, write_perplexity_task
 from editlib.io import write_jsonl
 from editlib.toy.vocab import train_bpe_tokenizer
 
@@ -174,7 +174,8 @@ def test_tidy_rows_limit_and_state_restored(tokenizer, mc_task):
     torch.manual_seed(99)
     rows = evaluate_downstream(model, tokenizer, ["tiny_mc"], include_path=mc_task, limit=5, batch_size=2)
     assert sorted(row["metric"] for row in rows) == ["acc", "acc_norm"]
-    assert all(set(row) == {"task", "metric", "value", "stderr", "n_items", "error"} and row["error"] is None
+    assert all(set(row) == {"task", "metric", "higher_is_better", "value", "stderr", "n_items", "error"}
+               and row["error"] is None and row["higher_is_better"] is True
                for row in rows)
     assert all(row["task"] == "tiny_mc" and row["n_items"] == 5 and 0 <= row["value"] <= 1 for row in rows)
     assert model.training  # HFLM calls model.eval(); the caller's mode comes back
@@ -654,3 +655,55 @@ def test_downstream_job_keeps_the_tasks_that_ran(tokenizer, task_family, tmp_pat
     with pytest.raises(RuntimeError, match="every downstream task failed.*unsafe_probe"):
         run_downstream_base(config, model_dir, task_family, tmp_path / "only.csv")
     assert not (tmp_path / "only.csv").exists()
+
+
+TEXTS = [*CORPUS, "Oak, pine and birch grow in the north.", "The sky is blue and the grass is green today."]
+
+
+@torch.no_grad()
+def direct_text_loglikelihood(model, tokenizer, text: str) -> float:
+    """log p(text) token by token after lm-eval's prefix token (BOS), the way loglikelihood_rolling
+    scores a text shorter than the window: the text's tokens as the tokenizer encodes it, a BOS the
+    tokenizer prepends included (lm-eval 0.4.13 scores it too)."""
+    ids = [tokenizer.bos_token_id, *tokenizer(text)["input_ids"]]
+    logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    return sum(logprobs[i, token].item() for i, token in enumerate(ids[1:]))
+
+
+@pytest.mark.parametrize("share_contexts", [True, False])
+def test_perplexity_task_scores_whole_texts_with_a_standard_error(tokenizer, tmp_path, share_contexts):
+    """A local perplexity task: lm-eval's word perplexity over the texts (lower is better, so a mean
+    accuracy can leave it out), and the delta-method standard error of that ratio, both equal to
+    what the model's own log-probabilities give."""
+    data = tmp_path / "data" / "texts.jsonl"
+    write_jsonl(data, [{"text": text} for text in TEXTS])
+    tasks = write_perplexity_task("tiny_texts", data, tmp_path / "tasks").parent
+    model = tiny_llama(tokenizer)
+    rows = {row["metric"]: row for row in evaluate_downstream(model, tokenizer, ["tiny_texts"], include_path=tasks,
+                                                               batch_size=4, share_contexts=share_contexts)}
+    assert set(rows) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+    assert all(row["higher_is_better"] is False and row["n_items"] == len(TEXTS) for row in rows.values())
+
+    loglikelihood = np.array([direct_text_loglikelihood(model, tokenizer, text) for text in TEXTS])
+    words = np.array([len(text.split()) for text in TEXTS], float)
+    n_bytes = np.array([len(text.encode()) for text in TEXTS], float)
+    per_word = loglikelihood.sum() / words.sum()
+    assert rows["word_perplexity"]["value"] == pytest.approx(np.exp(-per_word), rel=1e-4)
+    assert rows["bits_per_byte"]["value"] == pytest.approx(-loglikelihood.sum() / n_bytes.sum() / np.log(2), rel=1e-4)
+
+    # the delta method against a bootstrap over texts of the log-likelihood per word: the same size
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, len(TEXTS), size=(4000, len(TEXTS)))
+    boot = loglikelihood[draws].sum(1) / words[draws].sum(1)
+    se = rows["word_perplexity"]["stderr"]
+    assert 0 < se and 0.8 < se / rows["word_perplexity"]["value"] / boot.std() < 1.25
+    residual = loglikelihood - per_word * words  # the formula itself
+    expected = np.exp(-per_word) * np.sqrt(len(TEXTS) / (len(TEXTS) - 1) * (residual ** 2).sum()) / words.sum()
+    assert se == pytest.approx(expected, rel=1e-3)
+
+
+def test_perplexity_task_rejects_empty_texts(tmp_path):
+    data = tmp_path / "texts.jsonl"
+    write_jsonl(data, [{"text": "fine"}, {"text": "  "}])
+    with pytest.raises(ValueError, match=r"texts.jsonl:2: 'text'"):
+        write_perplexity_task("texts", data, tmp_path / "tasks")

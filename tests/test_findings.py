@@ -15,11 +15,12 @@ from editlib.study.findings import (
     bigger_batches_erode_less,
     downstream_erosion,
     ns_falls_with_batch_size,
+    perplexity_erosion,
     projection_erodes_less,
     sequential_beats_one_batch,
     tracing_matches_sweep,
 )
-from editlib.study.tables import over_samples
+from editlib.study.tables import mean_accuracy_curve, over_samples
 
 
 def _row(**values):
@@ -65,6 +66,47 @@ def test_downstream_erosion_uses_the_standard_errors():
     assert verdicts["grace b=1"]["verdict"] == REPRODUCED  # drop 0.01 [-0.01, 0.03]: none detectable, < 0.05
     assert verdicts["grace_eroding b=1"]["verdict"] == NOT_REPRODUCED  # drop 0.03 [0.01, 0.05]: it erodes
     assert verdicts["rome b=1"]["verdict"] == INCONCLUSIVE  # drop 0.015 +- 0.0196 reaches below 0
+
+
+def _with_perplexity_task(accuracy_after: float, perplexity_after: dict) -> pd.DataFrame:
+    """One accuracy task (0.9 -> accuracy_after) and a wikitext-like task (word perplexity 20 -> the
+    method's value, standard error 1% of it; byte perplexity and bits per byte beside it), all as
+    the downstream job writes them, lm-eval's metric directions included."""
+    rows = []
+    for method, after in perplexity_after.items():
+        for n_edits, ppl, acc in ((0, 20.0, 0.9), (32, after, accuracy_after)):
+            base = {"experiment": "sequential", "model": "toy", "method": method, "batch_size": 1, "sample": 0,
+                    "n_edits": n_edits}
+            rows.append({**base, "task": "facts", "metric": "acc", "higher_is_better": True, "value": acc, "stderr": 0.01})
+            rows.append({**base, "task": "facts", "metric": "acc_norm", "higher_is_better": True, "value": acc, "stderr": 0.01})
+            for metric, value in (("word_perplexity", ppl), ("byte_perplexity", ppl ** 0.2), ("bits_per_byte", 0.5)):
+                rows.append({**base, "task": "wiki", "metric": metric, "higher_is_better": False, "value": value,
+                             "stderr": 0.01 * value})
+    return pd.DataFrame(rows)
+
+
+def test_a_perplexity_task_never_enters_a_mean_accuracy():
+    """Perplexity is lower-is-better and not an accuracy: the erosion findings and the curves average
+    the accuracy task alone, whatever the perplexity does."""
+    downstream = _with_perplexity_task(0.5, {"memit": 40.0})
+    [row] = downstream_erosion(downstream)
+    assert "+0.400 [" in row["evidence"] and "wiki" not in row["evidence"]
+    curve = mean_accuracy_curve(downstream)
+    assert curve["value"].tolist() == [0.9, 0.5] and set(curve["n_tasks"]) == {1}
+
+
+def test_perplexity_erosion_is_a_relative_rise_with_its_interval():
+    downstream = _with_perplexity_task(0.9, {"memit": 30.0, "grace": 20.2, "rome": 20.3, "grace_eroding": 22.0})
+    rows = {row["method"]: row for row in perplexity_erosion(downstream, preserving=("grace", "grace_eroding"))}
+    # log rise log(1.5) +- 1.96 * hypot(0.01, 0.01) = 0.405 +- 0.028
+    half = 1.959964 * math.hypot(0.01, 0.01)
+    lo, hi = math.expm1(math.log(1.5) - half), math.expm1(math.log(1.5) + half)
+    assert rows["memit b=1"]["verdict"] == REPRODUCED
+    assert f"20.00 -> 30.00, +50.0% [{lo:+.1%}, {hi:+.1%}]" in rows["memit b=1"]["evidence"]
+    assert "word_perplexity on wiki" in rows["memit b=1"]["evidence"]
+    assert rows["rome b=1"]["verdict"] == INCONCLUSIVE  # +1.5% [-1.2%, +4.3%] reaches below 0
+    assert rows["grace b=1"]["verdict"] == REPRODUCED  # +1.0% [-1.7%, +3.8%]: none detectable, < 5%
+    assert rows["grace_eroding b=1"]["verdict"] == NOT_REPRODUCED  # +10%, its interval above 0
 
 
 def test_bigger_batches_compare_final_accuracies_of_the_extreme_batch_sizes():

@@ -209,6 +209,22 @@ def test_a_task_scored_by_matthews_correlation_spans_minus_one_to_one(drawn):
     assert limits == {"qa": pytest.approx(_padded(-1, 1)), "facts": pytest.approx(_padded(0, 1))}
 
 
+def test_a_perplexity_task_gets_its_own_panel_and_range(drawn):
+    """A lower-is-better task (lm-eval's word perplexity) is drawn in its own panel on the range its
+    values need, also where figures.y_limits.accuracy fixes the accuracies' range."""
+    accuracy = _downstream().assign(higher_is_better=True)
+    perplexity = accuracy[accuracy["task"] == "qa"].assign(task="wiki", metric="word_perplexity", higher_is_better=False)
+    perplexity = perplexity.assign(value=20 + 100 * (0.62 - perplexity["value"]), stderr=0.3)
+    bits = perplexity.assign(metric="bits_per_byte", value=1.1)
+    plotting.downstream_figure(pd.concat([accuracy, perplexity, bits]), "unused.png", y_limits={"accuracy": [0.2, 1.0]})
+    (figure,) = drawn
+    limits = {axis.get_title(): axis.get_ylim() for axis in figure.axes}
+    assert set(limits) == {"qa", "facts", "wiki"}
+    assert limits["qa"] == pytest.approx(_padded(0.2, 1.0))
+    lo, hi = limits["wiki"]
+    assert lo < 20 < 20 + 100 * 0.32 < hi < 60  # word perplexity 20 -> 52 (rome), not bits per byte
+
+
 @pytest.mark.parametrize("y_limits, message", [
     ({"ES": [100, 0]}, r"figures\.y_limits\.ES: \[100, 0\] must be \[lo, hi\] with lo < hi"),
     ({"ES": [5, 5]}, r"figures\.y_limits\.ES: \[5, 5\] must be"),

@@ -171,8 +171,20 @@ def load_corpus(spec: str, n_samples: int | None = None, seed: int = 1, text_fie
             raise ValueError(f"corpus {spec}: a streamed dataset needs n_samples (stats.n_samples)")
         return sample_hf(spec, n_samples, seed, text_field)
     texts = _read_local(Path(spec), text_field)
-    indices = list(range(len(texts)))
-    random.Random(seed).shuffle(indices)
+    indices = _shuffled_indices(len(texts), seed)
     if n_samples is not None:
         indices = indices[:n_samples]
     return corpus_of(spec, [texts[i] for i in indices])
+
+
+def _shuffled_indices(n: int, seed: int) -> list[int]:
+    indices = list(range(n))
+    random.Random(seed).shuffle(indices)
+    return indices
+
+
+def held_out_texts(path: str | Path, n_used: int, seed: int, n: int, text_field: str = "text") -> list[str]:
+    """`n` documents of the local corpus at `path` that `load_corpus(path, n_used, seed)` does not
+    draw: the next `n` of the same seeded shuffle (fewer where the corpus ends first)."""
+    texts = _read_local(Path(path), text_field)
+    return [texts[i] for i in _shuffled_indices(len(texts), seed)[n_used:n_used + n]]

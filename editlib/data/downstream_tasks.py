@@ -1,8 +1,9 @@
-"""lm-eval task files this project writes: local multiple-choice tasks (jsonl rows ``{"question",
-"choices", "answer"}`` plus a task YAML, `write_mc_task`, indexed with
-``TaskManager(include_path=..., include_defaults=False)``, no hub access), and the glue_eval
-benchmark files used by UME / AlphaEdit converted to that form with their prompts
-(`glue_eval_items`, `write_glue_eval_task`)."""
+"""lm-eval task files this project writes, each a local jsonl file plus a task YAML that
+``TaskManager(include_path=..., include_defaults=False)`` indexes with no hub access:
+multiple-choice tasks (rows ``{"question", "choices", "answer"}``, `write_mc_task`), perplexity
+tasks (rows ``{"text"}``, `write_perplexity_task`), and the glue_eval benchmark files used by
+UME / AlphaEdit converted to the multiple-choice form with their prompts (`glue_eval_items`,
+`write_glue_eval_task`)."""
 
 from __future__ import annotations
 
@@ -118,6 +119,41 @@ def write_mc_task(
     }
     if description is not None:
         config["description"] = description
+    path = out_dir / f"{name}.yaml"
+    write_text(path, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def write_perplexity_task(name: str, jsonl_path: str | Path, out_dir: str | Path, *,
+                          cache_dir: str | Path | None = None) -> Path:
+    """Write ``out_dir/<name>.yaml``, an lm-eval loglikelihood_rolling task over the texts of a local
+    jsonl file (rows ``{"text"}``), scored as lm-eval scores wikitext: word_perplexity,
+    byte_perplexity and bits_per_byte over all texts (lower is better; lm-eval reports no standard
+    error for them, editlib.eval.downstream.ratio_metric_stderr computes it). Paths as in `write_mc_task`.
+    As lm-eval 0.4.13 scores any such task: a text's tokens are scored after lm-eval's prefix token
+    (BOS), and a tokenizer that prepends BOS itself has that BOS scored too, once per text."""
+    if not _TASK_NAME.match(name):
+        raise ValueError(f"task name {name!r} must match {_TASK_NAME.pattern}")
+    out_dir = Path(out_dir).resolve()
+    test = Path(jsonl_path).resolve()
+    with open(test, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if line.strip() and not (isinstance(text := json.loads(line).get("text"), str) and text.strip()):
+                raise ValueError(f"{test}:{line_no}: 'text' must be a non-empty string")
+    cache_dir = Path(cache_dir).resolve() if cache_dir is not None else out_dir / ".hf_datasets_cache"
+    config: dict[str, Any] = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(test)}, "cache_dir": str(cache_dir)},
+        "test_split": "test",
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": "",
+        "doc_to_target": "text",
+        "metric_list": [{"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+                        {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+                        {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False}],
+        "metadata": {"version": 1.0},
+    }
     path = out_dir / f"{name}.yaml"
     write_text(path, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     return path

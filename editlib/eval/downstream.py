@@ -6,7 +6,10 @@ reload, so edits are seen as they are), evaluates each requested task (a group o
 one task) in its own lm-eval call, and returns tidy rows: one ``{task, metric, value, stderr,
 n_items, error}`` per requested task and metric (a group as lm-eval aggregates it, `task_rows`; a
 task that raised: one row with its ``error``) and one ``{group, task, metric, value, stderr,
-n_items}`` per leaf task of a group or tag; callers add method / model / n_edits columns. By
+n_items}`` per leaf task of a group or tag; callers add method / model / n_edits columns. Every
+row carries the metric's ``higher_is_better`` as lm-eval reports it (False for perplexities),
+and the ratio metrics of loglikelihood_rolling tasks (word_perplexity, bits_per_byte) get the
+standard error lm-eval does not give them (`ratio_metric_stderr`, from the logged samples). By
 default the wrapper is HFLM's subclass from `shared_context_lm_class`, which runs each distinct
 context once for all its continuations (2.5x faster on SmolLM2's 3-shot BIG-bench tasks, the same
 scores to float rounding; docs/performance.md).
@@ -85,6 +88,32 @@ def hub_offline(enabled: bool = True) -> Iterator[None]:
 
 CONTEXT_BATCH_TOKENS = 1024  # on CPU, distinct contexts run together up to this many padded tokens
 _SHARED_CONTEXT_LM = None
+_PLAIN_LM = None
+
+
+class LongestTextsFirst:
+    """Mixed into HFLM: perplexity (loglikelihood_rolling) requests scored longest text first.
+    HFLM scores the texts' windows in batches of the batch size in request order, each batch
+    padded to its longest text; sorted, a batch holds texts of similar length: the same scores,
+    a fraction of the padded tokens (Wikipedia leads: half the time on 2 CPU cores)."""
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].args[0]))
+        scores = super().loglikelihood_rolling([requests[i] for i in order], disable_tqdm)
+        results = [0.0] * len(requests)
+        for index, score in zip(order, scores, strict=True):
+            results[index] = score
+        return results
+
+
+def plain_lm_class():
+    """HFLM itself, every request its own sequence (`LongestTextsFirst` for perplexity requests)."""
+    global _PLAIN_LM
+    if _PLAIN_LM is None:
+        from lm_eval.models.huggingface import HFLM
+
+        _PLAIN_LM = type("PlainHFLM", (LongestTextsFirst, HFLM), {})
+    return _PLAIN_LM
 
 
 def shared_context_lm_class():
@@ -112,7 +141,7 @@ def shared_context_lm_class():
     from editlib.eval.metrics import teacher_forced_ids
     from editlib.model.tokens import length_sorted_chunks, pad_id
 
-    class SharedContextHFLM(HFLM):
+    class SharedContextHFLM(LongestTextsFirst, HFLM):
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
             if self.backend != "causal":
                 return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
@@ -230,6 +259,11 @@ def unsafe_code_tasks(task_manager, name: str) -> list[str]:
     return sorted(leaf for leaf, cfg in _leaf_configs(task_manager, name).items() if cfg.get("unsafe_code"))
 
 
+def scores_whole_texts(task_manager, name: str) -> bool:
+    """Whether a leaf task of ``name`` is a loglikelihood_rolling task (perplexity of whole texts)."""
+    return any(cfg.get("output_type") == "loglikelihood_rolling" for cfg in _leaf_configs(task_manager, name).values())
+
+
 @contextlib.contextmanager
 def _code_eval_allowed(enabled: bool) -> Iterator[None]:
     """``HF_ALLOW_CODE_EVAL=1`` inside the block when ``enabled`` (the code_eval metric refuses to
@@ -300,7 +334,6 @@ def lm_eval_results(
         raise ValueError("no tasks given")
     with hub_offline(offline):
         import lm_eval
-        from lm_eval.models.huggingface import HFLM
 
         if task_manager is None:
             task_manager = make_task_manager(include_path, include_defaults)
@@ -313,7 +346,7 @@ def lm_eval_results(
                         f"unsafe_code); to run it, set {UNSAFE_CODE_KEY}: true in the config "
                         f"(confirm_run_unsafe_code=True here), or remove {task!r} from downstream.tasks")
         with _preserved_rng_and_mode(model), _code_eval_allowed(confirm_run_unsafe_code):
-            lm = (shared_context_lm_class() if share_contexts else HFLM)(
+            lm = (shared_context_lm_class() if share_contexts else plain_lm_class())(
                 pretrained=model,
                 tokenizer=tokenizer,
                 batch_size=batch_size,
@@ -356,7 +389,7 @@ def _metric_entries(entries: dict) -> list[tuple[str, str, str]]:
 
 def metric_rows(results: dict) -> list[dict]:
     """Every entry of lm-eval's ``results["results"]`` (tasks and groups alike) as tidy rows
-    {task, metric, value, stderr, n_items}; `task_rows` keeps groups and subtasks apart.
+    {task, metric, higher_is_better, value, stderr, n_items}; `task_rows` keeps groups and subtasks apart.
 
     lm-eval keys are "<metric>,<filter>" and "<metric>_stderr,<filter>"; the filter is dropped when
     it is "none" and kept as "<metric>,<filter>" otherwise. stderr is None where lm-eval has none.
@@ -370,12 +403,41 @@ def metric_rows(results: dict) -> list[dict]:
                 {
                     "task": task,
                     "metric": label,
+                    "higher_is_better": _higher_is_better(results, task, metric),
                     "value": _number_or_none(entries[f"{metric},{filter_name}"]),
                     "stderr": _number_or_none(entries.get(f"{metric}_stderr,{filter_name}")),
                     "n_items": n_items,
                 }
             )
     return rows
+
+
+def _higher_is_better(results: dict, task: str, metric: str) -> bool | None:
+    """The metric's direction as lm-eval reports it (``results["higher_is_better"]``, set by each
+    task's metric_list and propagated to groups): False for perplexities and bits per byte, which a
+    mean accuracy must never average in; None where lm-eval says nothing."""
+    direction = (results.get("higher_is_better") or {}).get(task, {}).get(metric)
+    return bool(direction) if isinstance(direction, bool) else None
+
+
+# lm-eval's loglikelihood_rolling metrics: per text a pair (log-likelihood, words or bytes), and over
+# the texts a ratio of sums, for which lm-eval reports no standard error
+RATIO_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+def ratio_metric_stderr(samples: Sequence[dict], metric: str) -> float | None:
+    """The standard error of a ratio metric (`RATIO_METRICS`) over lm-eval's logged samples, by the
+    delta method for a ratio of sums over independently drawn texts: with r = sum(ll) / sum(n) the
+    log-likelihood per word (or byte), var(r) = m / (m - 1) * sum((ll_i - r n_i)^2) / sum(n)^2 over m
+    texts; word and byte perplexity are exp(-r) (error exp(-r) se(r)), bits per byte -r / ln 2
+    (error se(r) / ln 2). None with fewer than two texts or where the samples do not hold the metric."""
+    pairs = np.array([sample[metric] for sample in samples if isinstance(sample.get(metric), (list, tuple))], float)
+    if metric not in RATIO_METRICS or len(pairs) < 2 or pairs[:, 1].sum() <= 0:
+        return None
+    loglikelihood, units = pairs[:, 0], pairs[:, 1]
+    m, per_unit = len(pairs), loglikelihood.sum() / units.sum()
+    stderr = math.sqrt(m / (m - 1) * float(((loglikelihood - per_unit * units) ** 2).sum())) / float(units.sum())
+    return stderr / math.log(2) if metric == "bits_per_byte" else math.exp(-float(per_unit)) * stderr
 
 
 def _size_weighted(leaf_rows: list[dict], name: str) -> list[dict]:
@@ -395,7 +457,8 @@ def _size_weighted(leaf_rows: list[dict], name: str) -> list[dict]:
         stderrs = [row["stderr"] for row in part]
         stderr = (float(pooled_sample_stderr(stderrs, sizes))
                   if None not in stderrs and sum(sizes) > len(sizes) else None)
-        rows.append({"task": name, "metric": metric, "value": value, "stderr": stderr, "n_items": sum(sizes)})
+        rows.append({"task": name, "metric": metric, "higher_is_better": part[0].get("higher_is_better"),
+                     "value": value, "stderr": stderr, "n_items": sum(sizes)})
     return rows
 
 
@@ -417,20 +480,29 @@ def task_rows(results: dict, name: str) -> tuple[list[dict], list[dict]]:
     entries = results["results"]
     group_subtasks = results.get("group_subtasks") or {}
     n_samples = results.get("n-samples", {})
+    samples = results.get("samples") or {}
     leaves = [task for task in entries if task not in group_subtasks]
+
+    def stderr(task: str, metric: str, filter_name: str) -> float | None:
+        reported = _number_or_none(entries[task].get(f"{metric}_stderr,{filter_name}"))
+        if reported is None and metric in RATIO_METRICS and task in samples:
+            return ratio_metric_stderr([s for s in samples[task] if s.get("filter", filter_name) == filter_name], metric)
+        return reported
+
     leaf_rows = [
-        {"group": name, "task": task, "metric": label,
+        {"group": name, "task": task, "metric": label, "higher_is_better": _higher_is_better(results, task, metric),
          "value": _number_or_none(entries[task][f"{metric},{filter_name}"]),
-         "stderr": _number_or_none(entries[task].get(f"{metric}_stderr,{filter_name}")),
+         "stderr": stderr(task, metric, filter_name),
          "n_items": n_samples.get(task, {}).get("effective", entries[task].get("sample_len"))}
         for task in leaves for label, metric, filter_name in _metric_entries(entries[task])
     ]
     if leaves == [name]:  # a plain task
-        return [{key: row[key] for key in ("task", "metric", "value", "stderr", "n_items")} for row in leaf_rows], []
+        keep = ("task", "metric", "higher_is_better", "value", "stderr", "n_items")
+        return [{key: row[key] for key in keep} for row in leaf_rows], []
     aggregated = (results.get("groups") or {}).get(name)
     if aggregated is not None:
         counts = aggregated.get("sample_count") or {}
-        main = [{"task": name, "metric": label,
+        main = [{"task": name, "metric": label, "higher_is_better": _higher_is_better(results, name, metric),
                  "value": _number_or_none(aggregated[f"{metric},{filter_name}"]),
                  "stderr": _number_or_none(aggregated.get(f"{metric}_stderr,{filter_name}")),
                  "n_items": counts.get(f"{metric},{filter_name}", aggregated.get("sample_len"))}
@@ -527,6 +599,7 @@ def evaluate_downstream(
                 offline=offline,
                 share_contexts=share_contexts,
                 confirm_run_unsafe_code=confirm_run_unsafe_code,
+                log_samples=scores_whole_texts(task_manager, task),  # the ratio metrics' standard errors
             )
             main, subtasks = task_rows(results, task)
         except Exception as error:  # noqa: BLE001 (any task failure becomes that task's error row)

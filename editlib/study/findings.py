@@ -14,6 +14,7 @@ import html
 import math
 from collections.abc import Callable
 
+import numpy as np
 import pandas as pd
 
 from editlib.io import atomic_path
@@ -25,12 +26,14 @@ from editlib.study.tables import (
     edits_over_samples,
     mean_accuracy_curve,
     peak_layer,
+    perplexity_metric,
     primary_metric,
 )
 
 FINDING_COLUMNS = ["study", "finding", "model", "method", "evidence", "verdict"]
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 KEEP_MARGIN = 0.05  # largest accuracy drop (mean over tasks) an interval may allow for abilities to count as kept
+PERPLEXITY_KEEP_MARGIN = 0.05  # largest relative perplexity rise an interval may allow for abilities to count as kept
 
 
 def _interval(row, metric: str) -> str:
@@ -149,6 +152,42 @@ def downstream_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = (
             drops = sample_table(per_sample[(per_sample["method"] == method) & (per_sample["batch_size"] == batch)])
             evidence += f"; mean of {n_samples} disjoint edit samples, whose drops are " + ", ".join(
                 f"{drop:+.3f}" for drop in drops["drop"])
+        rows.append({"study": "Lin et al. 2024", "finding": finding, "method": f"{method} b={int(batch)}",
+                     "evidence": evidence, "verdict": verdict})
+    return rows
+
+
+def perplexity_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = ("grace",)) -> list[dict]:
+    """Lin et al.'s erosion seen on held-out text instead of on tasks: per perplexity task (a task
+    whose metrics are all lower-is-better, tables.perplexity_metric), method and batch size, the
+    perplexity after the last checkpoint relative to before editing. The interval is that of the
+    difference of log perplexities (standard error se / value), combined as `accuracy_difference`
+    combines accuracies, and shown as a relative change; the verdicts are those of
+    `downstream_erosion`, with a relative rise of PERPLEXITY_KEEP_MARGIN as the kept margin."""
+    if downstream.empty:
+        return []
+    data = perplexity_metric(downstream[downstream["experiment"] == "sequential"])
+    data = data[data["value"] > 0]
+    if data.empty:
+        return []
+    logs = data.assign(value=np.log(data["value"].astype(float)), stderr=data["stderr"] / data["value"])
+    rows = []
+    for (task, method, batch), part in logs.groupby(["task", "method", "batch_size"], sort=False):
+        last = part["n_edits"].max()
+        before, after = part[part["n_edits"] == 0], part[part["n_edits"] == last]
+        if before.empty or last == 0:
+            continue
+        _, log_rise, lo, hi = accuracy_difference(before, after)
+        rise, lo, hi = math.expm1(log_rise), math.expm1(lo), math.expm1(hi)
+        if method in preserving:
+            verdict = NOT_REPRODUCED if lo > 0 else (REPRODUCED if hi < PERPLEXITY_KEEP_MARGIN else INCONCLUSIVE)
+            finding = "the parameter-preserving editor keeps perplexity on held-out text (no rise beyond its interval)"
+        else:
+            verdict = _positive_verdict(lo, hi)
+            finding = "sequential edits raise perplexity on held-out text"
+        metric = part["metric"].iloc[0]
+        evidence = (f"{metric} on {task} after {int(last)} edits (b={int(batch)}): {math.exp(before['value'].mean()):.2f} -> "
+                    f"{math.exp(after['value'].mean()):.2f}, {rise:+.1%} [{lo:+.1%}, {hi:+.1%}]")
         rows.append({"study": "Lin et al. 2024", "finding": finding, "method": f"{method} b={int(batch)}",
                      "evidence": evidence, "verdict": verdict})
     return rows
@@ -475,6 +514,7 @@ CHECKS: dict[str, Callable[..., list[dict]]] = {
     "batch_size": lambda t: ns_falls_with_batch_size(t["edits"]),
     "sequential": lambda t: sequential_beats_one_batch(t["edits"]),
     "downstream": lambda t: downstream_erosion(t["downstream"]),
+    "perplexity": lambda t: perplexity_erosion(t["downstream"]),
     "batch_ablation": lambda t: bigger_batches_erode_less(t["downstream"]),
     "projection": lambda t: projection_erodes_less(t["downstream"]),
     "grace": lambda t: grace_generalises_poorly(t["edits"]),

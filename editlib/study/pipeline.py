@@ -18,16 +18,16 @@ from pathlib import Path
 import pandas as pd
 
 from editlib.data.bigbench import bigbench_mc_filename, prepare_bigbench_mc
-from editlib.data.corpus import load_corpus, read_prepared, sample_hf, write_corpus
+from editlib.data.corpus import held_out_texts, load_corpus, read_prepared, sample_hf, write_corpus
 from editlib.data.country_facts import UNEDITED_TASK, prepare_country_facts, unedited_fact_questions
-from editlib.data.packaged import prepare_smollm2, prepare_wiki_corpus
+from editlib.data.packaged import WIKI_PERPLEXITY_TASK, prepare_smollm2, prepare_wiki_corpus
 from editlib.data.qa_wikidata import prepare_qa_wikidata
 from editlib.data.records import EditRequest, load_requests
 from editlib.editing.statistics import StatsConfig, layer_second_moments, load_moments, save_moments
 from editlib.editing.target_store import TargetStore
 from editlib.eval.collapse import PredictionProbe
 from editlib.eval.downstream import evaluate_downstream, hub_offline, make_task_manager
-from editlib.data.downstream_tasks import write_mc_task
+from editlib.data.downstream_tasks import write_mc_task, write_perplexity_task
 from editlib.eval.known_facts import known_facts
 from editlib.io import atomic_dir, atomic_path, content_key, write_csv, write_json, write_jsonl
 from editlib.methods.registry import make_spec
@@ -65,10 +65,13 @@ def prepare_data(config: dict, out_dir: str | Path, model_dir: str | Path | None
     """Edit records (records.json), statistics corpus (corpus.jsonl) and local lm-eval tasks
     (tasks/*.yaml) under `out_dir`, from the toy world or the offline real assets. With
     `corpus_sample` (editlib.study.stages.stage_config: a streamed HF corpus), corpus.jsonl is its
-    sample of n_samples documents (editlib.data.corpus.sample_hf), which the statistics job reads."""
+    sample of n_samples documents (editlib.data.corpus.sample_hf), which the statistics job reads.
+    With `perplexity_texts` (stages.perplexity_texts), the Wikipedia perplexity task holds its
+    n_texts leads that the statistics sample does not."""
     out_dir = Path(out_dir)
     data = config["data"]
     tasks_dir = out_dir / "tasks"
+    perplexity_tasks: dict[str, Path] = {}
     if data["source"] == "toyworld":
         from editlib.toy.world import build_world
 
@@ -92,6 +95,15 @@ def prepare_data(config: dict, out_dir: str | Path, model_dir: str | Path | None
         as_record = zsre_record if records_settings(config)["kind"] == "zsre" else counterfact_record
         write_json(out_dir / "records.json", [as_record(r) for r in requests])
         prepare_wiki_corpus(cache, out_dir / "corpus.jsonl")
+        if (held_out := config.get("perplexity_texts")) is not None:  # leads the statistics never read
+            texts = held_out_texts(out_dir / "corpus.jsonl", held_out["statistics_documents"], config["seed"],
+                                   held_out["n_texts"])
+            if not texts:
+                raise ValueError(f"downstream.tasks: {WIKI_PERPLEXITY_TASK} scores the Wikipedia leads the statistics "
+                                 f"do not read, but stats.n_samples ({held_out['statistics_documents']}) reads them all; "
+                                 f"lower stats.n_samples or remove the task")
+            write_jsonl(tasks_dir / "data" / f"{WIKI_PERPLEXITY_TASK}.jsonl", [{"text": text} for text in texts])
+            perplexity_tasks[WIKI_PERPLEXITY_TASK] = tasks_dir / "data" / f"{WIKI_PERPLEXITY_TASK}.jsonl"
         if data["source"] == "qa_wikidata":
             local_tasks = {
                 f"bb_{bigbench_mc_filename(task).removesuffix('.jsonl')}": path
@@ -124,7 +136,9 @@ def prepare_data(config: dict, out_dir: str | Path, model_dir: str | Path | None
     tasks_dir.mkdir(parents=True, exist_ok=True)
     for name, path in local_tasks.items():
         write_mc_task(name, path, tasks_dir)
-    write_json(out_dir / "summary.json", {**summary, "local_tasks": sorted(local_tasks)})
+    for name, path in perplexity_tasks.items():
+        write_perplexity_task(name, path, tasks_dir)
+    write_json(out_dir / "summary.json", {**summary, "local_tasks": sorted({*local_tasks, *perplexity_tasks})})
     return summary
 
 

@@ -34,6 +34,7 @@ from editlib.study.tables import (  # noqa: E402
     mean_accuracy_curve,
     model_labelled,
     over_samples,
+    perplexity_metric,
     primary_metric,
     read_results,
 )
@@ -295,16 +296,20 @@ def _task_columns(data: pd.DataFrame, index: list[str]) -> tuple[pd.DataFrame, l
     return wide.reset_index(), list(dict.fromkeys(data["task"]))
 
 
-def _task_limits(data: pd.DataFrame, tasks: list[str], y_limits: Mapping | None, name: str) -> dict:
-    """Each task's y range: the configured figures.y_limits.accuracy for every task; else by its
-    metric (the tables' `metric`, where they keep it): mcc -1..1, a proportion (every value in
-    0..1: acc, exact_match, ...) 0..1, anything else (a perplexity) the range its panels need."""
+def _task_limits(data: pd.DataFrame, tasks: list[str], y_limits: Mapping | None, name: str,
+                 unbounded: set[str] = frozenset()) -> dict:
+    """Each task's y range: the range its panels need for the `unbounded` tasks (perplexities); the
+    configured figures.y_limits.accuracy for every other task; else by its metric (the tables'
+    `metric`, where they keep it): mcc -1..1, a proportion (every value in 0..1: acc,
+    exact_match, ...) 0..1, anything else the range its panels need."""
     limits = figure_limits(y_limits)
     spans = {}
     for task in tasks:
         part = data[data["task"] == task]
         metric = part["metric"].iloc[0] if "metric" in part.columns and len(part) else None
-        if "accuracy" in (y_limits or {}):
+        if task in unbounded:
+            spans[task] = None
+        elif "accuracy" in (y_limits or {}):
             spans[task] = limits["accuracy"]
             _warn_outside(part["value"], limits["accuracy"], "accuracy", f"{name} ({task})")
         elif metric == "mcc":
@@ -347,13 +352,15 @@ def _task_lines(figure, tasks: list[str], rows: list[str], data: pd.DataFrame, x
 
 
 def downstream_figure(downstream: pd.DataFrame, path: str | Path, title: str = "", y_limits: Mapping | None = None) -> None:
-    """Downstream accuracy against the number of sequential edits, +-1.96 standard errors; one
-    row of panels per model; a run over several disjoint edit samples is drawn as their mean, the
-    samples' range dashed; the unedited model's accuracy (n_edits 0) as a dashed line."""
+    """Downstream accuracy against the number of sequential edits, +-1.96 standard errors, one panel
+    per task (a perplexity task's panel shows its perplexity, lower is better); one row of panels
+    per model; a run over several disjoint edit samples is drawn as their mean, the samples' range
+    dashed; the unedited model's value (n_edits 0) as a dashed line."""
     data = downstream[downstream["experiment"] == "sequential"] if not downstream.empty else downstream
     if data.empty:
         return _empty(path, "no downstream evaluation configured")
-    data = over_samples(primary_metric(data))
+    perplexity = perplexity_metric(data)  # held-out perplexity tasks: panels of their own, their own range
+    data = over_samples(pd.concat([primary_metric(data), perplexity], ignore_index=True))
     smallest = data.groupby(["model", "method"])["batch_size"].transform("min")
     data = data[data["batch_size"] == smallest]  # one edit at a time where run so (Lin et al.)
     data = data.assign(run=data["method"] + " b=" + data["batch_size"].astype(int).astype(str), facet=data["model"])
@@ -362,7 +369,7 @@ def downstream_figure(downstream: pd.DataFrame, path: str | Path, title: str = "
     samples = int(data["n_samples"].max())
     rows = list(dict.fromkeys(data["facet"])) if several else [None]
     figure = interval_lines(wide, "n_edits", tasks, "run", row="facet" if several else None,
-                            limits=_task_limits(data, tasks, y_limits, "downstream"),
+                            limits=_task_limits(data, tasks, y_limits, "downstream", unbounded=set(perplexity["task"])),
                             reference=_unedited_lines(data, rows),
                             title=f"General abilities under sequential editing, +-1.96 SE"
                                   f"{f', mean of {samples} edit samples (range dashed)' if samples > 1 else ''} ({title})")

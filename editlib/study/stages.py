@@ -62,6 +62,8 @@ def stage_config(config: dict, stage: str, method: str | None = None) -> dict:
         part["records"] = edit_records(config)
         if (streamed := streamed_corpus(config)) is not None:  # sampled here into corpus.jsonl
             part["corpus_sample"] = {"corpus": streamed, "n_samples": config["stats"]["n_samples"]}
+        if (held_out := perplexity_texts(config)) is not None:
+            part["perplexity_texts"] = held_out
         if config["data"]["source"] == "toyworld":
             del part["model"]  # the world does not depend on the model
         else:
@@ -207,13 +209,31 @@ def local_task_names(data: dict) -> set[str]:
 
     if data["source"] == "toyworld":
         return {"toy_facts", "toy_compose"}
+    from editlib.data.packaged import WIKI_PERPLEXITY_TASK
+
     if data["source"] == "qa_wikidata":
-        return {f"bb_{bigbench_mc_filename(task).removesuffix('.jsonl')}" for task in DEFAULT_BIGBENCH_MC_TASKS}
+        return {f"bb_{bigbench_mc_filename(task).removesuffix('.jsonl')}" for task in DEFAULT_BIGBENCH_MC_TASKS} | {
+            WIKI_PERPLEXITY_TASK}
     if data["source"] == "country_facts":
         from editlib.data.country_facts import UNEDITED_TASK
 
-        return {UNEDITED_TASK}
+        return {UNEDITED_TASK, WIKI_PERPLEXITY_TASK}
     return set()  # counterfact: no local tasks
+
+
+def perplexity_texts(config: dict) -> dict | None:
+    """What the data stage reads to write the Wikipedia perplexity task, where downstream.tasks names
+    it: how many leads it holds (data.perplexity_texts) and how many the statistics sample first
+    from the same seeded shuffle (stats.n_samples with stats.corpus "data", the prepared leads; none
+    with another corpus), which the task skips. None where the task is not asked for."""
+    from editlib.data.packaged import WIKI_PERPLEXITY_TASK, WIKI_PERPLEXITY_TEXTS
+
+    if WIKI_PERPLEXITY_TASK not in config["downstream"]["tasks"] or config["data"]["source"] not in (
+            "qa_wikidata", "country_facts"):
+        return None
+    stats = config["stats"]
+    return {"n_texts": config["data"].get("perplexity_texts", WIKI_PERPLEXITY_TEXTS),
+            "statistics_documents": stats["n_samples"] if (stats.get("corpus") or "data") == "data" else 0}
 
 
 def toy_record_count(config: dict) -> int | None:

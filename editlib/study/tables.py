@@ -23,14 +23,16 @@ INTERVALS = [f"{name}_{bound}" for name in METRICS if name != "GE" for bound in 
 RESULT_COLUMNS = ["experiment", "model", "method", "layers", "batch_size", "sample", "n_edits", "step", "scope",
                   "records", *METRICS, *INTERVALS, "n_records"]
 # Downstream: one row per configured lm-eval task and metric; a group (mmlu, bbh) is one task, its
-# value lm-eval's aggregate over its subtasks (editlib.eval.downstream.task_rows). `n_items`: the items
-# the value is over; `error`: empty, or why the task failed (its row then has no metric or value).
-DOWNSTREAM_COLUMNS = ["experiment", "model", "method", "batch_size", "sample", "n_edits", "task", "metric", "value",
-                      "stderr", "n_items", "error"]
+# value lm-eval's aggregate over its subtasks (editlib.eval.downstream.task_rows). `higher_is_better`:
+# the metric's direction as lm-eval reports it (False for perplexities; empty where lm-eval says
+# nothing); `n_items`: the items the value is over; `error`: empty, or why the task failed (its row
+# then has no metric or value).
+DOWNSTREAM_COLUMNS = ["experiment", "model", "method", "batch_size", "sample", "n_edits", "task", "metric",
+                      "higher_is_better", "value", "stderr", "n_items", "error"]
 # the leaf tasks of each configured group or tag (`group`: the configured name), kept apart so that
 # they are never averaged with the configured tasks
 DOWNSTREAM_SUBTASK_COLUMNS = ["experiment", "model", "method", "batch_size", "sample", "n_edits", "group", "task",
-                              "metric", "value", "stderr", "n_items"]
+                              "metric", "higher_is_better", "value", "stderr", "n_items"]
 # Sequential runs, one row per batch: how much the batch changed the edited weights relative to the
 # unedited ones, as Frobenius norms and as the change of the layers' outputs over keys distributed as
 # the statistics C (locate-and-edit methods, editing.editor.Editor._relative_norms; NaN for the
@@ -61,13 +63,43 @@ def tidy(inputs: Sequence[str | Path], out_path: str | Path, columns: Sequence[s
     return frame
 
 
-def primary_metric(downstream: pd.DataFrame) -> pd.DataFrame:
-    """One metric per task: acc where the task reports it (acc_norm is then skipped), else its first.
-    The rows of failed evaluations (an `error`, no value) are left out."""
+def _scored(downstream: pd.DataFrame) -> pd.DataFrame:
+    """The rows with a metric and a value (failed evaluations, with an `error`, left out)."""
     if "error" in downstream.columns:
         downstream = downstream[downstream["error"].isna() | (downstream["error"] == "")]
-    downstream = downstream[downstream["metric"].notna() & downstream["value"].notna()]
+    return downstream[downstream["metric"].notna() & downstream["value"].notna()]
+
+
+def _lower_is_better(downstream: pd.DataFrame) -> pd.Series:
+    """Per row: whether lm-eval reported its metric as lower-is-better (a table without the column,
+    or a row where lm-eval said nothing, counts as higher-is-better)."""
+    if "higher_is_better" not in downstream.columns:
+        return pd.Series(False, index=downstream.index)
+    return downstream["higher_is_better"].map(lambda v: v is False or v is np.False_ or str(v).lower() == "false")
+
+
+def primary_metric(downstream: pd.DataFrame) -> pd.DataFrame:
+    """One accuracy per task, the metric every mean accuracy of the findings, ablations and figures
+    averages: acc where the task reports it (acc_norm is then skipped), else its first metric that
+    is not lower-is-better. A task whose metrics are all lower-is-better (a perplexity task) has no
+    row here, since a mean accuracy cannot average it: `perplexity_metric` is its view. The rows of
+    failed evaluations (an `error`, no value) are left out."""
+    downstream = _scored(downstream)
+    downstream = downstream[~_lower_is_better(downstream)]
     keep = [group[group["metric"] == ("acc" if "acc" in set(group["metric"]) else group["metric"].iloc[0])]
+            for _, group in downstream.groupby("task")]
+    return pd.concat(keep, ignore_index=True) if keep else downstream
+
+
+def perplexity_metric(downstream: pd.DataFrame) -> pd.DataFrame:
+    """One lower-is-better metric per task that reports only such metrics (a perplexity task, which
+    `primary_metric` leaves out): word_perplexity where reported, else its first."""
+    downstream = _scored(downstream)
+    lower = _lower_is_better(downstream)
+    tasks = set(downstream.loc[lower, "task"]) - set(downstream.loc[~lower, "task"])
+    downstream = downstream[downstream["task"].isin(tasks)]
+    keep = [group[group["metric"] == ("word_perplexity" if "word_perplexity" in set(group["metric"])
+                                      else group["metric"].iloc[0])]
             for _, group in downstream.groupby("task")]
     return pd.concat(keep, ignore_index=True) if keep else downstream
 
