@@ -92,13 +92,15 @@ _PLAIN_LM = None
 
 
 class LongestTextsFirst:
-    """Mixed into HFLM: perplexity (loglikelihood_rolling) requests scored longest text first.
-    HFLM scores the texts' windows in batches of the batch size in request order, each batch
-    padded to its longest text; sorted, a batch holds texts of similar length: the same scores,
-    a fraction of the padded tokens (Wikipedia leads: half the time on 2 CPU cores)."""
+    """Mixed into HFLM: perplexity (loglikelihood_rolling) requests scored longest text first, in
+    tokens. HFLM scores the texts' windows in batches of the batch size in request order, each
+    batch padded to its longest text; sorted, a batch holds texts of similar length: the same
+    scores over fewer padded tokens (1,000 Wikipedia leads of 107k tokens in batches of 32: 114k
+    padded tokens instead of 242k)."""
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].args[0]))
+        lengths = [len(self.tok_encode(request.args[0])) for request in requests]
+        order = sorted(range(len(requests)), key=lambda i: -lengths[i])
         scores = super().loglikelihood_rolling([requests[i] for i in order], disable_tqdm)
         results = [0.0] * len(requests)
         for index, score in zip(order, scores, strict=True):
