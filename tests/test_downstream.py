@@ -643,7 +643,8 @@ def test_downstream_job_keeps_the_tasks_that_ran(tokenizer, task_family, tmp_pat
               "downstream": {"tasks": ["unsafe_probe", "grp_plain"], "limit": 3}}
     run_downstream_base(config, model_dir, task_family, tmp_path / "base.csv")
     table = pd.read_csv(tmp_path / "base.csv")
-    assert list(table.columns) == ["task", "metric", "value", "stderr", "n_items", "error"]
+    assert list(table.columns) == ["task", "metric", "higher_is_better", "value", "stderr", "n_items", "error"]
+    assert table["higher_is_better"].dropna().astype(bool).all()  # accuracies, as lm-eval reports them
     failed = table[table["task"] == "unsafe_probe"]
     assert len(failed) == 1 and failed["value"].isna().all()
     assert "downstream.confirm_run_unsafe_code" in failed["error"].iloc[0]

@@ -112,8 +112,10 @@ def test_full_run_writes_tidy_tables_and_figures(completed):
     downstream = pd.read_csv(out / "downstream.csv")
     assert downstream["error"].isna().all() and set(downstream["task"]) == {"toy_facts"}
     # the toy tasks are plain tasks: the subtask table holds no row, only its columns
-    assert list(pd.read_csv(out / "downstream_subtasks.csv").columns)[-6:] == ["group", "task", "metric", "value",
-                                                                               "stderr", "n_items"]
+    assert list(pd.read_csv(out / "downstream_subtasks.csv").columns)[-7:] == ["group", "task", "metric",
+                                                                               "higher_is_better", "value", "stderr",
+                                                                               "n_items"]
+    assert downstream["higher_is_better"].all()  # every row, the unedited model's (downstream_base) included
     seq = downstream[(downstream["experiment"] == "sequential") & (downstream["metric"] == "acc")]
     assert sorted(seq.loc[seq["method"] == "grace", "n_edits"]) == [0, 4]
     assert seq["value"].between(0, 1).all()

@@ -533,8 +533,9 @@ def _report_failures(frame: pd.DataFrame, where: str) -> None:
                 "(snakemake --forcerun on this table retries them): %s", where, len(failed), listing)
 
 
-BASE_COLUMNS = ["task", "metric", "value", "stderr", "n_items", "error"]  # downstream_base's tables
-BASE_SUBTASK_COLUMNS = ["group", "task", "metric", "value", "stderr", "n_items"]
+# downstream_base's tables: the downstream tables' columns from the task on (the run labels come later)
+BASE_COLUMNS = DOWNSTREAM_COLUMNS[DOWNSTREAM_COLUMNS.index("task"):]
+BASE_SUBTASK_COLUMNS = DOWNSTREAM_SUBTASK_COLUMNS[DOWNSTREAM_SUBTASK_COLUMNS.index("group"):]
 
 
 def split_subtasks(frame: pd.DataFrame, columns: Sequence[str] = tuple(DOWNSTREAM_COLUMNS),
