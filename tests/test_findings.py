@@ -95,6 +95,19 @@ def test_a_perplexity_task_never_enters_a_mean_accuracy():
     assert curve["value"].tolist() == [0.9, 0.5] and set(curve["n_tasks"]) == {1}
 
 
+def test_a_perplexity_without_its_direction_is_still_no_accuracy():
+    """Rows without lm-eval's direction (an older table, or one job's rows without the column):
+    the metric's name, or its direction on the task's other rows, marks it lower-is-better."""
+    downstream = _with_perplexity_task(0.5, {"memit": 40.0})
+    unedited = downstream["n_edits"] == 0
+    for older in (downstream.drop(columns="higher_is_better"), downstream.assign(
+            higher_is_better=downstream["higher_is_better"].where(~unedited, None))):
+        [row] = downstream_erosion(older)
+        assert "+0.400 [" in row["evidence"] and "wiki" not in row["evidence"]
+        [rise] = perplexity_erosion(older)
+        assert "20.00 -> 40.00" in rise["evidence"]
+
+
 def test_perplexity_erosion_is_a_relative_rise_with_its_interval():
     downstream = _with_perplexity_task(0.9, {"memit": 30.0, "grace": 20.2, "rome": 20.3, "grace_eroding": 22.0})
     rows = {row["method"]: row for row in perplexity_erosion(downstream, preserving=("grace", "grace_eroding"))}

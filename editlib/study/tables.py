@@ -70,12 +70,19 @@ def _scored(downstream: pd.DataFrame) -> pd.DataFrame:
     return downstream[downstream["metric"].notna() & downstream["value"].notna()]
 
 
+# lm-eval's lower-is-better metrics, for the rows that do not carry lm-eval's direction (tables
+# written before the downstream tables kept it)
+LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
+
+
 def _lower_is_better(downstream: pd.DataFrame) -> pd.Series:
-    """Per row: whether lm-eval reported its metric as lower-is-better (a table without the column,
-    or a row where lm-eval said nothing, counts as higher-is-better)."""
-    if "higher_is_better" not in downstream.columns:
-        return pd.Series(False, index=downstream.index)
-    return downstream["higher_is_better"].map(lambda v: v is False or v is np.False_ or str(v).lower() == "false")
+    """Per row: whether its metric is lower-is-better, as lm-eval reported it on any row of the same
+    task and metric (a row without a direction: by the metric's name, LOWER_IS_BETTER)."""
+    said = (downstream["higher_is_better"] if "higher_is_better" in downstream.columns
+            else pd.Series(None, index=downstream.index, dtype=object))
+    lower = said.map(lambda v: v is False or v is np.False_ or str(v).lower() == "false")
+    unsaid = said.isna() & downstream["metric"].isin(LOWER_IS_BETTER)
+    return (lower | unsaid).groupby([downstream["task"], downstream["metric"]]).transform("any").astype(bool)
 
 
 def primary_metric(downstream: pd.DataFrame) -> pd.DataFrame:
