@@ -606,6 +606,8 @@ def test_downstream_job_resumes_per_state(tokenizer, task_family, tmp_path, monk
     assert list(table["task"].unique()) == ["grp_agg"]  # the group's leaf tasks are in the subtask table
     subtasks = pd.read_csv(tmp_path / "resumed_subtasks.csv")
     assert set(subtasks["group"]) == {"grp_agg"} and set(subtasks["task"]) == {"sub_a", "sub_b"}
+    # lm-eval's metric direction on every row, the unedited model's and each edit state's
+    assert table["higher_is_better"].eq(True).all() and subtasks["higher_is_better"].eq(True).all()
     assert not (tmp_path / "partials").exists()
     # the findings' mean over tasks reads the group once, not its subtasks
     from editlib.study.findings import downstream_erosion

@@ -29,7 +29,16 @@ from editlib.editing.templates import sample_context_templates
 from editlib.eval.metrics import edit_metrics, edit_scores, generation_entropy
 from editlib.io import content_key, load_tensors, read_metadata, save_tensors
 from editlib.methods.registry import get_method, make_spec
-from editlib.study.tables import DOWNSTREAM_COLUMNS, INTERVALS, METRICS, RESULT_COLUMNS, SENSITIVITY_COLUMNS, STEP_COLUMNS
+from editlib.study.tables import (
+    DOWNSTREAM_COLUMNS,
+    DOWNSTREAM_FIELDS,
+    INTERVALS,
+    METRICS,
+    RESULT_COLUMNS,
+    SENSITIVITY_COLUMNS,
+    STEP_COLUMNS,
+    SUBTASK_FIELDS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -339,8 +348,6 @@ def evenly_spaced(items: Sequence, n: int | None) -> list:
     return [items[index * len(items) // n] for index in range(n)]
 
 
-DOWNSTREAM_FIELDS = ("task", "metric", "value", "stderr", "n_items", "error")
-SUBTASK_FIELDS = ("group", "task", "metric", "value", "stderr", "n_items")
 
 
 def _labelled_downstream(rows: list[dict], base: dict, subtasks: bool) -> list[dict]:

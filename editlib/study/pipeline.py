@@ -53,7 +53,13 @@ from editlib.study.stages import (
     method_overrides,
     state_points,
 )
-from editlib.study.tables import DOWNSTREAM_COLUMNS, DOWNSTREAM_SUBTASK_COLUMNS, read_results
+from editlib.study.tables import (
+    DOWNSTREAM_COLUMNS,
+    DOWNSTREAM_FIELDS,
+    DOWNSTREAM_SUBTASK_COLUMNS,
+    SUBTASK_FIELDS,
+    read_results,
+)
 
 log = logging.getLogger("editlib.study.pipeline")
 
@@ -533,10 +539,6 @@ def _report_failures(frame: pd.DataFrame, where: str) -> None:
                 "(snakemake --forcerun on this table retries them): %s", where, len(failed), listing)
 
 
-# downstream_base's tables: the downstream tables' columns from the task on (the run labels come later)
-BASE_COLUMNS = DOWNSTREAM_COLUMNS[DOWNSTREAM_COLUMNS.index("task"):]
-BASE_SUBTASK_COLUMNS = DOWNSTREAM_SUBTASK_COLUMNS[DOWNSTREAM_SUBTASK_COLUMNS.index("group"):]
-
 
 def split_subtasks(frame: pd.DataFrame, columns: Sequence[str] = tuple(DOWNSTREAM_COLUMNS),
                    subtask_columns: Sequence[str] = tuple(DOWNSTREAM_SUBTASK_COLUMNS)
@@ -564,7 +566,7 @@ def run_downstream_base(config: dict, model_dir, tasks_dir, out_path, subtasks_o
     model, tokenizer = load_configured_model(config, model_dir)
     evaluate = downstream_function(config, tasks_dir, None)
     rows = evaluate(model, tokenizer) if evaluate is not None else []
-    frame, subtasks = split_subtasks(pd.DataFrame(rows), BASE_COLUMNS, BASE_SUBTASK_COLUMNS)
+    frame, subtasks = split_subtasks(pd.DataFrame(rows), DOWNSTREAM_FIELDS, SUBTASK_FIELDS)  # the run labels come later
     _report_failures(frame, str(out_path))
     write_csv(subtasks_out or subtasks_path(out_path), subtasks)
     write_csv(out_path, frame)

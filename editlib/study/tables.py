@@ -33,6 +33,10 @@ DOWNSTREAM_COLUMNS = ["experiment", "model", "method", "batch_size", "sample", "
 # they are never averaged with the configured tasks
 DOWNSTREAM_SUBTASK_COLUMNS = ["experiment", "model", "method", "batch_size", "sample", "n_edits", "group", "task",
                               "metric", "higher_is_better", "value", "stderr", "n_items"]
+# the fields of a downstream evaluation's rows (editlib.eval.downstream.evaluate_downstream), which
+# the jobs label with the run's keys: the columns above from the task (the group) on
+DOWNSTREAM_FIELDS = DOWNSTREAM_COLUMNS[DOWNSTREAM_COLUMNS.index("task"):]
+SUBTASK_FIELDS = DOWNSTREAM_SUBTASK_COLUMNS[DOWNSTREAM_SUBTASK_COLUMNS.index("group"):]
 # Sequential runs, one row per batch: how much the batch changed the edited weights relative to the
 # unedited ones, as Frobenius norms and as the change of the layers' outputs over keys distributed as
 # the statistics C (locate-and-edit methods, editing.editor.Editor._relative_norms; NaN for the
