@@ -87,23 +87,14 @@ def write_mc_task(
     The YAML sets no ``num_fewshot``: `evaluate_downstream(num_fewshot=k)` sets it, and without
     one (None) lm-eval evaluates the task zero-shot.
     """
-    if not _TASK_NAME.match(name):
-        raise ValueError(f"task name {name!r} must match {_TASK_NAME.pattern}")
     if fewshot_sampler not in ("default", "first_n"):
         raise ValueError(f"fewshot_sampler must be 'default' or 'first_n', got {fewshot_sampler!r}")
-    out_dir = Path(out_dir).resolve()
     data_files = {"test": str(Path(jsonl_path).resolve())}
     read_mc_items(data_files["test"])
     if fewshot_jsonl_path is not None:
         data_files["fewshot"] = str(Path(fewshot_jsonl_path).resolve())
         read_mc_items(data_files["fewshot"])
-    cache_dir = Path(cache_dir).resolve() if cache_dir is not None else out_dir / ".hf_datasets_cache"
-
-    config: dict[str, Any] = {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": data_files, "cache_dir": str(cache_dir)},
-        "test_split": "test",
+    body: dict[str, Any] = {
         "fewshot_split": "fewshot" if fewshot_jsonl_path is not None else "test",
         "fewshot_config": {"sampler": fewshot_sampler},
         "output_type": "multiple_choice",
@@ -115,10 +106,23 @@ def write_mc_task(
         "target_delimiter": target_delimiter,
         "fewshot_delimiter": fewshot_delimiter,
         "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in MC_METRICS],
-        "metadata": {"version": 1.0},
     }
     if description is not None:
-        config["description"] = description
+        body["description"] = description
+    return _write_local_task(name, out_dir, data_files, cache_dir, body)
+
+
+def _write_local_task(name: str, out_dir: str | Path, data_files: dict[str, str], cache_dir: str | Path | None,
+                      body: dict[str, Any]) -> Path:
+    """``out_dir/<name>.yaml``: the task `name` over local jsonl `data_files` (absolute paths; split
+    "test" evaluated), `datasets`' Arrow copy in `cache_dir` (default ``out_dir/.hf_datasets_cache``),
+    and the task's own fields `body`."""
+    if not _TASK_NAME.match(name):
+        raise ValueError(f"task name {name!r} must match {_TASK_NAME.pattern}")
+    out_dir = Path(out_dir).resolve()
+    cache_dir = Path(cache_dir).resolve() if cache_dir is not None else out_dir / ".hf_datasets_cache"
+    config = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": data_files, "cache_dir": str(cache_dir)},
+              "test_split": "test", **body, "metadata": {"version": 1.0}}
     path = out_dir / f"{name}.yaml"
     write_text(path, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     return path
@@ -132,31 +136,20 @@ def write_perplexity_task(name: str, jsonl_path: str | Path, out_dir: str | Path
     error for them, editlib.eval.downstream.ratio_metric_stderr computes it). Paths as in `write_mc_task`.
     As lm-eval 0.4.13 scores any such task: a text's tokens are scored after lm-eval's prefix token
     (BOS), and a tokenizer that prepends BOS itself has that BOS scored too, once per text."""
-    if not _TASK_NAME.match(name):
-        raise ValueError(f"task name {name!r} must match {_TASK_NAME.pattern}")
-    out_dir = Path(out_dir).resolve()
     test = Path(jsonl_path).resolve()
     with open(test, encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, 1):
             if line.strip() and not (isinstance(text := json.loads(line).get("text"), str) and text.strip()):
                 raise ValueError(f"{test}:{line_no}: 'text' must be a non-empty string")
-    cache_dir = Path(cache_dir).resolve() if cache_dir is not None else out_dir / ".hf_datasets_cache"
-    config: dict[str, Any] = {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(test)}, "cache_dir": str(cache_dir)},
-        "test_split": "test",
+    body = {
         "output_type": "loglikelihood_rolling",
         "doc_to_text": "",
         "doc_to_target": "text",
         "metric_list": [{"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
                         {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
                         {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False}],
-        "metadata": {"version": 1.0},
     }
-    path = out_dir / f"{name}.yaml"
-    write_text(path, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
-    return path
+    return _write_local_task(name, out_dir, {"test": str(test)}, cache_dir, body)
 
 
 # ---------------------------------------------------------------------------- glue_eval converters

@@ -348,8 +348,6 @@ def evenly_spaced(items: Sequence, n: int | None) -> list:
     return [items[index * len(items) // n] for index in range(n)]
 
 
-
-
 def _labelled_downstream(rows: list[dict], base: dict, subtasks: bool) -> list[dict]:
     """`rows` of a downstream function labelled with `base`: the configured tasks' rows, and with
     `subtasks` also the leaf-task rows of groups (those with a "group" key)."""

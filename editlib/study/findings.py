@@ -120,6 +120,15 @@ def _positive_verdict(lo: float, hi: float) -> str:
     return REPRODUCED if lo > 0 else (NOT_REPRODUCED if hi < 0 else INCONCLUSIVE)
 
 
+def _erosion_verdict(lo: float, hi: float, preserving: bool, margin: float) -> str:
+    """Verdict on an erosion interval [lo, hi]: for a parameter-modifying editor, erosion claimed
+    (`_positive_verdict`); for a parameter-preserving one, none claimed: no detectable erosion, and
+    an interval that rules out one of `margin`."""
+    if not preserving:
+        return _positive_verdict(lo, hi)
+    return NOT_REPRODUCED if lo > 0 else (REPRODUCED if hi < margin else INCONCLUSIVE)
+
+
 def downstream_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = ("grace",)) -> list[dict]:
     """Lin et al.: parameter-modifying editors erode general abilities under sequential editing,
     the parameter-preserving GRACE does not. Per method and batch size, mean accuracy over tasks
@@ -139,11 +148,10 @@ def downstream_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = (
             continue
         merged, gain, gain_lo, gain_hi = accuracy_difference(before, after)
         drop, lo, hi = 0.0 - gain, 0.0 - gain_hi, 0.0 - gain_lo  # 0.0 - x: no negative zero
-        if method in preserving:  # no detectable drop, and the interval rules out one of KEEP_MARGIN
-            verdict = NOT_REPRODUCED if lo > 0 else (REPRODUCED if hi < KEEP_MARGIN else INCONCLUSIVE)
+        verdict = _erosion_verdict(lo, hi, method in preserving, KEEP_MARGIN)
+        if method in preserving:
             finding = "the parameter-preserving editor keeps general abilities (no drop beyond its interval)"
         else:
-            verdict = _positive_verdict(lo, hi)
             finding = "sequential edits erode general abilities"
         tasks = ", ".join(f"{r['task']} {r['value_a']:.2f}->{r['value_b']:.2f}" for _, r in merged.iterrows())
         evidence = f"mean accuracy drop after {int(last)} edits (b={int(batch)}): {drop:+.3f} [{lo:+.3f}, {hi:+.3f}] ({tasks})"
@@ -179,11 +187,10 @@ def perplexity_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = (
             continue
         _, log_rise, lo, hi = accuracy_difference(before, after)
         rise, lo, hi = math.expm1(log_rise), math.expm1(lo), math.expm1(hi)
+        verdict = _erosion_verdict(lo, hi, method in preserving, PERPLEXITY_KEEP_MARGIN)
         if method in preserving:
-            verdict = NOT_REPRODUCED if lo > 0 else (REPRODUCED if hi < PERPLEXITY_KEEP_MARGIN else INCONCLUSIVE)
             finding = "the parameter-preserving editor keeps perplexity on held-out text (no rise beyond its interval)"
         else:
-            verdict = _positive_verdict(lo, hi)
             finding = "sequential edits raise perplexity on held-out text"
         metric = part["metric"].iloc[0]
         evidence = (f"{metric} on {task} after {int(last)} edits (b={int(batch)}): {math.exp(before['value'].mean()):.2f} -> "

@@ -108,8 +108,8 @@ def prepare_data(config: dict, out_dir: str | Path, model_dir: str | Path | None
                 raise ValueError(f"downstream.tasks: {WIKI_PERPLEXITY_TASK} scores the Wikipedia leads the statistics "
                                  f"do not read, but stats.n_samples ({held_out['statistics_documents']}) reads them all; "
                                  f"lower stats.n_samples or remove the task")
-            write_jsonl(tasks_dir / "data" / f"{WIKI_PERPLEXITY_TASK}.jsonl", [{"text": text} for text in texts])
             perplexity_tasks[WIKI_PERPLEXITY_TASK] = tasks_dir / "data" / f"{WIKI_PERPLEXITY_TASK}.jsonl"
+            write_jsonl(perplexity_tasks[WIKI_PERPLEXITY_TASK], [{"text": text} for text in texts])
         if data["source"] == "qa_wikidata":
             local_tasks = {
                 f"bb_{bigbench_mc_filename(task).removesuffix('.jsonl')}": path
@@ -537,7 +537,6 @@ def _report_failures(frame: pd.DataFrame, where: str) -> None:
                            f"the tracebacks are in this job's log")
     log.warning("%s: %d downstream task(s) failed and are recorded with their error in the table "
                 "(snakemake --forcerun on this table retries them): %s", where, len(failed), listing)
-
 
 
 def split_subtasks(frame: pd.DataFrame, columns: Sequence[str] = tuple(DOWNSTREAM_COLUMNS),

@@ -96,10 +96,7 @@ def primary_metric(downstream: pd.DataFrame) -> pd.DataFrame:
     row here, since a mean accuracy cannot average it: `perplexity_metric` is its view. The rows of
     failed evaluations (an `error`, no value) are left out."""
     downstream = _scored(downstream)
-    downstream = downstream[~_lower_is_better(downstream)]
-    keep = [group[group["metric"] == ("acc" if "acc" in set(group["metric"]) else group["metric"].iloc[0])]
-            for _, group in downstream.groupby("task")]
-    return pd.concat(keep, ignore_index=True) if keep else downstream
+    return _one_metric_per_task(downstream[~_lower_is_better(downstream)], "acc")
 
 
 def perplexity_metric(downstream: pd.DataFrame) -> pd.DataFrame:
@@ -108,9 +105,12 @@ def perplexity_metric(downstream: pd.DataFrame) -> pd.DataFrame:
     downstream = _scored(downstream)
     lower = _lower_is_better(downstream)
     tasks = set(downstream.loc[lower, "task"]) - set(downstream.loc[~lower, "task"])
-    downstream = downstream[downstream["task"].isin(tasks)]
-    keep = [group[group["metric"] == ("word_perplexity" if "word_perplexity" in set(group["metric"])
-                                      else group["metric"].iloc[0])]
+    return _one_metric_per_task(downstream[downstream["task"].isin(tasks)], "word_perplexity")
+
+
+def _one_metric_per_task(downstream: pd.DataFrame, preferred: str) -> pd.DataFrame:
+    """Per task the rows of `preferred` where the task reports it, else of its first metric."""
+    keep = [group[group["metric"] == (preferred if preferred in set(group["metric"]) else group["metric"].iloc[0])]
             for _, group in downstream.groupby("task")]
     return pd.concat(keep, ignore_index=True) if keep else downstream
 
