@@ -329,6 +329,48 @@ def test_grace_edit_takes_but_leaves_downstream_items_unchanged(tokenizer, mc_ta
         editor.remove()
 
 
+def test_grace_batches_of_one_length_score_as_batch_size_one(tokenizer, tmp_path):
+    """A codebook that answers one task item reads that item's last token; a padded batch moves
+    that position onto padding. Batches of one length give batch size 1's scores, the padded
+    batches of HFLM's loop do not (which is what makes the check able to fail)."""
+    from editlib.data.records import EditRequest
+    from editlib.methods.grace import GraceHparams
+    from editlib.methods.grace.session import GraceEditor
+
+    request = EditRequest(case_id=0, prompt="{} are animals; oak and pine are", subject="Cats and dogs",
+                          target_new="blue", target_true="trees")
+    edited_item = {"question": request.text, "choices": ["blue", "trees", "green"], "answer": 1}
+    data = tmp_path / "data" / "tiny_mc.jsonl"
+    write_jsonl(data, [*MC_ITEMS, edited_item])
+    tasks = write_mc_task("tiny_mc", data, tmp_path / "tasks").parent
+    model = tiny_llama(tokenizer)
+    editor = GraceEditor(model, tokenizer, "model.layers.1.mlp.down_proj", GraceHparams(eps=1e-3, n_iter=30))
+    try:
+        editor.edit([request])
+
+        def scores(batch_size: int, equal_length_batches: bool) -> dict[int, list[float]]:
+            results = lm_eval_results(model, tokenizer, ["tiny_mc"], include_path=tasks, batch_size=batch_size,
+                                      log_samples=True, share_contexts=False,
+                                      equal_length_batches=equal_length_batches)
+            return {row["doc_id"]: row["loglikelihoods"] for row in item_rows(results)}
+
+        alone, equal_lengths, padded = scores(1, False), scores(64, True), scores(64, False)  # 64: one batch
+    finally:
+        editor.remove()
+    unedited = {row["doc_id"]: row["loglikelihoods"] for row in item_rows(lm_eval_results(
+        model, tokenizer, ["tiny_mc"], include_path=tasks, batch_size=1, log_samples=True, share_contexts=False))}
+    edited_id = len(MC_ITEMS)
+    lengths = [len(tokenizer(item["question"] + " " + choice)["input_ids"]) for item in MC_ITEMS for choice in item["choices"]]
+    assert max(lengths) > len(tokenizer(request.text)["input_ids"]) + 1  # longer rows pad the edited item's
+    assert not np.allclose(alone[edited_id], unedited[edited_id], atol=1e-3)  # the codebook answers the item
+    assert alone.keys() == equal_lengths.keys() == padded.keys()
+    for doc_id, expected in alone.items():
+        np.testing.assert_allclose(equal_lengths[doc_id], expected, rtol=0, atol=1e-4)
+    assert not np.allclose(padded[edited_id], alone[edited_id], atol=1e-3)  # padding hid the query from it
+    with pytest.raises(ValueError, match="share_contexts=False"):
+        lm_eval_results(model, tokenizer, ["tiny_mc"], include_path=tasks, equal_length_batches=True)
+
+
 # ---------------------------------------------------------------------------- one lm-eval call per task
 
 ENV_PROBE = '''import os

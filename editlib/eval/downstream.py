@@ -21,8 +21,8 @@ in the context only and it is never scored. ``acc`` is the argmax of the summed 
 log-probabilities, ``acc_norm`` the argmax after dividing by the choice's character length.
 
 Caveat for GRACE-style adaptors keyed on "the last token": lm-eval right-pads a batch and passes no
-attention mask, so in a batch the last position of a shorter row is padding; use ``batch_size=1``
-for such wrappers unless they locate the last real token themselves.
+attention mask, so in a batch the last position of a shorter row is padding; score such wrappers
+with ``share_contexts=False, equal_length_batches=True`` (each batch holds rows of one length).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def hub_offline(enabled: bool = True) -> Iterator[None]:
 
 CONTEXT_BATCH_TOKENS = 1024  # on CPU, distinct contexts run together up to this many padded tokens
 _SHARED_CONTEXT_LM = None
-_PLAIN_LM = None
+_PLAIN_LM: dict[bool, type] = {}
 
 
 class LongestTextsFirst:
@@ -108,14 +109,44 @@ class LongestTextsFirst:
         return results
 
 
-def plain_lm_class():
-    """HFLM itself, every request its own sequence (`LongestTextsFirst` for perplexity requests)."""
-    global _PLAIN_LM
-    if _PLAIN_LM is None:
+class EqualLengthBatches:
+    """Mixed into HFLM for a model whose outputs read each row's last position (GRACE's codebook
+    query): log-likelihood requests are scored in batches whose rows all have one input length.
+    HFLM right-pads a batch and passes no attention mask, so in a mixed batch a shorter row's last
+    position is padding; here no row is padded, and the scores are those of batch size 1 (each
+    request alone) up to float rounding, in as few batches as the lengths allow. Perplexity
+    requests reach it in HFLM's batches of windows, `LongestTextsFirst` keeps those of similar
+    length together."""
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        by_length: dict[int, list[int]] = {}
+        for index, (_, context, continuation) in enumerate(requests):
+            # HFLM's input: (context + continuation)[-(max_length + 1):][:-1]
+            length = min(len(context) + len(continuation), self.max_length + 1) - 1
+            by_length.setdefault(length, []).append(index)
+        results: list = [None] * len(requests)
+        with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                  desc="Running loglikelihood requests, one length per batch") as progress:
+            for length in sorted(by_length, reverse=True):
+                indices = by_length[length]
+                scores = super()._loglikelihood_tokens([requests[i] for i in indices], disable_tqdm=True,
+                                                       override_bs=override_bs)
+                for index, score in zip(indices, scores, strict=True):
+                    results[index] = score
+                progress.update(len(indices))
+        return results
+
+
+def plain_lm_class(equal_length_batches: bool = False):
+    """HFLM itself, every request its own sequence (`LongestTextsFirst` for perplexity requests);
+    with `equal_length_batches`, each batch holds rows of one length (`EqualLengthBatches`)."""
+    key = bool(equal_length_batches)
+    if key not in _PLAIN_LM:
         from lm_eval.models.huggingface import HFLM
 
-        _PLAIN_LM = type("PlainHFLM", (LongestTextsFirst, HFLM), {})
-    return _PLAIN_LM
+        mixins = (EqualLengthBatches, LongestTextsFirst) if key else (LongestTextsFirst,)
+        _PLAIN_LM[key] = type("EqualLengthHFLM" if key else "PlainHFLM", (*mixins, HFLM), {})
+    return _PLAIN_LM[key]
 
 
 def shared_context_lm_class():
@@ -138,7 +169,6 @@ def shared_context_lm_class():
     if _SHARED_CONTEXT_LM is not None:
         return _SHARED_CONTEXT_LM
     from lm_eval.models.huggingface import HFLM
-    from tqdm import tqdm
 
     from editlib.eval.metrics import teacher_forced_ids
     from editlib.model.tokens import length_sorted_chunks, pad_id
@@ -311,6 +341,7 @@ def lm_eval_results(
     log_samples: bool = False,
     offline: bool = True,
     share_contexts: bool = True,
+    equal_length_batches: bool = False,
     confirm_run_unsafe_code: bool = False,
 ) -> dict:
     """Run ``lm_eval.simple_evaluate`` on the in-memory ``model`` and return lm-eval's raw result dict.
@@ -327,6 +358,8 @@ def lm_eval_results(
     ``add_bos_token=None`` keeps the tokenizer's own behaviour (Llama-3 tokenizers prepend BOS).
     ``share_contexts`` scores each distinct context once (`shared_context_lm_class`); turn it off
     for a model whose output at a position depends on later tokens (GRACE).
+    ``equal_length_batches`` (with ``share_contexts`` off) puts rows of one length in each batch
+    (`EqualLengthBatches`), for a model that reads each row's last position (GRACE's codebook).
     A task that lm-eval marks ``unsafe_code`` (mbpp: its metric executes the generated code) is
     refused with `UnsafeCodeTaskError` unless ``confirm_run_unsafe_code``; with it, lm-eval gets
     the flag and ``HF_ALLOW_CODE_EVAL=1`` is set for the call only.
@@ -334,6 +367,8 @@ def lm_eval_results(
     tasks = list(tasks)
     if not tasks:
         raise ValueError("no tasks given")
+    if share_contexts and equal_length_batches:
+        raise ValueError("equal_length_batches applies to HFLM's own loop: pass share_contexts=False with it")
     with hub_offline(offline):
         import lm_eval
 
@@ -348,7 +383,7 @@ def lm_eval_results(
                         f"unsafe_code); to run it, set {UNSAFE_CODE_KEY}: true in the config "
                         f"(confirm_run_unsafe_code=True here), or remove {task!r} from downstream.tasks")
         with _preserved_rng_and_mode(model), _code_eval_allowed(confirm_run_unsafe_code):
-            lm = (shared_context_lm_class() if share_contexts else plain_lm_class())(
+            lm = (shared_context_lm_class() if share_contexts else plain_lm_class(equal_length_batches))(
                 pretrained=model,
                 tokenizer=tokenizer,
                 batch_size=batch_size,
@@ -559,6 +594,7 @@ def evaluate_downstream(
     add_bos_token: bool | None = None,
     offline: bool = True,
     share_contexts: bool = True,
+    equal_length_batches: bool = False,
     confirm_run_unsafe_code: bool = False,
 ) -> list[dict]:
     """Evaluate the in-memory ``model`` on lm-eval ``tasks``, each task (a group or tag counts as
@@ -600,6 +636,7 @@ def evaluate_downstream(
                 add_bos_token=add_bos_token,
                 offline=offline,
                 share_contexts=share_contexts,
+                equal_length_batches=equal_length_batches,
                 confirm_run_unsafe_code=confirm_run_unsafe_code,
                 log_samples=scores_whole_texts(task_manager, task),  # the ratio metrics' standard errors
             )

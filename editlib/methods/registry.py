@@ -37,7 +37,9 @@ class Method:
     chooses_layers: bool = True  # layers come from the config or its layer sweep ("auto")
     writes_mlp: bool = True  # writes MLP weights: layers without an MLP cannot be edited
     trained_editor: bool = False  # needs a trained hypernetwork (the train_mend rule)
-    downstream_batch_size: int | None = None  # lm-eval batch size it requires (None: the config's)
+    # its outputs read each row's last position, which right padding would move: downstream batches
+    # hold rows of one length (editlib.eval.downstream.EqualLengthBatches)
+    downstream_equal_length_batches: bool = False
     # its outputs at a position depend on the tokens up to it only, so downstream scoring may run
     # each context once for all its continuations (editlib.eval.downstream.shared_context_lm_class)
     downstream_shares_contexts: bool = True

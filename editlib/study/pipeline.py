@@ -421,10 +421,11 @@ def downstream_function(config: dict, tasks_dir: str | Path, method: str | None)
                 indexed.append(make_task_manager(local, include_defaults))
         return evaluate_downstream(
             model, tokenizer, settings["tasks"], include_path=local, limit=settings.get("limit"),
-            batch_size=(registered and registered.downstream_batch_size) or settings.get("batch_size", 16),
+            batch_size=settings.get("batch_size", 16),
             num_fewshot=settings.get("num_fewshot"),  # None: each task's own few-shot setting
             seed=config["seed"], include_defaults=include_defaults, task_manager=indexed[0], offline=offline,
             share_contexts=registered is None or registered.downstream_shares_contexts,
+            equal_length_batches=registered is not None and registered.downstream_equal_length_batches,
             confirm_run_unsafe_code=settings.get("confirm_run_unsafe_code", False),
         )
 

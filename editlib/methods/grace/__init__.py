@@ -67,6 +67,6 @@ register(Method(
     spec=lambda hyperparameters, layers, _: GraceHparams.from_config({**hyperparameters, "layers": layers}),
     open=_open_session,
     writes_mlp=False,  # wraps the module whatever its weights
-    downstream_batch_size=1,  # the codebook reads each sequence's last token: one sequence per batch
+    downstream_equal_length_batches=True,  # the codebook reads each sequence's last token: no padding after it
     downstream_shares_contexts=False,  # ... so a continuation run over a cached context would read another token
 ))
