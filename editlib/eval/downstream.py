@@ -462,18 +462,29 @@ def _higher_is_better(results: dict, task: str, metric: str) -> bool | None:
 RATIO_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
+def ratio_stderr(numerators: Sequence[float], denominators: Sequence[float]) -> float | None:
+    """The standard error of r = sum(x) / sum(n) over m independently drawn items (x_i, n_i), by the
+    delta method: var(r) = m / (m - 1) * sum((x_i - r n_i)^2) / sum(n)^2. None with fewer than two
+    items or a sum(n) that is not positive."""
+    x, n = np.asarray(numerators, float), np.asarray(denominators, float)
+    if len(x) < 2 or n.sum() <= 0:
+        return None
+    m, r = len(x), x.sum() / n.sum()
+    return math.sqrt(m / (m - 1) * float(((x - r * n) ** 2).sum())) / float(n.sum())
+
+
 def ratio_metric_stderr(samples: Sequence[dict], metric: str) -> float | None:
-    """The standard error of a ratio metric (`RATIO_METRICS`) over lm-eval's logged samples, by the
-    delta method for a ratio of sums over independently drawn texts: with r = sum(ll) / sum(n) the
-    log-likelihood per word (or byte), var(r) = m / (m - 1) * sum((ll_i - r n_i)^2) / sum(n)^2 over m
-    texts; word and byte perplexity are exp(-r) (error exp(-r) se(r)), bits per byte -r / ln 2
+    """The standard error of a ratio metric (`RATIO_METRICS`) over lm-eval's logged samples: with
+    r = sum(ll) / sum(n) the log-likelihood per word (or byte) and se(r) its `ratio_stderr` over the
+    texts, word and byte perplexity are exp(-r) (error exp(-r) se(r)), bits per byte -r / ln 2
     (error se(r) / ln 2). None with fewer than two texts or where the samples do not hold the metric."""
     pairs = np.array([sample[metric] for sample in samples if isinstance(sample.get(metric), (list, tuple))], float)
-    if metric not in RATIO_METRICS or len(pairs) < 2 or pairs[:, 1].sum() <= 0:
+    if metric not in RATIO_METRICS or len(pairs) < 2:
         return None
-    loglikelihood, units = pairs[:, 0], pairs[:, 1]
-    m, per_unit = len(pairs), loglikelihood.sum() / units.sum()
-    stderr = math.sqrt(m / (m - 1) * float(((loglikelihood - per_unit * units) ** 2).sum())) / float(units.sum())
+    stderr = ratio_stderr(pairs[:, 0], pairs[:, 1])
+    if stderr is None:
+        return None
+    per_unit = pairs[:, 0].sum() / pairs[:, 1].sum()
     return stderr / math.log(2) if metric == "bits_per_byte" else math.exp(-float(per_unit)) * stderr
 
 

@@ -400,34 +400,47 @@ def run_sensitivity(config: dict, method: str, model_dir, moments_path, records_
     return frame
 
 
-def downstream_function(config: dict, tasks_dir: str | Path, method: str | None):
-    """model, tokenizer -> downstream rows (editlib.eval.downstream.evaluate_downstream: one lm-eval
-    call per configured task, a failed task an `error` row), or None when no tasks are configured
-    (method None: the unedited model). lm-eval's task index is built on the first call and kept;
-    it holds the prepared data's local tasks (`tasks_dir`) and the folders of downstream.include_path."""
+def downstream_arguments(config: dict, tasks_dir: str | Path, method: str | None) -> dict | None:
+    """The keyword arguments of `evaluate_downstream` and `lm_eval_results` that the config's
+    downstream block sets for `method`'s edited model (None: the unedited model), or None when no
+    tasks are configured: local tasks from the prepared data (`tasks_dir`) and the folders of
+    downstream.include_path, the method's scoring needs (its registry entry), the run's seed."""
     settings = config["downstream"]
     if not settings.get("tasks"):
         return None
     extra = settings.get("include_path", [])
-    local = [Path(tasks_dir).resolve(), *(Path(p).resolve() for p in ([extra] if isinstance(extra, str) else extra))]
-    include_defaults = settings.get("include_defaults", False)
-    offline = settings.get("offline", True)
     registered = configured_method(config, method) if method else None
+    return {
+        "include_path": [Path(tasks_dir).resolve(),
+                         *(Path(p).resolve() for p in ([extra] if isinstance(extra, str) else extra))],
+        "include_defaults": settings.get("include_defaults", False),
+        "offline": settings.get("offline", True),
+        "limit": settings.get("limit"),
+        "batch_size": settings.get("batch_size", 16),
+        "num_fewshot": settings.get("num_fewshot"),  # None: each task's own few-shot setting
+        "seed": config["seed"],
+        "share_contexts": registered is None or registered.downstream_shares_contexts,
+        "equal_length_batches": registered is not None and registered.downstream_equal_length_batches,
+        "confirm_run_unsafe_code": settings.get("confirm_run_unsafe_code", False),
+    }
+
+
+def downstream_function(config: dict, tasks_dir: str | Path, method: str | None):
+    """model, tokenizer -> downstream rows (editlib.eval.downstream.evaluate_downstream: one lm-eval
+    call per configured task, a failed task an `error` row), or None when no tasks are configured
+    (method None: the unedited model), with `downstream_arguments`. lm-eval's task index is built on
+    the first call and kept."""
+    arguments = downstream_arguments(config, tasks_dir, method)
+    if arguments is None:
+        return None
     indexed = []
 
     def evaluate(model, tokenizer) -> list[dict]:
         if not indexed:
-            with hub_offline(offline):
-                indexed.append(make_task_manager(local, include_defaults))
-        return evaluate_downstream(
-            model, tokenizer, settings["tasks"], include_path=local, limit=settings.get("limit"),
-            batch_size=settings.get("batch_size", 16),
-            num_fewshot=settings.get("num_fewshot"),  # None: each task's own few-shot setting
-            seed=config["seed"], include_defaults=include_defaults, task_manager=indexed[0], offline=offline,
-            share_contexts=registered is None or registered.downstream_shares_contexts,
-            equal_length_batches=registered is not None and registered.downstream_equal_length_batches,
-            confirm_run_unsafe_code=settings.get("confirm_run_unsafe_code", False),
-        )
+            with hub_offline(arguments["offline"]):
+                indexed.append(make_task_manager(arguments["include_path"], arguments["include_defaults"]))
+        return evaluate_downstream(model, tokenizer, config["downstream"]["tasks"], task_manager=indexed[0],
+                                   **arguments)
 
     return evaluate
 
