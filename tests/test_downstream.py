@@ -715,17 +715,19 @@ def direct_text_loglikelihood(model, tokenizer, text: str) -> float:
     return sum(logprobs[i, token].item() for i, token in enumerate(ids[1:]))
 
 
-@pytest.mark.parametrize("share_contexts", [True, False])
-def test_perplexity_task_scores_whole_texts_with_a_standard_error(tokenizer, tmp_path, share_contexts):
+@pytest.mark.parametrize("share_contexts, equal_length_batches", [(True, False), (False, False), (False, True)])
+def test_perplexity_task_scores_whole_texts_with_a_standard_error(tokenizer, tmp_path, share_contexts,
+                                                                  equal_length_batches):
     """A local perplexity task: lm-eval's word perplexity over the texts (lower is better, so a mean
     accuracy can leave it out), and the delta-method standard error of that ratio, both equal to
-    what the model's own log-probabilities give."""
+    what the model's own log-probabilities give, through each of the three scoring loops."""
     data = tmp_path / "data" / "texts.jsonl"
     write_jsonl(data, [{"text": text} for text in TEXTS])
     tasks = write_perplexity_task("tiny_texts", data, tmp_path / "tasks").parent
     model = tiny_llama(tokenizer)
     rows = {row["metric"]: row for row in evaluate_downstream(model, tokenizer, ["tiny_texts"], include_path=tasks,
-                                                               batch_size=4, share_contexts=share_contexts)}
+                                                               batch_size=4, share_contexts=share_contexts,
+                                                               equal_length_batches=equal_length_batches)}
     assert set(rows) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
     assert all(row["higher_is_better"] is False and row["n_items"] == len(TEXTS) for row in rows.values())
 
@@ -745,6 +747,27 @@ def test_perplexity_task_scores_whole_texts_with_a_standard_error(tokenizer, tmp
     residual = loglikelihood - per_word * words  # the formula itself
     expected = np.exp(-per_word) * np.sqrt(len(TEXTS) / (len(TEXTS) - 1) * (residual ** 2).sum()) / words.sum()
     assert se == pytest.approx(expected, rel=1e-3)
+
+
+def test_perplexity_windows_of_one_length_score_as_hflm(tokenizer, tmp_path):
+    """Texts longer than the window are cut into several rolling windows; scored in batches of one
+    length across texts (`EqualLengthBatches`), they give HFLM's own perplexities."""
+    data = tmp_path / "data" / "texts.jsonl"
+    write_jsonl(data, [{"text": text} for text in TEXTS])
+    tasks = write_perplexity_task("tiny_texts", data, tmp_path / "tasks").parent
+    model = tiny_llama(tokenizer)
+    window = 8
+    assert sum(len(tokenizer(text)["input_ids"]) > window for text in TEXTS) > 2  # several windows per text
+
+    def rows(equal_length_batches: bool) -> dict:
+        return {row["metric"]: row["value"] for row in evaluate_downstream(
+            model, tokenizer, ["tiny_texts"], include_path=tasks, batch_size=4, max_length=window,
+            share_contexts=False, equal_length_batches=equal_length_batches)}
+
+    plain, grouped = rows(False), rows(True)
+    assert plain.keys() == grouped.keys() == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+    for metric, value in plain.items():
+        assert grouped[metric] == pytest.approx(value, rel=1e-5)
 
 
 def test_perplexity_task_rejects_empty_texts(tmp_path):

@@ -115,8 +115,27 @@ class EqualLengthBatches:
     HFLM right-pads a batch and passes no attention mask, so in a mixed batch a shorter row's last
     position is padding; here no row is padded, and the scores are those of batch size 1 (each
     request alone) up to float rounding, in as few batches as the lengths allow. Perplexity
-    requests reach it in HFLM's batches of windows, `LongestTextsFirst` keeps those of similar
-    length together."""
+    requests are cut into lm-eval's rolling windows, as HFLM cuts them, and all texts' windows
+    scored together, so that windows of one length share batches across texts (HFLM hands its
+    log-likelihood loop a batch's worth of windows at a time)."""
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        from lm_eval import utils
+
+        windows, owners = [], []
+        for index, request in enumerate(requests):
+            cut = utils.get_rolling_token_windows(token_list=self.tok_encode(request.args[0]),
+                                                  prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                                                  context_len=1)
+            for context, continuation in map(utils.make_disjoint_window, cut):
+                windows.append((None, context, continuation))
+                owners.append(index)
+        totals = [0.0] * len(requests)
+        for owner, (loglikelihood, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm), strict=True):
+            totals[owner] += loglikelihood
+        for request, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", (request.args[0],), total)
+        return totals
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         by_length: dict[int, list[int]] = {}
