@@ -223,6 +223,8 @@ def test_a_perplexity_task_gets_its_own_panel_and_range(drawn):
     assert limits["qa"] == pytest.approx(_padded(0.2, 1.0))
     lo, hi = limits["wiki"]
     assert lo < 20 < 20 + 100 * 0.32 < hi < 60  # word perplexity 20 -> 52 (rome), not bits per byte
+    labels = {axis.get_title(): axis.get_ylabel() for axis in figure.axes}
+    assert labels == {"qa": "accuracy", "facts": "accuracy", "wiki": "word perplexity (lower is better)"}
 
 
 @pytest.mark.parametrize("y_limits, message", [

@@ -332,13 +332,14 @@ def _unedited_lines(data: pd.DataFrame, rows: list, label_of=lambda model: UNEDI
     return lines
 
 
-def _task_lines(figure, tasks: list[str], rows: list[str], data: pd.DataFrame, x: str, x_values) -> None:
-    """Per-task panel titles, accuracy labels, checkpoint ticks and, where a line is the mean of
-    several edit samples, the samples' range as a dashed band."""
+def _task_lines(figure, tasks: list[str], rows: list[str], data: pd.DataFrame, x: str, x_values,
+                y_labels: Mapping[str, str] | None = None) -> None:
+    """Per-task panel titles, y labels ("accuracy", or the task's label in `y_labels`), checkpoint
+    ticks and, where a line is the mean of several edit samples, the samples' range as a dashed band."""
     for index, axis in enumerate(figure.axes[: len(rows) * len(tasks)]):
         row, task = rows[index // len(tasks)], tasks[index % len(tasks)]
         axis.set_title(task if row is None else f"{row}\n{task}", fontsize=8)
-        axis.set_ylabel("accuracy")
+        axis.set_ylabel((y_labels or {}).get(task, "accuracy"))
         positive = [c for c in x_values if c > 0]
         if positive and max(positive) > 20 * min(positive):  # e.g. 1, 10, 100, 1000 edits
             axis.set_xscale("symlog", linthresh=1)
@@ -373,7 +374,9 @@ def downstream_figure(downstream: pd.DataFrame, path: str | Path, title: str = "
                             reference=_unedited_lines(data, rows),
                             title=f"General abilities under sequential editing, +-1.96 SE"
                                   f"{f', mean of {samples} edit samples (range dashed)' if samples > 1 else ''} ({title})")
-    _task_lines(figure, tasks, rows, data, "n_edits", sorted(data["n_edits"].unique()))
+    y_labels = {task: f"{metric.replace('_', ' ')} (lower is better)"
+                for task, metric in perplexity.groupby("task", sort=False)["metric"].first().items()}
+    _task_lines(figure, tasks, rows, data, "n_edits", sorted(data["n_edits"].unique()), y_labels)
     figure.tight_layout()
     _save(figure, path)
 
