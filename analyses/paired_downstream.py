@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from editlib.editing.statistics import load_moments  # noqa: E402
 from editlib.eval.downstream import item_rows, lm_eval_results, ratio_stderr  # noqa: E402
 from editlib.io import load_tensors  # noqa: E402
-from editlib.study.experiments import ExperimentContext, state_labels  # noqa: E402
+from editlib.study.experiments import ExperimentContext, saved_states, state_labels  # noqa: E402
 from editlib.study.pipeline import downstream_arguments, edit_spec, load_configured_model  # noqa: E402
 from editlib.study.plan import load_config  # noqa: E402
 from editlib.study.stages import model_config, stage_config  # noqa: E402
@@ -84,7 +84,7 @@ def compare(before: dict[int, tuple], after: dict[int, tuple]) -> dict:
 
 
 def last_state(states_dir: Path) -> Path:
-    paths = sorted(states_dir.glob("*.safetensors"), key=lambda path: state_labels(path)["n_edits"])
+    paths = saved_states(states_dir)
     if not paths:
         raise FileNotFoundError(f"{states_dir}: no saved edit states; run the workflow first")
     return paths[-1]

@@ -327,6 +327,18 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def item_agreement(first: dict, second: dict) -> tuple[dict, int, float, int]:
+    """How two lm-eval results of the same multiple-choice requests (``log_samples=True``) agree:
+    (second's items by (task, doc_id), the number of items, the largest difference between the two
+    log-likelihoods of any choice, the number of items whose prediction differs)."""
+    from editlib.eval.downstream import item_rows
+
+    a, b = ({(row["task"], row["doc_id"]): row for row in item_rows(result)} for result in (first, second))
+    gap = max(abs(x - y) for key in b for x, y in zip(a[key]["loglikelihoods"], b[key]["loglikelihoods"]))
+    flipped = sum(a[key]["prediction"] != b[key]["prediction"] for key in b)
+    return b, len(b), gap, flipped
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from common import SMOLLM2_CONFIG, base_parser, interleaved, median, print_table, result_row, runs, setup
+from common import SMOLLM2_CONFIG, base_parser, interleaved, item_agreement, median, print_table, result_row, runs, setup
 
-from editlib.eval.downstream import item_rows, lm_eval_results
+from editlib.eval.downstream import lm_eval_results
 from editlib.model.loading import load_model
 
 VARIANTS = {"one pass per context": True, "lm-eval per request": False}
@@ -48,17 +48,14 @@ def compare(model, tokenizer, tasks_dir: Path, settings: dict, repeats: int) -> 
         return evaluate
 
     times = interleaved({name: run(name) for name in VARIANTS}, repeats, warmup=False)
-    items = {name: {(row["task"], row["doc_id"]): row for row in item_rows(result)} for name, result in results.items()}
-    shared, plain = items["one pass per context"], items["lm-eval per request"]
-    gap = max(abs(a - b) for key in plain for a, b in zip(shared[key]["loglikelihoods"], plain[key]["loglikelihoods"]))
-    flipped = sum(shared[key]["prediction"] != plain[key]["prediction"] for key in plain)
+    _, n_items, gap, flipped = item_agreement(results["one pass per context"], results["lm-eval per request"])
 
     samples = [sample for task in results["lm-eval per request"]["samples"].values() for sample in task]
     whole = sum(len(tokenizer(c + x)["input_ids"]) for s in samples for c, x in s["arguments"])
     contexts = {c for s in samples for c, _ in s["arguments"]}
     distinct = sum(len(tokenizer(c)["input_ids"]) for c in contexts) + sum(
         len(tokenizer(c + x)["input_ids"]) - len(tokenizer(c)["input_ids"]) for s in samples for c, x in s["arguments"])
-    return times, {"items": len(plain), "requests": sum(len(s["arguments"]) for s in samples), "gap": gap,
+    return times, {"items": n_items, "requests": sum(len(s["arguments"]) for s in samples), "gap": gap,
                    "flipped": flipped, "whole": whole, "distinct": distinct}
 
 

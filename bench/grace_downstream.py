@@ -22,11 +22,11 @@ from pathlib import Path
 
 import yaml
 
-from common import (SMOLLM2_CONFIG, add_prepared_smollm2_arguments, base_parser, interleaved, median, print_table,
-                    result_row, runs, setup)
+from common import (SMOLLM2_CONFIG, add_prepared_smollm2_arguments, base_parser, interleaved, item_agreement, median,
+                    print_table, result_row, runs, setup)
 
 from editlib.data.records import load_requests
-from editlib.eval.downstream import item_rows, lm_eval_results
+from editlib.eval.downstream import lm_eval_results
 from editlib.methods.grace import GraceHparams
 from editlib.methods.grace.session import GraceEditor
 from editlib.model.layout import model_layout
@@ -50,12 +50,9 @@ def compare(model, tokenizer, tasks_dir: Path, tasks: list[str], limit: int | No
         return evaluate
 
     times = interleaved({name: run(name) for name in VARIANTS}, repeats, warmup=False)
-    items = {name: {(row["task"], row["doc_id"]): row for row in item_rows(result)} for name, result in results.items()}
-    batched, alone = items["one length per batch"], items["one request per batch"]
-    gap = max(abs(a - b) for key in alone for a, b in zip(batched[key]["loglikelihoods"], alone[key]["loglikelihoods"]))
-    flipped = sum(batched[key]["prediction"] != alone[key]["prediction"] for key in alone)
+    alone, n_items, gap, flipped = item_agreement(results["one length per batch"], results["one request per batch"])
     requests = sum(len(row["loglikelihoods"]) for row in alone.values())
-    return times, {"items": len(alone), "requests": requests, "gap": gap, "flipped": flipped}
+    return times, {"items": n_items, "requests": requests, "gap": gap, "flipped": flipped}
 
 
 def edited(model, tokenizer, records: Path, facts: int, layer: int, n_iter: int) -> GraceEditor:

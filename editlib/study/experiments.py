@@ -390,6 +390,11 @@ class StateRows(Protocol):
     def put(self, path: Path, rows: list[dict]) -> None: ...
 
 
+def saved_states(states_dir: str | Path) -> list[Path]:
+    """The edit states an editing job saved in `states_dir`, in order of their number of edits."""
+    return sorted(Path(states_dir).glob("*.safetensors"), key=lambda path: state_labels(path)["n_edits"])
+
+
 def states_downstream(ctx: ExperimentContext, spec, state_paths: Sequence[str | Path],
                       downstream: Downstream, partials: StateRows | None = None,
                       subtasks: bool = False) -> pd.DataFrame:

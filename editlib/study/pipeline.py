@@ -42,6 +42,7 @@ from editlib.study.experiments import (
     sensitivity,
     sequential_edits,
     single_edits,
+    saved_states,
     state_labels,
     states_downstream,
 )
@@ -644,7 +645,7 @@ def run_downstream(config: dict, experiment: str, method: str, batch_size: int, 
     to `out_path`, the groups' leaf tasks to `subtasks_out` (default: beside it).
     With `partials_dir`, each state's rows are kept there as soon as it is evaluated and reused by a
     rerun (`DownstreamPartials`); the folder is removed once the tables are written."""
-    paths = sorted(Path(states_dir).glob("*.safetensors"), key=lambda path: state_labels(path)["n_edits"])
+    paths = saved_states(states_dir)
     base = read_results(base_path)
     base_subtasks_path = Path(base_subtasks_path) if base_subtasks_path else subtasks_path(base_path)
     base_subtasks = read_results(base_subtasks_path) if base_subtasks_path.exists() else pd.DataFrame()
