@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -606,11 +607,13 @@ def test_downstream_job_resumes_per_state(tokenizer, task_family, tmp_path, monk
     again, and writes the tables an uninterrupted run writes; its partial rows are keyed on the
     state file and the settings, and removed with the tables written."""
     import editlib.study.pipeline as pipeline
-    from editlib.study.pipeline import DownstreamPartials, run_downstream, run_downstream_base
+    from editlib.io import sha256_file
+    from editlib.study.pipeline import DownstreamPartials, items_path, run_downstream, run_downstream_base
 
     config, model_dir, states = _job_setup(tokenizer, tmp_path)
     base = tmp_path / "base.csv"
     run_downstream_base(config, model_dir, task_family, base)
+    reference = sha256_file(items_path(base))
 
     def job(out, partials, settings=config):
         return run_downstream(settings, "sequential", "rome", 1, model_dir, None, None, task_family, states, base,
@@ -651,6 +654,17 @@ def test_downstream_job_resumes_per_state(tokenizer, task_family, tmp_path, monk
     # lm-eval's metric direction on every row, the unedited model's and each edit state's
     assert table["higher_is_better"].eq(True).all() and subtasks["higher_is_better"].eq(True).all()
     assert not (tmp_path / "partials").exists()
+    # every edited row is paired with the unedited model item by item: the leaves from the base's
+    # per-item values (both items of each leaf, acc and acc_norm), the size-weighted group from its leaves
+    items = pd.read_csv(items_path(base))
+    assert set(zip(items["task"], items["metric"])) == {(t, m) for t in ("sub_a", "sub_b") for m in ("acc", "acc_norm")}
+    assert items.groupby(["task", "metric"]).size().eq(2).all() and items["value"].isin([0.0, 1.0]).all()
+    assert table.loc[table["n_edits"] == 0, "change_stderr"].eq(0).all()
+    assert subtasks["change_stderr"].notna().all() and table["change_stderr"].notna().all()
+    for n_edits, leaves in subtasks[subtasks["metric"] == "acc"].groupby("n_edits"):
+        weights = leaves["n_items"] / leaves["n_items"].sum()
+        [group] = table.loc[(table["n_edits"] == n_edits) & (table["metric"] == "acc"), "change_stderr"]
+        assert group == pytest.approx(float(np.sqrt((weights ** 2 * leaves["change_stderr"] ** 2).sum())))
     # the findings' mean over tasks reads the group once, not its subtasks
     from editlib.study.findings import downstream_erosion
 
@@ -660,11 +674,13 @@ def test_downstream_job_resumes_per_state(tokenizer, task_family, tmp_path, monk
     # the partial of another state file (an editing job that reran) or other settings is not reused
     killed_job("again.csv", "partials")
     state = states / "n1.safetensors"
-    assert DownstreamPartials(tmp_path / "partials", config).get(state) is not None
+    assert DownstreamPartials(tmp_path / "partials", config, reference).get(state) is not None
     other = {**config, "downstream": {**config["downstream"], "limit": 1}}
-    assert DownstreamPartials(tmp_path / "partials", other).get(state) is None
+    assert DownstreamPartials(tmp_path / "partials", other, reference).get(state) is None
+    # nor one paired with other values of the unedited model
+    assert DownstreamPartials(tmp_path / "partials", config, "another").get(state) is None
     os.utime(state, ns=(0, 0))
-    assert DownstreamPartials(tmp_path / "partials", config).get(state) is None
+    assert DownstreamPartials(tmp_path / "partials", config, reference).get(state) is None
     # a state on which every task failed is evaluated again (the job failed; its cause may be fixed)
     partials = DownstreamPartials(tmp_path / "partials", config)
     failed = [{"task": "grp_agg", "metric": None, "value": None, "stderr": None, "n_items": None, "error": "OSError: hub"}]
@@ -687,7 +703,8 @@ def test_downstream_job_keeps_the_tasks_that_ran(tokenizer, task_family, tmp_pat
               "downstream": {"tasks": ["unsafe_probe", "grp_plain"], "limit": 3}}
     run_downstream_base(config, model_dir, task_family, tmp_path / "base.csv")
     table = pd.read_csv(tmp_path / "base.csv")
-    assert list(table.columns) == ["task", "metric", "higher_is_better", "value", "stderr", "n_items", "error"]
+    assert list(table.columns) == ["task", "metric", "higher_is_better", "value", "stderr", "change_stderr", "n_items",
+                                   "error"]
     assert table["higher_is_better"].dropna().astype(bool).all()  # accuracies, as lm-eval reports them
     failed = table[table["task"] == "unsafe_probe"]
     assert len(failed) == 1 and failed["value"].isna().all()
@@ -775,3 +792,67 @@ def test_perplexity_task_rejects_empty_texts(tmp_path):
     write_jsonl(data, [{"text": "fine"}, {"text": "  "}])
     with pytest.raises(ValueError, match=r"texts.jsonl:2: 'text'"):
         write_perplexity_task("texts", data, tmp_path / "tasks")
+
+
+def test_item_values_read_only_what_gives_the_row_value_again():
+    """Per-item values are kept only when their mean (or, for a perplexity, their ratio of sums)
+    gives lm-eval's value again, for the row's own filter; corpus-level metrics have none."""
+    from editlib.eval.downstream import item_values
+
+    samples = [{"doc_id": i, "filter": "none", "acc": float(i % 2), "bleu": ["ref", "pred"]} for i in range(4)]
+    samples += [{"doc_id": i, "filter": "strict", "acc": 1.0} for i in range(4)]
+    assert item_values(samples, "acc", 0.5) == {0: (0.0,), 1: (1.0,), 2: (0.0,), 3: (1.0,)}
+    assert item_values(samples, "acc,strict", 1.0) == {i: (1.0,) for i in range(4)}
+    assert item_values(samples, "acc", 0.6) is None  # aggregated otherwise than by the mean
+    assert item_values(samples, "bleu", 10.0) is None
+    texts = [{"doc_id": i, "word_perplexity": [-2.0 * words, words], "bits_per_byte": [-2.0 * words, 3 * words]}
+             for i, words in enumerate((3, 5))]
+    assert item_values(texts, "word_perplexity", math.exp(2.0)) == {0: (-6.0, 3.0), 1: (-10.0, 5.0)}
+    assert item_values(texts, "bits_per_byte", 2 / 3 / math.log(2)) is None
+
+
+def test_paired_errors_of_answers_and_of_texts():
+    """Paired by item, an accuracy change's error is that of the per-question differences; a
+    perplexity's log change has none when every text moves by the same amount per word, and the
+    independent errors of the two sides do not see that."""
+    from editlib.eval.downstream import item_change_stderr, ratio_stderr
+
+    before = {i: (v,) for i, v in enumerate((1.0, 0.0, 1.0, 0.0))}
+    after = {i: (v,) for i, v in enumerate((1.0, 1.0, 1.0, 0.0))}
+    assert item_change_stderr(before, after, "acc") == pytest.approx(0.25)  # differences 0,1,0,0: sd 0.5 / 2
+    assert item_change_stderr(before, before, "acc") == 0.0
+    assert item_change_stderr(before, {**after, 9: (1.0,)}, "acc") is None  # other questions
+    words = np.array([3.0, 5.0, 4.0])
+    lls = np.array([-7.0, -9.0, -12.0])
+    text_before = {i: (ll, n) for i, (ll, n) in enumerate(zip(lls, words))}
+    text_after = {i: (ll - 0.1 * n, n) for i, (ll, n) in enumerate(zip(lls, words))}
+    assert item_change_stderr(text_before, text_after, "word_perplexity") == pytest.approx(0.0, abs=1e-12)
+    assert ratio_stderr(lls, words) > 0.1
+    shuffled = {i: (ll - 0.1 * n, n) for i, (ll, n) in enumerate(zip(lls[::-1], words))}
+    assert item_change_stderr(text_before, shuffled, "word_perplexity") == pytest.approx(
+        ratio_stderr(lls[::-1] - 0.1 * words - lls, words))
+    assert item_change_stderr(text_before, {**text_after, 0: (-7.0, 4.0)}, "word_perplexity") is None  # other words
+
+
+def test_a_group_is_paired_through_its_leaves_with_its_own_weights():
+    """A group's paired error combines its leaves' with the weights that give its value (by size
+    or plain); with neither, none. Rows keep no per-item values once paired."""
+    from editlib.eval.downstream import item_table, items_by_task, with_change_stderr
+
+    def leaf(task, values):
+        return {"group": "grp", "task": task, "metric": "acc", "value": float(np.mean(values)), "n_items": len(values),
+                "items": {i: (v,) for i, v in enumerate(values)}}
+
+    before = [leaf("x", [1.0, 0.0, 1.0, 0.0]), leaf("y", [1.0, 1.0])]
+    reference = items_by_task(item_table(before))
+    after_leaves = [leaf("x", [1.0, 1.0, 1.0, 0.0]), leaf("y", [0.0, 1.0])]
+    se_x, se_y = 0.25, 0.5  # differences (0, 1, 0, 0) and (-1, 0)
+    for value, weights in ((4 / 6 * 0.75 + 2 / 6 * 0.5, (4 / 6, 2 / 6)), ((0.75 + 0.5) / 2, (0.5, 0.5))):
+        rows = with_change_stderr([{"task": "grp", "metric": "acc", "value": value, "error": None}, *after_leaves],
+                                  reference)
+        assert [row["change_stderr"] for row in rows[1:]] == pytest.approx([se_x, se_y])
+        assert rows[0]["change_stderr"] == pytest.approx(math.hypot(weights[0] * se_x, weights[1] * se_y))
+        assert not any("items" in row for row in rows)
+    [group, *_] = with_change_stderr([{"task": "grp", "metric": "acc", "value": 0.7, "error": None}, *after_leaves],
+                                     reference)
+    assert group["change_stderr"] is None

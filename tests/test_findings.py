@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -68,6 +69,32 @@ def test_downstream_erosion_uses_the_standard_errors():
     assert verdicts["rome b=1"]["verdict"] == INCONCLUSIVE  # drop 0.015 +- 0.0196 reaches below 0
 
 
+def test_item_paired_errors_replace_the_independent_ones_against_the_unedited_model():
+    """Rows carrying change_stderr (the downstream jobs pair each state with the unedited model
+    question by question) take their interval from it: a GRACE run that changed no answer (paired
+    error 0) keeps abilities, where the independent errors left it inconclusive; a row without one
+    puts the whole run back on the independent errors."""
+    rows = []
+    for method, after, change_stderr in (("memit", 0.88, 0.004), ("grace", 0.9, 0.0)):
+        for task in ("a", "b"):
+            for n_edits, value, stderr in ((0, 0.9, 0.0), (32, after, change_stderr)):
+                rows.append({"experiment": "sequential", "method": method, "batch_size": 1, "n_edits": n_edits,
+                             "task": task, "metric": "acc", "value": value, "stderr": 0.03, "change_stderr": stderr})
+    downstream = pd.DataFrame(rows)
+    verdicts = {row["method"]: row for row in downstream_erosion(downstream)}
+    # paired: drop 0.02 +- 1.96 * sqrt(2 * 0.004^2) / 2 = 0.02 +- 0.0055; independent: +- 0.0588
+    assert verdicts["memit b=1"]["verdict"] == REPRODUCED and "+0.020 [+0.014, +0.026]" in verdicts["memit b=1"]["evidence"]
+    assert verdicts["grace b=1"]["verdict"] == REPRODUCED and "+0.000 [+0.000, +0.000]" in verdicts["grace b=1"]["evidence"]
+    downstream.loc[(downstream["method"] == "memit") & (downstream["task"] == "b") & (downstream["n_edits"] == 32),
+                   "change_stderr"] = None
+    memit = {row["method"]: row for row in downstream_erosion(downstream)}["memit b=1"]
+    assert memit["verdict"] == INCONCLUSIVE and "+0.020 [-0.039, +0.079]" in memit["evidence"]
+    # two edited runs are never paired through their changes from the unedited model
+    [bigger] = bigger_batches_erode_less(pd.concat([downstream, downstream[downstream["method"] == "grace"].assign(
+        method="memit", batch_size=8)]))
+    assert "+0.020 [-0.039, +0.079]" in bigger["evidence"]  # +- 1.96 * hypot of the means' sqrt(2 * 0.03^2) / 2
+
+
 def _with_perplexity_task(accuracy_after: float, perplexity_after: dict) -> pd.DataFrame:
     """One accuracy task (0.9 -> accuracy_after) and a wikitext-like task (word perplexity 20 -> the
     method's value, standard error 1% of it; byte perplexity and bits per byte beside it), all as
@@ -120,6 +147,15 @@ def test_perplexity_erosion_is_a_relative_rise_with_its_interval():
     assert rows["rome b=1"]["verdict"] == INCONCLUSIVE  # +1.5% [-1.2%, +4.3%] reaches below 0
     assert rows["grace b=1"]["verdict"] == REPRODUCED  # +1.0% [-1.7%, +3.8%]: none detectable, < 5%
     assert rows["grace_eroding b=1"]["verdict"] == NOT_REPRODUCED  # +10%, its interval above 0
+    # item-paired: change_stderr is the error of the change of log word perplexity; byte perplexity's
+    # is on the same scale, bits per byte's (in its own units) is never read as a log's
+    edited = downstream["n_edits"] == 32
+    paired = downstream.assign(change_stderr=np.where(edited, 0.002, 0.0))
+    paired.loc[edited & (paired["metric"] == "bits_per_byte"), "change_stderr"] = 9.0
+    rows = {row["method"]: row for row in perplexity_erosion(paired, preserving=("grace", "grace_eroding"))}
+    rome_lo, rome_hi = math.expm1(math.log(20.3 / 20) - 1.959964 * 0.002), math.expm1(math.log(20.3 / 20) + 1.959964 * 0.002)
+    assert f"+1.5% [{rome_lo:+.1%}, {rome_hi:+.1%}]" in rows["rome b=1"]["evidence"]
+    assert rows["rome b=1"]["verdict"] == REPRODUCED  # the paired interval clears 0
 
 
 def test_bigger_batches_compare_final_accuracies_of_the_extreme_batch_sizes():

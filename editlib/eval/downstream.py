@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from editlib.eval.metric_names import LOG_CHANGE_METRICS, RATIO_METRICS
+
 log = logging.getLogger(__name__)
 
 
@@ -476,11 +478,6 @@ def _higher_is_better(results: dict, task: str, metric: str) -> bool | None:
     return bool(direction) if isinstance(direction, bool) else None
 
 
-# lm-eval's loglikelihood_rolling metrics: per text a pair (log-likelihood, words or bytes), and over
-# the texts a ratio of sums, for which lm-eval reports no standard error
-RATIO_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
-
-
 def ratio_stderr(numerators: Sequence[float], denominators: Sequence[float]) -> float | None:
     """The standard error of r = sum(x) / sum(n) over m independently drawn items (x_i, n_i), by the
     delta method: var(r) = m / (m - 1) * sum((x_i - r n_i)^2) / sum(n)^2. None with fewer than two
@@ -602,6 +599,134 @@ def item_rows(results: dict) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------- paired changes
+
+_REPRODUCE_TOLERANCE = 1e-9  # relative: per-item values must give the row's value to float rounding
+
+
+def _label_parts(label: str) -> tuple[str, str]:
+    """(metric, filter) of a row's metric label (`_metric_entries`): "acc" -> ("acc", "none")."""
+    metric, _, filter_name = label.partition(",")
+    return metric, filter_name or "none"
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= _REPRODUCE_TOLERANCE * max(1.0, abs(a), abs(b))
+
+
+def item_values(samples: Sequence[dict], label: str, value: float | None) -> dict[int, tuple[float, ...]] | None:
+    """Per item (doc_id) of one task's logged lm-eval samples, what the row of metric `label`
+    aggregates: (score,) for a metric lm-eval averages over items (acc, acc_norm, exact_match), or
+    (log-likelihood, words or bytes) for a `LOG_CHANGE_METRICS` perplexity. None where the values
+    are neither (a corpus-level metric such as bleu, bits_per_byte) or do not give the row's
+    `value` again (a metric aggregated otherwise than by the mean), so that nothing is paired on a
+    misread."""
+    metric, filter_name = _label_parts(label)
+    items: dict[int, tuple[float, ...]] = {}
+    for sample in samples:
+        if sample.get("filter", filter_name) != filter_name or metric not in sample:
+            continue
+        raw = sample[metric]
+        if metric in LOG_CHANGE_METRICS and isinstance(raw, (list, tuple)) and len(raw) == 2:
+            items[int(sample["doc_id"])] = (float(raw[0]), float(raw[1]))
+        elif metric not in RATIO_METRICS and isinstance(raw, (bool, int, float, np.number)):
+            items[int(sample["doc_id"])] = (float(raw),)
+        else:
+            return None
+    if len(items) < 2 or value is None:
+        return None
+    pairs = np.array(list(items.values()))
+    if metric in LOG_CHANGE_METRICS:
+        reproduced = math.exp(-pairs[:, 0].sum() / pairs[:, 1].sum()) if pairs[:, 1].sum() > 0 else math.nan
+    else:
+        reproduced = float(pairs[:, 0].mean())
+    return items if _close(reproduced, value) else None
+
+
+def item_change_stderr(reference: dict[int, tuple[float, ...]], current: dict[int, tuple[float, ...]],
+                       metric: str) -> float | None:
+    """The standard error of the change of a metric from `reference` to `current`, paired item by
+    item (both `item_values` of the same items): for a mean metric sd(current - reference) /
+    sqrt(n); for a `LOG_CHANGE_METRICS` perplexity that of the change of its log, the
+    `ratio_stderr` of the per-text log-likelihood differences over the words (or bytes). None
+    when the two did not score the same items (or the same words of each text)."""
+    if reference.keys() != current.keys() or len(reference) < 2:
+        return None
+    ids = sorted(reference)
+    a, b = np.array([reference[i] for i in ids]), np.array([current[i] for i in ids])
+    if a.shape != b.shape:
+        return None
+    if metric in LOG_CHANGE_METRICS:
+        if not np.array_equal(a[:, 1], b[:, 1]):
+            return None
+        return ratio_stderr(b[:, 0] - a[:, 0], a[:, 1])
+    return float(np.std(b[:, 0] - a[:, 0], ddof=1) / math.sqrt(len(ids)))
+
+
+def _group_change_stderr(row: dict, leaves: list[dict]) -> float | None:
+    """A group row's paired standard error from its leaf rows' (`change_stderr`, value, n_items):
+    the group's value is a weighted mean of its leaves' (by size, as mmlu's, or plain, as a group
+    without weight_by_size), whichever reproduces the row's value, and so is its change; None when
+    neither does or a leaf has no paired error."""
+    if not leaves or any(leaf.get("change_stderr") is None or not leaf.get("n_items") for leaf in leaves):
+        return None
+    values = np.array([leaf["value"] for leaf in leaves], float)
+    sizes = np.array([leaf["n_items"] for leaf in leaves], float)
+    errors = np.array([leaf["change_stderr"] for leaf in leaves], float)
+    for weights in (sizes / sizes.sum(), np.full(len(leaves), 1 / len(leaves))):
+        if row.get("value") is not None and _close(float(weights @ values), row["value"]):
+            return float(np.sqrt((weights ** 2) @ (errors ** 2)))
+    return None
+
+
+def with_change_stderr(rows: Sequence[dict], reference: dict[tuple[str, str], dict[int, tuple[float, ...]]]
+                       ) -> list[dict]:
+    """`evaluate_downstream` rows made with ``items=True``, each given `change_stderr`: the standard
+    error of its value's change from the `reference` model's on the same task and metric, paired
+    item by item (`item_change_stderr`; `reference`: {(task, metric): items}, `item_table` read by
+    `items_by_task`), for a group from its leaves (`_group_change_stderr`); None where either side
+    has no usable per-item values. The rows' ``items`` are dropped."""
+    out = []
+    for row in rows:
+        row = dict(row)
+        current, key = row.pop("items", None), (row.get("task"), row.get("metric"))
+        before = reference.get(key)
+        row["change_stderr"] = (item_change_stderr(before, current, _label_parts(row["metric"])[0])
+                                if current is not None and before is not None else None)
+        out.append(row)
+    for row in out:
+        if "group" not in row and row.get("metric") is not None and row["change_stderr"] is None:
+            leaves = [leaf for leaf in out if leaf.get("group") == row["task"] and leaf["metric"] == row["metric"]]
+            row["change_stderr"] = _group_change_stderr(row, leaves)
+    return out
+
+
+ITEM_COLUMNS = ["task", "metric", "doc_id", "value", "count"]
+
+
+def item_table(rows: Sequence[dict]):
+    """The per-item values of `evaluate_downstream` rows made with ``items=True`` as a tidy frame
+    (`ITEM_COLUMNS`: one row per task, metric and item; `count` the words or bytes of a perplexity's
+    text, empty otherwise), to pair a later evaluation with (`items_by_task`)."""
+    import pandas as pd
+
+    records = [{"task": row["task"], "metric": row["metric"], "doc_id": doc_id, "value": values[0],
+                "count": values[1] if len(values) > 1 else None}
+               for row in rows if row.get("items") for doc_id, values in row["items"].items()]
+    return pd.DataFrame(records, columns=ITEM_COLUMNS)
+
+
+def items_by_task(table) -> dict[tuple[str, str], dict[int, tuple[float, ...]]]:
+    """{(task, metric): {doc_id: values}} of an `item_table` (an empty table: {})."""
+    out: dict[tuple[str, str], dict[int, tuple[float, ...]]] = {}
+    if table.empty:
+        return out
+    for (task, metric), part in table.groupby(["task", "metric"], sort=False):
+        counts = part["count"]
+        values = (zip(part["value"].astype(float), counts.astype(float)) if counts.notna().all()
+                  else ((v,) for v in part["value"].astype(float)))
+        out[(task, metric)] = {int(doc_id): tuple(v) for doc_id, v in zip(part["doc_id"], values)}
+    return out
 
 
 def _error_text(error: BaseException) -> str:
@@ -626,6 +751,7 @@ def evaluate_downstream(
     share_contexts: bool = True,
     equal_length_batches: bool = False,
     confirm_run_unsafe_code: bool = False,
+    items: bool = False,
 ) -> list[dict]:
     """Evaluate the in-memory ``model`` on lm-eval ``tasks``, each task (a group or tag counts as
     one) in its own lm-eval call, so that one failing task leaves the others' results standing.
@@ -640,6 +766,9 @@ def evaluate_downstream(
     ``include_path`` with the bundled task index off; pass one ``task_manager``
     (`make_task_manager`) to several calls to index the tasks once; see `lm_eval_results` for the
     other arguments.
+    With ``items``, every row of a plain task or a leaf task carries ``items``: its `item_values`
+    (None where lm-eval's per-item values do not give the row's value), from which
+    `with_change_stderr` pairs two evaluations and `item_table` keeps them.
     """
     tasks = list(tasks)
     if not tasks:
@@ -668,9 +797,14 @@ def evaluate_downstream(
                 share_contexts=share_contexts,
                 equal_length_batches=equal_length_batches,
                 confirm_run_unsafe_code=confirm_run_unsafe_code,
-                log_samples=scores_whole_texts(task_manager, task),  # the ratio metrics' standard errors
+                # the ratio metrics' standard errors, and the per-item values
+                log_samples=items or scores_whole_texts(task_manager, task),
             )
             main, subtasks = task_rows(results, task)
+            if items:
+                samples = results["samples"]
+                for row in (subtasks or main):
+                    row["items"] = item_values(samples.get(row["task"], []), row["metric"], row["value"])
         except Exception as error:  # noqa: BLE001 (any task failure becomes that task's error row)
             log.error("downstream task %r failed; its row records the error, the other tasks go on:\n%s",
                       task, traceback.format_exc())

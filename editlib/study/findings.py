@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from editlib.eval.metric_names import LOG_CHANGE_METRICS
 from editlib.io import atomic_path
 from editlib.study.ablations import KINDS, sample_table
 from editlib.study.tables import (
@@ -169,8 +170,9 @@ def perplexity_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = (
     """Lin et al.'s erosion seen on held-out text instead of on tasks: per perplexity task (a task
     whose metrics are all lower-is-better, tables.perplexity_metric), method and batch size, the
     perplexity after the last checkpoint relative to before editing. The interval is that of the
-    difference of log perplexities (standard error se / value), combined as `accuracy_difference`
-    combines accuracies, and shown as a relative change; the verdicts are those of
+    difference of log perplexities (item-paired where the rows carry `change_stderr`, else from
+    the standard errors se / value), combined as `accuracy_difference` combines accuracies, and
+    shown as a relative change; the verdicts are those of
     `downstream_erosion`, with a relative rise of PERPLEXITY_KEEP_MARGIN as the kept margin."""
     if downstream.empty:
         return []
@@ -179,6 +181,8 @@ def perplexity_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = (
     if data.empty:
         return []
     logs = data.assign(value=np.log(data["value"].astype(float)), stderr=data["stderr"] / data["value"])
+    if "change_stderr" in logs.columns:  # item-paired errors of the log: word and byte perplexity's only
+        logs["change_stderr"] = logs["change_stderr"].where(logs["metric"].isin(LOG_CHANGE_METRICS))
     rows = []
     for (task, method, batch), part in logs.groupby(["task", "method", "batch_size"], sort=False):
         last = part["n_edits"].max()

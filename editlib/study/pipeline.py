@@ -26,10 +26,17 @@ from editlib.data.records import EditRequest, load_requests
 from editlib.editing.statistics import StatsConfig, layer_second_moments, load_moments, save_moments
 from editlib.editing.target_store import TargetStore
 from editlib.eval.collapse import PredictionProbe
-from editlib.eval.downstream import evaluate_downstream, hub_offline, make_task_manager
+from editlib.eval.downstream import (
+    evaluate_downstream,
+    hub_offline,
+    item_table,
+    items_by_task,
+    make_task_manager,
+    with_change_stderr,
+)
 from editlib.data.downstream_tasks import write_mc_task, write_perplexity_task
 from editlib.eval.known_facts import known_facts
-from editlib.io import atomic_dir, atomic_path, content_key, write_csv, write_json, write_jsonl
+from editlib.io import atomic_dir, atomic_path, content_key, sha256_file, write_csv, write_json, write_jsonl
 from editlib.methods.registry import make_spec
 from editlib.model.layout import model_layout
 from editlib.model.loading import download_hub_model, load_model, model_fingerprint
@@ -426,11 +433,13 @@ def downstream_arguments(config: dict, tasks_dir: str | Path, method: str | None
     }
 
 
-def downstream_function(config: dict, tasks_dir: str | Path, method: str | None):
+def downstream_function(config: dict, tasks_dir: str | Path, method: str | None, reference_items=None):
     """model, tokenizer -> downstream rows (editlib.eval.downstream.evaluate_downstream: one lm-eval
     call per configured task, a failed task an `error` row), or None when no tasks are configured
     (method None: the unedited model), with `downstream_arguments`. lm-eval's task index is built on
-    the first call and kept."""
+    the first call and kept. Without `reference_items` the rows carry their per-item values
+    (``items``, for `item_table`); with them ({(task, metric): items} of the unedited model,
+    `items_by_task`) each row gets its paired `change_stderr` instead (`with_change_stderr`)."""
     arguments = downstream_arguments(config, tasks_dir, method)
     if arguments is None:
         return None
@@ -440,8 +449,9 @@ def downstream_function(config: dict, tasks_dir: str | Path, method: str | None)
         if not indexed:
             with hub_offline(arguments["offline"]):
                 indexed.append(make_task_manager(arguments["include_path"], arguments["include_defaults"]))
-        return evaluate_downstream(model, tokenizer, config["downstream"]["tasks"], task_manager=indexed[0],
-                                   **arguments)
+        rows = evaluate_downstream(model, tokenizer, config["downstream"]["tasks"], task_manager=indexed[0],
+                                   items=True, **arguments)
+        return rows if reference_items is None else with_change_stderr(rows, reference_items)
 
     return evaluate
 
@@ -572,16 +582,28 @@ def subtasks_path(table_path: str | Path) -> Path:
     return table_path.with_name(f"{table_path.stem}_subtasks.csv")
 
 
-def run_downstream_base(config: dict, model_dir, tasks_dir, out_path, subtasks_out: str | Path | None = None
-                        ) -> pd.DataFrame:
+def items_path(table_path: str | Path) -> Path:
+    """The per-item values beside a downstream table: <stem>_items.csv."""
+    table_path = Path(table_path)
+    return table_path.with_name(f"{table_path.stem}_items.csv")
+
+
+def run_downstream_base(config: dict, model_dir, tasks_dir, out_path, subtasks_out: str | Path | None = None,
+                        items_out: str | Path | None = None) -> pd.DataFrame:
     """lm-eval on the unedited model, once for all runs (their n_edits 0 rows): the configured
     tasks' rows to `out_path`, the groups' leaf tasks to `subtasks_out` (default: beside it,
-    `subtasks_path`)."""
+    `subtasks_path`), the per-item values that the edited states' rows are paired with to
+    `items_out` (default: beside it, `items_path`; editlib.eval.downstream.item_table). Every row's
+    `change_stderr` is 0 where it has per-item values (the unedited model is its own reference)."""
     model, tokenizer = load_configured_model(config, model_dir)
     evaluate = downstream_function(config, tasks_dir, None)
     rows = evaluate(model, tokenizer) if evaluate is not None else []
-    frame, subtasks = split_subtasks(pd.DataFrame(rows), DOWNSTREAM_FIELDS, SUBTASK_FIELDS)  # the run labels come later
+    items = item_table(rows)
+    rows = with_change_stderr(rows, items_by_task(items))
+    # the run labels come later
+    frame, subtasks = split_subtasks(pd.DataFrame(rows), DOWNSTREAM_FIELDS, SUBTASK_FIELDS)
     _report_failures(frame, str(out_path))
+    write_csv(items_out or items_path(out_path), items)
     write_csv(subtasks_out or subtasks_path(out_path), subtasks)
     write_csv(out_path, frame)
     return frame
@@ -592,14 +614,15 @@ class DownstreamPartials:
     until the job's tables are written, so that a rerun of a killed or failed job evaluates only
     the states it had not finished. A file is reused only when its key matches: the state file's
     name, size and modification time (an editing job that reruns writes new states) and everything
-    the job reads (`config`, the stage config: lm-eval settings, seed, model, method block); and
+    the job reads (`config`, the stage config: lm-eval settings, seed, model, method block, and
+    `reference`, the content of the unedited model's per-item values the rows are paired with); and
     only when at least one task gave a value on that state (a state on which every task failed is
     evaluated again, as after a setup error that made the job fail). A state's rows with some
     tasks failed are reused as they are, errors included."""
 
-    def __init__(self, folder: str | Path, config: dict):
+    def __init__(self, folder: str | Path, config: dict, reference: str = ""):
         self.folder = Path(folder)
-        self.settings = content_key(config)
+        self.settings = content_key({"config": config, "reference": reference})
 
     def _key(self, state: Path) -> str:
         stat = state.stat()
@@ -637,18 +660,23 @@ class DownstreamPartials:
 def run_downstream(config: dict, experiment: str, method: str, batch_size: int, model_dir, moments_path,
                    trained_editor, tasks_dir, states_dir, base_path, out_path, sample: int = 0,
                    partials_dir: str | Path | None = None, subtasks_out: str | Path | None = None,
-                   base_subtasks_path: str | Path | None = None) -> pd.DataFrame:
+                   base_subtasks_path: str | Path | None = None, base_items_path: str | Path | None = None
+                   ) -> pd.DataFrame:
     """lm-eval on every edit state an editing job saved (base model + state), plus the unedited
     model's rows (from `base_path`, and its subtask rows from `base_subtasks_path`, default beside
     it) labelled as this run's n_edits 0. `batch_size` and `sample` label those rows (a sequential
     run's batch size and edit sample; 0 for the batched experiment). The configured tasks' rows go
-    to `out_path`, the groups' leaf tasks to `subtasks_out` (default: beside it).
+    to `out_path`, the groups' leaf tasks to `subtasks_out` (default: beside it). Each state's rows
+    carry `change_stderr`, paired item by item with the unedited model's values in
+    `base_items_path` (default beside `base_path`, `items_path`).
     With `partials_dir`, each state's rows are kept there as soon as it is evaluated and reused by a
     rerun (`DownstreamPartials`); the folder is removed once the tables are written."""
     paths = saved_states(states_dir)
     base = read_results(base_path)
     base_subtasks_path = Path(base_subtasks_path) if base_subtasks_path else subtasks_path(base_path)
     base_subtasks = read_results(base_subtasks_path) if base_subtasks_path.exists() else pd.DataFrame()
+    base_items_path = Path(base_items_path) if base_items_path else items_path(base_path)
+    reference = items_by_task(read_results(base_items_path)) if base_items_path.exists() else {}
     with_base = experiment == "batched" or 0 in config["experiments"]["sequential"].get("downstream_at", [])
     labels = {"experiment": experiment, "model": config["model"]["name"], "method": method,
               "batch_size": batch_size, "sample": sample, "n_edits": 0}
@@ -657,8 +685,9 @@ def run_downstream(config: dict, experiment: str, method: str, batch_size: int, 
         frames.append(base.assign(**labels))
         if not base_subtasks.empty:
             subtask_frames.append(base_subtasks.assign(**labels))
-    evaluate = downstream_function(config, tasks_dir, method)
-    partials = DownstreamPartials(partials_dir, config) if partials_dir is not None else None
+    evaluate = downstream_function(config, tasks_dir, method, reference)
+    partials = (DownstreamPartials(partials_dir, config, sha256_file(base_items_path) if reference else "")
+                if partials_dir is not None else None)
     if paths and evaluate is not None:
         model, tokenizer = load_configured_model(config, model_dir)
         layers = state_labels(paths[0])["layers"]  # every state of a run edits the same layers

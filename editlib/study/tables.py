@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
+from editlib.eval.metric_names import LOWER_IS_BETTER
 from editlib.io import write_csv
 
 METRICS = ["ES", "PS", "NS", "S", "EM", "PM", "NM", "GE"]
@@ -26,13 +27,16 @@ RESULT_COLUMNS = ["experiment", "model", "method", "layers", "batch_size", "samp
 # value lm-eval's aggregate over its subtasks (editlib.eval.downstream.task_rows). `higher_is_better`:
 # the metric's direction as lm-eval reports it (False for perplexities; empty where lm-eval says
 # nothing); `n_items`: the items the value is over; `error`: empty, or why the task failed (its row
-# then has no metric or value).
+# then has no metric or value). `change_stderr`: the standard error of the value's change from the
+# unedited model's, paired item by item (the same questions and texts before and after; for word and
+# byte perplexity the change of the log; editlib.eval.downstream.with_change_stderr), 0 on the
+# unedited model's rows, empty where lm-eval's per-item values cannot give it (a corpus-level metric).
 DOWNSTREAM_COLUMNS = ["experiment", "model", "method", "batch_size", "sample", "n_edits", "task", "metric",
-                      "higher_is_better", "value", "stderr", "n_items", "error"]
+                      "higher_is_better", "value", "stderr", "change_stderr", "n_items", "error"]
 # the leaf tasks of each configured group or tag (`group`: the configured name), kept apart so that
 # they are never averaged with the configured tasks
 DOWNSTREAM_SUBTASK_COLUMNS = ["experiment", "model", "method", "batch_size", "sample", "n_edits", "group", "task",
-                              "metric", "higher_is_better", "value", "stderr", "n_items"]
+                              "metric", "higher_is_better", "value", "stderr", "change_stderr", "n_items"]
 # the fields of a downstream evaluation's rows (editlib.eval.downstream.evaluate_downstream), which
 # the jobs label with the run's keys: the columns above from the task (the group) on
 DOWNSTREAM_FIELDS = DOWNSTREAM_COLUMNS[DOWNSTREAM_COLUMNS.index("task"):]
@@ -74,9 +78,6 @@ def _scored(downstream: pd.DataFrame) -> pd.DataFrame:
     return downstream[downstream["metric"].notna() & downstream["value"].notna()]
 
 
-# lm-eval's lower-is-better metrics, for the rows that do not carry lm-eval's direction (tables
-# written before the downstream tables kept it)
-LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
 
 
 def _lower_is_better(downstream: pd.DataFrame) -> pd.Series:
@@ -192,17 +193,34 @@ def task_mean(rows: pd.DataFrame) -> TaskMean:
     return TaskMean(value, stderr, half, samples, edited)
 
 
+def paired_with_unedited(first: pd.DataFrame, second: pd.DataFrame) -> bool:
+    """Whether `second`'s change from `first` has item-paired errors: `first` is the unedited model
+    (n_edits 0) and every row of `second` carries its `change_stderr` from it."""
+    return (not task_mean(first).edited and "change_stderr" in second.columns
+            and bool(second["change_stderr"].notna().all()))
+
+
 def accuracy_difference(first: pd.DataFrame, second: pd.DataFrame):
     """(per-task merge of the sample-averaged values, value_a from `first` and value_b from
     `second`; the mean over tasks of second's minus first's accuracy; its 95% interval). Each side
-    is one run at one checkpoint (tables.task_mean, its samples' spread included). Two edited runs
-    on the same edit samples are paired: the interval comes from the per-sample differences (the
-    facts a sample holds weigh on both runs); otherwise the sides are taken as independent and the
-    half-width is the hypotenuse of theirs."""
+    is one run at one checkpoint (tables.task_mean, its samples' spread included).
+    - An edited run against the unedited model whose rows carry `change_stderr`
+      (`paired_with_unedited`): the same questions before and after, so the interval comes from
+      those item-paired errors: per edit sample the mean over tasks of the changes, its error
+      `mean_stderr` of theirs, combined over samples by `sample_mean_error`.
+    - Two edited runs on the same edit samples: the interval comes from the per-sample differences
+      (the facts a sample holds weigh on both runs).
+    - Otherwise the sides are taken as independent and the half-width is the hypotenuse of theirs."""
     a, b = task_mean(first), task_mean(second)
     merged = _task_values(first).merge(_task_values(second), on="task", suffixes=("_a", "_b"))
     diff = float((merged["value_b"] - merged["value_a"]).mean())
-    if a.edited and b.edited and len(a.samples) > 1 and a.samples.index.equals(b.samples.index):
+    if paired_with_unedited(first, second):
+        changes = second.assign(sample=second["sample"] if "sample" in second.columns else 0)
+        changes = changes.merge(_task_values(first).rename(columns={"value": "before"}), on="task")
+        per_sample = (changes.assign(change=changes["value"] - changes["before"]).groupby("sample", sort=True)
+                      .agg(change=("change", "mean"), stderr=("change_stderr", mean_stderr)))
+        _, _, half = sample_mean_error(per_sample["change"], per_sample["stderr"])
+    elif a.edited and b.edited and len(a.samples) > 1 and a.samples.index.equals(b.samples.index):
         paired = b.samples["value"] - a.samples["value"]
         _, _, half = sample_mean_error(paired, np.hypot(a.samples["stderr"], b.samples["stderr"]))
     else:

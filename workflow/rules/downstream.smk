@@ -2,7 +2,9 @@
 # Its own jobs, so adding a task or changing downstream settings reruns these and no edit.
 # Each job writes the configured tasks' rows (<table>.csv) and the leaf tasks of groups such as mmlu
 # and bbh (<table>_subtasks.csv). A task that fails is a row with its `error` and the job still
-# succeeds (editlib.study.pipeline, "A downstream job whose tasks partly failed").
+# succeeds (editlib.study.pipeline, "A downstream job whose tasks partly failed"). The unedited
+# model's per-item values (base_items.csv) pair every edited state's rows with it question by
+# question (their `change_stderr`).
 
 
 rule downstream_base:
@@ -12,6 +14,7 @@ rule downstream_base:
     output:
         table=f"{OUT}/downstream/base.csv",
         subtasks=f"{OUT}/downstream/base_subtasks.csv",
+        items=f"{OUT}/downstream/base_items.csv",
     params:
         stage=stage("downstream_base"),
     threads: config["threads"]
@@ -34,6 +37,7 @@ rule downstream_sequential:
         states=f"{STATES}/sequential/{{method}}/b{{batch_size}}-s{{sample}}",
         base=f"{OUT}/downstream/base.csv",
         base_subtasks=f"{OUT}/downstream/base_subtasks.csv",
+        base_items=f"{OUT}/downstream/base_items.csv",
     output:
         table=f"{OUT}/downstream/sequential/{{method}}/b{{batch_size}}-s{{sample}}.csv",
         subtasks=f"{OUT}/downstream/sequential/{{method}}/b{{batch_size}}-s{{sample}}_subtasks.csv",
@@ -63,6 +67,7 @@ rule downstream_batched:
         states=f"{STATES}/batched/{{method}}",
         base=f"{OUT}/downstream/base.csv",
         base_subtasks=f"{OUT}/downstream/base_subtasks.csv",
+        base_items=f"{OUT}/downstream/base_items.csv",
     output:
         table=f"{OUT}/downstream/batched/{{method}}.csv",
         subtasks=f"{OUT}/downstream/batched/{{method}}_subtasks.csv",
