@@ -14,7 +14,7 @@ rule downstream_base:
     output:
         table=f"{OUT}/downstream/base.csv",
         subtasks=f"{OUT}/downstream/base_subtasks.csv",
-        items=f"{OUT}/downstream/base_items.csv",
+        item_values=f"{OUT}/downstream/base_items.csv",
     params:
         stage=stage("downstream_base"),
     threads: config["threads"]

@@ -7,7 +7,7 @@ from editlib.study.pipeline import run_downstream, run_downstream_base
 with stage_logging(snakemake.log[0], snakemake.threads, snakemake.params.stage["seed"]):
     if snakemake.rule == "downstream_base":
         run_downstream_base(snakemake.params.stage, snakemake.input.model, snakemake.input.tasks,
-                            snakemake.output.table, snakemake.output.subtasks, snakemake.output.items)
+                            snakemake.output.table, snakemake.output.subtasks, snakemake.output.item_values)
     else:
         run_downstream(snakemake.params.stage, snakemake.params.experiment, snakemake.wildcards.method,
                        int(snakemake.wildcards.get("batch_size", 0)), snakemake.input.model,
