@@ -85,10 +85,12 @@ def test_item_paired_errors_replace_the_independent_ones_against_the_unedited_mo
     # paired: drop 0.02 +- 1.96 * sqrt(2 * 0.004^2) / 2 = 0.02 +- 0.0055; independent: +- 0.0588
     assert verdicts["memit b=1"]["verdict"] == REPRODUCED and "+0.020 [+0.014, +0.026]" in verdicts["memit b=1"]["evidence"]
     assert verdicts["grace b=1"]["verdict"] == REPRODUCED and "+0.000 [+0.000, +0.000]" in verdicts["grace b=1"]["evidence"]
+    assert all(row["evidence"].endswith("; interval paired question by question") for row in verdicts.values())
     downstream.loc[(downstream["method"] == "memit") & (downstream["task"] == "b") & (downstream["n_edits"] == 32),
                    "change_stderr"] = None
     memit = {row["method"]: row for row in downstream_erosion(downstream)}["memit b=1"]
     assert memit["verdict"] == INCONCLUSIVE and "+0.020 [-0.039, +0.079]" in memit["evidence"]
+    assert "paired" not in memit["evidence"]
     # two edited runs are never paired through their changes from the unedited model
     [bigger] = bigger_batches_erode_less(pd.concat([downstream, downstream[downstream["method"] == "grace"].assign(
         method="memit", batch_size=8)]))
@@ -156,6 +158,7 @@ def test_perplexity_erosion_is_a_relative_rise_with_its_interval():
     rome_lo, rome_hi = math.expm1(math.log(20.3 / 20) - 1.959964 * 0.002), math.expm1(math.log(20.3 / 20) + 1.959964 * 0.002)
     assert f"+1.5% [{rome_lo:+.1%}, {rome_hi:+.1%}]" in rows["rome b=1"]["evidence"]
     assert rows["rome b=1"]["verdict"] == REPRODUCED  # the paired interval clears 0
+    assert rows["rome b=1"]["evidence"].endswith("; interval paired text by text")
 
 
 def test_bigger_batches_compare_final_accuracies_of_the_extreme_batch_sizes():

@@ -26,6 +26,7 @@ from editlib.study.tables import (
     average_effects,
     edits_over_samples,
     mean_accuracy_curve,
+    paired_with_unedited,
     peak_layer,
     perplexity_metric,
     primary_metric,
@@ -156,6 +157,8 @@ def downstream_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = (
             finding = "sequential edits erode general abilities"
         tasks = ", ".join(f"{r['task']} {r['value_a']:.2f}->{r['value_b']:.2f}" for _, r in merged.iterrows())
         evidence = f"mean accuracy drop after {int(last)} edits (b={int(batch)}): {drop:+.3f} [{lo:+.3f}, {hi:+.3f}] ({tasks})"
+        if paired_with_unedited(before, after):
+            evidence += "; interval paired question by question"
         n_samples = int(part["sample"].nunique()) if "sample" in part.columns else 1
         if n_samples > 1:
             drops = sample_table(per_sample[(per_sample["method"] == method) & (per_sample["batch_size"] == batch)])
@@ -199,6 +202,8 @@ def perplexity_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = (
         metric = part["metric"].iloc[0]
         evidence = (f"{metric} on {task} after {int(last)} edits (b={int(batch)}): {math.exp(before['value'].mean()):.2f} -> "
                     f"{math.exp(after['value'].mean()):.2f}, {rise:+.1%} [{lo:+.1%}, {hi:+.1%}]")
+        if paired_with_unedited(before, after):
+            evidence += "; interval paired text by text"
         rows.append({"study": "Lin et al. 2024", "finding": finding, "method": f"{method} b={int(batch)}",
                      "evidence": evidence, "verdict": verdict})
     return rows
