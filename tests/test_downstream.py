@@ -812,16 +812,32 @@ def test_item_values_read_only_what_gives_the_row_value_again():
 
 
 def test_paired_errors_of_answers_and_of_texts():
-    """Paired by item, an accuracy change's error is that of the per-question differences; a
-    perplexity's log change has none when every text moves by the same amount per word, and the
-    independent errors of the two sides do not see that."""
+    """Paired by item: 0/1 answers by matched proportions, which keeps an error when nothing
+    changed, agrees with the per-question differences' sd over many changes and, like the exact
+    sign test, finds 4 answers of 100 lost (p 0.125) no evidence of a change; other scores by the
+    per-item differences; a perplexity's log change has no error when every text moves by the same
+    amount per word, which the independent errors of the two sides do not see."""
+    import scipy.stats
+
     from editlib.eval.downstream import item_change_stderr, ratio_stderr
 
     before = {i: (v,) for i, v in enumerate((1.0, 0.0, 1.0, 0.0))}
-    after = {i: (v,) for i, v in enumerate((1.0, 1.0, 1.0, 0.0))}
-    assert item_change_stderr(before, after, "acc") == pytest.approx(0.25)  # differences 0,1,0,0: sd 0.5 / 2
-    assert item_change_stderr(before, before, "acc") == 0.0
-    assert item_change_stderr(before, {**after, 9: (1.0,)}, "acc") is None  # other questions
+    assert item_change_stderr(before, before, "acc") == pytest.approx(1 / 6)  # sqrt(1) / (n + 2)
+    assert item_change_stderr(before, {**before, 9: (1.0,)}, "acc") is None  # other questions
+    rng = np.random.default_rng(0)
+    many = rng.integers(0, 2, 10_000).astype(float)
+    flipped = np.where(rng.random(10_000) < 0.1, 1 - many, many)
+    wald = np.std(flipped - many, ddof=1) / 100
+    assert item_change_stderr({i: (v,) for i, v in enumerate(many)}, {i: (v,) for i, v in enumerate(flipped)},
+                              "acc") == pytest.approx(wald, rel=0.01)
+    right = {i: (1.0,) for i in range(100)}
+    lost_four = {i: (0.0 if i < 4 else 1.0,) for i in range(100)}
+    assert scipy.stats.binomtest(4, 4).pvalue == pytest.approx(0.125)
+    assert 0.04 - 1.959964 * item_change_stderr(right, lost_four, "acc") < 0
+    assert 0.04 - 1.959964 * np.std([-1.0] * 4 + [0.0] * 96, ddof=1) / 10 > 0  # the plain sd would
+    scores = {i: (v,) for i, v in enumerate((0.5, 0.25, 1.0, 0.0))}
+    raised = {i: (v + d,) for i, (v, d) in enumerate(zip((0.5, 0.25, 1.0, 0.0), (0.0, 0.5, 0.0, 0.0)))}
+    assert item_change_stderr(scores, raised, "f1") == pytest.approx(0.125)  # differences 0,.5,0,0: sd 0.25 / 2
     words = np.array([3.0, 5.0, 4.0])
     lls = np.array([-7.0, -9.0, -12.0])
     text_before = {i: (ll, n) for i, (ll, n) in enumerate(zip(lls, words))}
@@ -846,7 +862,8 @@ def test_a_group_is_paired_through_its_leaves_with_its_own_weights():
     before = [leaf("x", [1.0, 0.0, 1.0, 0.0]), leaf("y", [1.0, 1.0])]
     reference = items_by_task(item_table(before))
     after_leaves = [leaf("x", [1.0, 1.0, 1.0, 0.0]), leaf("y", [0.0, 1.0])]
-    se_x, se_y = 0.25, 0.5  # differences (0, 1, 0, 0) and (-1, 0)
+    se_x = math.sqrt(2 - 1 / 6) / 6  # matched proportions: (0, 1, 0, 0) is 0 lost and 1 gained of 4
+    se_y = math.sqrt(2 - 1 / 4) / 4  # (-1, 0): 1 lost of 2
     for value, weights in ((4 / 6 * 0.75 + 2 / 6 * 0.5, (4 / 6, 2 / 6)), ((0.75 + 0.5) / 2, (0.5, 0.5))):
         rows = with_change_stderr([{"task": "grp", "metric": "acc", "value": value, "error": None}, *after_leaves],
                                   reference)

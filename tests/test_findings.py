@@ -71,8 +71,8 @@ def test_downstream_erosion_uses_the_standard_errors():
 
 def test_item_paired_errors_replace_the_independent_ones_against_the_unedited_model():
     """Rows carrying change_stderr (the downstream jobs pair each state with the unedited model
-    question by question) take their interval from it: a GRACE run that changed no answer (paired
-    error 0) keeps abilities, where the independent errors left it inconclusive; a row without one
+    question by question) take their interval from it: a GRACE run that changed no answer (a
+    paired error near 0) keeps abilities, where the independent errors left it inconclusive; a row without one
     puts the whole run back on the independent errors."""
     rows = []
     for method, after, change_stderr in (("memit", 0.88, 0.004), ("grace", 0.9, 0.0)):

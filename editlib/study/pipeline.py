@@ -599,7 +599,8 @@ def run_downstream_base(config: dict, model_dir, tasks_dir, out_path, subtasks_o
     evaluate = downstream_function(config, tasks_dir, None)
     rows = evaluate(model, tokenizer) if evaluate is not None else []
     items = item_table(rows)
-    rows = with_change_stderr(rows, items_by_task(items))
+    rows = [{**row, "change_stderr": None if row["change_stderr"] is None else 0.0}  # no change from itself
+            for row in with_change_stderr(rows, items_by_task(items))]
     # the run labels come later
     frame, subtasks = split_subtasks(pd.DataFrame(rows), DOWNSTREAM_FIELDS, SUBTASK_FIELDS)
     _report_failures(frame, str(out_path))
