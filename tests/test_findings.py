@@ -86,6 +86,8 @@ def test_item_paired_errors_replace_the_independent_ones_against_the_unedited_mo
     assert verdicts["memit b=1"]["verdict"] == REPRODUCED and "+0.020 [+0.014, +0.026]" in verdicts["memit b=1"]["evidence"]
     assert verdicts["grace b=1"]["verdict"] == REPRODUCED and "+0.000 [+0.000, +0.000]" in verdicts["grace b=1"]["evidence"]
     assert all(row["evidence"].endswith("; interval paired question by question") for row in verdicts.values())
+    drops = sample_table(downstream.assign(model="toy")).set_index("method")  # the ablation figures' per-sample drops
+    assert drops.loc["memit", "drop_hi"] - drops.loc["memit", "drop"] == pytest.approx(1.959964 * math.sqrt(2) * 0.004 / 2)
     downstream.loc[(downstream["method"] == "memit") & (downstream["task"] == "b") & (downstream["n_edits"] == 32),
                    "change_stderr"] = None
     memit = {row["method"]: row for row in downstream_erosion(downstream)}["memit b=1"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from editlib.study.tables import accuracy_difference, primary_metric
+from editlib.study.tables import accuracy_drop, primary_metric
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ KINDS = {
     "instruction_tuning": AblationKind(("base", "chat"), "models", "instruction-tuned models lose less general ability"),
 }
 TABLE_COLUMNS = ["ablation", "comparison", "role", "model", "method", "batch_size", "sample", "n_edits", "task",
-                 "value", "stderr"]
+                 "value", "stderr", "change_stderr"]
 
 
 def _sequential(downstream: pd.DataFrame) -> pd.DataFrame:
@@ -82,7 +82,7 @@ def ablation_table(downstream: pd.DataFrame, kind: str, entries: list) -> pd.Dat
                     frames.append(arm[arm["batch_size"] == batch].assign(ablation=kind, comparison=label(key), role=role))
     if not frames:
         return pd.DataFrame(columns=TABLE_COLUMNS)
-    return pd.concat(frames, ignore_index=True)[TABLE_COLUMNS]
+    return pd.concat(frames, ignore_index=True).reindex(columns=TABLE_COLUMNS)  # change_stderr: absent from older tables
 
 
 SAMPLE_COLUMNS = ["model", "method", "batch_size", "sample", "n_edits", "drop", "drop_lo", "drop_hi"]
@@ -102,7 +102,7 @@ def sample_table(downstream: pd.DataFrame) -> pd.DataFrame:
         before, after = run[run["n_edits"] == 0], run[run["n_edits"] == last]
         if before.empty or last == 0:
             continue
-        _, drop, lo, hi = accuracy_difference(after, before)
+        _, drop, lo, hi = accuracy_drop(before, after)
         rows.append({"model": model, "method": method, "batch_size": batch, "sample": sample, "n_edits": last,
                      "drop": drop, "drop_lo": lo, "drop_hi": hi})
     return pd.DataFrame(rows, columns=SAMPLE_COLUMNS)

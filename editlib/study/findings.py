@@ -23,6 +23,7 @@ from editlib.study.ablations import KINDS, sample_table
 from editlib.study.tables import (
     Z95,
     accuracy_difference,
+    accuracy_drop,
     average_effects,
     edits_over_samples,
     mean_accuracy_curve,
@@ -148,8 +149,7 @@ def downstream_erosion(downstream: pd.DataFrame, preserving: tuple[str, ...] = (
         before, after = part[part["n_edits"] == 0], part[part["n_edits"] == last]
         if before.empty or last == 0:
             continue
-        merged, gain, gain_lo, gain_hi = accuracy_difference(before, after)
-        drop, lo, hi = 0.0 - gain, 0.0 - gain_hi, 0.0 - gain_lo  # 0.0 - x: no negative zero
+        merged, drop, lo, hi = accuracy_drop(before, after)
         verdict = _erosion_verdict(lo, hi, method in preserving, KEEP_MARGIN)
         if method in preserving:
             finding = "the parameter-preserving editor keeps general abilities (no drop beyond its interval)"
@@ -292,8 +292,8 @@ def ablation_findings(tables: dict[str, pd.DataFrame]) -> list[dict]:
                 a_base, b_base = a[a["n_edits"] == 0], b[b["n_edits"] == 0]
                 if a_base.empty or b_base.empty:
                     continue
-                _, drop_a, lo_a, _ = accuracy_difference(a_last, a_base)
-                _, drop_b, lo_b, _ = accuracy_difference(b_last, b_base)
+                _, drop_a, lo_a, _ = accuracy_drop(a_base, a_last)
+                _, drop_b, lo_b, _ = accuracy_drop(b_base, b_last)
                 diff = drop_a - drop_b
                 half = math.hypot(drop_a - lo_a, drop_b - lo_b)
                 lo, hi = diff - half, diff + half

@@ -228,6 +228,14 @@ def accuracy_difference(first: pd.DataFrame, second: pd.DataFrame):
     return merged, diff, diff - half, diff + half
 
 
+def accuracy_drop(before: pd.DataFrame, after: pd.DataFrame):
+    """(per-task merge as `accuracy_difference`; the mean accuracy over tasks lost from `before` to
+    `after`; its 95% interval): `accuracy_difference` negated, so that a drop from the unedited
+    model takes the item-paired errors where the rows carry them."""
+    merged, gain, lo, hi = accuracy_difference(before, after)
+    return merged, 0.0 - gain, 0.0 - hi, 0.0 - lo  # 0.0 - x: no negative zero
+
+
 def _task_values(rows: pd.DataFrame) -> pd.DataFrame:
     """Per task: the value averaged over samples."""
     return rows.groupby("task", sort=False)["value"].mean().reset_index()
