@@ -16,7 +16,8 @@ LAYERS = ["io", "model", "data", "eval", "editing", "methods", "toy", "study"]
 TORCH_FREE = ["editlib.methods", "editlib.methods.registry", "editlib.editing.hparams", "editlib.study.config",
               "editlib.study.stages", "editlib.study.tables", "editlib.study.findings", "editlib.study.plotting",
               "editlib.study.ablations", "editlib.study.plan", "editlib.study.compare", "editlib.study.pinned_editor", "editlib.toy.recipe", "editlib.toy.world", "editlib.toy.pinned",
-              "editlib.data.records", "editlib.data.downstream_tasks", "editlib.editing.statistics_memory", "editlib.model.architectures"]
+              "editlib.data.records", "editlib.data.downstream_tasks", "editlib.editing.statistics_memory", "editlib.model.architectures",
+              "editlib.eval.metric_names"]
 
 
 def module_name(path: Path) -> str:
