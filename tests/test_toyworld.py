@@ -244,6 +244,7 @@ def test_low_recall_raises_after_saving(world_dir, tmp_path):
     assert read_json(tmp_path / "model" / "recall.json")["passed"] is False
 
 
+@pytest.mark.slow  # trains a model (about 45 s): in `make test-all` and CI
 def test_pretrained_model_recalls_the_world(world_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -286,6 +287,7 @@ LOCAL_TRAIN = TrainConfig(layers=4, local_layers=2, local_window=1, mlp_layers=2
                           vocab_size=768, warmup_steps=30, recall_threshold=0.8, threads=2)
 
 
+@pytest.mark.slow  # trains a model (about 55 s): in `make test-all` and CI
 def test_toy_architecture_stores_facts_where_locate_and_edit_writes(tmp_path):
     """Causal tracing finds the facts at the subject's token, in the MLP layers; a ROME edit at the
     layer where the MLP effect peaks flips the facts."""

@@ -112,9 +112,13 @@ def test_full_run_writes_tidy_tables_and_figures(completed):
     downstream = pd.read_csv(out / "downstream.csv")
     assert downstream["error"].isna().all() and set(downstream["task"]) == {"toy_facts"}
     # the toy tasks are plain tasks: the subtask table holds no row, only its columns
-    assert list(pd.read_csv(out / "downstream_subtasks.csv").columns)[-7:] == ["group", "task", "metric",
+    assert list(pd.read_csv(out / "downstream_subtasks.csv").columns)[-8:] == ["group", "task", "metric",
                                                                                "higher_is_better", "value", "stderr",
-                                                                               "n_items"]
+                                                                               "change_stderr", "n_items"]
+    # every edit state's change from the unedited model paired question by question
+    assert downstream["change_stderr"].notna().all()
+    assert downstream.loc[downstream["n_edits"] == 0, "change_stderr"].eq(0).all()
+    assert downstream.loc[downstream["n_edits"] > 0, "change_stderr"].gt(0).all()
     assert downstream["higher_is_better"].eq(True).all()  # every row: the unedited model's, and each edit state's
     seq = downstream[(downstream["experiment"] == "sequential") & (downstream["metric"] == "acc")]
     assert sorted(seq.loc[seq["method"] == "grace", "n_edits"]) == [0, 4]
@@ -241,6 +245,7 @@ def test_a_method_variant_adds_exactly_its_own_jobs(completed):
     assert set(edits["method"]) >= {"memit", "memit-both", "rome"}
 
 
+@pytest.mark.slow  # about 1.5 minutes: in `make test-all` and CI
 def test_zsre_records_run_end_to_end(tmp_path):
     """data.records: zsre edits and scores the toy world's ZsRE questions in every experiment."""
     config = copy.deepcopy(SMALL)
